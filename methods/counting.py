@@ -1,0 +1,40 @@
+"""One wrapper for every network evaluation, so cost per training sample is measured rather than assumed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CountingNet(nn.Module):
+    """Wraps a network v(x; a, b) and counts evaluations, weighted by batch size.
+
+    `forwards` counts plain forward passes (with or without grad), `jvps` counts forward-mode passes (each
+    also yields the primal output, so it is not counted as a forward as well). The trainer divides both by the
+    number of training samples to get `cost/fwd_per_sample` and `cost/jvp_per_sample`.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.forwards = 0
+        self.jvps = 0
+
+    def forward(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        self.forwards += x.shape[0]
+        return self.net(x, a, b)
+
+    def jvp(
+        self, primals: tuple[Tensor, Tensor, Tensor], tangents: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(v, dv): v(x; a, b) and its directional derivative along (dx, da, db), in one forward-mode pass.
+
+        The result stays differentiable with respect to the parameters, so a loss may back-propagate through
+        the tangent (LSD "convex" needs this, METHODS.md §2.7).
+        """
+        self.jvps += primals[0].shape[0]
+        return torch.func.jvp(self.net, primals, tangents)
+
+    def reset_counts(self) -> None:
+        self.forwards = 0
+        self.jvps = 0

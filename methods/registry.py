@@ -1,0 +1,73 @@
+"""Name → builder registries: the only way a study file can select code (no eval, no dynamic imports)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base class of every registered component's options: unknown keys and loose types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+
+
+class UnknownName(KeyError):
+    def __init__(self, kind: str, name: object, known: list[str]):
+        self.kind, self.name, self.known = kind, name, known
+        hint = difflib.get_close_matches(str(name), known, n=1)
+        self.message = f"unknown {kind} {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        self.message += f"; known: {', '.join(known)}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    build: Callable[..., Any]
+    params: type[Params]
+    doc: str
+    provides: frozenset[str] = frozenset()
+    """Capabilities, e.g. a dataset with a known density provides "density"."""
+    requires: frozenset[str] = frozenset()
+    """Capabilities needed of the other components, e.g. the KL metric requires "density"."""
+
+
+class Registry:
+    """A named set of builders, each with a pydantic model of its options."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(
+        self, name: str, params: type[Params] = Params, provides: tuple[str, ...] = (), requires: tuple[str, ...] = ()
+    ):
+        def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            doc = (build.__doc__ or "").strip().splitlines()
+            self._entries[name] = Entry(
+                name, build, params, doc[0] if doc else "", frozenset(provides), frozenset(requires)
+            )
+            return build
+
+        return decorator
+
+    def get(self, name: object) -> Entry:
+        if not isinstance(name, str) or name not in self._entries:
+            raise UnknownName(self.kind, name, self.names())
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries

@@ -1,0 +1,160 @@
+"""Paper A's self-distillation of flow maps: LSD, ESD, PSD-M, PSD-U (METHODS.md §3).
+
+Each method is the flow-matching diagonal plus one off-diagonal residual on jumps (a, b) from the upper
+triangle, written as a (prediction, target) term. The stop-gradient placement decides which parts of the target
+keep their graph (§3.2); `convex`/`full` targets are computed under no_grad, so they also cost no activations.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from methods.counting import CountingNet
+from methods.flow_map import sample_flow_map
+from methods.flow_matching import diagonal_term
+from methods.interpolants import LinearInterpolant, expand_time
+from methods.registry import Params
+from methods.terms import METHODS, Term
+from methods.time_samplers import UniformTriangle
+
+DiagFraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _graph_if(keep_graph: bool):
+    return nullcontext() if keep_graph else torch.no_grad()
+
+
+def lsd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str) -> Term:
+    """Lagrangian: ∂_b X_{a,b}(x) regressed onto v(X_{a,b}(x); b, b).
+
+    ∂_b X_{a,b} = v + (b − a)·∂_b v comes from one JVP with tangent (0, 0, 1) and keeps its graph (the gradient
+    flows through the JVP). `convex` detaches the teacher input and output; `none` keeps both.
+    """
+    zeros = torch.zeros_like(a)
+    v, dv_db = net.jvp((x, a, b), (torch.zeros_like(x), zeros, torch.ones_like(b)))
+    h = expand_time(b - a, x)
+    x_b = x + h * v
+    with _graph_if(stopgrad == "none"):
+        target = net(x_b if stopgrad == "none" else x_b.detach(), b, b)
+    return Term("lsd", v + h * dv_db, target, a, b)
+
+
+def esd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str) -> Term:
+    """Eulerian: ∂_a X_{a,b}(x) regressed onto −∇_x X_{a,b}(x)·b̂, b̂ = v(x; a, a).
+
+    ∂_a X = −v + (b − a)·∂_a v (JVP with tangent (0, 1, 0), with grad); ∇_x X·b̂ = b̂ + (b − a)·∇_x v·b̂ (JVP with
+    tangent (b̂, 0, 0)). `full`: b̂ and the spatial JVP detached (Algorithm 3); `convex`: only b̂ detached, the
+    gradient flows through the spatial Jacobian; `none`: nothing detached.
+    """
+    zeros = torch.zeros_like(a)
+    with _graph_if(stopgrad == "none"):
+        b_hat = net(x, a, a)
+    v, dv_da = net.jvp((x, a, b), (torch.zeros_like(x), torch.ones_like(a), zeros))
+    h = expand_time(b - a, x)
+    with _graph_if(stopgrad != "full"):
+        _, dv_dx = net.jvp((x, a, b), (b_hat, zeros, zeros))
+        target = -(b_hat + h * dv_dx)
+    return Term("esd", -v + h * dv_da, target, a, b)
+
+
+def psd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, gamma: Tensor, stopgrad: str) -> Term:
+    """Progressive (semigroup): v(x; a, b) regressed onto (1 − γ)·v(x; a, u) + γ·v(X_{a,u}(x); u, b).
+
+    u = γa + (1 − γ)b, so (u − a) = (1 − γ)(b − a) and the semigroup X_{a,b} = X_{u,b}∘X_{a,u} divided by (b − a)
+    gives the target. The residual is on v, not X ("PSD scaling"). `convex` detaches both teacher jumps.
+    """
+    u = gamma * a + (1 - gamma) * b
+    pred = net(x, a, b)
+    with _graph_if(stopgrad == "none"):
+        v_au = net(x, a, u)
+        x_u = x + expand_time(u - a, x) * v_au
+        target = expand_time(1 - gamma, x) * v_au + expand_time(gamma, x) * net(x_u, u, b)
+    return Term("psd", pred, target, a, b)
+
+
+class SelfDistillation:
+    """Diagonal flow matching on the first ⌊ηM⌋ samples of a batch, an off-diagonal residual on the rest.
+
+    η = `diag_fraction` (0.75 in paper A). Each off-diagonal sample gets its own fresh base sample x0; the split
+    is of the batch, not a resampling (§3.12). Sampling: the uniform N-step flow-map sampler, NFE = N.
+    """
+
+    def __init__(self, name: str, params: Params, interpolant: LinearInterpolant, time_sampler: UniformTriangle):
+        self.name = name
+        self.stopgrad = params.stopgrad
+        self.diag_fraction = params.diag_fraction
+        self.interpolant = interpolant
+        self.time_sampler = time_sampler
+
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+        n = x1.shape[0]
+        n_diag = n if self.time_sampler.diagonal_only(step) else min(n, max(1, int(n * self.diag_fraction)))
+        x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)
+        terms = [
+            diagonal_term(net, self.interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))
+        ]
+        if n_diag < n:
+            a, b = self.time_sampler.offdiagonal(n - n_diag, step, gen)
+            x_a = self.interpolant.interpolate(x0[n_diag:], x1[n_diag:], a)
+            terms.append(self.offdiagonal(net, x_a, a, b, gen))
+        return terms
+
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+        if self.name == "lsd":
+            return lsd_term(net, x_a, a, b, self.stopgrad)
+        if self.name == "esd":
+            return esd_term(net, x_a, a, b, self.stopgrad)
+        if self.name == "psd_mid":
+            gamma = torch.full_like(a, 0.5)
+        else:
+            gamma = torch.rand(a.shape, generator=gen, device=a.device)
+        return psd_term(net, x_a, a, b, gamma, self.stopgrad)
+
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+        return sample_flow_map(net, x0, nfe)
+
+
+class LSDParams(Params):
+    stopgrad: Literal["convex", "none"] = "convex"
+    diag_fraction: DiagFraction = 0.75
+
+
+class ESDParams(Params):
+    stopgrad: Literal["full", "convex", "none"] = "full"
+    diag_fraction: DiagFraction = 0.75
+
+
+class PSDParams(Params):
+    stopgrad: Literal["convex", "none"] = "convex"
+    diag_fraction: DiagFraction = 0.75
+
+
+@METHODS.register("lsd", LSDParams)
+def build_lsd(params: LSDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> SelfDistillation:
+    """Lagrangian self-distillation (paper A, Algorithm 2): ∂_b X_{a,b} = v(X_{a,b}; b, b)."""
+    return SelfDistillation("lsd", params, interpolant, time_sampler)
+
+
+@METHODS.register("esd", ESDParams)
+def build_esd(params: ESDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> SelfDistillation:
+    """Eulerian self-distillation (paper A, Algorithm 3): ∂_a X_{a,b} + ∇X_{a,b}·v(·; a, a) = 0."""
+    return SelfDistillation("esd", params, interpolant, time_sampler)
+
+
+@METHODS.register("psd_mid", PSDParams)
+def build_psd_mid(params: PSDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> SelfDistillation:
+    """Progressive self-distillation through the midpoint, γ = 1/2 (paper A, Algorithm 4)."""
+    return SelfDistillation("psd_mid", params, interpolant, time_sampler)
+
+
+@METHODS.register("psd_unif", PSDParams)
+def build_psd_unif(
+    params: PSDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle
+) -> SelfDistillation:
+    """Progressive self-distillation through a uniform intermediate time, γ ~ U[0, 1] per sample."""
+    return SelfDistillation("psd_unif", params, interpolant, time_sampler)

@@ -1,0 +1,231 @@
+"""The training loop's state and one training step: regression of every term, weighting, optimiser, EMA.
+
+Methods only produce terms (methods/terms.py); everything else about the loss lives here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from torch import Tensor, nn
+
+from methods.counting import CountingNet
+from methods.ema import EMA
+from methods.interpolants import LinearInterpolant
+from methods.metrics import METRICS
+from methods.nets import LogVarWeight
+from methods.registry import Params
+from methods.terms import Method, Term
+
+Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class TrainConfig(Params):
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 1024
+    optimizer: Literal["radam", "adam", "adamw"] = "radam"
+    lr: PositiveFloat = 1e-3
+    lr_decay_steps: PositiveInt | None = 35000
+    """Paper A's schedule lr_k = lr / sqrt(max(k / lr_decay_steps, 1)); null keeps lr constant."""
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat | None = 10.0
+    ema: Annotated[list[Decay], Field(min_length=1)] = [0.999]
+    weighting: Literal["none", "logvar"] = "none"
+    loss_reduction: Literal["sample_mean", "term_mean"] = "sample_mean"
+    """sample_mean: mean of per-sample losses over the whole batch (paper A's code); term_mean: sum over terms
+    of each term's mean (paper A's Algorithm 1). They weigh the off-diagonal term differently (§3.4)."""
+    seed: NonNegativeInt = 0
+    log_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+    max_loss: PositiveFloat | None = None
+    """A finite loss above this also counts as divergence (null: only non-finite losses do)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: PositiveInt | None = 1
+    """CPU threads per trial (torch.set_num_threads); null leaves torch's default."""
+
+
+class EvalConfig(Params):
+    every: PositiveInt = 1000
+    nfe: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 16]
+    metrics: Annotated[list[str], Field(min_length=1)] = ["kl"]
+    num_samples: PositiveInt = 20000
+    ema: Decay | None = None
+    """Which EMA copy generates samples; null = the first of train.ema."""
+
+
+class Diverged(Exception):
+    """Training stopped because the loss or the gradient blew up: a result, not a crash."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"diverged at step {step}: {reason}")
+        self.step, self.reason = step, reason
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on GPU; peak resident set size (VmHWM) of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Owns the network (behind the counting wrapper), optional learned weight, optimiser, EMA and RNG.
+
+    `train_step` runs one step; `state_dict`/`load_state_dict` make resume exact (RNG included); `evaluate`
+    samples with an EMA copy and scores the samples.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        method: Method,
+        dataset,
+        interpolant: LinearInterpolant,
+        cfg: TrainConfig,
+        device: torch.device,
+    ):
+        self.cfg, self.device = cfg, device
+        self.method, self.dataset, self.interpolant = method, dataset, interpolant
+        self.net = CountingNet(net).to(device)
+        self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
+        trainable = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
+        self.optimizer = make_optimizer(cfg, trainable)
+        self.ema = EMA(self.net.net, cfg.ema)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed)
+        self.step = 0
+        self.samples_seen = 0
+        self.train_seconds = 0.0
+
+    def lr_at(self, step: int) -> float:
+        if self.cfg.lr_decay_steps is None:
+            return self.cfg.lr
+        return self.cfg.lr / max(step / self.cfg.lr_decay_steps, 1.0) ** 0.5
+
+    def weighted(self, term: Term, error: Tensor) -> Tensor:
+        """Per-sample loss: ℓ, or e^{−w(a,b)}·ℓ + w(a,b) with the learned log-variance weight."""
+        if self.weight is None:
+            return error
+        w = self.weight(term.a, term.b)
+        return torch.exp(-w) * error + w
+
+    def loss(self, terms: list[Term]) -> tuple[Tensor, list[Tensor]]:
+        """Total loss and each term's per-sample squared errors (unweighted, for logging)."""
+        errors = [t.sq_error() for t in terms]
+        weighted = [self.weighted(t, e) for t, e in zip(terms, errors)]
+        if self.cfg.loss_reduction == "sample_mean":
+            total = torch.cat(weighted).sum() / sum(len(w) for w in weighted)
+        else:
+            total = sum(w.mean() for w in weighted)
+        return total, errors
+
+    def train_step(self, with_stats: bool = False) -> dict[str, float]:
+        """One optimiser step. Raises Diverged on a non-finite (or too large) loss or gradient."""
+        start = time.perf_counter()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x1 = self.dataset.sample(self.cfg.batch_size, self.gen)
+        terms = self.method.terms(self.net, x1, self.step, self.gen)
+        loss, errors = self.loss(terms)
+        loss_value = loss.item()
+        if not torch.isfinite(loss):
+            raise Diverged(self.step, f"non-finite loss ({loss_value})")
+        if self.cfg.max_loss is not None and loss_value > self.cfg.max_loss:
+            raise Diverged(self.step, f"loss {loss_value:.4g} above train.max_loss {self.cfg.max_loss:g}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")).item()
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            raise Diverged(self.step, f"non-finite gradient norm ({grad_norm})")
+        self.optimizer.step()
+        self.ema.update(self.net.net, self.step)
+        self.step += 1
+        self.samples_seen += self.cfg.batch_size
+        self.train_seconds += time.perf_counter() - start
+        stats = {"train/loss": loss_value}
+        if with_stats:
+            stats |= {"train/grad_norm": grad_norm, "train/lr": lr}
+            for term, err in zip(terms, errors):
+                stats[f"train/loss/{term.name}"] = err.mean().item()
+                stats[f"train/target_std/{term.name}"] = term.target_norms().std().item()
+        return stats
+
+    def cost(self) -> dict[str, float]:
+        """Measured cost so far: time per 1000 training samples and network evaluations per training sample."""
+        n = max(self.samples_seen, 1)
+        return {
+            "cost/sec_per_kimg": self.train_seconds / (n / 1000),
+            "cost/samples_per_sec": n / max(self.train_seconds, 1e-9),
+            "cost/fwd_per_sample": self.net.forwards / n,
+            "cost/jvp_per_sample": self.net.jvps / n,
+            "cost/peak_mem_mb": peak_memory_mb(self.device),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, nfes: list[int], metrics: list[str], num_samples: int, ema_decay: float) -> dict[str, float]:
+        """Sample with the EMA copy at each NFE from the same base noise, and score with each metric."""
+        net = self.ema.nets[ema_decay]
+        gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 1_000_003)
+        x0 = self.interpolant.sample_base(num_samples, self.dataset.shape, gen)
+        results = {}
+        for nfe in nfes:
+            samples = self.method.sample(net, x0, nfe)
+            for name in metrics:
+                results[f"eval/{name}/nfe_{nfe}"] = METRICS.get(name).build(samples, self.dataset)
+        return results
+
+    def state_dict(self) -> dict:
+        return {
+            "net": self.net.net.state_dict(),
+            "weight": self.weight.state_dict() if self.weight else None,
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "gen": self.gen.get_state(),
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "train_seconds": self.train_seconds,
+            "forwards": self.net.forwards,
+            "jvps": self.net.jvps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.net.load_state_dict(state["net"])
+        if self.weight is not None:
+            self.weight.load_state_dict(state["weight"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["gen"])
+        self.step = state["step"]
+        self.samples_seen = state["samples_seen"]
+        self.train_seconds = state["train_seconds"]
+        self.net.forwards, self.net.jvps = state["forwards"], state["jvps"]

@@ -1,0 +1,137 @@
+"""One trial's configuration: validated through the registries and resolved to a complete, hashable dict."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
+from methods.registry import Registry, UnknownName
+from methods.training import EvalConfig, TrainConfig
+
+# Sections chosen by name from a registry, with the default name when a study leaves the section out.
+REGISTRY_SECTIONS: dict[str, tuple[Registry, str]] = {
+    "dataset": (DATASETS, "checkerboard"),
+    "model": (MODELS, "mlp"),
+    "method": (METHODS, "lsd"),
+    "time_sampler": (TIME_SAMPLERS, "uniform_triangle"),
+}
+FIXED_SECTIONS: dict[str, type[BaseModel]] = {"train": TrainConfig, "eval": EvalConfig}
+SECTIONS = [*REGISTRY_SECTIONS, *FIXED_SECTIONS]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a study file: where (dotted key path, file line if known) and what."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path or "(top level)"
+        return f"{where}{f' (line {self.line})' if self.line else ''}: {self.message}"
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def pydantic_problems(error: ValidationError, prefix: str, model: type[BaseModel], context: str) -> list[Problem]:
+    problems = []
+    for e in error.errors():
+        path = ".".join(part for part in [prefix, *map(str, e["loc"])] if part)
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            known = sorted(model.model_fields)
+            message = f"unknown key {key!r} for {context}{did_you_mean(key, known)}; known: {', '.join(known)}"
+        elif e["type"] == "too_short":
+            message = f"empty list: give at least one value [{context}]"
+        else:
+            message = f"{e['msg']} (got {e['input']!r})" if "input" in e else e["msg"]
+            message += f" [{context}]"
+        problems.append(Problem(path, message))
+    return problems
+
+
+def validate_section(section: str, raw: Any, model: type[BaseModel], context: str) -> tuple[dict, list[Problem]]:
+    if not isinstance(raw, dict):
+        return {}, [Problem(section, f"must be a mapping, got {type(raw).__name__}")]
+    try:
+        return model.model_validate(raw).model_dump(), []
+    except ValidationError as e:
+        return {}, pydantic_problems(e, section, model, context)
+
+
+def resolve_trial_config(raw: Any) -> tuple[dict, list[Problem]]:
+    """Validate a (possibly partial) trial config; return it with every default filled in, or the problems."""
+    if not isinstance(raw, dict):
+        return {}, [Problem("base", f"must be a mapping, got {type(raw).__name__}")]
+    problems = [
+        Problem(str(key), f"unknown section{did_you_mean(str(key), SECTIONS)}; known: {', '.join(SECTIONS)}")
+        for key in raw
+        if key not in SECTIONS
+    ]
+    resolved: dict[str, dict] = {}
+    for section, (registry, default) in REGISTRY_SECTIONS.items():
+        value = raw.get(section) or {}
+        name = value.get("name", default) if isinstance(value, dict) else default
+        try:
+            entry = registry.get(name)
+        except UnknownName as e:
+            problems.append(Problem(f"{section}.name", str(e)))
+            continue
+        params = {k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else value
+        resolved[section], found = validate_section(section, params, entry.params, f"{registry.kind} {name!r}")
+        resolved[section] = {"name": name, **resolved[section]}
+        problems += found
+    for section, model in FIXED_SECTIONS.items():
+        resolved[section], found = validate_section(section, raw.get(section) or {}, model, section)
+        problems += found
+    if not problems:
+        problems += cross_checks(resolved)
+    return resolved, problems
+
+
+def cross_checks(config: dict) -> list[Problem]:
+    """Constraints between sections."""
+    problems = []
+    train, evaluation = config["train"], config["eval"]
+    if evaluation["ema"] is not None and evaluation["ema"] not in train["ema"]:
+        problems.append(Problem("eval.ema", f"{evaluation['ema']} is not one of train.ema {train['ema']}"))
+    dataset = DATASETS.get(config["dataset"]["name"])
+    for i, name in enumerate(evaluation["metrics"]):
+        if name not in METRICS:
+            problems.append(Problem(f"eval.metrics.{i}", str(UnknownName("metric", name, METRICS.names()))))
+        elif missing := METRICS.get(name).requires - dataset.provides:
+            problems.append(
+                Problem(
+                    f"eval.metrics.{i}",
+                    f"{name} needs a dataset with {', '.join(sorted(missing))}; {dataset.name!r} has none",
+                )
+            )
+    return problems
+
+
+def trial_id(config: dict) -> str:
+    """Stable identity of a trial: a hash of its fully resolved config (same config → same id, any machine)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{'method': {'name': 'lsd'}} → {'method.name': 'lsd'}; the MLflow params of a trial."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{path}.")
+        else:
+            flat[path] = value
+    return flat

@@ -1,0 +1,170 @@
+"""run_trial: the one function every backend executes. Builds a trial from registries, trains, evaluates,
+checkpoints into the trial directory and logs to the trial's MLflow run; resumes from the directory."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from methods.interpolants import LinearInterpolant
+from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
+from orchestrator.config import REGISTRY_SECTIONS
+from orchestrator.state import (
+    COMPLETED,
+    DIVERGED,
+    FAILED,
+    FINISHED_STATES,
+    RUNNING,
+    TrialState,
+    load_latest_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from orchestrator.tracking import STATUS, log_batch
+
+Progress = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Everything a worker needs to run one trial; written to <trial dir>/trial.json by the driver."""
+
+    id: str
+    study: str
+    label: str
+    config: dict
+    factors: dict
+    dir: str
+    tracking_uri: str
+    run_id: str
+
+    def save(self) -> None:
+        write_json(Path(self.dir) / "trial.json", asdict(self))
+
+    @classmethod
+    def load(cls, trial_dir: str | Path) -> Trial:
+        return cls(**json.loads((Path(trial_dir) / "trial.json").read_text()))
+
+
+def build_trainer(config: dict, device: torch.device) -> Trainer:
+    """Dataset, network, time sampler and method from their registries, the network seeded by train.seed."""
+    train = TrainConfig.model_validate(config["train"])
+
+    def build(section: str, *args):
+        registry, _ = REGISTRY_SECTIONS[section]
+        entry = registry.get(config[section]["name"])
+        params = entry.params.model_validate({k: v for k, v in config[section].items() if k != "name"})
+        return entry.build(params, *args)
+
+    dataset = build("dataset")
+    torch.manual_seed(train.seed)
+    net = build("model", dataset.shape, dataset.std)
+    interpolant = LinearInterpolant(dataset.std)
+    method = build("method", interpolant, build("time_sampler"))
+    return Trainer(net, method, dataset, interpolant, train, device)
+
+
+class MetricBuffer:
+    """Collects metrics between checkpoints and writes them in one MLflow batch."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id, self.rows = client, run_id, []
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        self.rows += [(k, v, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        if self.rows:
+            log_batch(self.client, self.run_id, metrics=self.rows)
+            self.rows = []
+
+
+def run_trial(trial: Trial, progress: Progress | None = None) -> str:
+    """Train one trial to the end (or to divergence) and return its final status.
+
+    Idempotent: a finished trial returns at once; an interrupted one continues from its newest checkpoint in
+    the same MLflow run, so at most the steps since that checkpoint are replayed.
+    """
+    trial_dir = Path(trial.dir)
+    state = TrialState.load(trial_dir)
+    if state.status in FINISHED_STATES:
+        return state.status
+    train, evaluation = (
+        TrainConfig.model_validate(trial.config["train"]),
+        EvalConfig.model_validate(trial.config["eval"]),
+    )
+    if train.threads is not None:
+        torch.set_num_threads(train.threads)
+    device = resolve_device(train.device)
+    trainer = build_trainer(trial.config, device)
+    checkpoint = load_latest_checkpoint(trial_dir)
+    wall_before = 0.0
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint["trainer"])
+        wall_before = checkpoint["wall_seconds"]
+    client = MlflowClient(trial.tracking_uri)
+    client.update_run(trial.run_id, status="RUNNING")
+    client.set_tag(trial.run_id, STATUS, RUNNING)
+    state = TrialState(RUNNING, trainer.step, trial.run_id)
+    state.save(trial_dir)
+    reset_peak_memory(device)
+    metrics = MetricBuffer(client, trial.run_id)
+    started = time.perf_counter()
+    ema = evaluation.ema if evaluation.ema is not None else train.ema[0]
+
+    def elapsed() -> float:
+        return wall_before + time.perf_counter() - started
+
+    try:
+        while trainer.step < train.steps:
+            last = trainer.step + 1 == train.steps
+            stats = trainer.train_step(with_stats=(trainer.step + 1) % train.log_every == 0 or last)
+            step = trainer.step
+            if len(stats) > 1:
+                metrics.add(stats | trainer.cost() | {"cost/device_hours": elapsed() / 3600}, step)
+            if step % evaluation.every == 0 or last:
+                scores = trainer.evaluate(evaluation.nfe, evaluation.metrics, evaluation.num_samples, ema)
+                metrics.add(scores, step)
+                if progress:
+                    progress({"step": step, **scores})
+            if step % train.checkpoint_every == 0 or last:
+                metrics.flush()  # metrics first: a resumed trial never lacks steps its checkpoint covers
+                save_checkpoint(
+                    trial_dir,
+                    step,
+                    {"trainer": trainer.state_dict(), "wall_seconds": elapsed()},
+                    train.keep_checkpoints,
+                )
+                state.step = step
+                state.save(trial_dir)
+        finish(client, trial, state, COMPLETED, None)
+    except Diverged as e:
+        metrics.flush()
+        finish(client, trial, state, DIVERGED, e.reason, step=e.step)
+    except Exception:
+        metrics.flush()
+        finish(client, trial, state, FAILED, traceback.format_exc(limit=20))
+        raise
+    return state.status
+
+
+def finish(
+    client: MlflowClient, trial: Trial, state: TrialState, status: str, reason: str | None, step: int | None = None
+) -> None:
+    """Record the outcome in state.json first (the source of truth), then in MLflow."""
+    state.status, state.reason = status, reason
+    if step is not None:
+        state.step = step
+    state.save(Path(trial.dir))
+    tags = {STATUS: status}
+    if reason is not None:
+        tags |= {"orch.reason": reason[-5000:], "orch.stopped_step": str(state.step)}
+    log_batch(client, trial.run_id, tags=tags)
+    client.set_terminated(trial.run_id, status="FAILED" if status == FAILED else "FINISHED")

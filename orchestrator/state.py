@@ -1,0 +1,91 @@
+"""The trial directory is the single source of truth for resume: state.json and atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
+FINISHED_STATES = (COMPLETED, DIVERGED)
+"""Trials in these states are results: never run again."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+@dataclass
+class TrialState:
+    status: str = PENDING
+    step: int = 0
+    run_id: str | None = None
+    reason: str | None = None
+    updated: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, trial_dir: Path) -> TrialState:
+        path = trial_dir / "state.json"
+        if not path.exists():
+            return cls()
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in cls.__dataclass_fields__})
+
+    def save(self, trial_dir: Path) -> None:
+        self.updated = time.time()
+        write_json(trial_dir / "state.json", asdict(self))
+
+
+CHECKPOINT = re.compile(r"^step_(\d{9})\.pt$")
+
+
+def checkpoint_paths(trial_dir: Path) -> list[Path]:
+    """Checkpoints of a trial, newest first."""
+    folder = trial_dir / "checkpoints"
+    if not folder.exists():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def save_checkpoint(trial_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Atomically write the checkpoint of `step`, then delete all but the newest `keep`."""
+    folder = trial_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:09d}.pt"
+    tmp = folder / f".{path.name}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoint_paths(trial_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(trial_dir: Path) -> dict | None:
+    """Newest readable checkpoint; a corrupt one is skipped with a warning and the previous one used."""
+    for path in checkpoint_paths(trial_dir):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a torn or corrupted file: any unpickling error
+            log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path, e)
+    return None

@@ -1,0 +1,105 @@
+"""Study files: expansion, profiles, stable trial ids, and invalid input rejected with exit 2, nothing on disk."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.study import StudyError, load_study, parse_study
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_STUDY = ROOT / "studies" / "ablation_stopgrad.yaml"
+
+
+def test_main_study_expands_every_defined_placement():
+    study = load_study(MAIN_STUDY)
+    pairs = {(t.factors["method.name"], t.factors["method.stopgrad"]) for t in study.trials}
+    assert pairs == {
+        ("lsd", "convex"),
+        ("lsd", "none"),
+        ("esd", "full"),
+        ("esd", "convex"),
+        ("esd", "none"),
+        ("psd_mid", "convex"),
+        ("psd_mid", "none"),
+        ("psd_unif", "convex"),
+        ("psd_unif", "none"),
+    }
+    assert len(study.trials) == 18 and len({t.id for t in study.trials}) == 18
+
+
+def test_trial_ids_are_stable_and_follow_the_config():
+    first, again = load_study(MAIN_STUDY), load_study(MAIN_STUDY)
+    assert [t.id for t in first.trials] == [t.id for t in again.trials]
+    smoke = load_study(MAIN_STUDY, "smoke")
+    assert len(smoke.trials) == 9  # the profile replaces the seed axis with [0]
+    assert not {t.id for t in smoke.trials} & {t.id for t in first.trials}  # fewer steps: other trials
+    assert all(t.config["train"]["steps"] == 200 for t in smoke.trials)
+
+
+def test_defaults_are_filled_and_profiles_set_backend_keys():
+    study = parse_study("name: s\nprofiles: {big: {backend.max_concurrent: 8, train.steps: 7}}\n", "s.yaml", "big")
+    (trial,) = study.trials
+    assert trial.config["method"] == {"name": "lsd", "stopgrad": "convex", "diag_fraction": 0.75}
+    assert trial.config["train"]["steps"] == 7 and study.backend.max_concurrent == 8
+
+
+INVALID = {
+    "unknown method": ("name: s\nbase: {method: {name: lsdd}}\n", ["method.name", "did you mean 'lsd'"]),
+    "wrong type": ("name: s\nbase: {train: {steps: ten}}\n", ["train.steps", "integer"]),
+    "unknown key": ("name: s\nbase: {train: {stepz: 3}}\n", ["train.stepz", "did you mean 'steps'"]),
+    "negative batch size": ("name: s\nbase: {train: {batch_size: -4}}\n", ["train.batch_size", "greater than 0"]),
+    "empty axis": ("name: s\ngrid: {train.seed: []}\n", ["grid.train.seed", "empty"]),
+    "not YAML": ("name: s\nbase: {train: [1, 2\n", ["not valid YAML"]),
+    "python tag": ("name: s\nbase: !!python/object/apply:os.system [touch /tmp/pwned]\n", ["unsupported YAML tag"]),
+    "undefined stopgrad": ("name: s\ngrid: {method.stopgrad: [full]}\n", ["grid.method.stopgrad", "exclude"]),
+    "everything excluded": (
+        "name: s\ngrid: {train.seed: [0]}\nexclude: [{train.seed: 0}]\n",
+        ["every combination is excluded"],
+    ),
+    "duplicate key": ("name: s\nbase: {}\nbase: {}\n", ["duplicate key"]),
+    "not a mapping": ("- just\n- a list\n", ["mapping"]),
+    "unknown profile": ("name: s\nprofiles: {smoke: {}}\n", ["did you mean 'smoke'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_study_exits_2_naming_the_problem_and_writes_nothing(case, tmp_path, capsys):
+    text, expected = INVALID[case]
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    workdir = tmp_path / "runs"
+    argv = ["submit", str(path), "--workdir", str(workdir)] + (
+        ["--profile", "smok"] if case == "unknown profile" else []
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for fragment in expected:
+        assert fragment in err, err
+    assert "Traceback" not in err
+    assert not workdir.exists()
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_all_problems_are_reported_together_with_lines():
+    text = "name: s\nbase:\n  train: {steps: 0}\n  model: {wdth: 3}\ngrid:\n  method.name: [lsd, nope]\n"
+    with pytest.raises(StudyError) as info:
+        parse_study(text, "s.yaml")
+    report = info.value.report()
+    assert "base.train.steps (line 3)" in report
+    assert "base.model.wdth (line 4)" in report
+    assert "grid.method.name (line 6)" in report
+
+
+def test_console_script_validate_and_plan():
+    orch = [sys.executable, "-m", "orchestrator.cli"]
+    ok = subprocess.run([*orch, "validate", str(MAIN_STUDY)], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "18 trial(s)" in ok.stdout
+    plan = subprocess.run([*orch, "plan", str(MAIN_STUDY), "--profile", "smoke"], capture_output=True, text=True)
+    assert plan.returncode == 0 and plan.stdout.count("psd_unif") == 2
+    bad = subprocess.run([*orch, "validate", str(MAIN_STUDY), "--profile", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no profile 'nope'" in bad.stderr
