@@ -35,6 +35,8 @@ def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame
             "status": run.data.tags.get("orch.status", "unknown"),
             "label": run.data.tags.get("mlflow.runName", trial_id),
             "reason": run.data.tags.get("orch.reason"),
+            "git_commit": run.data.tags.get("orch.git_commit"),
+            "device": run.data.tags.get("orch.device"),
         }
         row |= {k: parse_param(v) for k, v in run.data.params.items()}
         row |= run.data.metrics

@@ -12,15 +12,15 @@ from plotly.offline import get_plotlyjs
 from dashboards import figures
 from dashboards.load import load_runs
 
-HEADER_TAGS = (
-    "orch.git_commit",
-    "orch.profile",
-    "orch.python",
-    "orch.host",
-    "orch.version.torch",
-    "orch.version.ray",
-    "orch.version.mlflow",
-)
+HEADER_TAGS = {  # parent-run tag → header label
+    "orch.profile": "profile",
+    "orch.git_commit": "last submitted at commit",
+    "orch.python": "python",
+    "orch.host": "host",
+    "orch.version.torch": "torch",
+    "orch.version.ray": "ray",
+    "orch.version.mlflow": "mlflow",
+}
 
 
 def quality_metrics(columns) -> list[str]:
@@ -64,7 +64,10 @@ def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
     header = {"study": study, "trials": str(len(runs))}
     if len(runs):
         header |= {f"trials {s}": str(n) for s, n in runs["status"].value_counts().items()}
-    header |= {k.removeprefix("orch."): parent_tags[k] for k in HEADER_TAGS if k in parent_tags}
+    header |= {label: parent_tags[tag] for tag, label in HEADER_TAGS.items() if tag in parent_tags}
+    for column, title in (("git_commit", "trials ran at commit"), ("device", "trials ran on")):
+        if column in runs.columns:  # each trial records its own; a study resumed across commits shows them all
+            header[title] = ", ".join(sorted(runs[column].dropna().astype(str).unique())) or "unknown"
     notes = [
         f"Grouped by {', '.join(group_cols) or 'nothing'}; seeds ({figures.SEED}) are averaged.",
         "KL = KL(data ‖ model) on a 50×50 histogram with exact target cell masses; lower is better.",

@@ -35,6 +35,3 @@ class CountingNet(nn.Module):
         self.jvps += primals[0].shape[0]
         return torch.func.jvp(self.net, primals, tangents)
 
-    def reset_counts(self) -> None:
-        self.forwards = 0
-        self.jvps = 0

@@ -4,6 +4,7 @@ checkpoints into the trial directory and logs to the trial's MLflow run; resumes
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from orchestrator.state import (
     save_checkpoint,
     write_json,
 )
-from orchestrator.tracking import STATUS, log_batch
+from orchestrator.tracking import STATUS, environment_tags, log_batch
 
 Progress = Callable[[dict], None]
 
@@ -71,6 +72,12 @@ def build_trainer(config: dict, device: torch.device) -> Trainer:
     return Trainer(net, method, dataset, interpolant, train, device)
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {torch.get_num_threads()} thread(s) of {os.cpu_count()}"
+
+
 class MetricBuffer:
     """Collects metrics between checkpoints and writes them in one MLflow batch."""
 
@@ -111,7 +118,7 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
         wall_before = checkpoint["wall_seconds"]
     client = MlflowClient(trial.tracking_uri)
     client.update_run(trial.run_id, status="RUNNING")
-    client.set_tag(trial.run_id, STATUS, RUNNING)
+    log_batch(client, trial.run_id, tags={STATUS: RUNNING} | environment_tags(device_name(device)))
     state = TrialState(RUNNING, trainer.step, trial.run_id)
     state.save(trial_dir)
     reset_peak_memory(device)

@@ -77,7 +77,6 @@ class Study:
     name: str
     description: str
     profile: str | None
-    source: str
     resolved: dict
     """The study after applying the profile: what `study.yaml` in the study directory records."""
     backend: Backend
@@ -237,7 +236,6 @@ def parse_study(text: str, source: str, profile: str | None = None) -> Study:
         name=study["name"],
         description=study["description"],
         profile=profile,
-        source=source,
         resolved=study,
         backend=Backend.model_validate(study["backend"]),
         trials=trials,

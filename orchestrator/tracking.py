@@ -28,17 +28,29 @@ def default_tracking_uri(study_dir: Path) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout orch runs from, with "-dirty" when tracked files differ from it."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=here,
         )
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def environment_tags() -> dict[str, str]:
+def environment_tags(device: str | None = None) -> dict[str, str]:
+    """What a result depends on besides its config: code version, packages, host and device."""
     tags = {"orch.git_commit": git_commit(), "orch.python": platform.python_version(), "orch.host": platform.node()}
+    if device is not None:
+        tags["orch.device"] = device
     for package in PACKAGES:
         try:
             tags[f"orch.version.{package}"] = metadata.version(package)
