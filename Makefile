@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +15,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The browser test renders the dashboard in Debian's Chromium (needs root for apt-get, as in CI).
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
-test: install
+test: install $(CHROMIUM)
 	$(VENV)/bin/python -m pytest
+
+bench: install
+	$(VENV)/bin/python bench/dashboard_scale.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,4 +1,9 @@
-"""Pure figure functions: DataFrame in, plotly Figure out. Groups are the study's grid factors minus the seed."""
+"""Pure figure functions: DataFrames in, plotly Figure out.
+
+`runs` has one row per trial (params as dotted columns, the latest value of each metric, `status`); `history` has
+trial_id, key, step, value. Groups are the study's grid factors minus the seed; seeds are averaged. Quality
+metrics (KL, FID) are lower-is-better.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,21 @@ from scipy import stats
 
 SEED = "train.seed"
 NFE_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
+LOG_X_NFE = {"title": "network evaluations (NFE)", "type": "log"}
 
 
-def group_label(row: pd.Series, group_cols: list[str]) -> str:
-    return " · ".join(f"{row[c]}" for c in group_cols) if group_cols else "all"
+# ---- tables -------------------------------------------------------------------------------------------------
 
 
 def with_groups(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
     runs = runs.copy()
-    runs["group"] = runs.apply(group_label, axis=1, group_cols=group_cols) if len(runs) else []
+    labels = pd.Series("all", index=runs.index)
+    for i, column in enumerate(group_cols):
+        values = runs[column].astype(str)
+        labels = values if i == 0 else labels + " · " + values
+    runs["group"] = labels
     return runs
 
 
@@ -35,15 +46,33 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def quality_table(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> pd.DataFrame:
-    """Long table: group, nfe, mean, ci, n (completed trials), diverged (count) for `eval/<metric>/nfe_N`."""
+def nfe_columns(columns, metric: str) -> list[tuple[int, str]]:
+    return sorted((int(m["nfe"]), c) for c in columns if (m := NFE_KEY.match(str(c))) and m["metric"] == metric)
+
+
+def best_checkpoint(history: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """trial_id, nfe, best, best_step: each trial's best evaluation per NFE over its whole run (paper A reports
+    the best checkpoint per step count; selection on the reported metric, so read it as an optimistic bound)."""
+    evals = history[history["key"].str.startswith(f"eval/{metric}/nfe_")].copy()
+    if evals.empty:
+        return pd.DataFrame(columns=["trial_id", "nfe", "best", "best_step"])
+    evals["nfe"] = evals["key"].str.rsplit("_", n=1).str[-1].astype(int)
+    idx = evals.groupby(["trial_id", "nfe"])["value"].idxmin()
+    best = evals.loc[idx, ["trial_id", "nfe", "value", "step"]]
+    return best.rename(columns={"value": "best", "step": "best_step"}).reset_index(drop=True)
+
+
+def quality_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> pd.DataFrame:
+    """group, nfe, mean, ci, n (completed trials), diverged (count), best (mean of best checkpoints) for
+    `eval/<metric>/nfe_N` at the last checkpoint of completed trials."""
     runs = with_groups(runs, group_cols)
-    columns = [(int(m["nfe"]), c) for c in runs.columns if (m := NFE_KEY.match(c)) and m["metric"] == metric]
+    best = best_checkpoint(history, metric)
     rows = []
     for group, trials in runs.groupby("group", sort=True):
         done = trials[trials["status"] == "completed"]
-        for nfe, col in sorted(columns):
+        for nfe, col in nfe_columns(runs.columns, metric):
             mean, ci = mean_ci(done[col].to_numpy(dtype=float))
+            best_values = best[(best["nfe"] == nfe) & best["trial_id"].isin(done["trial_id"])]["best"]
             rows.append(
                 {
                     "group": group,
@@ -52,13 +81,44 @@ def quality_table(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> pd.
                     "ci": ci,
                     "n": len(done),
                     "diverged": int((trials["status"] == "diverged").sum()),
+                    "best": float(best_values.mean()) if len(best_values) else float("nan"),
                 }
             )
-    return pd.DataFrame(rows, columns=["group", "nfe", "mean", "ci", "n", "diverged"])
+    return pd.DataFrame(rows, columns=["group", "nfe", "mean", "ci", "n", "diverged", "best"])
 
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
-DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
+def paired_effects(runs: pd.DataFrame, metric: str, axis: str, levels: list, others: list[str]) -> pd.DataFrame:
+    """level, nfe, mean, ci, pairs: the change in the metric from the reference level (levels[0]) to each other
+    level of `axis`, over pairs of completed trials that agree on every other factor (seed included)."""
+    done = runs[runs["status"] == "completed"]
+    rows = []
+    for nfe, col in nfe_columns(runs.columns, metric):
+        table = (
+            done.pivot_table(index=others or None, columns=axis, values=col, aggfunc="mean")
+            if others
+            else (done.groupby(axis)[col].mean().to_frame().T)
+        )
+        reference = table.get(levels[0])
+        for level in levels[1:]:
+            if reference is None or level not in table:
+                continue
+            diff = (table[level] - reference).dropna().to_numpy(dtype=float)
+            mean, ci = mean_ci(diff)
+            rows.append({"level": level, "nfe": nfe, "mean": mean, "ci": ci, "pairs": len(diff)})
+    return pd.DataFrame(rows, columns=["level", "nfe", "mean", "ci", "pairs"])
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both x and y (lower is better on both), sorted by x."""
+    front, best = [], float("inf")
+    for _, row in points.sort_values([x, y]).iterrows():
+        if row[y] < best:
+            front.append(row)
+            best = row[y]
+    return pd.DataFrame(front)
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
 
 
 def group_styles(runs: pd.DataFrame, group_cols: list[str]) -> dict[str, dict]:
@@ -73,18 +133,18 @@ def group_styles(runs: pd.DataFrame, group_cols: list[str]) -> dict[str, dict]:
     return styles
 
 
-def quality_vs_nfe(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
-    """Quality vs sampling steps, one line per group: the mean over seeds, each seed as a dot, and a 95%
-    Student-t interval once there are 3 or more seeds (with 2 it spans ±12.7 s.e. and hides every line)."""
-    table = quality_table(runs, metric, group_cols)
-    seeds = with_groups(runs, group_cols)
-    seeds = seeds[seeds["status"] == "completed"]
+def quality_vs_nfe(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+    """Quality vs sampling steps per group: mean over completed seeds (line), each seed (dots), the mean best
+    checkpoint per NFE (open diamonds), diverged trials' last evaluation (crosses), and a 95% Student-t
+    interval from 3 seeds on (with 2 it spans ±12.7 standard errors and hides every line)."""
+    table = quality_table(runs, history, metric, group_cols)
+    grouped = with_groups(runs, group_cols)
     styles = group_styles(runs, group_cols)
+    columns = nfe_columns(runs.columns, metric)
     fig = go.Figure()
     for group, rows in table.groupby("group", sort=True):
-        n, diverged = rows["n"].iloc[0], rows["diverged"].iloc[0]
+        n, diverged, style = rows["n"].iloc[0], rows["diverged"].iloc[0], styles[group]
         name = f"{group} (n={n}" + (f", {diverged} diverged)" if diverged else ")")
-        style = styles[group]
         error = {"type": "data", "array": rows["ci"], "visible": True, "thickness": 1} if n >= 3 else None
         fig.add_trace(
             go.Scatter(
@@ -97,24 +157,42 @@ def quality_vs_nfe(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go
                 error_y=error,
             )
         )
-        points = seeds[seeds["group"] == group]
-        xs = [nfe for nfe in rows["nfe"] for _ in range(len(points))]
-        ys = [v for nfe in rows["nfe"] for v in points[f"eval/{metric}/nfe_{nfe}"]]
         fig.add_trace(
             go.Scatter(
-                x=xs,
-                y=ys,
+                x=rows["nfe"],
+                y=rows["best"],
+                name=group,
                 legendgroup=group,
                 showlegend=False,
                 mode="markers",
-                hoverinfo="y+name",
-                name=group,
-                marker={"color": style["color"], "size": 5, "opacity": 0.5},
+                hovertemplate="best checkpoint: %{y:.4g}<extra>%{fullData.name}</extra>",
+                marker={"color": style["color"], "symbol": "diamond-open", "size": 9},
             )
         )
+        for status, symbol, opacity in (("completed", "circle", 0.45), ("diverged", "x", 1.0)):
+            trials = grouped[(grouped["group"] == group) & (grouped["status"] == status)]
+            xs = [nfe for nfe, col in columns for v in trials[col] if pd.notna(v)]
+            ys = [v for _, col in columns for v in trials[col] if pd.notna(v)]
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    name=f"{group} ({status} seed)",
+                    legendgroup=group,
+                    showlegend=False,
+                    mode="markers",
+                    marker={
+                        "color": style["color"],
+                        "symbol": symbol,
+                        "size": 6 if status == "completed" else 10,
+                        "opacity": opacity,
+                    },
+                )
+            )
     fig.update_layout(
-        title=f"{metric.upper()} vs steps (EMA weights, last checkpoint): line = mean over seeds, dots = seeds",
-        xaxis={"title": "network evaluations (NFE)", "type": "log", "tickvals": sorted(table["nfe"].unique())},
+        title=f"{metric.upper()} vs steps — line: mean over seeds at the last checkpoint; dots: seeds; "
+        "◇: best checkpoint; ×: diverged",
+        xaxis=LOG_X_NFE | {"tickvals": sorted(table["nfe"].unique())},
         yaxis={"title": f"{metric} (lower is better)", "type": "log"},
         legend={"title": " · ".join(group_cols)},
         height=600,
@@ -122,23 +200,19 @@ def quality_vs_nfe(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go
     return fig
 
 
-def smooth(values: pd.Series, window: int = 5) -> pd.Series:
-    return values.rolling(window, min_periods=1, center=True).mean()
-
-
 def fmt(values, digits: int) -> list[str]:
     return [f"{v:.{digits}f}" for v in values]
 
 
-def ranking_table(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+def ranking_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
     """The answer in one table: each group's quality at the fewest and most steps, and its cost."""
-    table = quality_table(runs, metric, group_cols)
+    table = quality_table(runs, history, metric, group_cols)
     if table.empty:
         return go.Figure()
     nfes = sorted({table["nfe"].min(), table["nfe"].max()})
     pivot = table.pivot(index="group", columns="nfe", values="mean")
-    cost_cols = ["cost/sec_per_kimg", "cost/fwd_per_sample", "cost/jvp_per_sample"]
-    cost = with_groups(runs, group_cols).groupby("group")[cost_cols].mean()
+    cost_cols = ["cost/sec_per_kimg", "cost/fwd_per_sample", "cost/jvp_per_sample", "cost/device_hours"]
+    cost = with_groups(runs, group_cols).groupby("group")[[c for c in cost_cols if c in runs]].mean()
     summary = pivot[nfes].join(cost).sort_values(nfes[0])
     header = [
         "group",
@@ -146,19 +220,107 @@ def ranking_table(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go.
         "sec/kimg",
         "fwd/sample",
         "jvp/sample",
+        "device-hours",
     ]
     cells = [
         list(summary.index),
         *(fmt(summary[n], 4) for n in nfes),
-        fmt(summary[cost_cols[0]], 4),
-        fmt(summary[cost_cols[1]], 2),
-        fmt(summary[cost_cols[2]], 2),
+        *(fmt(summary[c], d) if c in summary else ["–"] * len(summary) for c, d in zip(cost_cols, (4, 2, 2, 4))),
     ]
     fig = go.Figure(go.Table(header={"values": header, "height": 28}, cells={"values": cells, "height": 24}))
     fig.update_layout(
-        title=f"Ranking by {metric} at {nfes[0]} step (mean over completed seeds)", height=120 + 28 * len(summary)
+        title=f"Ranking by {metric} at {nfes[0]} step (mean over completed seeds, last checkpoint)",
+        height=150 + 24 * len(summary),
+        margin={"t": 60, "b": 10},
     )
     return fig
+
+
+def factor_effects(runs: pd.DataFrame, metric: str, grid: dict[str, list]) -> go.Figure:
+    """One panel per grid axis: how changing that factor from its first level moves quality at each NFE,
+    paired over the other factors (mean ± 95% interval over pairs)."""
+    axes = [a for a, levels in grid.items() if a != SEED and len(levels) > 1 and a in runs]
+    fig = make_subplots(rows=1, cols=max(len(axes), 1), subplot_titles=[f"{a}: level − {grid[a][0]}" for a in axes])
+    for i, axis in enumerate(axes, 1):
+        others = [a for a in grid if a != axis and a in runs]
+        effects = paired_effects(runs, metric, axis, grid[axis], others)
+        for j, (level, rows) in enumerate(effects.groupby("level", sort=False)):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["nfe"],
+                    y=rows["mean"],
+                    mode="lines+markers",
+                    name=f"{axis} = {level} (pairs: {rows['pairs'].max()})",
+                    error_y={"type": "data", "array": rows["ci"].fillna(0), "visible": True, "thickness": 1},
+                    line={"color": COLORS[(j + 3 * i) % len(COLORS)]},
+                ),
+                1,
+                i,
+            )
+        fig.add_hline(y=0, line={"color": "black", "width": 1}, row=1, col=i)
+        fig.update_xaxes(type="log", title="NFE", row=1, col=i)
+    fig.update_yaxes(title=f"Δ {metric} (< 0: better than the first level)", row=1, col=1)
+    fig.update_layout(
+        title="Factor effects, paired over the other factors (mean ± 95% interval over pairs)", height=450
+    )
+    return fig
+
+
+def quality_vs_compute(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+    """Quality at the fewest and the most NFE vs device-hours spent training, every evaluation of every group
+    (mean over seeds), with the Pareto front: which method is best at equal compute."""
+    evals = history[history["key"].str.startswith(f"eval/{metric}/nfe_")].copy()
+    hours = history[history["key"] == "cost/device_hours"][["trial_id", "step", "value"]].rename(
+        columns={"value": "hours"}
+    )
+    nfes = sorted({int(k.rsplit("_", 1)[-1]) for k in evals["key"].unique()})
+    panels = sorted({nfes[0], nfes[-1]}) if nfes else []
+    fig = make_subplots(rows=1, cols=max(len(panels), 1), subplot_titles=[f"{n} step{'s' * (n > 1)}" for n in panels])
+    groups = with_groups(runs, group_cols)[["trial_id", "group", "status"]]
+    styles = group_styles(runs, group_cols)
+    for col, nfe in enumerate(panels, 1):
+        points = evals[evals["key"] == f"eval/{metric}/nfe_{nfe}"].merge(groups, on="trial_id")
+        points = points[points["status"] == "completed"].sort_values("step")
+        points = pd.merge_asof(points, hours.sort_values("step"), on="step", by="trial_id", direction="nearest")
+        curves = points.groupby(["group", "step"], as_index=False)[["hours", "value"]].mean()
+        for group, rows in curves.groupby("group", sort=True):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["hours"],
+                    y=rows["value"],
+                    mode="lines+markers",
+                    name=group,
+                    legendgroup=group,
+                    showlegend=col == 1,
+                    line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
+                ),
+                1,
+                col,
+            )
+        front = pareto_front(curves, "hours", "value")
+        if len(front):
+            fig.add_trace(
+                go.Scatter(
+                    x=front["hours"],
+                    y=front["value"],
+                    mode="lines",
+                    name="Pareto front",
+                    legendgroup="front",
+                    showlegend=col == 1,
+                    text=front["group"],
+                    line={"color": "rgba(0,0,0,0.35)", "width": 8, "shape": "hv"},
+                ),
+                1,
+                col,
+            )
+        fig.update_xaxes(title="device-hours", type="log", row=1, col=col)
+        fig.update_yaxes(title=f"{metric}", type="log", row=1, col=col)
+    fig.update_layout(title=f"{metric.upper()} vs training compute (every evaluation; grey: Pareto front)", height=500)
+    return fig
+
+
+def smooth(values: pd.Series, window: int = 5) -> pd.Series:
+    return values.rolling(window, min_periods=1, center=True).mean()
 
 
 def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
@@ -190,6 +352,38 @@ def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: li
     return fig
 
 
+def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
+    """Loss-target std per start-time bin over the last quarter of training, per group and term."""
+    hist = history[history["key"].str.match(r"^train/target_std/[^/]+/bin_\d+$")].copy()
+    fig = go.Figure()
+    if hist.empty:
+        return fig
+    late = hist["step"] >= 0.75 * hist.groupby("trial_id")["step"].transform("max")
+    hist = hist[late].merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
+    hist["term"] = hist["key"].str.split("/").str[2]
+    hist["bin"] = hist["key"].str.rsplit("_", n=1).str[-1].astype(int)
+    styles = group_styles(runs, group_cols)
+    for (group, term), rows in hist.groupby(["group", "term"], sort=True):
+        means = rows.groupby("bin")["value"].mean()
+        labels = [f"a ∈ [{k / 4:.2f}, {(k + 1) / 4:.2f})" for k in means.index]
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=means.values,
+                name=f"{group} [{term}]",
+                marker={"color": styles[group]["color"]},
+                visible="legendonly" if term == "diag" else True,
+            )
+        )
+    fig.update_layout(
+        title="Loss-target std by start time a (last quarter of training, mean over seeds)",
+        barmode="group",
+        yaxis={"title": "target std", "type": "log"},
+        height=450,
+    )
+    return fig
+
+
 def cost_by_group(runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
     """Measured training cost per group: time, peak memory, network evaluations per training sample."""
     runs = with_groups(runs, group_cols)
@@ -210,26 +404,30 @@ def cost_by_group(runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
 
 
 def training_curves(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
-    """Total training loss vs step per group (mean over seeds, smoothed)."""
-    hist = history[history["key"] == "train/loss"]
-    hist = hist.merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
+    """Training loss, per-term raw losses and gradient norm vs step per group (mean over seeds, smoothed)."""
+    panels = ["train/loss", "train/loss/*", "train/grad_norm"]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("total loss", "raw loss per term", "gradient norm"))
+    hist = history.merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
     styles = group_styles(runs, group_cols)
-    fig = go.Figure()
-    for group, rows in hist.groupby("group", sort=True):
-        curve = smooth(rows.groupby("step")["value"].mean())
-        fig.add_trace(
-            go.Scatter(
-                x=curve.index,
-                y=curve.values,
-                name=group,
-                mode="lines",
-                line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
+    for col, pattern in enumerate(panels, 1):
+        selected = hist[hist["key"].str.match("^" + pattern.replace("*", "[^/]+") + "$")]
+        for (group, key), rows in selected.groupby(["group", "key"], sort=True):
+            curve = smooth(rows.groupby("step")["value"].mean())
+            term = f" [{key.rsplit('/', 1)[-1]}]" if pattern.endswith("*") else ""
+            fig.add_trace(
+                go.Scatter(
+                    x=curve.index,
+                    y=curve.values,
+                    name=group + term,
+                    legendgroup=group,
+                    showlegend=col == 1,
+                    mode="lines",
+                    line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
+                ),
+                1,
+                col,
             )
-        )
-    fig.update_layout(
-        title="Training loss (mean over seeds, smoothed)",
-        xaxis={"title": "training step"},
-        yaxis={"title": "loss", "type": "log"},
-        height=450,
-    )
+        fig.update_yaxes(type="log", row=1, col=col)
+        fig.update_xaxes(title="training step", row=1, col=col)
+    fig.update_layout(title="Training curves (mean over seeds, smoothed)", height=450)
     return fig

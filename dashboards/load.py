@@ -8,7 +8,8 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-HISTORY_PREFIXES = ("train/target_std/", "train/loss")
+HISTORY_PREFIXES = ("train/target_std/", "train/loss", "train/grad_norm", "eval/", "cost/device_hours")
+RUN_CHUNK = 500
 
 
 def parse_param(value: str) -> Any:
@@ -18,32 +19,57 @@ def parse_param(value: str) -> Any:
         return value
 
 
+def metric_histories(client: MlflowClient, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+    """run_id, key, step, value of every logged point of `keys` over many runs.
+
+    On a SQL store (sqlite, PostgreSQL, MySQL) one query per 500 runs reads MLflow's metrics table through the
+    store's own session and models: per-run or per-key calls (even MLflow's windowed bulk query) took over a
+    minute for a 1,000-trial study. Other stores fall back to one history call per run and key.
+    """
+    store = client._tracking_client.store
+    rows: list[tuple] = []
+    if hasattr(store, "ManagedSessionMaker"):
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+
+        with store.ManagedSessionMaker() as session:
+            for i in range(0, len(run_ids), RUN_CHUNK):
+                query = session.query(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.value)
+                rows += query.filter(SqlMetric.run_uuid.in_(run_ids[i : i + RUN_CHUNK]), SqlMetric.key.in_(keys)).all()
+    else:
+        for run_id in run_ids:
+            for key in keys:
+                rows += [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+    history = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    return history.astype({"step": "int64", "value": "float64"})
+
+
 def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
-    """(runs, history, parent tags). runs: trial_id, status, label, every param and the latest value of every
-    metric. history: trial_id, key, step, value for the training curves."""
+    """(runs, history, parent tags). runs: one row per trial with trial_id, status, label, reason, git_commit,
+    device, `fingerprint.<metric>`, every param and the latest value of every metric. history: trial_id, key,
+    step, value of the training curves, evaluations and device-hours."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         raise LookupError(f"no MLflow experiment named {study!r} at {tracking_uri}")
     parents = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'study'", max_results=1)
     runs = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'", max_results=50000)
-    rows, history = [], []
+    rows, keys, trial_of = [], set(), {}
     for run in runs:
-        trial_id = run.data.tags.get("orch.trial_id")
+        tags = run.data.tags
+        trial_of[run.info.run_id] = tags.get("orch.trial_id")
         row = {
-            "trial_id": trial_id,
-            "status": run.data.tags.get("orch.status", "unknown"),
-            "label": run.data.tags.get("mlflow.runName", trial_id),
-            "reason": run.data.tags.get("orch.reason"),
-            "git_commit": run.data.tags.get("orch.git_commit"),
-            "device": run.data.tags.get("orch.device"),
+            "trial_id": tags.get("orch.trial_id"),
+            "status": tags.get("orch.status", "unknown"),
+            "label": tags.get("mlflow.runName", tags.get("orch.trial_id")),
+            "reason": tags.get("orch.reason"),
+            "git_commit": tags.get("orch.git_commit"),
+            "device": tags.get("orch.device"),
         }
+        row |= {f"fingerprint.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.fingerprint.")}
         row |= {k: parse_param(v) for k, v in run.data.params.items()}
         row |= run.data.metrics
         rows.append(row)
-        for key in run.data.metrics:
-            if key.startswith(HISTORY_PREFIXES):
-                history += [(trial_id, key, m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-    runs_df = pd.DataFrame(rows)
-    history_df = pd.DataFrame(history, columns=["trial_id", "key", "step", "value"])
-    return runs_df, history_df, (parents[0].data.tags if parents else {})
+        keys |= {k for k in run.data.metrics if k.startswith(HISTORY_PREFIXES)}
+    history = metric_histories(client, list(trial_of), sorted(keys))
+    history.insert(0, "trial_id", history.pop("run_id").map(trial_of))
+    return pd.DataFrame(rows), history, (parents[0].data.tags if parents else {})

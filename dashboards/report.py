@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
@@ -27,38 +28,67 @@ def quality_metrics(columns) -> list[str]:
     return sorted({m["metric"] for c in columns if (m := figures.NFE_KEY.match(str(c)))})
 
 
-def build_figures(runs, history, group_cols: list[str]) -> list[go.Figure]:
+def comparable_subsets(runs: pd.DataFrame, metric: str):
+    """(title suffix, runs) per metric fingerprint: values measured differently are never plotted together."""
+    column = f"fingerprint.{metric}"
+    if column not in runs or runs[column].nunique() <= 1:
+        yield "", runs
+        return
+    for fingerprint, subset in runs.groupby(column):
+        yield f" [fingerprint {fingerprint}]", subset
+
+
+def build_figures(runs: pd.DataFrame, history: pd.DataFrame, group_cols: list[str], grid: dict) -> list[go.Figure]:
     figs = []
     for metric in quality_metrics(runs.columns):
-        figs += [figures.ranking_table(runs, metric, group_cols), figures.quality_vs_nfe(runs, metric, group_cols)]
+        for suffix, subset in comparable_subsets(runs, metric):
+            hist = history[history["trial_id"].isin(subset["trial_id"])]
+            panel = [
+                figures.ranking_table(subset, hist, metric, group_cols),
+                figures.quality_vs_nfe(subset, hist, metric, group_cols),
+                figures.factor_effects(subset, metric, grid),
+                figures.quality_vs_compute(subset, hist, metric, group_cols),
+            ]
+            for fig in panel:
+                fig.update_layout(title_text=fig.layout.title.text + suffix)
+            figs += panel
     figs += [
         figures.target_std_vs_step(history, runs, group_cols),
+        figures.target_std_by_bin(history, runs, group_cols),
         figures.cost_by_group(runs, group_cols),
         figures.training_curves(history, runs, group_cols),
     ]
-    return figs
+    return [f for f in figs if f.data]
 
 
-def render_html(title: str, header: dict[str, str], figs: list[go.Figure], notes: list[str]) -> str:
+def render_html(
+    title: str,
+    header: dict[str, str],
+    figs: list[go.Figure],
+    notes: list[str],
+    study_yaml: str,
+    refresh_seconds: int | None = None,
+) -> str:
     meta = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in header.items())
     divs = "\n".join(f'<div class="figure">{f.to_html(full_html=False, include_plotlyjs=False)}</div>' for f in figs)
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <script type="text/javascript">{get_plotlyjs()}</script>
-<style>body{{font-family:sans-serif;margin:24px;max-width:1200px}} th{{text-align:left;padding-right:12px}}
-.figure{{margin:24px 0;border-top:1px solid #ddd}}</style></head>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1300px}} th{{text-align:left;padding-right:12px}}
+.figure{{margin:24px 0;border-top:1px solid #ddd}} pre{{background:#f6f6f6;padding:8px}}</style></head>
 <body><h1>{html.escape(title)}</h1><table>{meta}</table><ul>{notes_html}</ul>
+<details><summary>study file</summary><pre>{html.escape(study_yaml)}</pre></details>
 {divs}
 </body></html>
 """
 
 
-def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
-    """Read the study's runs and write the dashboard HTML atomically; returns its path."""
+def dashboard_html(tracking_uri: str, study: str) -> str:
+    """The dashboard page of a study, read from its MLflow experiment."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
-    axes = json.loads(parent_tags.get("orch.axes", "[]"))
-    group_cols = [a for a in axes if a != figures.SEED and a in runs.columns] or (
+    grid = json.loads(parent_tags.get("orch.grid", "{}"))
+    group_cols = [a for a in grid if a != figures.SEED and a in runs.columns] or (
         ["method.name"] if "method.name" in runs.columns else []
     )
     header = {"study": study, "trials": str(len(runs))}
@@ -68,6 +98,8 @@ def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
     for column, title in (("git_commit", "trials ran at commit"), ("device", "trials ran on")):
         if column in runs.columns:  # each trial records its own; a study resumed across commits shows them all
             header[title] = ", ".join(sorted(runs[column].dropna().astype(str).unique())) or "unknown"
+    for column in sorted(c for c in runs.columns if c.startswith("fingerprint.")):
+        header[f"{column.split('.', 1)[1]} fingerprint"] = ", ".join(sorted(runs[column].dropna().unique()))
     notes = [
         f"Grouped by {', '.join(group_cols) or 'nothing'}; seeds ({figures.SEED}) are averaged.",
         "KL = KL(data ‖ model) on a 50×50 histogram with exact target cell masses; lower is better.",
@@ -75,7 +107,14 @@ def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
     if len(runs) and (runs["status"] == "diverged").any():
         diverged = runs[runs["status"] == "diverged"]
         notes += [f"diverged: {r.label} — {r.reason}" for r in diverged.itertuples()]
-    page = render_html(f"orch study: {study}", header, build_figures(runs, history, group_cols), notes)
+    study_yaml = parent_tags.get("orch.study_yaml", "")
+    figs = build_figures(runs, history, group_cols, grid)
+    return render_html(f"orch study: {study}", header, figs, notes, study_yaml)
+
+
+def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
+    """Write the dashboard HTML atomically; returns its path."""
+    page = dashboard_html(tracking_uri, study)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(page)

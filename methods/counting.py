@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
+
+# torch.func's first JVP calls torch.jit.script internally, which warns on every process start: not ours to fix.
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated")
 
 
 class CountingNet(nn.Module):
@@ -34,4 +39,3 @@ class CountingNet(nn.Module):
         """
         self.jvps += primals[0].shape[0]
         return torch.func.jvp(self.net, primals, tangents)
-

@@ -92,6 +92,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
+TIME_BINS = 4
+
+
+def target_std_stats(term: Term) -> dict[str, float]:
+    """Paper B's loss-target variance for one term: the batch std of per-sample target norms, overall and per
+    bin of the start time a (bin k holds a ∈ [k/4, (k+1)/4)); bins with fewer than two samples are skipped."""
+    norms = term.target_norms()
+    stats = {f"train/target_std/{term.name}": norms.std().item()}
+    bins = (term.a.detach() * TIME_BINS).long().clamp(0, TIME_BINS - 1)
+    for k in range(TIME_BINS):
+        in_bin = norms[bins == k]
+        if len(in_bin) > 1:
+            stats[f"train/target_std/{term.name}/bin_{k}"] = in_bin.std().item()
+    return stats
+
+
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -177,7 +193,7 @@ class Trainer:
             stats |= {"train/grad_norm": grad_norm, "train/lr": lr}
             for term, err in zip(terms, errors):
                 stats[f"train/loss/{term.name}"] = err.mean().item()
-                stats[f"train/target_std/{term.name}"] = term.target_norms().std().item()
+                stats |= target_std_stats(term)
         return stats
 
     def cost(self) -> dict[str, float]:

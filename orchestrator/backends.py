@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under ~/.ray
@@ -19,32 +18,32 @@ import ray  # noqa: E402 — after the environment it reads
 from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 
+from orchestrator.progress import Progress
 from orchestrator.runner import Trial, run_trial
-from orchestrator.state import FAILED, TrialState
-
-Say = Callable[[str], None]
+from orchestrator.state import TrialState
 
 
-def run_local(trials: list[Trial], say: Say) -> None:
+def finish_detail(trial: Trial) -> tuple[str, str]:
+    """(status, last line of the reason) from the trial directory, the source of truth."""
+    state = TrialState.load(Path(trial.dir))
+    return state.status, state.reason.strip().splitlines()[-1] if state.reason else ""
+
+
+def run_local(trials: list[Trial], progress: Progress) -> None:
     """Sequentially, in-process: for debugging, and the baseline of the overhead benchmark."""
-    for i, trial in enumerate(trials, 1):
-        say(f"[{i}/{len(trials)}] {trial.label} ({trial.id}) started")
+    for trial in trials:
+        progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
         try:
-            status = run_trial(trial, progress=lambda m, t=trial: say(progress_line(t, m)))
-        except Exception as e:  # recorded as failed in the trial dir and MLflow; the study goes on
-            status = f"{FAILED}: {type(e).__name__}: {e}"
-        say(f"[{i}/{len(trials)}] {trial.label} ({trial.id}) {status}")
-
-
-def progress_line(trial: Trial, metrics: dict) -> str:
-    scores = " ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in metrics.items() if k != "step")
-    return f"    {trial.label} step {metrics['step']}: {scores}"
+            run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
+        except Exception:  # recorded as failed in the trial dir and MLflow; the study goes on
+            pass
+        progress.finished(trial.id, *finish_detail(trial))
 
 
 def ray_trainable(config: dict) -> None:
     """Ray Tune function trainable: loads the trial from its directory and runs it."""
     trial = Trial.load(config["trial_dir"])
-    status = run_trial(trial, progress=lambda m: tune.report({"step": m["step"], "orch_scores": json.dumps(m)}))
+    status = run_trial(trial, progress=lambda step, m: tune.report({"step": step, "orch_metrics": json.dumps(m)}))
     tune.report({"orch_status": status})
 
 
@@ -65,7 +64,12 @@ def start_ray(address: str | None, temp_dir: Path) -> None:
 
 
 def run_ray(
-    trials: list[Trial], study_dir: Path, resources: dict, max_concurrent: int | None, address: str | None, say: Say
+    trials: list[Trial],
+    study_dir: Path,
+    resources: dict,
+    max_concurrent: int | None,
+    address: str | None,
+    progress: Progress,
 ) -> None:
     """All trials as one Ray Tune run: a grid over trial directories, `reuse_actors` to avoid re-importing torch."""
     # Unix socket paths must stay short (~100 bytes), so Ray's session files go under /tmp.
@@ -81,7 +85,10 @@ def run_ray(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str((study_dir / "ray").resolve()),
                 verbose=0,
-                callbacks=[ProgressCallback(by_dir, say), JsonLoggerCallback()],  # Tune's result.json: resume needs it
+                callbacks=[
+                    ProgressCallback(by_dir, progress),
+                    JsonLoggerCallback(),
+                ],  # Tune's result.json: resume needs it
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
@@ -91,34 +98,29 @@ def run_ray(
 
 
 class ProgressCallback(tune.Callback):
-    """Plain progress lines from the driver: trial started, evaluation scores, final status."""
+    """Feeds Tune's trial events into orch's progress view."""
 
-    def __init__(self, trials: dict[str, Trial], say: Say):
-        self.trials, self.say, self.done = trials, say, 0
+    def __init__(self, trials: dict[str, Trial], progress: Progress):
+        self.trials, self.progress = trials, progress
 
     def _trial(self, tune_trial) -> Trial:
         return self.trials[tune_trial.config["trial_dir"]]
 
     def on_trial_start(self, iteration, trials, trial, **info):
         t = self._trial(trial)
-        self.say(f"[{self.done}/{len(self.trials)} done] {t.label} ({t.id}) started")
+        self.progress.started(t.id, TrialState.load(Path(t.dir)).step)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "orch_scores" in result:
-            self.say(progress_line(self._trial(trial), json.loads(result["orch_scores"])))
+        if "orch_metrics" in result:
+            self.progress.update(self._trial(trial).id, result["step"], json.loads(result["orch_metrics"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finished(trial)
+        t = self._trial(trial)
+        self.progress.finished(t.id, *finish_detail(t))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finished(trial)
-
-    def _finished(self, tune_trial) -> None:
-        self.done += 1
-        t = self._trial(tune_trial)
-        state = TrialState.load(Path(t.dir))
-        detail = f": {state.reason.strip().splitlines()[-1]}" if state.reason else ""
-        self.say(f"[{self.done}/{len(self.trials)} done] {t.label} ({t.id}) {state.status}{detail}")
+        t = self._trial(trial)
+        self.progress.finished(t.id, *finish_detail(t))
 
 
 def say_plain(line: str) -> None:

@@ -119,8 +119,26 @@ def cmd_dashboard(args) -> int:
 
     study_dir = study_dir_of(args.study, args.workdir)
     uri = args.tracking_uri or tracking_uri_of(study_dir)
+    if args.serve:
+        from orchestrator.serve import serve_dashboard
+
+        return serve_dashboard(uri, study_dir, args.port, args.interval)
     print(build_dashboard(uri, study_dir.name, study_dir / "dashboard.html"))
     return EXIT_OK
+
+
+def cmd_ui(args) -> int:
+    from orchestrator.driver import tracking_uri_of
+    from orchestrator.serve import serve_mlflow_ui
+
+    if args.study is None:
+        studies = sorted(p.parent.name for p in Path(args.workdir).glob("*/trials"))
+        if len(studies) != 1:
+            found = ", ".join(studies) or "none"
+            print(f"error: name the study to browse (studies under {args.workdir}/: {found})", file=sys.stderr)
+            return EXIT_INVALID
+        args.study = studies[0]
+    return serve_mlflow_ui(tracking_uri_of(study_dir_of(args.study, args.workdir)), args.port)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -143,16 +161,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, help="trials at once on Ray")
     s.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     s.set_defaults(func=cmd_submit)
-    for name, func, help_text in [
-        ("status", cmd_status, "per-trial state of a submitted study"),
-        ("dashboard", cmd_dashboard, "(re)build <workdir>/<study>/dashboard.html"),
-    ]:
-        s = sub.add_parser(name, help=help_text)
-        s.add_argument("study", help="study name or study YAML file")
-        s.add_argument("--workdir", default="runs")
-        if name == "dashboard":
-            s.add_argument("--tracking-uri")
-        s.set_defaults(func=func)
+    s = sub.add_parser("status", help="per-trial state of a submitted study")
+    s.add_argument("study", help="study name or study YAML file")
+    s.add_argument("--workdir", default="runs")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("dashboard", help="(re)build <workdir>/<study>/dashboard.html, or serve it live")
+    s.add_argument("study", help="study name or study YAML file")
+    s.add_argument("--workdir", default="runs")
+    s.add_argument("--tracking-uri")
+    s.add_argument("--serve", action="store_true", help="serve on 127.0.0.1, rebuilt while trials run")
+    s.add_argument("--port", type=int, help="port for --serve (default: a free one)")
+    s.add_argument("--interval", type=int, default=30, help="seconds between rebuilds with --serve (default 30)")
+    s.set_defaults(func=cmd_dashboard)
+    s = sub.add_parser("ui", help="the MLflow UI over a study's store, on 127.0.0.1")
+    s.add_argument("study", nargs="?", help="study name (optional when the workdir holds one study)")
+    s.add_argument("--workdir", default="runs")
+    s.add_argument("--port", type=int, help="default: a free one")
+    s.set_defaults(func=cmd_ui)
     return p
 
 

@@ -125,6 +125,13 @@ def trial_id(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+def metric_fingerprint(metric: str, config: dict) -> str:
+    """What makes two values of an eval metric comparable: the metric, the data it is measured against and the
+    sample count. Values with different fingerprints are never plotted as one series."""
+    basis = {"metric": metric, "dataset": config["dataset"], "num_samples": config["eval"]["num_samples"]}
+    return f"{metric}-{trial_id(basis)[:8]}"
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """{'method': {'name': 'lsd'}} → {'method.name': 'lsd'}; the MLflow params of a trial."""
     flat: dict[str, Any] = {}

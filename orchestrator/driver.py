@@ -10,6 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.backends import run_local, run_ray, say_plain
+from orchestrator.progress import Progress, TrialProgress
 from orchestrator.runner import Trial
 from orchestrator.state import FAILED, FINISHED_STATES, TrialState, write_json
 from orchestrator.study import Backend, Study
@@ -52,6 +53,8 @@ def prepare_trials(study: Study, study_dir: Path, uri: str) -> tuple[list[Trial]
     experiment_id = ensure_experiment(client, study.name, study_dir / "artifacts")
     tags = environment_tags() | {
         "orch.axes": json.dumps(study.axes),
+        "orch.grid": json.dumps(study.resolved["grid"])[:5000],
+        "orch.study_yaml": (study_dir / "study.yaml").read_text()[:5000],
         "orch.profile": study.profile or "default",
         "orch.description": study.description[:4000],
     }
@@ -89,10 +92,13 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
     todo, finished, client, parent_id = prepare_trials(study, study_dir, uri)
     say(f"{finished} already finished, {len(todo)} to run on backend {backend.name!r}")
     started = time.time()
+    progress = Progress(
+        {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in todo}
+    )
     if todo and backend.name == "local":
-        run_local(todo, say)
+        run_local(todo, progress)
     elif todo:
-        run_ray(todo, study_dir, backend.resources.model_dump(), backend.max_concurrent, backend.address, say)
+        run_ray(todo, study_dir, backend.resources.model_dump(), backend.max_concurrent, backend.address, progress)
     rows = study_status(study_dir, [t.id for t in study.trials])
     failed = [r for r in rows if r["status"] not in FINISHED_STATES]
     client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
@@ -111,5 +117,5 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
             + (f" — {r['reason'].strip().splitlines()[-1]}" if r["reason"] else "")
         )
     say(f"dashboard: {dashboard}")
-    say(f"MLflow:    {uri}   (browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {workdir})")
     return EXIT_FAILED if any(r["status"] == FAILED for r in rows) or failed else EXIT_OK

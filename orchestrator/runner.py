@@ -30,7 +30,8 @@ from orchestrator.state import (
 )
 from orchestrator.tracking import STATUS, environment_tags, log_batch
 
-Progress = Callable[[dict], None]
+Progress = Callable[[int, dict[str, float]], None]
+"""Called with (step, metrics) at every log tick and evaluation."""
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,13 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
             step = trainer.step
             if len(stats) > 1:
                 metrics.add(stats | trainer.cost() | {"cost/device_hours": elapsed() / 3600}, step)
+                if progress:
+                    progress(step, {"train/loss": stats["train/loss"]})
             if step % evaluation.every == 0 or last:
                 scores = trainer.evaluate(evaluation.nfe, evaluation.metrics, evaluation.num_samples, ema)
                 metrics.add(scores, step)
                 if progress:
-                    progress({"step": step, **scores})
+                    progress(step, scores)
             if step % train.checkpoint_every == 0 or last:
                 metrics.flush()  # metrics first: a resumed trial never lacks steps its checkpoint covers
                 save_checkpoint(

@@ -14,7 +14,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import flatten
+from orchestrator.config import flatten, metric_fingerprint
 
 ROLE, TRIAL_ID, STATUS = "orch.role", "orch.trial_id", "orch.status"
 PACKAGES = ("torch", "ray", "mlflow", "optuna", "pandas", "plotly", "pydantic", "submitit", "numpy")
@@ -100,6 +100,7 @@ def ensure_trial_run(
         STATUS: "pending",
         "mlflow.runName": label,
     }
+    tags |= {f"orch.fingerprint.{m}": metric_fingerprint(m, config) for m in config["eval"]["metrics"]}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     log_batch(
         client,
@@ -119,7 +120,7 @@ def log_batch(
 ) -> None:
     """Log in MLflow's batch-size limits (1000 metrics, 100 params, 100 tags per call)."""
     now = int(time.time() * 1000)
-    metric_objs = [Metric(k, float(v), now, s) for k, v, s in metrics]
+    metric_objs = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
     param_objs = [Param(k, str(v)) for k, v in (params or {}).items()]
     tag_objs = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     for i in range(0, len(metric_objs), 1000):

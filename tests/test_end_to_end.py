@@ -4,12 +4,11 @@ and divergence as a result. No mocks."""
 import json
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
+from tests.conftest import STUDIES
 
-STUDIES = Path(__file__).resolve().parent / "studies"
 EVAL_KEYS = {"eval/kl/nfe_1", "eval/kl/nfe_2"}
 COST_KEYS = {
     "cost/sec_per_kimg",
@@ -28,13 +27,6 @@ def store(study_dir: Path) -> MlflowClient:
 def runs_of(client: MlflowClient, name: str):
     experiment = client.get_experiment_by_name(name)
     return client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("runs")
-    code = main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(workdir)])
-    return workdir, workdir / "tiny", code
 
 
 def test_ray_submission_completes_and_tracks_every_trial(tiny_study):

@@ -1,0 +1,124 @@
+"""Progress of a submission: a live block in a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from orchestrator.state import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
+
+
+@dataclass
+class TrialProgress:
+    label: str
+    steps: int
+    step: int = 0
+    status: str = PENDING
+    last: str = ""
+
+
+@dataclass
+class Progress:
+    """Tracks every trial of a submission. `started`, `update` and `finished` are called by the backends.
+
+    In a terminal the view (counts per status, each running trial's step and last metric, elapsed and estimated
+    time left) is redrawn in place; otherwise each event is one plain line.
+    """
+
+    trials: dict[str, TrialProgress]
+    stream: TextIO | None = None
+    """Where to write; None = the current sys.stdout, looked up at each write (Tune pickles its callbacks)."""
+    live: bool | None = None
+    started_at: float = field(default_factory=time.time)
+    _drawn: int = 0
+    _last_draw: float = 0.0
+    _first_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.live is None:
+            self.live = self.out.isatty()
+        self._first_steps = sum(t.step for t in self.trials.values())
+
+    @property
+    def out(self) -> TextIO:
+        return self.stream or sys.stdout
+
+    def started(self, trial_id: str, step: int = 0) -> None:
+        trial = self.trials[trial_id]
+        trial.status, trial.step = RUNNING, step
+        self._event(f"{trial.label}: started" + (f" at step {step}" if step else ""))
+
+    def update(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+        trial = self.trials[trial_id]
+        trial.step = step
+        if metrics:
+            trial.last = " ".join(
+                f"{k.removeprefix('eval/').removeprefix('train/')}={v:.4g}" for k, v in metrics.items()
+            )
+        if any(k.startswith("eval/") for k in metrics):  # plain mode logs evaluations only
+            self._event(f"{trial.label}: step {step}/{trial.steps} {trial.last}", quiet=True)
+        elif self.live:
+            self._draw()
+
+    def finished(self, trial_id: str, status: str, detail: str = "") -> None:
+        trial = self.trials[trial_id]
+        trial.status = status
+        if status == COMPLETED:
+            trial.step = trial.steps
+        self._event(f"{trial.label}: {status}" + (f" — {detail}" if detail else ""))
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys((PENDING, RUNNING, COMPLETED, DIVERGED, FAILED), 0)
+        for trial in self.trials.values():
+            counts[trial.status] = counts.get(trial.status, 0) + 1
+        return counts
+
+    def eta_seconds(self) -> float | None:
+        """Steps still to run divided by the step rate seen so far in this submission."""
+        done = sum(t.steps if t.status in (COMPLETED, DIVERGED, FAILED) else t.step for t in self.trials.values())
+        left = sum(t.steps - t.step for t in self.trials.values() if t.status in (PENDING, RUNNING))
+        elapsed = time.time() - self.started_at
+        rate = (done - self._first_steps) / elapsed if elapsed > 0 else 0
+        return left / rate if rate > 0 else None
+
+    def summary(self) -> str:
+        counts = " ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        eta = self.eta_seconds()
+        return f"[{counts}] elapsed {clock(time.time() - self.started_at)}" + (f", ~{clock(eta)} left" if eta else "")
+
+    def view(self) -> list[str]:
+        lines = [self.summary()]
+        for trial in self.trials.values():
+            if trial.status == RUNNING:
+                lines.append(f"  {trial.label}: step {trial.step}/{trial.steps} {trial.last}")
+        return lines
+
+    def _event(self, line: str, quiet: bool = False) -> None:
+        if not self.live:
+            print(f"{self.summary()} {line}", file=self.out, flush=True)
+            return
+        if not quiet:
+            self._erase()
+            print(line, file=self.out)
+            self._drawn = 0
+        self._draw(force=True)
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self.out.write(f"\x1b[{self._drawn}F\x1b[J")  # up to the block's first line, clear to the end
+
+    def _draw(self, force: bool = False) -> None:
+        if not force and time.time() - self._last_draw < 0.5:
+            return
+        self._erase()
+        lines = self.view()
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+        self._drawn, self._last_draw = len(lines), time.time()
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,113 @@
+"""The dashboard in a real headless Chromium from file:// (offline), `orch dashboard --serve` and `orch ui`
+(the real MLflow server) on 127.0.0.1, each stopped with Ctrl-C."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+HEADLESS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+]
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    assert Path(CHROMIUM).exists(), "Chromium is needed: `make test` installs Debian's chromium package"
+    command = [CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def rendered_figures(dom: str) -> list[str]:
+    """The DOM of each Plotly figure, as rendered (after plotly.js ran)."""
+    starts = [m.start() for m in re.finditer(r'<div[^>]*class="[^"]*plotly-graph-div', dom)]
+    return [dom[a:b] for a, b in zip(starts, starts[1:] + [len(dom)])]
+
+
+def has_data(figure: str) -> bool:
+    """A drawn line, bar or marker path, or table cell text: something plotted, not an empty frame."""
+    marks = r'class="js-line"[^>]*d="M|class="point"[^>]*d="M|class="point"><path d="M|class="cell-text'
+    return bool(re.search(marks, figure))
+
+
+def test_dashboard_renders_every_figure_with_data_in_headless_chromium(tiny_study, tmp_path):
+    _, study_dir, _ = tiny_study
+    url = (study_dir / "dashboard.html").as_uri()
+    figures = rendered_figures(chromium(tmp_path, "--dump-dom", url))
+    assert len(figures) >= 3
+    assert all('class="main-svg"' in f for f in figures), "a figure was not drawn"
+    empty = [i for i, f in enumerate(figures) if not has_data(f)]
+    assert not empty, f"figures without data: {empty}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
+    chromium(tmp_path, "--window-size=1300,3000", f"--screenshot={shot}", url)
+    assert shot.stat().st_size > 50_000
+
+
+def start(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start an orch server command and return it with the URL it prints."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
+            return process, match.group(1)
+    raise AssertionError(f"no URL printed; exit code {process.wait()}")
+
+
+def stop_with_ctrl_c(process: subprocess.Popen, url: str) -> None:
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_dashboard_serve(tiny_study):
+    workdir, _, _ = tiny_study
+    process, url = start(["dashboard", "tiny", "--workdir", str(workdir), "--serve", "--interval", "5"])
+    try:
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert "Plotly.newPlot(" in page and 'http-equiv="refresh" content="5"' in page
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url + "/etc/passwd", timeout=5)
+    finally:
+        stop_with_ctrl_c(process, url)
+
+
+def test_mlflow_ui_lists_the_study_runs_over_rest(tiny_study):
+    workdir, _, _ = tiny_study
+    process, url = start(["ui", "tiny", "--workdir", str(workdir)])
+    try:
+        experiment = json.load(
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", timeout=30)
+        )["experiment"]
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).encode(),
+        )
+        runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
+        roles = sorted(t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "orch.role")
+        assert roles == ["study", "trial", "trial", "trial", "trial"]
+    finally:
+        stop_with_ctrl_c(process, url)
