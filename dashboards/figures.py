@@ -378,7 +378,7 @@ def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: lis
     fig.update_layout(
         title="Loss-target std by start time a (last quarter of training, mean over seeds)",
         barmode="group",
-        yaxis={"title": "target std", "type": "log"},
+        yaxis={"title": "target std"},
         height=450,
     )
     return fig

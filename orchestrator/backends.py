@@ -30,7 +30,7 @@ def finish_detail(trial: Trial) -> tuple[str, str]:
 
 
 def run_local(trials: list[Trial], progress: Progress) -> None:
-    """Sequentially, in-process: for debugging, and the baseline of the overhead benchmark."""
+    """Sequentially, in the `orch` process: for debugging, or where no Ray is wanted."""
     for trial in trials:
         progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
         try:
