@@ -431,3 +431,70 @@ def training_curves(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[
         fig.update_xaxes(title="training step", row=1, col=col)
     fig.update_layout(title="Training curves (mean over seeds, smoothed)", height=450)
     return fig
+
+
+def search_progress(runs: pd.DataFrame, metric: str, mode: str) -> go.Figure:
+    """The searched metric of each sample in the order the samples started, with the best so far."""
+    runs = runs.sort_values("start_time").reset_index(drop=True)
+    order = np.arange(1, len(runs) + 1)
+    values = runs[metric] if metric in runs else pd.Series(np.nan, index=runs.index)
+    finished = values.where(runs["status"].isin(["completed", "stopped"]))
+    best = finished.cummin() if mode == "min" else finished.cummax()
+    fig = go.Figure()
+    for i, status in enumerate(sorted(runs["status"].unique())):
+        mask = runs["status"] == status
+        fig.add_trace(
+            go.Scatter(
+                x=order[mask],
+                y=values[mask],
+                mode="markers",
+                name=status,
+                text=runs["label"][mask],
+                marker={
+                    "size": 9,
+                    "color": COLORS[i % len(COLORS)],
+                    "symbol": "circle-open" if status == "stopped" else "circle",
+                },
+            )
+        )
+    fig.add_trace(go.Scatter(x=order, y=best, mode="lines", name=f"best so far ({mode})", line={"shape": "hv"}))
+    fig.update_layout(
+        title=f"Search progress: {metric} of each sample (open: stopped early, last evaluation)",
+        xaxis={"title": "sample (in order of start)"},
+        yaxis={"title": metric},
+        height=450,
+    )
+    return fig
+
+
+def search_parameters(runs: pd.DataFrame, metric: str, space: dict[str, dict]) -> go.Figure:
+    """Parallel coordinates of the sampled parameters and the metric (log-uniform axes shown as log10)."""
+    runs = runs[runs[metric].notna()] if metric in runs else runs.iloc[0:0]
+    dimensions = []
+    for key, entry in space.items():
+        if key not in runs:
+            continue
+        values = runs[key]
+        if entry.get("loguniform"):
+            dimensions.append({"label": f"log10 {key}", "values": np.log10(values.astype(float))})
+        elif entry.get("choice"):
+            levels = sorted(values.astype(str).unique())
+            dimensions.append(
+                {
+                    "label": key,
+                    "values": values.astype(str).map(levels.index),
+                    "tickvals": list(range(len(levels))),
+                    "ticktext": levels,
+                }
+            )
+        else:
+            dimensions.append({"label": key, "values": values.astype(float)})
+    dimensions.append({"label": metric, "values": runs[metric] if metric in runs else []})
+    fig = go.Figure(
+        go.Parcoords(
+            line={"color": runs[metric] if metric in runs else [], "colorscale": "Viridis", "showscale": True},
+            dimensions=dimensions,
+        )
+    )
+    fig.update_layout(title=f"Sampled parameters vs {metric} (drag along an axis to filter)", height=450)
+    return fig

@@ -64,6 +64,7 @@ def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame
             "reason": tags.get("orch.reason"),
             "git_commit": tags.get("orch.git_commit"),
             "device": tags.get("orch.device"),
+            "start_time": run.info.start_time,
         }
         row |= {f"fingerprint.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.fingerprint.")}
         row |= {k: parse_param(v) for k, v in run.data.params.items()}

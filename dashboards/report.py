@@ -38,8 +38,15 @@ def comparable_subsets(runs: pd.DataFrame, metric: str):
         yield f" [fingerprint {fingerprint}]", subset
 
 
-def build_figures(runs: pd.DataFrame, history: pd.DataFrame, group_cols: list[str], grid: dict) -> list[go.Figure]:
+def build_figures(
+    runs: pd.DataFrame, history: pd.DataFrame, group_cols: list[str], grid: dict, search: dict | None = None
+) -> list[go.Figure]:
     figs = []
+    if search is not None and len(runs):
+        figs += [
+            figures.search_progress(runs, search["metric"], search["mode"]),
+            figures.search_parameters(runs, search["metric"], search["space"]),
+        ]
     for metric in quality_metrics(runs.columns):
         for suffix, subset in comparable_subsets(runs, metric):
             hist = history[history["trial_id"].isin(subset["trial_id"])]
@@ -108,7 +115,11 @@ def dashboard_html(tracking_uri: str, study: str) -> str:
         diverged = runs[runs["status"] == "diverged"]
         notes += [f"diverged: {r.label} — {r.reason}" for r in diverged.itertuples()]
     study_yaml = parent_tags.get("orch.study_yaml", "")
-    figs = build_figures(runs, history, group_cols, grid)
+    search = json.loads(parent_tags["orch.search"]) if "orch.search" in parent_tags else None
+    figs = build_figures(runs, history, group_cols, grid, search)
+    if "orch.best" in parent_tags:
+        best = json.loads(parent_tags["orch.best"])
+        notes.insert(0, f"Best sample: {best['label']} ({best['trial_id']}), {best['metric']} = {best['value']:.4g}.")
     return render_html(f"orch study: {study}", header, figs, notes, study_yaml)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token un
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # orch logs to MLflow itself...
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # ...and prints its own progress (verbose=0 then is silent)
+# With reuse_actors, Tune waits this long for a finished trial's thread (its last MLflow writes) before reuse.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
 
 import ray  # noqa: E402 — after the environment it reads
 from ray import tune  # noqa: E402
@@ -20,7 +23,7 @@ from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 
 from orchestrator.progress import Progress
 from orchestrator.runner import Trial, run_trial
-from orchestrator.state import TrialState
+from orchestrator.state import TrialState, write_json
 
 
 def finish_detail(trial: Trial) -> tuple[str, str]:
@@ -47,10 +50,68 @@ def ray_trainable(config: dict) -> None:
     tune.report({"orch_status": status})
 
 
-def start_ray(address: str | None, temp_dir: Path) -> None:
+SESSION_RECORD = "ray_session.json"
+
+
+class StudyBusy(Exception):
+    """Another live orch process is running this study."""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def session_processes(temp_dir: str) -> list[int]:
+    """PIDs of an embedded Ray session: processes naming its temp dir, workers naming those raylets, and all
+    their descendants."""
+    stat, cmdline, environ = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline[int(entry.name)] = (entry / "cmdline").read_bytes()
+            environ[int(entry.name)] = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+    found = {pid for pid, cmd in cmdline.items() if temp_dir.encode() in cmd}
+    raylets = {f"RAY_RAYLET_PID={pid}".encode() for pid in found}
+    found |= {pid for pid, env in environ.items() if any(r + b"\0" in env + b"\0" for r in raylets)}
+    while children := {pid for pid, parent in stat.items() if parent in found} - found:
+        found |= children
+    return sorted(found - {os.getpid()})
+
+
+def claim_study(study_dir: Path) -> Path:
+    """Refuse a second live submission of the same study, and SIGKILL what a killed driver left of its Ray
+    (its workers would otherwise keep writing to trial directories a new run is resuming)."""
+    record = study_dir / SESSION_RECORD
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if alive(previous["driver_pid"]) and previous["driver_pid"] != os.getpid():
+            raise StudyBusy(f"study {study_dir.name!r} is being run by orch process {previous['driver_pid']}")
+        for pid in session_processes(previous["temp_dir"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    temp_dir = Path("/tmp") / f"orch-ray-{os.getpid()}"  # Unix socket paths must stay under ~100 bytes
+    write_json(record, {"driver_pid": os.getpid(), "temp_dir": str(temp_dir)})
+    return temp_dir
+
+
+def start_ray(address: str | None, study_dir: Path) -> None:
+    """Connect to a Ray cluster, or start an embedded one whose processes are recorded with the study."""
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
+    temp_dir = claim_study(study_dir)
     # Workers import run_trial from this interpreter's environment: make the project importable for them.
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)
@@ -63,6 +124,11 @@ def start_ray(address: str | None, temp_dir: Path) -> None:
     )
 
 
+def stop_ray(study_dir: Path) -> None:
+    ray.shutdown()
+    (study_dir / SESSION_RECORD).unlink(missing_ok=True)
+
+
 def run_ray(
     trials: list[Trial],
     study_dir: Path,
@@ -72,8 +138,7 @@ def run_ray(
     progress: Progress,
 ) -> None:
     """All trials as one Ray Tune run: a grid over trial directories, `reuse_actors` to avoid re-importing torch."""
-    # Unix socket paths must stay short (~100 bytes), so Ray's session files go under /tmp.
-    start_ray(address, Path("/tmp") / f"orch-ray-{os.getpid()}")
+    start_ray(address, study_dir)
     try:
         trainable = tune.with_resources(ray_trainable, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
         by_dir = {t.dir: t for t in trials}
@@ -94,7 +159,7 @@ def run_ray(
         )
         tuner.fit()
     finally:
-        ray.shutdown()
+        stop_ray(study_dir)
 
 
 class ProgressCallback(tune.Callback):

@@ -72,11 +72,15 @@ def cmd_submit(args) -> int:
         print(f"(dry run: backend {backend.name}, nothing started)")
         return EXIT_OK
 
+    from orchestrator.backends import StudyBusy
     from orchestrator.driver import submit_study
 
     signal.signal(signal.SIGTERM, raise_interrupt)  # Tune handles SIGINT but not SIGTERM (what Slurm sends)
     try:
         return submit_study(study, backend, Path(args.workdir), args.tracking_uri)
+    except StudyBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(
             "interrupted: finished trials are kept; `orch submit` the same study again to resume the rest",

@@ -12,14 +12,18 @@ from mlflow.tracking import MlflowClient
 from orchestrator.backends import run_local, run_ray, say_plain
 from orchestrator.progress import Progress, TrialProgress
 from orchestrator.runner import Trial
-from orchestrator.state import FAILED, FINISHED_STATES, TrialState, write_json
-from orchestrator.study import Backend, Study
+from orchestrator.state import FINISHED_STATES, TrialState, write_json
+from orchestrator.study import Backend, Search, Study
 from orchestrator.tracking import (
+    ROLE,
+    STATUS,
     default_tracking_uri,
     ensure_experiment,
     ensure_parent_run,
     ensure_trial_run,
     environment_tags,
+    find_runs,
+    log_batch,
 )
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -46,9 +50,9 @@ def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def prepare_trials(study: Study, study_dir: Path, uri: str) -> tuple[list[Trial], int, MlflowClient, str]:
-    """Create the store, experiment, parent run and one child run per trial before any trial starts (a fresh
-    sqlite store must not be created by several processes at once). Returns the trials still to run."""
+def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient, str, str]:
+    """Create the store, the experiment and the parent run before any trial starts (a fresh sqlite store must
+    not be created by several processes at once). Returns (client, experiment id, parent run id)."""
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, study.name, study_dir / "artifacts")
     tags = environment_tags() | {
@@ -58,8 +62,17 @@ def prepare_trials(study: Study, study_dir: Path, uri: str) -> tuple[list[Trial]
         "orch.profile": study.profile or "default",
         "orch.description": study.description[:4000],
     }
+    if study.search is not None:
+        tags["orch.search"] = study.search.model_dump_json()[:5000]
     parent_id = ensure_parent_run(client, experiment_id, study.name, tags)
     client.log_artifact(parent_id, str(study_dir / "study.yaml"))
+    return client, experiment_id, parent_id
+
+
+def prepare_trials(
+    study: Study, study_dir: Path, uri: str, client: MlflowClient, experiment_id: str, parent_id: str
+) -> tuple[list[Trial], int]:
+    """One trial directory and child run per grid trial; returns the trials still to run and the finished count."""
     todo, finished = [], 0
     for spec in study.trials:
         trial_dir = study_dir / "trials" / spec.id
@@ -75,7 +88,66 @@ def prepare_trials(study: Study, study_dir: Path, uri: str) -> tuple[list[Trial]
             finished += 1
         else:
             todo.append(trial)
-    return todo, finished, client, parent_id
+    return todo, finished
+
+
+def reconcile_tracking(client: MlflowClient, experiment_id: str, study_dir: Path) -> int:
+    """Make MLflow agree with the trial directories (the source of truth) for finished trials: a worker can be
+    torn down between writing state.json and its last MLflow writes (e.g. Ray shutting down right after Tune
+    stopped a trial). Returns the number of runs corrected."""
+    runs = {r.info.run_id: r for r in find_runs(client, experiment_id, f"tags.`{ROLE}` = 'trial'")}
+    fixed = 0
+    for row in study_status(study_dir):
+        state = TrialState.load(study_dir / "trials" / row["id"])
+        run = runs.get(state.run_id)
+        if run is None or state.status not in FINISHED_STATES:
+            continue
+        if run.data.tags.get(STATUS) != state.status or run.info.status != "FINISHED":
+            tags = {STATUS: state.status}
+            if state.reason:
+                tags |= {"orch.reason": state.reason[-5000:], "orch.stopped_step": str(state.step)}
+            log_batch(client, state.run_id, tags=tags)
+            client.set_terminated(state.run_id, status="FINISHED")
+            fixed += 1
+    return fixed
+
+
+def record_best(client: MlflowClient, parent_id: str, study_dir: Path, search: Search) -> dict | None:
+    """The best finished sample by the searched metric, recorded on the parent run and returned."""
+    candidates = []
+    for trial_dir in (study_dir / "trials").iterdir():
+        state = TrialState.load(trial_dir)
+        if state.status in FINISHED_STATES and search.metric in state.result:
+            candidates.append((state.result[search.metric], Trial.load(trial_dir)))
+    if not candidates:
+        return None
+    value, trial = (min if search.mode == "min" else max)(candidates, key=lambda c: c[0])
+    best = {
+        "trial_id": trial.id,
+        "label": trial.label,
+        "metric": search.metric,
+        "value": value,
+        "params": {k: trial.factors[k] for k in search.space},
+    }
+    log_batch(client, parent_id, tags={"orch.best": json.dumps(best)}, params={"best.trial_id": trial.id})
+    log_batch(client, parent_id, metrics=[(f"best/{search.metric}", value, 0)])
+    return best
+
+
+def run_grid(
+    study: Study, study_dir: Path, uri: str, client, experiment_id: str, parent_id: str, backend: Backend, say
+) -> list[str]:
+    """Run the grid's unfinished trials; returns the ids of the study's trials."""
+    todo, finished = prepare_trials(study, study_dir, uri, client, experiment_id, parent_id)
+    say(f"{finished} already finished, {len(todo)} to run on backend {backend.name!r}")
+    progress = Progress(
+        {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in todo}
+    )
+    if todo and backend.name == "local":
+        run_local(todo, progress)
+    elif todo:
+        run_ray(todo, study_dir, backend.resources.model_dump(), backend.max_concurrent, backend.address, progress)
+    return [t.id for t in study.trials]
 
 
 def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: str | None, say=say_plain) -> int:
@@ -88,20 +160,21 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
         study_dir / "submission.json",
         {"tracking_uri": uri, "profile": study.profile, "backend": backend.model_dump(), "submitted": time.time()},
     )
-    say(f"study {study.name!r}: {len(study.trials)} trial(s); tracking {uri}")
-    todo, finished, client, parent_id = prepare_trials(study, study_dir, uri)
-    say(f"{finished} already finished, {len(todo)} to run on backend {backend.name!r}")
+    kind = f"search over {len(study.trials)} grid cell(s)" if study.search else f"{len(study.trials)} trial(s)"
+    say(f"study {study.name!r}: {kind}; tracking {uri}")
+    client, experiment_id, parent_id = prepare_store(study, study_dir, uri)
     started = time.time()
-    progress = Progress(
-        {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in todo}
-    )
-    if todo and backend.name == "local":
-        run_local(todo, progress)
-    elif todo:
-        run_ray(todo, study_dir, backend.resources.model_dump(), backend.max_concurrent, backend.address, progress)
-    rows = study_status(study_dir, [t.id for t in study.trials])
+    search_errors = 0
+    if study.search is not None:
+        from orchestrator.search import run_search
+
+        search_errors = run_search(study, study_dir, uri, experiment_id, parent_id, backend, say)
+        rows = study_status(study_dir)
+    else:
+        rows = study_status(study_dir, run_grid(study, study_dir, uri, client, experiment_id, parent_id, backend, say))
+    reconcile_tracking(client, experiment_id, study_dir)
     failed = [r for r in rows if r["status"] not in FINISHED_STATES]
-    client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(parent_id, status="FAILED" if failed or search_errors else "FINISHED")
 
     from dashboards.report import build_dashboard
 
@@ -116,6 +189,8 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
             f"  {r['id']} {r['label']}: {r['status']}"
             + (f" — {r['reason'].strip().splitlines()[-1]}" if r["reason"] else "")
         )
+    if study.search is not None and (best := record_best(client, parent_id, study_dir, study.search)):
+        say(f"best: {best['label']} ({best['trial_id']}) {best['metric']}={best['value']:.4g}")
     say(f"dashboard: {dashboard}")
     say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {workdir})")
-    return EXIT_FAILED if any(r["status"] == FAILED for r in rows) or failed else EXIT_OK
+    return EXIT_FAILED if failed or search_errors else EXIT_OK

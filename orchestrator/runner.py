@@ -23,12 +23,18 @@ from orchestrator.state import (
     FAILED,
     FINISHED_STATES,
     RUNNING,
+    STOPPED,
     TrialState,
     load_latest_checkpoint,
     save_checkpoint,
     write_json,
 )
 from orchestrator.tracking import STATUS, environment_tags, log_batch
+
+
+class EarlyStopped(Exception):
+    """Raised from a progress callback when a search scheduler stops the trial: recorded as `stopped`."""
+
 
 Progress = Callable[[int, dict[str, float]], None]
 """Called with (step, metrics) at every log tick and evaluation."""
@@ -142,6 +148,7 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
             if step % evaluation.every == 0 or last:
                 scores = trainer.evaluate(evaluation.nfe, evaluation.metrics, evaluation.num_samples, ema)
                 metrics.add(scores, step)
+                state.result = scores
                 if progress:
                     progress(step, scores)
             if step % train.checkpoint_every == 0 or last:
@@ -158,6 +165,9 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     except Diverged as e:
         metrics.flush()
         finish(client, trial, state, DIVERGED, e.reason, step=e.step)
+    except EarlyStopped as e:
+        metrics.flush()
+        finish(client, trial, state, STOPPED, str(e), step=trainer.step)
     except Exception:
         metrics.flush()
         finish(client, trial, state, FAILED, traceback.format_exc(limit=20))

@@ -16,7 +16,9 @@ import torch
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
-FINISHED_STATES = (COMPLETED, DIVERGED)
+STOPPED = "stopped"
+"""Stopped early by a search scheduler (ASHA): a result, like divergence."""
+FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
 """Trials in these states are results: never run again."""
 
 
@@ -40,6 +42,8 @@ class TrialState:
     step: int = 0
     run_id: str | None = None
     reason: str | None = None
+    result: dict[str, float] = field(default_factory=dict)
+    """The latest evaluation (e.g. {"eval/kl/nfe_1": 0.42}): what a resumed search reports for a finished trial."""
     updated: float = field(default_factory=time.time)
 
     @classmethod

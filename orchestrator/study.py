@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from orchestrator.config import Problem, did_you_mean, pydantic_problems, resolve_trial_config, trial_id
 from orchestrator.yaml_source import key_lines, parse
@@ -50,6 +59,59 @@ StudyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]
 Axis = Annotated[list[Any], Field(min_length=1)]
 
 
+Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class SpaceEntry(Strict):
+    """One searched key: exactly one of the distributions."""
+
+    loguniform: Bounds | None = None
+    uniform: Bounds | None = None
+    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+    """[low, high): integers from low to high − 1."""
+    choice: Annotated[list[Any], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def one_distribution(self) -> SpaceEntry:
+        given = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice (got {given or 'none'})")
+        bounds = self.loguniform or self.uniform or self.randint
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"low must be below high, got {bounds}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs a positive low bound")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """Values at the edges of the distribution: every one must make a valid trial."""
+        if self.choice is not None:
+            return list(self.choice)
+        if self.randint is not None:
+            return [self.randint[0], self.randint[1] - 1]
+        return list(self.loguniform or self.uniform)
+
+
+class Scheduler(Strict):
+    name: Literal["asha"] = "asha"
+    grace_period: PositiveInt
+    """Training steps every trial runs before it can be stopped early."""
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+
+class Search(Strict):
+    algorithm: Literal["optuna", "random", "grid"] = "optuna"
+    """optuna: TPE through Ray Tune's OptunaSearch; random: independent draws; grid: every combination of
+    `choice` values (num_samples then repeats the grid)."""
+    num_samples: PositiveInt
+    """Trials per grid cell."""
+    metric: str
+    mode: Literal["min", "max"] = "min"
+    space: Annotated[dict[str, SpaceEntry], Field(min_length=1)]
+    scheduler: Scheduler | None = None
+    seed: NonNegativeInt = 0
+
+
 class StudyFile(Strict):
     name: StudyName
     description: str = ""
@@ -57,6 +119,8 @@ class StudyFile(Strict):
     grid: dict[str, Axis] = {}
     exclude: list[dict[str, Any]] = []
     profiles: dict[str, dict[str, Any]] = {}
+    search: Search | None = None
+    """Sample trials instead of (or within each cell of) the grid."""
     backend: Backend = Backend()
 
 
@@ -81,6 +145,8 @@ class Study:
     """The study after applying the profile: what `study.yaml` in the study directory records."""
     backend: Backend
     trials: list[TrialSpec] = field(default_factory=list)
+    """The grid's trials; with a `search`, the grid cells the search samples within."""
+    search: Search | None = None
 
     @property
     def axes(self) -> list[str]:
@@ -99,14 +165,15 @@ def set_dotted(config: dict, key: str, value: Any) -> None:
 
 
 def apply_profile(study: dict, profile: dict[str, Any]) -> dict:
-    """Profile keys replace grid axes (a scalar becomes a one-value axis), `backend.*` keys set the backend,
-    all other keys set the base config."""
+    """Profile keys replace grid axes (a scalar becomes a one-value axis), `backend.*` and `search.*` keys set
+    the backend and the search, all other keys set the base config."""
     study = copy.deepcopy(study)
     for key, value in profile.items():
         if key in study["grid"]:
             study["grid"][key] = value if isinstance(value, list) else [value]
-        elif key.startswith("backend."):
-            set_dotted(study["backend"], key.removeprefix("backend."), value)
+        elif key.startswith(("backend.", "search.")) and study.get(key.split(".")[0]) is not None:
+            section, rest = key.split(".", 1)
+            set_dotted(study[section], rest, value)
         else:
             set_dotted(study["base"], key, value)
     return study
@@ -161,15 +228,51 @@ def check_excludes(study: dict) -> list[Problem]:
     return problems
 
 
+def logged_metrics(config: dict) -> list[str]:
+    return [f"eval/{m}/nfe_{n}" for m in config["eval"]["metrics"] for n in config["eval"]["nfe"]]
+
+
+def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:
+    """Every edge of every searched distribution must give a valid trial in every grid cell, and the searched
+    metric must be one the trials log."""
+    problems: dict[str, Problem] = {}
+    for cell in cells:
+        for key, entry in search.space.items():
+            if key in cell.factors:
+                problems.setdefault(key, Problem(f"search.space.{key}", "is also a grid axis: search it or grid it"))
+                continue
+            if search.algorithm == "grid" and entry.choice is None:
+                problems.setdefault(key, Problem(f"search.space.{key}", "algorithm grid needs `choice` values"))
+            for value in entry.extremes():
+                config = copy.deepcopy(cell.config)
+                try:
+                    set_dotted(config, key, value)
+                except KeyError as e:
+                    problems.setdefault(key, Problem(f"search.space.{key}", f"cannot set this key: {e.args[0]}"))
+                    continue
+                for p in resolve_trial_config(config)[1]:
+                    problems.setdefault(
+                        f"{key}: {p.message}", Problem(f"search.space.{key}", f"{value!r}: {p.message}")
+                    )
+        if search.metric not in logged_metrics(cell.config):
+            known = ", ".join(logged_metrics(cell.config))
+            problems.setdefault(
+                "metric",
+                Problem("search.metric", f"{search.metric!r} is not logged by these trials; choose from {known}"),
+            )
+        if search.scheduler and search.scheduler.grace_period >= cell.config["train"]["steps"]:
+            problems.setdefault("grace", Problem("search.scheduler.grace_period", "must be below train.steps"))
+    return list(problems.values())
+
+
 def with_lines(problems: list[Problem], text: str) -> list[Problem]:
     """Attach the study file's line to each problem, from the longest key path that exists in the file."""
     lines, _ = key_lines(text)
     located = []
     for p in problems:
         parts = tuple(p.path.split(".")) if p.path else ()
-        # grid and exclude keys are dotted names themselves: try the two-level split too
-        candidates = [(parts[0], ".".join(parts[1:n])) for n in range(len(parts), 2, -1)]
-        candidates += [parts[:n] for n in range(len(parts), 0, -1)]
+        # grid, exclude and search keys are dotted names themselves: try every way of joining the parts
+        candidates = [(*parts[:i], ".".join(parts[i:j])) for j in range(len(parts), 0, -1) for i in range(j)]
         line = next((lines[c] for c in candidates if c in lines), None)
         located.append(Problem(p.path, p.message, line))
     return located
@@ -229,6 +332,8 @@ def parse_study(text: str, source: str, profile: str | None = None) -> Study:
     problems += check_excludes(study)
     trials, found = expand(study) if not problems else ([], [])
     problems += found
+    if study["search"] is not None and not problems:
+        problems += check_search(Search.model_validate(study["search"]), trials)
     if problems:
         raise StudyError(source, with_lines([Problem(p.path.lstrip("."), p.message) for p in problems], text))
     del study["profiles"]
@@ -239,4 +344,5 @@ def parse_study(text: str, source: str, profile: str | None = None) -> Study:
         resolved=study,
         backend=Backend.model_validate(study["backend"]),
         trials=trials,
+        search=Search.model_validate(study["search"]) if study["search"] is not None else None,
     )

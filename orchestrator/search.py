@@ -1,0 +1,188 @@
+"""Search: sample trials with Optuna (TPE), random or grid search through Ray Tune, optionally stopping poor ones
+early with ASHA. Every sample is an ordinary orch trial (id = hash of its config, own directory, checkpoints and
+MLflow child run), so an interrupted search resumes like a grid: Tune restores its searcher, orch its trials."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.backends import start_ray, stop_ray  # also sets Ray's environment before Ray is imported
+from orchestrator.config import resolve_trial_config, trial_id
+from orchestrator.runner import EarlyStopped, Trial, run_trial
+from orchestrator.state import FINISHED_STATES, STOPPED, TrialState
+from orchestrator.study import Backend, Search, SpaceEntry, Study, set_dotted
+from orchestrator.tracking import ensure_trial_run
+
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # progress results carry no metric
+
+import optuna  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per sample otherwise
+
+from ray import tune  # noqa: E402
+from ray.tune.logger import JsonLoggerCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SearchCell:
+    """What every sample of one grid cell shares: where it lives and what it starts from."""
+
+    study: str
+    study_dir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    config: dict
+    factors: dict
+    metric: str
+
+
+def tune_domain(entry: SpaceEntry, algorithm: str):
+    if algorithm == "grid":
+        return tune.grid_search(entry.choice)
+    if entry.loguniform is not None:
+        return tune.loguniform(*entry.loguniform)
+    if entry.uniform is not None:
+        return tune.uniform(*entry.uniform)
+    if entry.randint is not None:
+        return tune.randint(*entry.randint)
+    return tune.choice(entry.choice)
+
+
+def sample_label(factors: dict, params: dict) -> str:
+    values = {**factors, **params}
+    shown = (f"{v:.3g}" if isinstance(v, float) else str(v) for v in values.values())
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(values, shown))
+
+
+def sampled_trial(cell: SearchCell, params: dict) -> Trial:
+    """The orch trial of one sample: same parameters → same trial (and run) as before an interruption."""
+    config = copy.deepcopy(cell.config)
+    for key, value in params.items():
+        set_dotted(config, key, value)
+    resolved, problems = resolve_trial_config(config)
+    if problems:  # the study's validation checked the edges of every distribution, so this is a bug
+        raise ValueError(f"sampled an invalid trial {params}: {'; '.join(map(str, problems))}")
+    identity = trial_id(resolved)
+    trial_dir = Path(cell.study_dir) / "trials" / identity
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    state = TrialState.load(trial_dir)
+    label = sample_label(cell.factors, params)
+    client = MlflowClient(cell.tracking_uri)
+    run_id = ensure_trial_run(client, cell.experiment_id, cell.parent_id, identity, label, resolved, state.run_id)
+    if state.run_id != run_id:
+        state.run_id = run_id
+        state.save(trial_dir)
+    trial = Trial(
+        identity, cell.study, label, resolved, {**cell.factors, **params}, str(trial_dir), cell.tracking_uri, run_id
+    )
+    trial.save()
+    return trial
+
+
+def report_result(cell: SearchCell, trial: Trial) -> None:
+    state = TrialState.load(Path(trial.dir))
+    if cell.metric in state.result:
+        tune.report({"step": state.step, cell.metric: state.result[cell.metric], "orch_trial_id": trial.id})
+
+
+def search_trainable(config: dict, cell: SearchCell) -> None:
+    """Ray Tune function trainable of one sample: run (or resume) its orch trial, reporting the searched metric at
+    every evaluation so the searcher and the scheduler see it, and its final value once the outcome is recorded.
+
+    Tune stops a function trainable by raising SystemExit inside `tune.report` (and expects the thread to end
+    then: reporting again would block it forever). Before the last step that means ASHA stopped the trial early.
+    """
+    trial = sampled_trial(cell, config["params"])
+    if TrialState.load(Path(trial.dir)).status in FINISHED_STATES:  # replayed after a resume: never train again
+        report_result(cell, trial)
+        return
+    steps = trial.config["train"]["steps"]
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        if cell.metric in metrics and step < steps:
+            try:
+                tune.report({"step": step, cell.metric: metrics[cell.metric], "orch_trial_id": trial.id})
+            except SystemExit:
+                raise EarlyStopped(f"stopped early by the scheduler after step {step}") from None
+
+    if run_trial(trial, progress=report) == STOPPED:
+        raise SystemExit(0)  # end the thread as Tune's stop intends (it must not report again), outcome recorded
+    report_result(cell, trial)
+
+
+def search_algorithm(search: Search, max_concurrent: int | None):
+    if search.algorithm == "optuna":
+        optuna = OptunaSearch(seed=search.seed)
+        return ConcurrencyLimiter(optuna, max_concurrent) if max_concurrent else optuna
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent or 0)
+
+
+def new_tuner(search: Search, cell: SearchCell, trainable, path: Path, max_concurrent: int | None) -> tune.Tuner:
+    scheduler = None
+    if search.scheduler is not None:
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=cell.config["train"]["steps"],
+            grace_period=search.scheduler.grace_period,
+            reduction_factor=search.scheduler.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={"params": {k: tune_domain(e, search.algorithm) for k, e in search.space.items()}},
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            num_samples=search.num_samples,
+            search_alg=search_algorithm(search, max_concurrent),
+            scheduler=scheduler,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=path.name,
+            storage_path=str(path.parent),
+            verbose=0,
+            callbacks=[JsonLoggerCallback()],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def run_search(
+    study: Study, study_dir: Path, uri: str, experiment_id: str, parent_id: str, backend: Backend, say
+) -> int:
+    """One Tune experiment per grid cell, named by the cell's position so that a re-submission restores it.
+    Returns the number of samples Tune could not run (errors outside orch's trials, e.g. a lost worker)."""
+    search = study.search
+    errors = 0
+    start_ray(backend.address, study_dir)
+    try:
+        for index, spec in enumerate(study.trials):
+            cell = SearchCell(
+                study.name, str(study_dir), uri, experiment_id, parent_id, spec.config, spec.factors, search.metric
+            )
+            trainable = tune.with_resources(
+                tune.with_parameters(search_trainable, cell=cell), backend.resources.model_dump()
+            )
+            path = (study_dir / "ray" / f"search-cell{index}").resolve()
+            label = f"cell {index + 1}/{len(study.trials)}" + (f" {spec.label}" if spec.factors else "")
+            if tune.Tuner.can_restore(path):
+                say(f"search {label}: resuming from {path}")
+                tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                say(f"search {label}: {search.num_samples} samples, {search.algorithm}, {search.mode} {search.metric}")
+                tuner = new_tuner(search, cell, trainable, path, backend.max_concurrent)
+            for error in tuner.fit().errors:
+                errors += 1
+                say(f"search {label}: a sample failed in Tune: {str(error).strip().splitlines()[-1]}")
+    finally:
+        stop_ray(study_dir)
+    return errors
