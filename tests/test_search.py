@@ -126,3 +126,29 @@ def test_killed_search_resumes_without_losing_or_repeating_samples(tmp_path):
         assert len(client.get_metric_history(trials[trial_id].info.run_id, "train/loss")) == history_before[trial_id]
     assert not (study_dir / "ray_session.json").exists()
     assert os.path.exists(study_dir / "dashboard.html")
+
+
+def test_search_within_each_grid_cell(tmp_path):
+    study = tmp_path / "cells.yaml"
+    study.write_text(
+        """name: cells
+base:
+  model: {name: mlp, width: 16, depth: 2}
+  train: {steps: 20, batch_size: 128, ema: [0.9], checkpoint_every: 10, log_every: 10, device: cpu}
+  eval: {every: 10, nfe: [1], num_samples: 1000}
+grid: {method.name: [lsd, psd_mid]}
+search:
+  algorithm: random
+  num_samples: 2
+  metric: eval/kl/nfe_1
+  space: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}
+backend: {name: ray, max_concurrent: 2}
+"""
+    )
+    assert main(["submit", str(study), "--workdir", str(tmp_path)]) == 0
+    trials = [json.loads((d / "trial.json").read_text()) for d in (tmp_path / "cells" / "trials").iterdir()]
+    by_method = {}
+    for trial in trials:
+        by_method.setdefault(trial["config"]["method"]["name"], set()).add(trial["config"]["train"]["lr"])
+    assert {m: len(lrs) for m, lrs in by_method.items()} == {"lsd": 2, "psd_mid": 2}
+    assert sorted(p.name for p in (tmp_path / "cells" / "ray").iterdir()) == ["search-cell0", "search-cell1"]
