@@ -111,6 +111,7 @@ def serve_mlflow_ui(tracking_uri: str, port: int | None) -> int:
         "1",
     ]
     process = subprocess.Popen(command, env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM like Ctrl-C: never orphan the server
     try:
         if not wait_for_health(url, process):
             print(f"error: the MLflow UI did not start (exit code {process.poll()})", file=sys.stderr)

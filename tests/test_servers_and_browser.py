@@ -111,3 +111,13 @@ def test_mlflow_ui_lists_the_study_runs_over_rest(tiny_study):
         assert roles == ["study", "trial", "trial", "trial", "trial"]
     finally:
         stop_with_ctrl_c(process, url)
+
+
+def test_mlflow_ui_stops_its_server_on_sigterm(tiny_study):
+    workdir, _, _ = tiny_study
+    process, url = start(["ui", "tiny", "--workdir", str(workdir)])
+    assert urllib.request.urlopen(f"{url}/health", timeout=30).status == 200
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    with pytest.raises(urllib.error.URLError):  # the server went down with orch, not orphaned
+        urllib.request.urlopen(f"{url}/health", timeout=2)
