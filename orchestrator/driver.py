@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.backends import run_local, run_ray, say_plain
 from orchestrator.progress import Progress, TrialProgress
-from orchestrator.runner import Trial
+from orchestrator.runner import Trial, open_trial, record_outcome
 from orchestrator.state import FINISHED_STATES, TrialState, write_json
 from orchestrator.study import Backend, Search, Study
 from orchestrator.tracking import (
@@ -20,7 +20,6 @@ from orchestrator.tracking import (
     default_tracking_uri,
     ensure_experiment,
     ensure_parent_run,
-    ensure_trial_run,
     environment_tags,
     find_runs,
     log_batch,
@@ -75,15 +74,9 @@ def prepare_trials(
     """One trial directory and child run per grid trial; returns the trials still to run and the finished count."""
     todo, finished = [], 0
     for spec in study.trials:
-        trial_dir = study_dir / "trials" / spec.id
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        state = TrialState.load(trial_dir)
-        run_id = ensure_trial_run(client, experiment_id, parent_id, spec.id, spec.label, spec.config, state.run_id)
-        if state.run_id != run_id:
-            state.run_id = run_id
-            state.save(trial_dir)
-        trial = Trial(spec.id, study.name, spec.label, spec.config, spec.factors, str(trial_dir), uri, run_id)
-        trial.save()
+        trial, state = open_trial(
+            client, experiment_id, parent_id, study.name, study_dir, spec.id, spec.label, spec.config, spec.factors
+        )
         if state.status in FINISHED_STATES:
             finished += 1
         else:
@@ -97,17 +90,13 @@ def reconcile_tracking(client: MlflowClient, experiment_id: str, study_dir: Path
     stopped a trial). Returns the number of runs corrected."""
     runs = {r.info.run_id: r for r in find_runs(client, experiment_id, f"tags.`{ROLE}` = 'trial'")}
     fixed = 0
-    for row in study_status(study_dir):
-        state = TrialState.load(study_dir / "trials" / row["id"])
+    for trial_dir in (study_dir / "trials").iterdir():
+        state = TrialState.load(trial_dir)
         run = runs.get(state.run_id)
         if run is None or state.status not in FINISHED_STATES:
             continue
         if run.data.tags.get(STATUS) != state.status or run.info.status != "FINISHED":
-            tags = {STATUS: state.status}
-            if state.reason:
-                tags |= {"orch.reason": state.reason[-5000:], "orch.stopped_step": str(state.step)}
-            log_batch(client, state.run_id, tags=tags)
-            client.set_terminated(state.run_id, status="FINISHED")
+            record_outcome(client, state.run_id, state)
             fixed += 1
     return fixed
 

@@ -29,7 +29,7 @@ from orchestrator.state import (
     save_checkpoint,
     write_json,
 )
-from orchestrator.tracking import STATUS, environment_tags, log_batch
+from orchestrator.tracking import STATUS, ensure_trial_run, environment_tags, log_batch
 
 
 class EarlyStopped(Exception):
@@ -59,6 +59,31 @@ class Trial:
     @classmethod
     def load(cls, trial_dir: str | Path) -> Trial:
         return cls(**json.loads((Path(trial_dir) / "trial.json").read_text()))
+
+
+def open_trial(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_id: str,
+    study: str,
+    study_dir: Path,
+    spec_id: str,
+    label: str,
+    config: dict,
+    factors: dict,
+) -> tuple[Trial, TrialState]:
+    """A trial's directory, state and MLflow child run: created on first use, the same ones ever after (the run
+    recorded in state.json, else the one tagged with the trial id), with trial.json written for the workers."""
+    trial_dir = study_dir / "trials" / spec_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    state = TrialState.load(trial_dir)
+    run_id = ensure_trial_run(client, experiment_id, parent_id, spec_id, label, config, state.run_id)
+    if state.run_id != run_id:
+        state.run_id = run_id
+        state.save(trial_dir)
+    trial = Trial(spec_id, study, label, config, factors, str(trial_dir), client.tracking_uri, run_id)
+    trial.save()
+    return trial, state
 
 
 def build_trainer(config: dict, device: torch.device) -> Trainer:
@@ -183,8 +208,13 @@ def finish(
     if step is not None:
         state.step = step
     state.save(Path(trial.dir))
-    tags = {STATUS: status}
-    if reason is not None:
-        tags |= {"orch.reason": reason[-5000:], "orch.stopped_step": str(state.step)}
-    log_batch(client, trial.run_id, tags=tags)
-    client.set_terminated(trial.run_id, status="FAILED" if status == FAILED else "FINISHED")
+    record_outcome(client, trial.run_id, state)
+
+
+def record_outcome(client: MlflowClient, run_id: str, state: TrialState) -> None:
+    """Write a trial's outcome (status, reason, step) from its state into its MLflow run and end the run."""
+    tags = {STATUS: state.status}
+    if state.reason is not None:
+        tags |= {"orch.reason": state.reason[-5000:], "orch.stopped_step": str(state.step)}
+    log_batch(client, run_id, tags=tags)
+    client.set_terminated(run_id, status="FAILED" if state.status == FAILED else "FINISHED")

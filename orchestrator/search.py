@@ -13,10 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.backends import start_ray, stop_ray  # also sets Ray's environment before Ray is imported
 from orchestrator.config import resolve_trial_config, trial_id
-from orchestrator.runner import EarlyStopped, Trial, run_trial
+from orchestrator.runner import EarlyStopped, Trial, open_trial, run_trial
 from orchestrator.state import FINISHED_STATES, STOPPED, TrialState
 from orchestrator.study import Backend, Search, SpaceEntry, Study, set_dotted
-from orchestrator.tracking import ensure_trial_run
 
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # progress results carry no metric
 
@@ -71,20 +70,18 @@ def sampled_trial(cell: SearchCell, params: dict) -> Trial:
     resolved, problems = resolve_trial_config(config)
     if problems:  # the study's validation checked the edges of every distribution, so this is a bug
         raise ValueError(f"sampled an invalid trial {params}: {'; '.join(map(str, problems))}")
-    identity = trial_id(resolved)
-    trial_dir = Path(cell.study_dir) / "trials" / identity
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    state = TrialState.load(trial_dir)
-    label = sample_label(cell.factors, params)
     client = MlflowClient(cell.tracking_uri)
-    run_id = ensure_trial_run(client, cell.experiment_id, cell.parent_id, identity, label, resolved, state.run_id)
-    if state.run_id != run_id:
-        state.run_id = run_id
-        state.save(trial_dir)
-    trial = Trial(
-        identity, cell.study, label, resolved, {**cell.factors, **params}, str(trial_dir), cell.tracking_uri, run_id
+    trial, _ = open_trial(
+        client,
+        cell.experiment_id,
+        cell.parent_id,
+        cell.study,
+        Path(cell.study_dir),
+        trial_id(resolved),
+        sample_label(cell.factors, params),
+        resolved,
+        {**cell.factors, **params},
     )
-    trial.save()
     return trial
 
 
