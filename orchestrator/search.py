@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.backends import start_ray, stop_ray  # also sets Ray's environment before Ray is imported
 from orchestrator.config import resolve_trial_config, trial_id
-from orchestrator.runner import EarlyStopped, Trial, open_trial, run_trial
+from orchestrator.runner import EarlyStopped, Trial, open_trial, record_outcome, run_trial
 from orchestrator.state import FINISHED_STATES, STOPPED, TrialState
 from orchestrator.study import Backend, Search, SpaceEntry, Study, set_dotted
 
@@ -123,6 +123,29 @@ def search_algorithm(search: Search, max_concurrent: int | None):
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent or 0)
 
 
+def settle_stopped(results, cell: SearchCell) -> None:
+    """Record samples the scheduler stopped whose worker was torn down before it could write that down.
+
+    Tune ends `fit` as soon as it has decided to stop a trial, while the trial's thread may still be recording
+    its outcome; Ray's shutdown then ends the thread. A sample Tune finished without error whose directory still
+    says `running` was stopped at its last report: record that, as the worker would have."""
+    client = MlflowClient(cell.tracking_uri)
+    for result in results:
+        trial_id = (result.metrics or {}).get("orch_trial_id")
+        if result.error is not None or trial_id is None:
+            continue
+        trial_dir = Path(cell.study_dir) / "trials" / trial_id
+        state = TrialState.load(trial_dir)
+        if state.status in FINISHED_STATES:
+            continue
+        step = result.metrics["step"]
+        state.status, state.step = STOPPED, step
+        state.reason = f"stopped early by the scheduler after step {step}"
+        state.result = {cell.metric: result.metrics[cell.metric]}
+        state.save(trial_dir)
+        record_outcome(client, state.run_id, state)
+
+
 def new_tuner(search: Search, cell: SearchCell, trainable, path: Path, max_concurrent: int | None) -> tune.Tuner:
     scheduler = None
     if search.scheduler is not None:
@@ -177,9 +200,11 @@ def run_search(
             else:
                 say(f"search {label}: {search.num_samples} samples, {search.algorithm}, {search.mode} {search.metric}")
                 tuner = new_tuner(search, cell, trainable, path, backend.max_concurrent)
-            for error in tuner.fit().errors:
+            results = tuner.fit()
+            for error in results.errors:
                 errors += 1
                 say(f"search {label}: a sample failed in Tune: {str(error).strip().splitlines()[-1]}")
+            settle_stopped(results, cell)
     finally:
         stop_ray(study_dir)
     return errors
