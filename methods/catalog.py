@@ -1,6 +1,6 @@
 """The complete registries: importing this module registers every dataset, model, method, sampler and metric."""
 
-from methods import flow_matching, self_distillation  # noqa: F401 — modules register their methods on import
+from methods import consistency, flow_matching, meanflow, secant, self_distillation, shortcut  # noqa: F401 — register
 from methods.datasets import DATASETS
 from methods.metrics import METRICS
 from methods.nets import MODELS

@@ -36,3 +36,42 @@ def sample_euler(net: nn.Module, x0: Tensor, n_steps: int) -> Tensor:
     for k in range(n_steps):
         x = x + expand_time(taus[k + 1] - taus[k], x) * net(x, taus[k], taus[k])
     return x
+
+
+@torch.no_grad()
+def sample_heun(net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    """Heun (EDM-style) on the diagonal velocity with exactly `nfe` evaluations: ⌈nfe/2⌉ uniform steps, each a
+    predictor and a corrector, except that the last step skips its corrector when nfe is odd (EDM's 2N − 1
+    convention; nfe = 1 is one Euler step). With an even nfe every step is a full Heun step (2N)."""
+    n_steps = (nfe + 1) // 2
+    taus = uniform_grid(n_steps, x0.shape[0], x0.device)
+    x = x0
+    for k in range(n_steps):
+        h = expand_time(taus[k + 1] - taus[k], x)
+        v = net(x, taus[k], taus[k])
+        predicted = x + h * v
+        if k == n_steps - 1 and nfe % 2 == 1:
+            x = predicted
+        else:
+            x = x + h / 2 * (v + net(predicted, taus[k + 1], taus[k + 1]))
+    return x
+
+
+@torch.no_grad()
+def sample_consistency(net: nn.Module, x0: Tensor, n_steps: int, tau_min: float, base_std: Tensor) -> Tensor:
+    """Multistep consistency sampling (sCT, sCD, iCT) with the flow map to data, f(I_τ) = X_{τ,1}(I_τ).
+
+    Starts at the largest noise level τ_min with I = (1 − τ_min)·x0 (the data part is negligible there), jumps
+    to data, and re-noises to the next time of the uniform grid from τ_min to 1 with fresh base noise. NFE = N.
+    The fresh noise has a fixed seed so that evaluations are reproducible.
+    """
+    gen = torch.Generator(x0.device).manual_seed(12345)
+    taus = tau_min + (1 - tau_min) * uniform_grid(n_steps, x0.shape[0], x0.device)
+    ones = torch.ones(x0.shape[0], device=x0.device)
+    x = (1 - tau_min) * x0
+    for k in range(n_steps):
+        data = jump(net, x, taus[k], ones)
+        if k + 1 < n_steps:
+            noise = torch.randn(x0.shape, generator=gen, device=x0.device) * base_std.to(x0.device)
+            x = (1 - expand_time(taus[k + 1], x)) * noise + expand_time(taus[k + 1], x) * data
+    return data

@@ -7,11 +7,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from methods.flow_map import sample_euler
+from methods.flow_map import sample_euler, sample_heun
 from methods.interpolants import LinearInterpolant
 from methods.registry import Params
-from methods.terms import METHODS, Term
-from methods.time_samplers import UniformTriangle
+from methods.terms import METHODS, Setting, Term
+from methods.time_samplers import TimeSamplerParams, Uniform
 
 
 def diagonal_term(net: nn.Module, interpolant: LinearInterpolant, x0: Tensor, x1: Tensor, t: Tensor) -> Term:
@@ -21,25 +21,28 @@ def diagonal_term(net: nn.Module, interpolant: LinearInterpolant, x0: Tensor, x1
 
 
 class FMParams(Params):
-    sampler: Literal["euler"] = "euler"
+    sampler: Literal["euler", "heun"] = "euler"
+    """euler: NFE = N steps. heun: exactly NFE evaluations, ⌈NFE/2⌉ steps, the last corrector skipped when NFE is
+    odd (EDM's 2N − 1 convention)."""
 
 
 class FlowMatching:
-    """Flow matching with the Euler sampler: NFE = number of Euler steps."""
+    """Flow matching on the diagonal v(x; τ, τ), sampled with Euler or Heun."""
 
-    def __init__(self, params: FMParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle):
-        self.interpolant = interpolant
-        self.time_sampler = time_sampler
+    def __init__(self, params: FMParams, setting: Setting):
+        self.sampler = {"euler": sample_euler, "heun": sample_heun}[params.sampler]
+        self.interpolant = setting.interpolant
+        self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
     def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
         x0 = self.interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         return [diagonal_term(net, self.interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))]
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
-        return sample_euler(net, x0, nfe)
+        return self.sampler(net, x0, nfe)
 
 
-@METHODS.register("fm", FMParams)
-def build_fm(params: FMParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> FlowMatching:
-    """Flow-matching baseline (diagonal only), sampled with Euler."""
-    return FlowMatching(params, interpolant, time_sampler)
+@METHODS.register("fm", FMParams, provides=("time_sampler",))
+def build_fm(params: FMParams, setting: Setting) -> FlowMatching:
+    """Flow-matching baseline (diagonal only), sampled with Euler or Heun."""
+    return FlowMatching(params, setting)

@@ -19,8 +19,8 @@ from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
 from methods.interpolants import LinearInterpolant, expand_time
 from methods.registry import Params
-from methods.terms import METHODS, Term
-from methods.time_samplers import UniformTriangle
+from methods.terms import METHODS, Setting, Term
+from methods.time_samplers import TimeSamplerParams, Uniform
 
 DiagFraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -84,12 +84,12 @@ class SelfDistillation:
     is of the batch, not a resampling (§3.12). Sampling: the uniform N-step flow-map sampler, NFE = N.
     """
 
-    def __init__(self, name: str, params: Params, interpolant: LinearInterpolant, time_sampler: UniformTriangle):
+    def __init__(self, name: str, params: Params, setting: Setting):
         self.name = name
         self.stopgrad = params.stopgrad
         self.diag_fraction = params.diag_fraction
-        self.interpolant = interpolant
-        self.time_sampler = time_sampler
+        self.interpolant: LinearInterpolant = setting.interpolant
+        self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
         n = x1.shape[0]
@@ -134,27 +134,25 @@ class PSDParams(Params):
     diag_fraction: DiagFraction = 0.75
 
 
-@METHODS.register("lsd", LSDParams)
-def build_lsd(params: LSDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> SelfDistillation:
+@METHODS.register("lsd", LSDParams, provides=("time_sampler",))
+def build_lsd(params: LSDParams, setting: Setting) -> SelfDistillation:
     """Lagrangian self-distillation (paper A, Algorithm 2): ∂_b X_{a,b} = v(X_{a,b}; b, b)."""
-    return SelfDistillation("lsd", params, interpolant, time_sampler)
+    return SelfDistillation("lsd", params, setting)
 
 
-@METHODS.register("esd", ESDParams)
-def build_esd(params: ESDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> SelfDistillation:
+@METHODS.register("esd", ESDParams, provides=("time_sampler",))
+def build_esd(params: ESDParams, setting: Setting) -> SelfDistillation:
     """Eulerian self-distillation (paper A, Algorithm 3): ∂_a X_{a,b} + ∇X_{a,b}·v(·; a, a) = 0."""
-    return SelfDistillation("esd", params, interpolant, time_sampler)
+    return SelfDistillation("esd", params, setting)
 
 
-@METHODS.register("psd_mid", PSDParams)
-def build_psd_mid(params: PSDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle) -> SelfDistillation:
+@METHODS.register("psd_mid", PSDParams, provides=("time_sampler",))
+def build_psd_mid(params: PSDParams, setting: Setting) -> SelfDistillation:
     """Progressive self-distillation through the midpoint, γ = 1/2 (paper A, Algorithm 4)."""
-    return SelfDistillation("psd_mid", params, interpolant, time_sampler)
+    return SelfDistillation("psd_mid", params, setting)
 
 
-@METHODS.register("psd_unif", PSDParams)
-def build_psd_unif(
-    params: PSDParams, interpolant: LinearInterpolant, time_sampler: UniformTriangle
-) -> SelfDistillation:
+@METHODS.register("psd_unif", PSDParams, provides=("time_sampler",))
+def build_psd_unif(params: PSDParams, setting: Setting) -> SelfDistillation:
     """Progressive self-distillation through a uniform intermediate time, γ ~ U[0, 1] per sample."""
-    return SelfDistillation("psd_unif", params, interpolant, time_sampler)
+    return SelfDistillation("psd_unif", params, setting)

@@ -1,42 +1,48 @@
-"""Time samplers: which (a, b) jumps a batch trains on. A registry, because the sampler is an ablation axis."""
+"""Time samplers: which times and (a, b) jumps a batch trains on, in the canonical convention (τ = 0 noise,
+τ = 1 data). A registry, because the sampler is an ablation axis usable by every method that samples times.
+
+Each sampler is a law of one time τ (its marginal); a jump is two independent draws, ordered so that a < b
+(paper A's triangle for the uniform law; MeanFlow's "two draws, sorted").
+"""
 
 from __future__ import annotations
 
 import torch
-from pydantic import NonNegativeInt
+from pydantic import NonNegativeInt, PositiveFloat
 from torch import Tensor
 
+from methods.conventions import edm_to_canonical
 from methods.registry import Params, Registry
 
 TIME_SAMPLERS = Registry("time sampler")
 
 
-class UniformTriangleParams(Params):
+class TimeSamplerParams(Params):
     fm_steps: NonNegativeInt = 0
     """Optional curriculum (METHODS.md §3.3, paper A F.2): train the diagonal only for this many steps..."""
     anneal_steps: NonNegativeInt = 0
     """...then widen the jumps linearly: b ← min(b, a + δ(k)), δ(k) = (k − fm_steps)/anneal_steps. 0 = off."""
 
 
-class UniformTriangle:
-    """Diagonal times τ ~ U[0, 1]; off-diagonal (a, b) uniform on the triangle 0 ≤ a < b ≤ 1 (density 2).
+class TimeSampler:
+    """Diagonal times τ ~ marginal; jumps (a, b) = two ordered draws. The curriculum is off by default, as in
+    every run of paper A."""
 
-    Paper A's sampler: a = min(U1, U2), b = max(U1, U2). The diagonal-first curriculum is off by default, as in
-    every run of the paper.
-    """
-
-    def __init__(self, params: UniformTriangleParams):
+    def __init__(self, params: TimeSamplerParams):
         self.fm_steps = params.fm_steps
         self.anneal_steps = params.anneal_steps
+
+    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError
 
     def diagonal_only(self, step: int) -> bool:
         return step < self.fm_steps
 
     def diagonal(self, n: int, gen: torch.Generator) -> Tensor:
-        return torch.rand(n, generator=gen, device=gen.device)
+        return self.marginal(n, gen)
 
     def offdiagonal(self, n: int, step: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        u = torch.rand(2, n, generator=gen, device=gen.device)
+        u = torch.stack([self.marginal(n, gen), self.marginal(n, gen)])
         a, b = u.min(0).values, u.max(0).values
         if self.anneal_steps:
             width = min(1.0, (step - self.fm_steps) / self.anneal_steps)
@@ -44,7 +50,72 @@ class UniformTriangle:
         return a, b
 
 
-@TIME_SAMPLERS.register("uniform_triangle", UniformTriangleParams)
-def build_uniform_triangle(params: UniformTriangleParams) -> UniformTriangle:
-    """Uniform diagonal times and uniform upper-triangle jumps (paper A), optional diagonal-first curriculum."""
-    return UniformTriangle(params)
+class Uniform(TimeSampler):
+    """τ ~ U[0, 1]; jumps uniform on the triangle 0 ≤ a < b ≤ 1 (density 2): paper A's sampler."""
+
+    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
+        return torch.rand(n, generator=gen, device=gen.device)
+
+
+class LogitNormalParams(TimeSamplerParams):
+    mean: float = -0.4
+    std: PositiveFloat = 1.0
+
+
+class LogitNormal(TimeSampler):
+    """The noise level t = sigmoid(mean + std·n), n ~ N(0, 1), in MeanFlow's convention (t = 1 noise), so
+    τ = 1 − t. MeanFlow's ImageNet default (−0.4, 1.0); its CIFAR-10 setting is (−2.0, 2.0)."""
+
+    def __init__(self, params: LogitNormalParams):
+        super().__init__(params)
+        self.mean, self.std = params.mean, params.std
+
+    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
+        noise = torch.randn(n, generator=gen, device=gen.device)
+        return torch.sigmoid(-(self.mean + self.std * noise))
+
+
+class LogNormalParams(TimeSamplerParams):
+    p_mean: float = -1.0
+    p_std: PositiveFloat = 1.4
+    sigma_min: PositiveFloat = 0.002
+    sigma_max: PositiveFloat = 80.0
+
+
+class LogNormal(TimeSampler):
+    """sCM's sampler: noise level σ = exp(p_mean + p_std·n) clamped to [σ_min, σ_max], i.e. TrigFlow time
+    t = arctan(σ/σ_d), which is τ = σ_d/(σ_d + σ) canonically. sCM's CIFAR-10 default (−1.0, 1.4)."""
+
+    def __init__(self, params: LogNormalParams, sigma_data: float):
+        super().__init__(params)
+        self.params, self.sigma_data = params, sigma_data
+
+    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
+        p = self.params
+        sigma = (p.p_mean + p.p_std * torch.randn(n, generator=gen, device=gen.device)).exp()
+        return edm_to_canonical(sigma.clamp(p.sigma_min, p.sigma_max), self.sigma_data)
+
+
+@TIME_SAMPLERS.register("auto")
+def build_auto(params: Params, sigma_data: float) -> None:
+    """Each method's own default: uniform for flow matching, paper A and paper B; logit_normal for meanflow;
+    lognormal for sct/scd; shortcut and ict use their own discrete schedules."""
+    return None
+
+
+@TIME_SAMPLERS.register("uniform", TimeSamplerParams)
+def build_uniform(params: TimeSamplerParams, sigma_data: float) -> Uniform:
+    """Uniform times and uniform upper-triangle jumps (paper A), optional diagonal-first curriculum."""
+    return Uniform(params)
+
+
+@TIME_SAMPLERS.register("logit_normal", LogitNormalParams)
+def build_logit_normal(params: LogitNormalParams, sigma_data: float) -> LogitNormal:
+    """Logit-normal noise level (MeanFlow, SD3); jumps are two sorted draws."""
+    return LogitNormal(params)
+
+
+@TIME_SAMPLERS.register("lognormal", LogNormalParams)
+def build_lognormal(params: LogNormalParams, sigma_data: float) -> LogNormal:
+    """Log-normal σ as in sCM/EDM, mapped to canonical time; jumps are two sorted draws."""
+    return LogNormal(params, sigma_data)

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from methods.counting import CountingNet
+from methods.counting import CountingNet, Counts
 from methods.ema import EMA
 from methods.interpolants import LinearInterpolant
 from methods.metrics import METRICS
@@ -117,7 +117,8 @@ class Trainer:
     """Owns the network (behind the counting wrapper), optional learned weight, optimiser, EMA and RNG.
 
     `train_step` runs one step; `state_dict`/`load_state_dict` make resume exact (RNG included); `evaluate`
-    samples with an EMA copy and scores the samples.
+    samples with an EMA copy and scores the samples. A method's teacher and EMA target network are evaluated
+    through the same counter as the student, so cost per sample includes them.
     """
 
     def __init__(
@@ -131,11 +132,16 @@ class Trainer:
     ):
         self.cfg, self.device = cfg, device
         self.method, self.dataset, self.interpolant = method, dataset, interpolant
-        self.net = CountingNet(net).to(device)
+        self.counts = Counts()
+        self.net = CountingNet(net, self.counts).to(device)
         self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
         trainable = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
         self.optimizer = make_optimizer(cfg, trainable)
         self.ema = EMA(self.net.net, cfg.ema)
+        if getattr(method, "teacher", None) is not None:
+            method.teacher = CountingNet(method.teacher.to(device).requires_grad_(False).eval(), self.counts)
+        if hasattr(method, "ema_net"):  # methods whose targets come from the weights' EMA (shortcut)
+            method.ema_net = CountingNet(self.ema.nets[cfg.ema[0]], self.counts)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)
         self.step = 0
         self.samples_seen = 0
@@ -147,11 +153,15 @@ class Trainer:
         return self.cfg.lr / max(step / self.cfg.lr_decay_steps, 1.0) ** 0.5
 
     def weighted(self, term: Term, error: Tensor) -> Tensor:
-        """Per-sample loss: ℓ, or e^{−w(a,b)}·ℓ + w(a,b) with the learned log-variance weight."""
+        """Per-sample loss: the term's distance d(ℓ) times its fixed weight, then e^{−w(a,b)}·d + w(a,b) with the
+        learned log-variance weight."""
+        loss = term.distance(error)
+        if term.weight is not None:
+            loss = loss * term.weight
         if self.weight is None:
-            return error
+            return loss
         w = self.weight(term.a, term.b)
-        return torch.exp(-w) * error + w
+        return torch.exp(-w) * loss + w
 
     def loss(self, terms: list[Term]) -> tuple[Tensor, list[Tensor]]:
         """Total loss and each term's per-sample squared errors (unweighted, for logging)."""
@@ -202,8 +212,8 @@ class Trainer:
         return {
             "cost/sec_per_kimg": self.train_seconds / (n / 1000),
             "cost/samples_per_sec": n / max(self.train_seconds, 1e-9),
-            "cost/fwd_per_sample": self.net.forwards / n,
-            "cost/jvp_per_sample": self.net.jvps / n,
+            "cost/fwd_per_sample": self.counts.forwards / n,
+            "cost/jvp_per_sample": self.counts.jvps / n,
             "cost/peak_mem_mb": peak_memory_mb(self.device),
         }
 
@@ -230,8 +240,8 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "train_seconds": self.train_seconds,
-            "forwards": self.net.forwards,
-            "jvps": self.net.jvps,
+            "forwards": self.counts.forwards,
+            "jvps": self.counts.jvps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -244,4 +254,4 @@ class Trainer:
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.train_seconds = state["train_seconds"]
-        self.net.forwards, self.net.jvps = state["forwards"], state["jvps"]
+        self.counts.forwards, self.counts.jvps = state["forwards"], state["jvps"]

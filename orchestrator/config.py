@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,7 +20,7 @@ REGISTRY_SECTIONS: dict[str, tuple[Registry, str]] = {
     "dataset": (DATASETS, "checkerboard"),
     "model": (MODELS, "mlp"),
     "method": (METHODS, "lsd"),
-    "time_sampler": (TIME_SAMPLERS, "uniform_triangle"),
+    "time_sampler": (TIME_SAMPLERS, "auto"),
 }
 FIXED_SECTIONS: dict[str, type[BaseModel]] = {"train": TrainConfig, "eval": EvalConfig}
 SECTIONS = [*REGISTRY_SECTIONS, *FIXED_SECTIONS]
@@ -106,6 +107,14 @@ def cross_checks(config: dict) -> list[Problem]:
     if evaluation["ema"] is not None and evaluation["ema"] not in train["ema"]:
         problems.append(Problem("eval.ema", f"{evaluation['ema']} is not one of train.ema {train['ema']}"))
     dataset = DATASETS.get(config["dataset"]["name"])
+    method = METHODS.get(config["method"]["name"])
+    if config["time_sampler"]["name"] != "auto" and "time_sampler" not in method.provides:
+        problems.append(
+            Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
+        )
+    teacher = config["method"].get("teacher")
+    if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
+        problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))
     for i, name in enumerate(evaluation["metrics"]):
         if name not in METRICS:
             problems.append(Problem(f"eval.metrics.{i}", str(UnknownName("metric", name, METRICS.names()))))

@@ -15,7 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from methods.interpolants import LinearInterpolant
+from methods.terms import Setting
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
+from orchestrator import teachers
 from orchestrator.config import REGISTRY_SECTIONS
 from orchestrator.state import (
     COMPLETED,
@@ -86,21 +88,36 @@ def open_trial(
     return trial, state
 
 
-def build_trainer(config: dict, device: torch.device) -> Trainer:
-    """Dataset, network, time sampler and method from their registries, the network seeded by train.seed."""
+def build_section(config: dict, section: str, *args):
+    """Build a config section's component through its registry."""
+    registry, _ = REGISTRY_SECTIONS[section]
+    entry = registry.get(config[section]["name"])
+    params = entry.params.model_validate({k: v for k, v in config[section].items() if k != "name"})
+    return entry.build(params, *args)
+
+
+def build_network(config: dict) -> torch.nn.Module:
+    """The trial's network for its dataset, initialised from train.seed."""
+    dataset = build_section(config, "dataset")
+    torch.manual_seed(config["train"]["seed"])
+    return build_section(config, "model", dataset.shape, dataset.std)
+
+
+def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
+    """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher,
+    and its student starts from the teacher's weights when the method says so."""
     train = TrainConfig.model_validate(config["train"])
-
-    def build(section: str, *args):
-        registry, _ = REGISTRY_SECTIONS[section]
-        entry = registry.get(config[section]["name"])
-        params = entry.params.model_validate({k: v for k, v in config[section].items() if k != "name"})
-        return entry.build(params, *args)
-
-    dataset = build("dataset")
-    torch.manual_seed(train.seed)
-    net = build("model", dataset.shape, dataset.std)
+    dataset = build_section(config, "dataset")
+    net = build_network(config)
+    if teacher is not None and config["method"].get("init_from_teacher"):
+        try:
+            net.load_state_dict(teacher.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"method.init_from_teacher: the teacher's network differs from model: {e}") from None
     interpolant = LinearInterpolant(dataset.std)
-    method = build("method", interpolant, build("time_sampler"))
+    sigma_data = float(dataset.std.float().mean())
+    setting = Setting(interpolant, build_section(config, "time_sampler", sigma_data), sigma_data, teacher)
+    method = build_section(config, "method", setting)
     return Trainer(net, method, dataset, interpolant, train, device)
 
 
@@ -142,7 +159,12 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     if train.threads is not None:
         torch.set_num_threads(train.threads)
     device = resolve_device(train.device)
-    trainer = build_trainer(trial.config, device)
+    tags = {STATUS: RUNNING} | environment_tags(device_name(device))
+    teacher = None
+    if teachers.needs_teacher(trial.config["method"]):
+        workdir = Path(trial.dir).parents[2]
+        teacher, tags["orch.teacher"] = teachers.obtain_teacher(trial.config, workdir, trial.tracking_uri)
+    trainer = build_trainer(trial.config, device, teacher)
     checkpoint = load_latest_checkpoint(trial_dir)
     wall_before = 0.0
     if checkpoint is not None:
@@ -150,7 +172,7 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
         wall_before = checkpoint["wall_seconds"]
     client = MlflowClient(trial.tracking_uri)
     client.update_run(trial.run_id, status="RUNNING")
-    log_batch(client, trial.run_id, tags={STATUS: RUNNING} | environment_tags(device_name(device)))
+    log_batch(client, trial.run_id, tags=tags)
     state = TrialState(RUNNING, trainer.step, trial.run_id)
     state.save(trial_dir)
     reset_peak_memory(device)

@@ -7,7 +7,7 @@ from methods.catalog import METHODS
 from methods.ema import EMA
 from methods.nets import LogVarWeight
 from methods.registry import UnknownName
-from methods.time_samplers import UniformTriangle, UniformTriangleParams
+from methods.time_samplers import TimeSamplerParams, Uniform
 
 
 def test_learned_log_variance_converges_to_the_conditional_mean_loss():
@@ -29,13 +29,13 @@ def test_learned_log_variance_converges_to_the_conditional_mean_loss():
     torch.testing.assert_close(fitted, 1 + 3 * a, rtol=0.1, atol=0)
 
 
-def test_uniform_triangle_and_the_diagonal_first_curriculum():
+def test_uniform_sampler_and_the_diagonal_first_curriculum():
     gen = torch.Generator().manual_seed(0)
-    plain = UniformTriangle(UniformTriangleParams())
+    plain = Uniform(TimeSamplerParams())
     a, b = plain.offdiagonal(100_000, 0, gen)
     assert (a <= b).all()
     assert (b - a).mean().item() == pytest.approx(1 / 3, abs=0.01)  # E|U1 − U2| = 1/3 on the triangle
-    curriculum = UniformTriangle(UniformTriangleParams(fm_steps=100, anneal_steps=400))
+    curriculum = Uniform(TimeSamplerParams(fm_steps=100, anneal_steps=400))
     assert curriculum.diagonal_only(99) and not curriculum.diagonal_only(100)
     a, b = curriculum.offdiagonal(10_000, 200, gen)  # δ = (200 − 100)/400 = 0.25
     assert (b - a).max().item() <= 0.25 + 1e-6 and (b - a).max().item() > 0.2
