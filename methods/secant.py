@@ -67,7 +67,9 @@ def interior_estimate_term(name: str, net: CountingNet, velocity, x_a: Tensor, a
     return Term(name, net(x_a, a, b), target, a, b)
 
 
-def endpoint_estimate_term(name: str, net: CountingNet, target: Tensor, x_r: Tensor, a: Tensor, b: Tensor, r: Tensor) -> Term:
+def endpoint_estimate_term(
+    name: str, net: CountingNet, target: Tensor, x_r: Tensor, a: Tensor, b: Tensor, r: Tensor
+) -> Term:
     """EE: v_θ(x̂_a; a, b) regressed onto `target` (the velocity at the true x_r), with the start point estimated
     by a jump back from r: x̂_a = x_r + (a − r)·v_θ(x_r; r, a) (no grad)."""
     rewind = dropout_rewind(x_r.device)

@@ -21,7 +21,9 @@ from methods.registry import Params
 from methods.terms import METHODS, Setting, Term
 
 
-def bootstrap_term(target_net: nn.Module, net: CountingNet, x: Tensor, t: Tensor, d: Tensor, clip: float | None) -> Term:
+def bootstrap_term(
+    target_net: nn.Module, net: CountingNet, x: Tensor, t: Tensor, d: Tensor, clip: float | None
+) -> Term:
     """v_θ(x; t, t + d) regressed onto sg ½(s1 + s2): s1 = v(x; t, t + d/2), s2 = v(x + (d/2)s1; t + d/2, t + d),
     both with `target_net` (the EMA weights), clipped to ±clip as in the reference code."""
     half = d / 2

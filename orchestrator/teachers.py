@@ -52,8 +52,14 @@ def teacher_config(config: dict) -> dict:
     train = {k: spec[k] for k in ("steps", "batch_size", "lr", "lr_decay_steps", "seed")}
     train |= {"ema": [spec["ema"]], "checkpoint_every": max(1, spec["steps"] // 4)}
     evaluation = config["eval"] | {"every": spec["steps"], "ema": None}
-    raw = {"dataset": config["dataset"], "model": config["model"], "method": {"name": "fm"},
-           "time_sampler": {"name": "uniform"}, "train": train, "eval": evaluation}
+    raw = {
+        "dataset": config["dataset"],
+        "model": config["model"],
+        "method": {"name": "fm"},
+        "time_sampler": {"name": "uniform"},
+        "train": train,
+        "eval": evaluation,
+    }
     resolved, problems = resolve_trial_config(raw)
     if problems:
         raise TeacherError("cannot build the teacher's config: " + "; ".join(map(str, problems)))
