@@ -7,7 +7,8 @@ from torch import nn
 from methods.counting import CountingNet
 from methods.self_distillation import esd_term, lsd_term, psd_term
 from orchestrator.config import resolve_trial_config
-from orchestrator.runner import build_trainer
+from orchestrator.runner import build_network, build_trainer
+from orchestrator.teachers import needs_teacher
 
 
 class TwoHeads(nn.Module):
@@ -70,11 +71,14 @@ def test_stopgrad_detaches_exactly_the_specified_parts(name, stopgrad, target_he
 
 def one_step_cost(method: str, stopgrad: str | None) -> dict[str, float]:
     params = {"name": method} | ({"stopgrad": stopgrad} if stopgrad else {})
+    if method == "stei" and stopgrad:  # here the "stopgrad" column names STEI's target variant
+        params = {"name": method, "target": stopgrad}
     config, problems = resolve_trial_config(
         {"method": params, "model": {"width": 16, "depth": 2}, "train": {"batch_size": 1024, "device": "cpu"}}
     )
     assert not problems
-    trainer = build_trainer(config, torch.device("cpu"))
+    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen network will do
+    trainer = build_trainer(config, torch.device("cpu"), teacher)
     trainer.train_step()
     return trainer.cost()
 
@@ -88,6 +92,18 @@ def one_step_cost(method: str, stopgrad: str | None) -> dict[str, float]:
         ("esd", "full", 0.75 + 0.25, 0.5),  # teacher b̂, JVP_a with grad, spatial JVP (as coded: 1 + 2C)
         ("psd_mid", "convex", 0.75 + 3 * 0.25, 0.0),  # student + two teacher forwards
         ("psd_unif", "none", 0.75 + 3 * 0.25, 0.0),
+        # paper B (METHODS.md §4.6), teacher evaluations included; every sample is a secant sample
+        ("stee", None, 2.0, 0.0),  # estimator (no grad) + student
+        ("sdei", None, 3.0, 0.0),  # estimator + teacher + student
+        ("sdee", None, 3.0, 0.0),
+        ("stei", "self", 4.0, 0.0),  # estimator + own diagonal + student + diffusion term
+        ("stei", "teacher", 4.0, 0.0),
+        # baselines
+        ("meanflow", None, 1.0, 1.0),  # student forward + no-grad JVP for the target
+        ("sct", None, 1.0, 1.0),
+        ("scd", None, 2.0, 1.0),  # + teacher velocity
+        ("ict", None, 2.0, 0.0),  # two noise levels
+        ("shortcut", None, 7 / 8 + 3 / 8, 0.0),  # 1/8 bootstrap samples: 2 EMA forwards + student
     ],
 )
 def test_measured_network_evaluations_per_sample(method, stopgrad, fwd, jvp):
@@ -95,3 +111,15 @@ def test_measured_network_evaluations_per_sample(method, stopgrad, fwd, jvp):
     assert cost["cost/fwd_per_sample"] == pytest.approx(fwd)
     assert cost["cost/jvp_per_sample"] == pytest.approx(jvp)
     assert cost["cost/sec_per_kimg"] > 0 and cost["cost/peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("method", ["sdei", "stei", "sdee", "stee", "meanflow", "sct", "scd", "ict", "shortcut"])
+def test_every_target_of_the_other_methods_is_detached(method):
+    """Paper B, MeanFlow, sCM, iCT and shortcut models detach everything but the student evaluation."""
+    config, _ = resolve_trial_config({"method": {"name": method}, "model": {"width": 16, "depth": 2}})
+    teacher = build_network(config) if needs_teacher(config["method"]) else None
+    trainer = build_trainer(config, torch.device("cpu"), teacher)
+    terms = trainer.method.terms(trainer.net, trainer.dataset.sample(256, trainer.gen), 10, trainer.gen)
+    for term in terms:
+        assert term.pred.requires_grad and not term.target.requires_grad, term.name
+        assert term.target_norms().std() > 0
