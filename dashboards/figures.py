@@ -386,10 +386,10 @@ def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: lis
 
 def cost_by_group(runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
     """Measured training cost per group: time, peak memory, network evaluations per training sample."""
-    runs = with_groups(runs, group_cols)
-    cost = runs.groupby("group", sort=True)[
-        ["cost/sec_per_kimg", "cost/peak_mem_mb", "cost/fwd_per_sample", "cost/jvp_per_sample"]
-    ].mean()
+    columns = ["cost/sec_per_kimg", "cost/peak_mem_mb", "cost/fwd_per_sample", "cost/jvp_per_sample"]
+    if not set(columns) <= set(runs):  # no trial got as far as a log tick (e.g. all failed at start)
+        return go.Figure()
+    cost = with_groups(runs, group_cols).groupby("group", sort=True)[columns].mean()
     fig = make_subplots(
         rows=1,
         cols=3,

@@ -142,6 +142,22 @@ class MetricBuffer:
             self.rows = []
 
 
+def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[str, str], float]:
+    """The trial's trainer (with its teacher when the method distils), restored from the newest checkpoint; the
+    run's tags; and the wall time already spent before that checkpoint."""
+    tags = {STATUS: RUNNING} | environment_tags(device_name(device))
+    teacher = None
+    if teachers.needs_teacher(trial.config["method"]):
+        workdir = Path(trial.dir).parents[2]
+        teacher, tags["orch.teacher"] = teachers.obtain_teacher(trial.config, workdir, trial.tracking_uri)
+    trainer = build_trainer(trial.config, device, teacher)
+    checkpoint = load_latest_checkpoint(Path(trial.dir))
+    if checkpoint is None:
+        return trainer, tags, 0.0
+    trainer.load_state_dict(checkpoint["trainer"])
+    return trainer, tags, checkpoint["wall_seconds"]
+
+
 def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     """Train one trial to the end (or to divergence) and return its final status.
 
@@ -159,18 +175,12 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     if train.threads is not None:
         torch.set_num_threads(train.threads)
     device = resolve_device(train.device)
-    tags = {STATUS: RUNNING} | environment_tags(device_name(device))
-    teacher = None
-    if teachers.needs_teacher(trial.config["method"]):
-        workdir = Path(trial.dir).parents[2]
-        teacher, tags["orch.teacher"] = teachers.obtain_teacher(trial.config, workdir, trial.tracking_uri)
-    trainer = build_trainer(trial.config, device, teacher)
-    checkpoint = load_latest_checkpoint(trial_dir)
-    wall_before = 0.0
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint["trainer"])
-        wall_before = checkpoint["wall_seconds"]
     client = MlflowClient(trial.tracking_uri)
+    try:
+        trainer, tags, wall_before = prepare_trainer(trial, device)
+    except Exception:  # e.g. an unreadable teacher: the trial fails with its reason, the study goes on
+        finish(client, trial, state, FAILED, traceback.format_exc(limit=20))
+        raise
     client.update_run(trial.run_id, status="RUNNING")
     log_batch(client, trial.run_id, tags=tags)
     state = TrialState(RUNNING, trainer.step, trial.run_id)

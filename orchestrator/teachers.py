@@ -98,7 +98,8 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
     except TeacherError:
         raise
     except Exception as e:
-        raise TeacherError(f"teacher {path}: cannot load ({type(e).__name__}: {e}); {expected}") from None
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TeacherError(f"teacher {path}: cannot load ({type(e).__name__}: {first_line}); {expected}") from None
     return net, config
 
 

@@ -1,0 +1,94 @@
+"""Teachers of distillation methods: trained once per (dataset, network, budget) and reused, also by trials
+running at the same time on Ray and by other studies; a named teacher is used as given."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.teachers import EXPERIMENT, TEACHER_FILE
+from tests.conftest import STUDIES
+
+
+def teacher_runs(study_dir: Path) -> list:
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return [r for r in runs if r.data.tags.get("orch.role") == "trial"]
+
+
+def trial_runs(study_dir: Path, name: str) -> list:
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=100)
+    return [r for r in runs if r.data.tags.get("orch.role") == "trial"]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("runs")
+    code = main(["submit", str(STUDIES / "distill.yaml"), "--workdir", str(workdir)])
+    return workdir, code
+
+
+def test_two_concurrent_trials_share_one_teacher_training(distilled):
+    workdir, code = distilled
+    assert code == 0
+    teachers = list((workdir / "teachers" / "trials").iterdir())
+    assert len(teachers) == 1 and (teachers[0] / TEACHER_FILE).exists()
+    runs = teacher_runs(workdir / "distill")
+    assert len(runs) == 1, "the teacher was trained more than once"
+    teacher = runs[0]
+    assert teacher.data.tags["orch.status"] == "completed" and teacher.data.params["train.steps"] == "80"
+    assert "eval/kl/nfe_1" in teacher.data.metrics  # the teacher's own quality is tracked
+    students = trial_runs(workdir / "distill", "distill")
+    assert len(students) == 2
+    assert {r.data.tags["orch.teacher"] for r in students} == {teachers[0].name}
+    for run in students:
+        assert run.data.metrics["cost/fwd_per_sample"] == pytest.approx(3.0)  # teacher forwards counted
+
+
+def test_another_study_reuses_the_cached_teacher_and_a_named_one_is_used_as_given(distilled, tmp_path):
+    workdir, _ = distilled
+    raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
+    raw["name"] = "distill_again"
+    raw["grid"] = {"method.name": ["scd"]}
+    other = tmp_path / "distill_again.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    assert main(["submit", str(other), "--workdir", str(workdir), "--backend", "local"]) == 0
+    assert teacher_runs(workdir / "distill_again") == []  # nothing trained: the cache answered
+    (student,) = trial_runs(workdir / "distill_again", "distill_again")
+    cached = next((workdir / "teachers" / "trials").iterdir())
+    assert student.data.tags["orch.teacher"] == cached.name
+
+    # a teacher named by path: here the directory of a trial of the first study
+    trial_dir = next((workdir / "distill" / "trials").iterdir())
+    raw["name"], raw["base"]["method"]["teacher"] = "named_teacher", {"path": str(trial_dir)}
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump(raw))
+    assert main(["submit", str(named), "--workdir", str(workdir), "--backend", "local"]) == 0
+    (student,) = trial_runs(workdir / "named_teacher", "named_teacher")
+    assert student.data.tags["orch.teacher"] == str(trial_dir)
+
+
+def test_a_missing_or_corrupt_teacher_is_a_clear_error(tmp_path, capsys):
+    raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
+    raw["base"]["method"]["teacher"] = {"path": str(tmp_path / "nowhere.pt")}
+    study = tmp_path / "missing.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_:
+        main(["submit", str(study), "--workdir", str(tmp_path / "runs")])
+    assert exit_.value.code == 2
+    assert "method.teacher.path" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+    corrupt = tmp_path / "teacher.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    raw["base"]["method"]["teacher"] = {"path": str(corrupt)}
+    raw["backend"] = {"name": "local"}
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["submit", str(study), "--workdir", str(tmp_path / "runs")]) == 1
+    out = capsys.readouterr()
+    assert f"teacher {corrupt}: cannot load" in out.out + out.err, out.out
