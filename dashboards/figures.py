@@ -26,12 +26,14 @@ LOG_X_NFE = {"title": "network evaluations (NFE)", "type": "log"}
 
 
 def with_groups(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
+    """Add the column `group`: the values of group_cols joined by " · ", skipping those a run lacks (a method
+    that has no such option)."""
     runs = runs.copy()
-    labels = pd.Series("all", index=runs.index)
-    for i, column in enumerate(group_cols):
-        values = runs[column].astype(str)
-        labels = values if i == 0 else labels + " · " + values
-    runs["group"] = labels
+    if not group_cols:
+        runs["group"] = "all"
+        return runs
+    present = runs[group_cols].astype(object).where(runs[group_cols].notna(), None)
+    runs["group"] = [" · ".join(str(v) for v in row if v is not None) or "all" for row in present.itertuples(False)]
     return runs
 
 
@@ -124,7 +126,7 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 def group_styles(runs: pd.DataFrame, group_cols: list[str]) -> dict[str, dict]:
     """Line style per group: colour from the first factor (e.g. method), dash from the second (e.g. stopgrad)."""
     runs = with_groups(runs, group_cols)
-    levels = [sorted(runs[c].astype(str).unique()) for c in group_cols[:2]]
+    levels = [sorted(runs[c].map(str).unique()) for c in group_cols[:2]]
     styles = {}
     for group, row in runs.drop_duplicates("group").set_index("group").iterrows():
         color = COLORS[levels[0].index(str(row[group_cols[0]])) % len(COLORS)] if group_cols else COLORS[0]
@@ -478,11 +480,11 @@ def search_parameters(runs: pd.DataFrame, metric: str, space: dict[str, dict]) -
         if entry.get("loguniform"):
             dimensions.append({"label": f"log10 {key}", "values": np.log10(values.astype(float))})
         elif entry.get("choice"):
-            levels = sorted(values.astype(str).unique())
+            levels = sorted(values.map(str).unique())
             dimensions.append(
                 {
                     "label": key,
-                    "values": values.astype(str).map(levels.index),
+                    "values": values.map(str).map(levels.index),
                     "tickvals": list(range(len(levels))),
                     "ticktext": levels,
                 }

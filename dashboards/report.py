@@ -91,13 +91,25 @@ def render_html(
 """
 
 
+def grouping_columns(runs: pd.DataFrame, grid: dict) -> list[str]:
+    """The run columns of the grid's axes, seeds excluded. An axis that sets a whole section (e.g. `method` with
+    mappings as values) contributes the section's flattened params that vary between runs."""
+    columns = []
+    for axis in grid:
+        if axis == figures.SEED:
+            continue
+        if axis in runs.columns:
+            columns.append(axis)
+        else:
+            columns += [c for c in runs.columns if c.startswith(f"{axis}.") and runs[c].nunique(dropna=False) > 1]
+    return columns
+
+
 def dashboard_html(tracking_uri: str, study: str) -> str:
     """The dashboard page of a study, read from its MLflow experiment."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
     grid = json.loads(parent_tags.get("orch.grid", "{}"))
-    group_cols = [a for a in grid if a != figures.SEED and a in runs.columns] or (
-        ["method.name"] if "method.name" in runs.columns else []
-    )
+    group_cols = grouping_columns(runs, grid) or (["method.name"] if "method.name" in runs.columns else [])
     header = {"study": study, "trials": str(len(runs))}
     if len(runs):
         header |= {f"trials {s}": str(n) for s, n in runs["status"].value_counts().items()}

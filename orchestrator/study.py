@@ -133,7 +133,12 @@ class TrialSpec:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.factors.items()) or self.id
+        """e.g. "name=lsd seed=0"; a section-valued axis (method: {name: fm, sampler: heun}) shows its keys."""
+        parts = []
+        for key, value in self.factors.items():
+            items = value.items() if isinstance(value, dict) else [(key.rsplit(".", 1)[-1], value)]
+            parts += [f"{k}={v}" for k, v in items]
+        return " ".join(parts) or self.id
 
 
 @dataclass
