@@ -326,11 +326,13 @@ def smooth(values: pd.Series, window: int = 5) -> pd.Series:
 
 
 def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
-    """Loss-target variance (paper B): batch std of per-sample target norms per term, vs training step. The
-    diagonal (flow-matching) term is hidden by default: click its legend entry to show it."""
+    """Loss-target variance (paper B): batch std of per-sample target norms per term, vs training step. A
+    method's diagonal (flow-matching) term is hidden by default beside its main term: click its legend entry to
+    show it; flow matching's own curve (its only term) is shown as the reference scale."""
     hist = history[history["key"].str.match(r"^train/target_std/[^/]+$")]
     hist = hist.merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
     styles = group_styles(runs, group_cols)
+    terms_of = hist.groupby("group")["key"].nunique()
     fig = go.Figure()
     for (group, key), rows in hist.groupby(["group", "key"], sort=True):
         term = key.rsplit("/", 1)[-1]
@@ -342,7 +344,7 @@ def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: li
                 name=f"{group} [{term}]",
                 mode="lines",
                 line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
-                visible="legendonly" if term == "diag" else True,
+                visible="legendonly" if term == "diag" and terms_of[group] > 1 else True,
             )
         )
     fig.update_layout(
@@ -365,6 +367,7 @@ def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: lis
     hist["term"] = hist["key"].str.split("/").str[2]
     hist["bin"] = hist["key"].str.rsplit("_", n=1).str[-1].astype(int)
     styles = group_styles(runs, group_cols)
+    terms_of = hist.groupby("group")["term"].nunique()
     for (group, term), rows in hist.groupby(["group", "term"], sort=True):
         means = rows.groupby("bin")["value"].mean()
         labels = [f"a ∈ [{k / 4:.2f}, {(k + 1) / 4:.2f})" for k in means.index]
@@ -374,7 +377,7 @@ def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: lis
                 y=means.values,
                 name=f"{group} [{term}]",
                 marker={"color": styles[group]["color"]},
-                visible="legendonly" if term == "diag" else True,
+                visible="legendonly" if term == "diag" and terms_of[group] > 1 else True,
             )
         )
     fig.update_layout(

@@ -91,25 +91,54 @@ def render_html(
 """
 
 
-def grouping_columns(runs: pd.DataFrame, grid: dict) -> list[str]:
+def comparable(value) -> float | str:
+    """A param as the study wrote it or as MLflow returns it (numbers may come back as floats) in one form."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def section_value_label(value: dict) -> str:
+    """A section-valued axis value as a group label: {name: stei, target: self} → "stei target=self"."""
+    rest = " ".join(f"{k}={v}" for k, v in value.items() if k != "name")
+    return f"{value.get('name', '')} {rest}".strip()
+
+
+def grouping_columns(runs: pd.DataFrame, grid: dict) -> tuple[pd.DataFrame, list[str], dict]:
     """The run columns of the grid's axes, seeds excluded. An axis that sets a whole section (e.g. `method` with
-    mappings as values) contributes the section's flattened params that vary between runs."""
-    columns = []
-    for axis in grid:
+    mappings as values) becomes a column of its own: each run labelled by the axis value its params match; the
+    returned grid has those labels as the axis levels."""
+    columns, grid = [], dict(grid)
+    for axis, values in grid.items():
         if axis == figures.SEED:
             continue
         if axis in runs.columns:
             columns.append(axis)
-        else:
-            columns += [c for c in runs.columns if c.startswith(f"{axis}.") and runs[c].nunique(dropna=False) > 1]
-    return columns
+        elif values and all(isinstance(v, dict) for v in values):
+            labels = pd.Series(None, index=runs.index, dtype=object)
+            for value in values:
+                keys = [f"{axis}.{k}" for k in value]
+                if not set(keys) <= set(runs.columns):
+                    continue
+                match = pd.concat(
+                    [runs[key].map(comparable) == comparable(v) for key, v in zip(keys, value.values())], axis=1
+                )
+                labels = labels.where(labels.notna() | ~match.all(axis=1), section_value_label(value))
+            runs = runs.assign(**{axis: labels})
+            columns.append(axis)
+            grid[axis] = [section_value_label(v) for v in values]
+    return runs, columns, grid
 
 
 def dashboard_html(tracking_uri: str, study: str) -> str:
     """The dashboard page of a study, read from its MLflow experiment."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
     grid = json.loads(parent_tags.get("orch.grid", "{}"))
-    group_cols = grouping_columns(runs, grid) or (["method.name"] if "method.name" in runs.columns else [])
+    runs, group_cols, grid = grouping_columns(runs, grid)
+    group_cols = group_cols or (["method.name"] if "method.name" in runs.columns else [])
     header = {"study": study, "trials": str(len(runs))}
     if len(runs):
         header |= {f"trials {s}": str(n) for s, n in runs["status"].value_counts().items()}

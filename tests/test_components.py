@@ -7,7 +7,7 @@ from methods.catalog import METHODS
 from methods.ema import EMA
 from methods.nets import LogVarWeight
 from methods.registry import UnknownName
-from methods.time_samplers import TimeSamplerParams, Uniform
+from methods.time_samplers import LogitNormal, LogitNormalParams, LogNormal, LogNormalParams, TimeSamplerParams, Uniform
 
 
 def test_learned_log_variance_converges_to_the_conditional_mean_loss():
@@ -57,3 +57,19 @@ def test_registry_suggests_the_closest_name():
     with pytest.raises(UnknownName, match="did you mean 'psd_mid'"):
         METHODS.get("psd_midd")
     assert {"fm", "lsd", "esd", "psd_mid", "psd_unif"} <= set(METHODS.names())
+
+
+def test_time_samplers_map_their_laws_to_canonical_time():
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    logit = LogitNormal(LogitNormalParams(mean=-0.4, std=1.0)).marginal(n, gen)
+    noise_level = torch.logit(1 - logit)  # MeanFlow's t = 1 − τ is logit-normal
+    assert noise_level.mean().item() == pytest.approx(-0.4, abs=0.01)
+    assert noise_level.std().item() == pytest.approx(1.0, abs=0.01)
+    sigma_data = 0.5
+    tau = LogNormal(LogNormalParams(sigma_min=1e-9, sigma_max=1e9), sigma_data).marginal(n, gen)
+    log_sigma = torch.log(sigma_data * (1 - tau) / tau)  # sCM's σ = exp(N(−1.0, 1.4²)), τ = σ_d/(σ_d + σ)
+    assert log_sigma.mean().item() == pytest.approx(-1.0, abs=0.02)
+    assert log_sigma.std().item() == pytest.approx(1.4, abs=0.02)
+    a, b = LogitNormal(LogitNormalParams()).offdiagonal(1000, 0, gen)
+    assert (a <= b).all() and (a < b).any()

@@ -271,3 +271,26 @@ def test_karras_grid_and_ict_curriculum():
         ICTParams(doubling_steps=100), Setting(LinearInterpolant(torch.ones(2)), None, 1.0)
     )
     assert [ict.grid_points(k) for k in (0, 99, 100, 250, 10**6)] == [11, 11, 21, 41, 1281]
+
+
+class DropoutOnly(torch.nn.Module):
+    """v(x; a, b) = dropout(1): ignores x and the times, so two passes agree iff they drew the same mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x, a, b):
+        return self.dropout(torch.ones_like(x))
+
+
+def test_student_and_estimator_passes_draw_the_same_dropout_masks():
+    net = CountingNet(DropoutOnly().train())
+    n = 512
+    x, a = torch.zeros(n, 8), torch.zeros(n)
+    b, r = torch.ones(n), torch.full((n,), 0.5)
+    term = interior_estimate_term("sdei", net, lambda x_r, t: x_r, x, a, b, r)
+    estimator = term.target / 0.5  # x̂_r = x + (r − a)·v(x; a, r) and the "velocity" here returns x̂_r itself
+    torch.testing.assert_close(term.pred, estimator)
+    term = endpoint_estimate_term("sdee", net, torch.zeros(n, 8), x, a, b, r)
+    assert not torch.equal(term.pred, DropoutOnly().train()(x, a, b))  # control: fresh masks differ
