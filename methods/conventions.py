@@ -12,8 +12,6 @@ the network returns the average velocity v(x; a, b). The other conventions descr
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -75,5 +73,3 @@ def sigma_max_time(sigma_max: float, sigma_data: float) -> float:
     """Canonical time of the largest noise level: where consistency samplers start (σ_max = 80 in sCM/iCT)."""
     return sigma_data / (sigma_data + sigma_max)
 
-
-HALF_PI = math.pi / 2
