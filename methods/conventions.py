@@ -72,4 +72,3 @@ def meanflow_to_canonical(t: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
 def sigma_max_time(sigma_max: float, sigma_data: float) -> float:
     """Canonical time of the largest noise level: where consistency samplers start (σ_max = 80 in sCM/iCT)."""
     return sigma_data / (sigma_data + sigma_max)
-

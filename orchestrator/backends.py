@@ -22,14 +22,8 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 
 from orchestrator.progress import Progress
-from orchestrator.runner import Trial, run_trial
+from orchestrator.runner import Trial, finish_detail, run_trial
 from orchestrator.state import TrialState, write_json
-
-
-def finish_detail(trial: Trial) -> tuple[str, str]:
-    """(status, last line of the reason) from the trial directory, the source of truth."""
-    state = TrialState.load(Path(trial.dir))
-    return state.status, state.reason.strip().splitlines()[-1] if state.reason else ""
 
 
 def run_local(trials: list[Trial], progress: Progress) -> None:
@@ -44,9 +38,14 @@ def run_local(trials: list[Trial], progress: Progress) -> None:
 
 
 def ray_trainable(config: dict) -> None:
-    """Ray Tune function trainable: loads the trial from its directory and runs it."""
+    """Ray Tune function trainable: loads the trial from its directory and runs it. An exception in the trial is
+    recorded as `failed` and not passed on, so that Tune retries (max_failures) only infrastructure failures:
+    a worker that died."""
     trial = Trial.load(config["trial_dir"])
-    status = run_trial(trial, progress=lambda step, m: tune.report({"step": step, "orch_metrics": json.dumps(m)}))
+    try:
+        status = run_trial(trial, progress=lambda step, m: tune.report({"step": step, "orch_metrics": json.dumps(m)}))
+    except Exception:
+        status = TrialState.load(Path(trial.dir)).status
     tune.report({"orch_status": status})
 
 
@@ -129,18 +128,12 @@ def stop_ray(study_dir: Path) -> None:
     (study_dir / SESSION_RECORD).unlink(missing_ok=True)
 
 
-def run_ray(
-    trials: list[Trial],
-    study_dir: Path,
-    resources: dict,
-    max_concurrent: int | None,
-    address: str | None,
-    progress: Progress,
-) -> None:
+def run_ray(trials: list[Trial], study_dir: Path, backend, progress: Progress) -> None:
     """All trials as one Ray Tune run: a grid over trial directories, `reuse_actors` to avoid re-importing torch."""
-    start_ray(address, study_dir)
+    start_ray(backend.address, study_dir)
+    max_concurrent, resources = backend.max_concurrent, backend.resources
     try:
-        trainable = tune.with_resources(ray_trainable, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+        trainable = tune.with_resources(ray_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
         by_dir = {t.dir: t for t in trials}
         tuner = tune.Tuner(
             trainable,
@@ -154,7 +147,7 @@ def run_ray(
                     ProgressCallback(by_dir, progress),
                     JsonLoggerCallback(),
                 ],  # Tune's result.json: resume needs it
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=backend.max_failures),
             ),
         )
         tuner.fit()

@@ -72,21 +72,7 @@ def cmd_submit(args) -> int:
         print(f"(dry run: backend {backend.name}, nothing started)")
         return EXIT_OK
 
-    from orchestrator.backends import StudyBusy
-    from orchestrator.driver import submit_study
-
-    signal.signal(signal.SIGTERM, raise_interrupt)  # Tune handles SIGINT but not SIGTERM (what Slurm sends)
-    try:
-        return submit_study(study, backend, Path(args.workdir), args.tracking_uri)
-    except StudyBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished trials are kept; `orch submit` the same study again to resume the rest",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+    return run_submission(study, backend, Path(args.workdir), args.tracking_uri)
 
 
 def study_dir_of(target: str, workdir: str) -> Path:
@@ -101,19 +87,72 @@ def study_dir_of(target: str, workdir: str) -> Path:
     return path
 
 
+def slurm_states(rows: list[dict]) -> dict[str, str]:
+    """Live Slurm states of the rows' jobs, or {} with a warning when Slurm cannot be asked."""
+    if not any(row["job_id"] for row in rows):
+        return {}
+    from orchestrator.slurm import SlurmError, queue_states
+
+    try:
+        return queue_states()
+    except SlurmError as e:
+        print(f"warning: no Slurm job states: {e}", file=sys.stderr)
+        return {}
+
+
 def cmd_status(args) -> int:
     from orchestrator.driver import study_status
 
     rows = study_status(study_dir_of(args.study, args.workdir))
+    states = slurm_states(rows)
     for row in rows:
+        job = f"  [slurm {row['job_id']} {states.get(row['job_id'], 'gone')}]" if row["job_id"] else ""
         print(
-            f"{row['id']}  {row['status']:<10} step {row['step']:>7}  {row['label']}"
+            f"{row['id']}  {row['status']:<10} step {row['step']:>7}  {row['label']}{job}"
             + (f"  ({row['reason'].strip().splitlines()[-1]})" if row["reason"] else "")
         )
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return EXIT_OK
+
+
+def run_submission(study, backend, workdir: Path, tracking_uri: str | None) -> int:
+    """Submit with the CLI's signal handling and exit codes (shared by submit and resume)."""
+    from orchestrator.backends import StudyBusy
+    from orchestrator.driver import submit_study
+
+    signal.signal(signal.SIGTERM, raise_interrupt)  # Tune handles SIGINT but not SIGTERM (what Slurm sends)
+    try:
+        return submit_study(study, backend, workdir, tracking_uri)
+    except StudyBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished trials are kept; `orch resume {study.name}` (or submitting the study again)"
+            " continues the rest from their checkpoints",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+
+def cmd_resume(args) -> int:
+    from orchestrator.driver import load_submitted
+
+    study_dir = study_dir_of(args.study, args.workdir)
+    study, backend, uri = load_submitted(study_dir)
+    print(f"resuming study {study.name!r} as last submitted (backend {backend.name}, profile {study.profile})")
+    return run_submission(study, backend, study_dir.parent, uri)
+
+
+def cmd_cancel(args) -> int:
+    from orchestrator.driver import cancel_study
+
+    study_dir = study_dir_of(args.study, args.workdir)
+    n = cancel_study(study_dir)
+    print(f"{n} trial(s) cancelled; checkpoints kept (`orch resume {study_dir.name}` continues them)")
     return EXIT_OK
 
 
@@ -158,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     study_cmd("validate", "check a study file; exit 2 listing every problem").set_defaults(func=cmd_validate)
     study_cmd("plan", "print the expanded trials; nothing runs").set_defaults(func=cmd_plan)
     s = study_cmd("submit", "run every trial of a study (completed trials are skipped)")
-    s.add_argument("--backend", choices=["ray", "local"])
+    s.add_argument("--backend", choices=["ray", "local", "slurm"])
     s.add_argument("--workdir", default="runs", help="where studies live (default: runs)")
     s.add_argument("--ray-address", help="existing Ray cluster (default: start an embedded local Ray)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")
@@ -169,6 +208,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("study", help="study name or study YAML file")
     s.add_argument("--workdir", default="runs")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("resume", help="finish an interrupted study as last submitted; finished trials are kept")
+    s.add_argument("study", help="study name or study YAML file")
+    s.add_argument("--workdir", default="runs")
+    s.set_defaults(func=cmd_resume)
+    s = sub.add_parser("cancel", help="stop a study's running trials (its orch process, its Slurm jobs)")
+    s.add_argument("study", help="study name or study YAML file")
+    s.add_argument("--workdir", default="runs")
+    s.set_defaults(func=cmd_cancel)
     s = sub.add_parser("dashboard", help="(re)build <workdir>/<study>/dashboard.html, or serve it live")
     s.add_argument("study", help="study name or study YAML file")
     s.add_argument("--workdir", default="runs")

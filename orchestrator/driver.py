@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator.backends import run_local, run_ray, say_plain
 from orchestrator.progress import Progress, TrialProgress
 from orchestrator.runner import Trial, open_trial, record_outcome
-from orchestrator.state import FINISHED_STATES, TrialState, write_json
-from orchestrator.study import Backend, Search, Study
+from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUNNING, TrialState, write_json
+from orchestrator.study import Backend, Search, Study, parse_study
 from orchestrator.tracking import (
     ROLE,
     STATUS,
@@ -43,8 +45,17 @@ def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
     for trial_dir in trial_dirs:
         state = TrialState.load(trial_dir)
         label = Trial.load(trial_dir).label if (trial_dir / "trial.json").exists() else ""
+        job_file = trial_dir / "job.json"  # written by the Slurm backend at submission
+        job = json.loads(job_file.read_text())["job_id"] if job_file.exists() else None
         rows.append(
-            {"id": trial_dir.name, "label": label, "status": state.status, "step": state.step, "reason": state.reason}
+            {
+                "id": trial_dir.name,
+                "label": label,
+                "status": state.status,
+                "step": state.step,
+                "reason": state.reason,
+                "job_id": job,
+            }
         )
     return rows
 
@@ -93,9 +104,9 @@ def reconcile_tracking(client: MlflowClient, experiment_id: str, study_dir: Path
     for trial_dir in (study_dir / "trials").iterdir():
         state = TrialState.load(trial_dir)
         run = runs.get(state.run_id)
-        if run is None or state.status not in FINISHED_STATES:
+        if run is None or state.status not in (*FINISHED_STATES, FAILED, CANCELLED):
             continue
-        if run.data.tags.get(STATUS) != state.status or run.info.status != "FINISHED":
+        if run.data.tags.get(STATUS) != state.status or run.info.status == "RUNNING":
             record_outcome(client, state.run_id, state)
             fixed += 1
     return fixed
@@ -134,8 +145,12 @@ def run_grid(
     )
     if todo and backend.name == "local":
         run_local(todo, progress)
+    elif todo and backend.name == "slurm":
+        from orchestrator.slurm import run_slurm
+
+        run_slurm(todo, study_dir, study.name, backend, progress, say)
     elif todo:
-        run_ray(todo, study_dir, backend.resources.model_dump(), backend.max_concurrent, backend.address, progress)
+        run_ray(todo, study_dir, backend, progress)
     return [t.id for t in study.trials]
 
 
@@ -183,3 +198,45 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
     say(f"dashboard: {dashboard}")
     say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {workdir})")
     return EXIT_FAILED if failed or search_errors else EXIT_OK
+
+
+def load_submitted(study_dir: Path) -> tuple[Study, Backend, str]:
+    """The study, backend and tracking URI of a study's last submission (<study>/study.yaml, submission.json)."""
+    raw = yaml.safe_load((study_dir / "study.yaml").read_text())
+    profile = raw.pop("profile", None)
+    study = parse_study(yaml.safe_dump(raw, sort_keys=False), str(study_dir / "study.yaml"))
+    study.profile = profile
+    submission = json.loads((study_dir / "submission.json").read_text())
+    return study, Backend.model_validate(submission["backend"]), submission["tracking_uri"]
+
+
+def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
+    """Stop a study's running trials and keep their checkpoints: signal its live driver (Ray or local runs stop
+    with it), scancel its Slurm jobs, and mark every trial that had not finished `cancelled`. Returns how many."""
+    from orchestrator.backends import SESSION_RECORD, alive
+
+    record = study_dir / SESSION_RECORD
+    if record.exists() and alive(pid := json.loads(record.read_text())["driver_pid"]):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + wait_seconds
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        say(f"stopped the orch process {pid} running the study")
+    trial_dirs = sorted((study_dir / "trials").iterdir())
+    if any((d / "job.json").exists() for d in trial_dirs):
+        from orchestrator.slurm import cancel_jobs
+
+        if ids := cancel_jobs([d for d in trial_dirs if TrialState.load(d).status in (PENDING, RUNNING)]):
+            say(f"cancelled Slurm job(s) {', '.join(ids)}")
+    cancelled = 0
+    for trial_dir in trial_dirs:
+        state = TrialState.load(trial_dir)
+        if state.status in (PENDING, RUNNING):
+            state.status, state.reason = CANCELLED, "cancelled by `orch cancel`; `orch resume` continues it"
+            state.save(trial_dir)
+            cancelled += 1
+    client = MlflowClient(tracking_uri_of(study_dir))
+    experiment = client.get_experiment_by_name(study_dir.name)
+    if experiment is not None:
+        reconcile_tracking(client, experiment.experiment_id, study_dir)
+    return cancelled

@@ -20,6 +20,7 @@ from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_p
 from orchestrator import teachers
 from orchestrator.config import REGISTRY_SECTIONS
 from orchestrator.state import (
+    CANCELLED,
     COMPLETED,
     DIVERGED,
     FAILED,
@@ -121,6 +122,19 @@ def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module |
     return Trainer(net, method, dataset, interpolant, train, device)
 
 
+def slurm_job_id() -> str | None:
+    """This process's Slurm job id (array tasks as ARRAYID_TASK, as squeue shows them), or None outside Slurm."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def finish_detail(trial: Trial) -> tuple[str, str]:
+    """(status, last line of the reason) from the trial directory, the source of truth."""
+    state = TrialState.load(Path(trial.dir))
+    return state.status, state.reason.strip().splitlines()[-1] if state.reason else ""
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -183,7 +197,7 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
         raise
     client.update_run(trial.run_id, status="RUNNING")
     log_batch(client, trial.run_id, tags=tags)
-    state = TrialState(RUNNING, trainer.step, trial.run_id)
+    state = TrialState(RUNNING, trainer.step, trial.run_id, job_id=slurm_job_id())
     state.save(trial_dir)
     reset_peak_memory(device)
     metrics = MetricBuffer(client, trial.run_id)
@@ -249,4 +263,4 @@ def record_outcome(client: MlflowClient, run_id: str, state: TrialState) -> None
     if state.reason is not None:
         tags |= {"orch.reason": state.reason[-5000:], "orch.stopped_step": str(state.step)}
     log_batch(client, run_id, tags=tags)
-    client.set_terminated(run_id, status="FAILED" if state.status == FAILED else "FINISHED")
+    client.set_terminated(run_id, status={FAILED: "FAILED", CANCELLED: "KILLED"}.get(state.status, "FINISHED"))

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
 STOPPED = "stopped"
 """Stopped early by a search scheduler (ASHA): a result, like divergence."""
+CANCELLED = "cancelled"
+"""Stopped by `orch cancel`: not a result; `orch resume` continues it from its checkpoint."""
 FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
 """Trials in these states are results: never run again."""
 
@@ -44,6 +46,8 @@ class TrialState:
     reason: str | None = None
     result: dict[str, float] = field(default_factory=dict)
     """The latest evaluation (e.g. {"eval/kl/nfe_1": 0.42}): what a resumed search reports for a finished trial."""
+    job_id: str | None = None
+    """The Slurm job running the trial, when it runs under Slurm."""
     updated: float = field(default_factory=time.time)
 
     @classmethod

@@ -46,13 +46,24 @@ class Resources(Strict):
 
 
 class Backend(Strict):
-    name: Literal["ray", "local"] = "ray"
+    name: Literal["ray", "local", "slurm"] = "ray"
     max_concurrent: PositiveInt | None = None
     """Trials at once on Ray; null = as many as the resources allow."""
     resources: Resources = Resources()
     """Ray resources per trial (torch's CPU thread count is train.threads)."""
     address: str | None = None
     """An existing Ray cluster (e.g. "ray://head:10001" or "auto"); null starts an embedded local Ray."""
+    max_failures: NonNegativeInt = 1
+    """Retries of a trial after an infrastructure failure (a Ray worker or a Slurm job that died without
+    recording an outcome). An exception in the trial itself is a `failed` result and is not retried."""
+    # Slurm (submitit's parameter names); a study's trials go out as one job array per submission
+    partition: str | None = None
+    timeout_min: PositiveInt = 240
+    cpus_per_task: PositiveInt = 1
+    gpus_per_node: NonNegativeInt = 0
+    mem_gb: PositiveFloat | None = None
+    array_parallelism: PositiveInt = 64
+    """At most this many of the array's jobs run at once."""
 
 
 StudyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]

@@ -1,0 +1,161 @@
+"""The Slurm backend: each trial is a submitit job, the trials of one submission one job array.
+
+The trial directory stays the source of truth. A job runs run_trial on its directory, which resumes from the
+newest checkpoint, so a job that Slurm requeues (timeout or preemption through submitit's checkpointing, or
+`scontrol requeue`) continues where its last checkpoint left it. The driver only submits and watches: it reads
+progress from the trial directories and job states from `squeue`, resubmits a job that died without recording an
+outcome (up to backend.max_failures times), and stops watching on Ctrl-C while the jobs keep running.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import submitit
+
+from orchestrator.progress import Progress
+from orchestrator.runner import Trial, finish_detail, run_trial
+from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, RUNNING, TrialState, write_json
+from orchestrator.study import Backend
+
+JOB_FILE = "job.json"
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+          "RESIZING", "SIGNALING", "STAGE_OUT"}  # fmt: skip
+POLL_SECONDS = 2.0
+
+
+class SlurmError(Exception):
+    """Slurm's commands are missing or failing."""
+
+
+class SlurmTrial(submitit.helpers.Checkpointable):
+    """What a job runs. On timeout or preemption submitit calls `checkpoint` (inherited: resubmit the same call)
+    and requeues the job; run_trial then resumes from the directory's newest checkpoint."""
+
+    def __call__(self, trial_dir: str) -> str:
+        try:
+            return run_trial(Trial.load(trial_dir))
+        except Exception:  # recorded as `failed` in the trial directory: a result, not an infrastructure error
+            return TrialState.load(Path(trial_dir)).status
+
+
+def slurm_command(*args: str) -> str:
+    try:
+        done = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmError(f"cannot run {args[0]}: {e}") from None
+    if done.returncode != 0:
+        raise SlurmError(f"{' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def queue_states() -> dict[str, str]:
+    """The state of every job slurmctld knows, array tasks one by one: job id → state (e.g. "RUNNING")."""
+    out = slurm_command("squeue", "--noheader", "--array", "--states=all", "--format=%i|%T")
+    return dict(line.split("|", 1) for line in out.split())
+
+
+def read_job(trial_dir: str | Path) -> dict | None:
+    """The trial's latest Slurm submission: {"job_id", "attempt", "log"}."""
+    path = Path(trial_dir) / JOB_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def make_executor(study_dir: Path, study: str, backend: Backend) -> submitit.AutoExecutor:
+    # cluster named explicitly: AutoExecutor would otherwise pick Slurm or not by whether srun is on PATH
+    executor = submitit.AutoExecutor(folder=study_dir / "slurm" / "%j", cluster="slurm")
+    params = {
+        "name": f"orch-{study}",
+        "timeout_min": backend.timeout_min,
+        "cpus_per_task": backend.cpus_per_task,
+        "gpus_per_node": backend.gpus_per_node,
+        "slurm_array_parallelism": backend.array_parallelism,
+    }
+    if backend.partition is not None:
+        params["slurm_partition"] = backend.partition
+    if backend.mem_gb is not None:
+        params["mem_gb"] = backend.mem_gb
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit_jobs(executor: submitit.AutoExecutor, trials: list[Trial]) -> None:
+    """One job array for all the trials; each trial directory records its job."""
+    if not trials:
+        return
+    with executor.batch():
+        jobs = [executor.submit(SlurmTrial(), t.dir) for t in trials]
+    for trial, job in zip(trials, jobs):
+        previous = read_job(trial.dir)
+        attempt = previous["attempt"] + 1 if previous else 1
+        write_json(Path(trial.dir) / JOB_FILE, {"job_id": job.job_id, "attempt": attempt, "log": str(job.paths.stderr)})
+
+
+def run_slurm(trials: list[Trial], study_dir: Path, study: str, backend: Backend, progress: Progress, say) -> None:
+    """Submit the trials that have no live job (others, from an interrupted driver, are watched again) and watch
+    until every trial has an outcome."""
+    executor = make_executor(study_dir, study, backend)
+    states = queue_states()
+    live = [t for t in trials if (job := read_job(t.dir)) and states.get(job["job_id"]) in ACTIVE]
+    if live:
+        say(f"{len(live)} trial(s) still queued or running on Slurm from an earlier submission: watching them")
+    submit_jobs(executor, [t for t in trials if t not in live])
+    try:
+        watch(trials, executor, backend.max_failures, progress, say)
+    except KeyboardInterrupt:
+        say("stopped watching; the Slurm jobs keep running (`orch status` shows them, `orch cancel` stops them)")
+        raise
+
+
+def watch(trials: list[Trial], executor, max_failures: int, progress: Progress, say) -> None:
+    waiting = {t.id: t for t in trials}
+    steps: dict[str, int] = {}
+    while waiting:
+        states = queue_states()
+        for trial in list(waiting.values()):
+            state, job = TrialState.load(Path(trial.dir)), read_job(trial.dir)
+            if state.status == RUNNING and steps.get(trial.id) != state.step:
+                if trial.id not in steps:
+                    progress.started(trial.id, state.step)
+                progress.update(trial.id, state.step, state.result)
+                steps[trial.id] = state.step
+            slurm_state = states.get(job["job_id"])
+            if slurm_state in ACTIVE:
+                continue
+            if slurm_state == "CANCELLED" and state.status not in (*FINISHED_STATES, FAILED):
+                state.status, state.reason = CANCELLED, f"Slurm job {job['job_id']} was cancelled"
+                state.save(Path(trial.dir))
+            if state.status in (*FINISHED_STATES, FAILED, CANCELLED):
+                progress.finished(trial.id, *finish_detail(trial))
+                del waiting[trial.id]
+            elif job["attempt"] <= max_failures:
+                say(f"{trial.label}: Slurm job {job['job_id']} ended ({slurm_state or 'gone'}) without an outcome; "
+                    f"resubmitting (attempt {job['attempt'] + 1})")  # fmt: skip
+                submit_jobs(executor, [trial])
+            else:
+                state.status = FAILED
+                state.reason = (
+                    f"Slurm job {job['job_id']} ended ({slurm_state or 'gone'}) without recording an outcome, "
+                    f"{job['attempt']} attempt(s); its log: {job['log']}"
+                )
+                state.save(Path(trial.dir))
+                progress.finished(trial.id, FAILED, state.reason)
+                del waiting[trial.id]
+        if waiting:
+            time.sleep(POLL_SECONDS)
+
+
+def cancel_jobs(trial_dirs: list[Path], wait_seconds: float = 120.0) -> list[str]:
+    """scancel the live jobs of these trials and wait until Slurm has ended them (so that none writes to its
+    trial directory afterwards); returns their ids."""
+    states = queue_states()
+    ids = [job["job_id"] for d in trial_dirs if (job := read_job(d)) and states.get(job["job_id"]) in ACTIVE]
+    if ids:
+        slurm_command("scancel", *ids)
+    deadline = time.time() + wait_seconds
+    while ids and any(queue_states().get(i) in ACTIVE for i in ids) and time.time() < deadline:
+        time.sleep(POLL_SECONDS / 2)
+    return ids

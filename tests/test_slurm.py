@@ -1,0 +1,119 @@
+"""The Slurm backend on a real single-node Slurm (Debian's packages, brought up by tests/slurm/up.sh): a study
+runs as a job array, `scontrol requeue` of a running job resumes it from its checkpoint, and status, cancel and
+resume work on live jobs."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.slurm import queue_states
+from orchestrator.state import TrialState
+from tests.conftest import STUDIES
+
+UP = Path(__file__).resolve().parent / "slurm" / "up.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    subprocess.run(["sh", str(UP)], check=True, timeout=300)
+
+
+def orch(*args: str) -> subprocess.Popen:
+    """`orch` in its own process, as a user runs it (it installs signal handlers, so not in a thread)."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.DEVNULL)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def history(study_dir: Path, run_id: str, key: str = "train/loss") -> list[int]:
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def long_study(tmp_path: Path, name: str, steps: int) -> Path:
+    raw = yaml.safe_load((STUDIES / "slurm_tiny.yaml").read_text())
+    raw["name"] = name
+    raw["base"]["train"] |= {"steps": steps, "checkpoint_every": 100, "log_every": 20}
+    raw["base"]["eval"]["every"] = steps
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_study_runs_as_a_job_array(slurm, tmp_path, capsys):
+    assert main(["submit", str(STUDIES / "slurm_tiny.yaml"), "--workdir", str(tmp_path)]) == 0
+    study_dir = tmp_path / "slurm_tiny"
+    jobs = [json.loads((d / "job.json").read_text()) for d in (study_dir / "trials").iterdir()]
+    assert len({j["job_id"].split("_")[0] for j in jobs}) == 1  # one array
+    for trial_dir in (study_dir / "trials").iterdir():
+        state = TrialState.load(trial_dir)
+        assert state.status == "completed" and state.job_id is not None
+    capsys.readouterr()
+    assert main(["status", "slurm_tiny", "--workdir", str(tmp_path)]) == 0
+    assert "[slurm " in capsys.readouterr().out
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
+    study = long_study(tmp_path, "slurm_requeue", 1500)
+    study_dir = tmp_path / "slurm_requeue"
+    driver = orch("submit", str(study), "--workdir", str(tmp_path))
+    trial_dir = wait_for(
+        lambda: next((d for d in (study_dir / "trials").glob("*") if TrialState.load(d).step >= 200), None),
+        240,
+        "a checkpoint at step 200",
+    )
+    assert TrialState.load(trial_dir).step < 1500  # requeued mid-run
+    job_id = json.loads((trial_dir / "job.json").read_text())["job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for(lambda: queue_states().get(job_id) == "PENDING", 60, "the requeued job back in the queue")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)  # skip Slurm's delay
+    assert driver.wait(600) == 0
+    state = TrialState.load(trial_dir)
+    assert state.status == "completed"
+    restarts = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts
+    # Metrics reach MLflow at checkpoints, so a job that restarted from scratch would log the steps up to the
+    # checkpoint we saw a second time; resumed from it, every step is logged once, in the same run.
+    steps = history(study_dir, state.run_id)
+    assert sorted(steps) == list(range(20, 1501, 20))
+
+
+def test_cancel_then_resume_finishes_from_the_checkpoints(slurm, tmp_path, capsys):
+    study = long_study(tmp_path, "slurm_cancel", 3000)
+    study_dir = tmp_path / "slurm_cancel"
+    driver = orch("submit", str(study), "--workdir", str(tmp_path))
+    wait_for(
+        lambda: (
+            all(TrialState.load(d).step >= 100 for d in (study_dir / "trials").glob("*"))
+            and len(list((study_dir / "trials").glob("*"))) == 2
+        ),
+        240,
+        "both trials past a checkpoint",
+    )
+    assert main(["cancel", "slurm_cancel", "--workdir", str(tmp_path)]) == 0
+    assert driver.wait(120) == 1  # the submission ends with unfinished (cancelled) trials
+    states = {d.name: TrialState.load(d) for d in (study_dir / "trials").iterdir()}
+    assert {s.status for s in states.values()} == {"cancelled"}
+    assert all(0 < s.step < 3000 for s in states.values())
+    assert main(["resume", "slurm_cancel", "--workdir", str(tmp_path)]) == 0
+    for trial_dir in (study_dir / "trials").iterdir():
+        state = TrialState.load(trial_dir)
+        assert state.status == "completed"
+        assert sorted(history(study_dir, state.run_id)) == list(range(20, 3001, 20))  # resumed, not restarted
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("slurm_cancel").experiment_id])
+    assert sum(r.data.tags.get("orch.role") == "trial" for r in runs) == 2  # the same run per trial throughout
