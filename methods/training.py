@@ -44,6 +44,8 @@ class TrainConfig(Params):
     keep_checkpoints: PositiveInt = 2
     max_loss: PositiveFloat | None = None
     """A finite loss above this also counts as divergence (null: only non-finite losses do)."""
+    max_target_norm: PositiveFloat | None = None
+    """A per-sample target norm above this (a target blowing up) also counts as divergence (null: off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = 1
     """CPU threads per trial (torch.set_num_threads); null leaves torch's default."""
@@ -187,6 +189,13 @@ class Trainer:
             raise Diverged(self.step, f"non-finite loss ({loss_value})")
         if self.cfg.max_loss is not None and loss_value > self.cfg.max_loss:
             raise Diverged(self.step, f"loss {loss_value:.4g} above train.max_loss {self.cfg.max_loss:g}")
+        if self.cfg.max_target_norm is not None:
+            for term in terms:
+                if (peak := term.target_norms().max().item()) > self.cfg.max_target_norm:
+                    limit = self.cfg.max_target_norm
+                    raise Diverged(
+                        self.step, f"{term.name} target norm {peak:.4g} above train.max_target_norm {limit:g}"
+                    )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -194,6 +203,8 @@ class Trainer:
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise Diverged(self.step, f"non-finite gradient norm ({grad_norm})")
         self.optimizer.step()
+        if with_stats and not all(torch.isfinite(p).all() for p in params):
+            raise Diverged(self.step, "non-finite parameters after the optimiser step")
         self.ema.update(self.net.net, self.step)
         self.step += 1
         self.samples_seen += self.cfg.batch_size

@@ -258,9 +258,12 @@ def finish(
 
 
 def record_outcome(client: MlflowClient, run_id: str, state: TrialState) -> None:
-    """Write a trial's outcome (status, reason, step) from its state into its MLflow run and end the run."""
+    """Write a trial's outcome (status, reason, step) from its state into its MLflow run and end the run; a
+    failure's whole traceback also goes in as the artifact failure/traceback.txt."""
     tags = {STATUS: state.status}
     if state.reason is not None:
         tags |= {"orch.reason": state.reason[-5000:], "orch.stopped_step": str(state.step)}
     log_batch(client, run_id, tags=tags)
+    if state.status == FAILED and state.reason:
+        client.log_text(run_id, state.reason, "failure/traceback.txt")
     client.set_terminated(run_id, status={FAILED: "FAILED", CANCELLED: "KILLED"}.get(state.status, "FINISHED"))

@@ -92,3 +92,8 @@ def test_a_missing_or_corrupt_teacher_is_a_clear_error(tmp_path, capsys):
     assert main(["submit", str(study), "--workdir", str(tmp_path / "runs")]) == 1
     out = capsys.readouterr()
     assert f"teacher {corrupt}: cannot load" in out.out + out.err, out.out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'distill' / 'mlflow.db'}")
+    for run in trial_runs(tmp_path / "runs" / "distill", "distill"):
+        assert run.data.tags["orch.status"] == "failed" and run.info.status == "FAILED"
+        traceback = client.download_artifacts(run.info.run_id, "failure/traceback.txt", str(tmp_path))
+        assert "TeacherError" in Path(traceback).read_text()  # the whole traceback, as an artifact

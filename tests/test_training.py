@@ -2,8 +2,10 @@
 
 import io
 
+import pytest
 import torch
 
+from methods.training import Diverged
 from orchestrator.config import resolve_trial_config
 from orchestrator.runner import build_trainer
 
@@ -52,3 +54,16 @@ def test_resume_from_a_checkpoint_continues_exactly():
     for p, q in zip(straight.ema.nets[0.99].parameters(), resumed.ema.nets[0.99].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert resumed.cost()["cost/fwd_per_sample"] == straight.cost()["cost/fwd_per_sample"]
+
+
+def test_divergence_detectors_stop_training_with_a_reason():
+    """Non-finite parameters (here an infinite learning rate turns a finite step into inf/NaN weights) and a
+    target-norm blow-up above train.max_target_norm each raise Diverged with their reason."""
+    trainer = trainer_for("fm", 5, lr=float("inf"))
+    with pytest.raises(Diverged, match="non-finite parameters"):
+        trainer.train_step(with_stats=True)
+    config, _ = resolve_trial_config({"method": {"name": "lsd"}, "train": {"max_target_norm": 1e-3, "device": "cpu"}})
+    with pytest.raises(Diverged, match=r"target norm .* above train.max_target_norm 0.001"):
+        build_trainer(config, torch.device("cpu")).train_step()
+    config, _ = resolve_trial_config({"method": {"name": "lsd"}, "train": {"max_target_norm": 1e6, "device": "cpu"}})
+    build_trainer(config, torch.device("cpu")).train_step()  # control: a sane limit does not fire
