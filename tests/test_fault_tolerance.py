@@ -1,0 +1,98 @@
+"""Interruption loses at most the work since the last checkpoint: the driver killed with SIGKILL mid-sweep, then
+`orch resume`; and a study run on an existing Ray cluster started with `ray start --head`."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.backends import session_processes
+from orchestrator.cli import main
+from orchestrator.state import TrialState
+from tests.conftest import STUDIES
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+
+
+def states(study_dir: Path) -> dict[str, TrialState]:
+    trials = study_dir / "trials"
+    return {d.name: TrialState.load(d) for d in trials.iterdir()} if trials.exists() else {}
+
+
+def trial_runs(study_dir: Path, name: str) -> list:
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=100)
+    return [r for r in runs if r.data.tags.get("orch.role") == "trial"]
+
+
+def test_sigkilled_driver_resumes_the_sweep_from_checkpoints(tmp_path):
+    study_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "submit",
+        str(STUDIES / "sweep.yaml"),
+        "--workdir",
+        str(tmp_path),
+    ]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # one trial finished, another past a checkpoint and still running
+        now = states(study_dir)
+        done = [t for t, s in now.items() if s.status == "completed"]
+        running = [t for t, s in now.items() if s.status == "running" and 100 <= s.step < 600]
+        if done and running:
+            break
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.1)
+    temp_dir = json.loads((study_dir / "ray_session.json").read_text())["temp_dir"]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = states(study_dir)
+    finished = {t: s for t, s in before.items() if s.status == "completed"}
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    logged = {t: len(client.get_metric_history(s.run_id, "train/loss")) for t, s in finished.items()}
+
+    assert main(["resume", "sweep", "--workdir", str(tmp_path)]) == 0
+    assert not session_processes(temp_dir), "processes of the killed driver's Ray were left running"
+    runs = trial_runs(study_dir, "sweep")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # one run per trial, none stale
+    after = states(study_dir)
+    for trial_id, state in after.items():
+        assert state.status == "completed" and state.run_id == before[trial_id].run_id
+        steps = [m.step for m in client.get_metric_history(state.run_id, "train/loss")]
+        assert sorted(set(steps)) == list(range(20, 601, 20))
+        replayed = {s for s in steps if steps.count(s) > 1}
+        assert all(s > before[trial_id].step for s in replayed), (trial_id, before[trial_id].step, replayed)
+    for trial_id, state in finished.items():  # finished trials untouched: not re-run, not re-logged
+        assert after[trial_id].updated == state.updated
+        assert len(client.get_metric_history(state.run_id, "train/loss")) == logged[trial_id]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_study_runs_on_an_existing_ray_cluster(tmp_path):
+    port = free_port()
+    head = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+            "--disable-usage-stats", f"--temp-dir=/tmp/orch-head-{port}"]  # fmt: skip
+    started = subprocess.run(head, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]  # (a socket path over ~100 bytes breaks Ray)
+    try:
+        address = f"127.0.0.1:{port}"
+        assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--ray-address", address]) == 0
+        assert {s.status for s in states(tmp_path / "tiny").values()} == {"completed"}
+        assert len(trial_runs(tmp_path / "tiny", "tiny")) == 4
+        assert not (tmp_path / "tiny" / "ray_session.json").exists()  # orch started no Ray of its own
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
