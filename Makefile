@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
+SLURMCTLD := /usr/sbin/slurmctld
 
 .PHONY: install run test lint bench clean
 
@@ -20,10 +21,15 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# The Slurm tests run on a real single-node Slurm from Debian's packages (tests/slurm/up.sh starts it).
+$(SLURMCTLD):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge
+
 run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
-test: install $(CHROMIUM)
+test: install $(CHROMIUM) $(SLURMCTLD)
 	$(VENV)/bin/python -m pytest
 
 bench: install
