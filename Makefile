@@ -33,7 +33,11 @@ test: install $(CHROMIUM) $(SLURMCTLD)
 	$(VENV)/bin/python -m pytest
 
 bench: install
+	$(VENV)/bin/python bench/orchestration.py
+	$(VENV)/bin/python bench/plan_scale.py
 	$(VENV)/bin/python bench/dashboard_scale.py
+	$(VENV)/bin/python bench/method_cost.py
+	$(VENV)/bin/python bench/sampling.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

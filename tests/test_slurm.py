@@ -3,6 +3,8 @@ runs as a job array, `scontrol requeue` of a running job resumes it from its che
 resume work on live jobs."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,22 @@ def slurm():
 def orch(*args: str) -> subprocess.Popen:
     """`orch` in its own process, as a user runs it (it installs signal handlers, so not in a thread)."""
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.DEVNULL)
+
+
+def job_processes(job_id: str) -> list[int]:
+    """PIDs of the Python processes a Slurm array task runs (found by the job ids in their environment)."""
+    array_id, task = job_id.split("_")
+    marks = [f"SLURM_ARRAY_JOB_ID={array_id}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()]
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"python" in cmdline.split(b"\0")[0] and b"submitit" in cmdline and all(m in environ for m in marks):
+            found.append(int(proc.name))
+    return found
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -117,3 +135,27 @@ def test_cancel_then_resume_finishes_from_the_checkpoints(slurm, tmp_path, capsy
     client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("slurm_cancel").experiment_id])
     assert sum(r.data.tags.get("orch.role") == "trial" for r in runs) == 2  # the same run per trial throughout
+
+
+def test_a_job_that_dies_without_an_outcome_is_retried(slurm, tmp_path):
+    """backend.max_failures covers infrastructure failures: SIGKILL the job's Python process (as the OOM killer or a
+    node failure would) and the driver resubmits the trial, which resumes from its checkpoint."""
+    study = long_study(tmp_path, "slurm_retry", 1500)
+    study_dir = tmp_path / "slurm_retry"
+    driver = orch("submit", str(study), "--workdir", str(tmp_path))
+    trial_dir = wait_for(
+        lambda: next((d for d in (study_dir / "trials").glob("*") if TrialState.load(d).step >= 200), None),
+        240,
+        "a checkpoint at step 200",
+    )
+    first = json.loads((trial_dir / "job.json").read_text())
+    workers = job_processes(first["job_id"])
+    assert workers, "the job's Python process was not found"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    assert driver.wait(600) == 0
+    second = json.loads((trial_dir / "job.json").read_text())
+    assert second["attempt"] == 2 and second["job_id"] != first["job_id"]
+    state = TrialState.load(trial_dir)
+    assert state.status == "completed"
+    assert sorted(history(study_dir, state.run_id)) == list(range(20, 1501, 20))  # resumed, not restarted

@@ -1,0 +1,114 @@
+"""Benchmark: training-step cost of every method relative to flow matching on the same network and batch.
+
+Each method runs in a fresh process (so that peak memory is its own): a few warm-up steps, then timed steps.
+Prints time per step and peak memory as ratios to FM, next to the measured network evaluations per sample and
+paper B's measured ratios (METHODS.md §4.6). On CPU the memory is the process's peak RSS above what it held
+before training; on a GPU it is torch.cuda.max_memory_allocated.
+
+python bench/method_cost.py [--width 512] [--depth 5] [--batch 2048] [--steps 30] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ["fm", "lsd", "esd", "psd_mid", "sdei", "stei", "sdee", "stee", "meanflow", "sct", "scd", "ict", "shortcut"]
+# Paper B's measured training cost relative to its diffusion teacher (EDM, CIFAR-10; time, memory)
+PAPER_B = {"meanflow": (1.82, 4.46), "sdei": (1.60, 1.11), "stei": (2.49, 1.95), "sdee": (1.60, 1.11),
+           "stee": (1.26, 1.07)}  # fmt: skip
+
+
+def measure(method: str, width: int, depth: int, batch: int, steps: int, device: str) -> dict:
+    """One method's step time (median) and peak memory, in this process."""
+    import torch
+
+    from methods.training import peak_memory_mb, reset_peak_memory
+    from orchestrator.config import resolve_trial_config
+    from orchestrator.runner import build_network, build_trainer
+    from orchestrator.teachers import needs_teacher
+
+    torch.set_num_threads(1)
+    config, problems = resolve_trial_config(
+        {
+            "method": {"name": method},
+            "model": {"width": width, "depth": depth},
+            "train": {"batch_size": batch, "device": device, "ema": [0.999]},
+        }
+    )
+    assert not problems, problems
+    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen net costs the same
+    trainer = build_trainer(config, torch.device(device), teacher)
+    for _ in range(3):
+        trainer.train_step()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    baseline = peak_memory_mb(trainer.device)
+    reset_peak_memory(trainer.device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = peak_memory_mb(trainer.device)
+    cost = trainer.cost()
+    return {
+        "method": method,
+        "step_s": statistics.median(times),
+        "mem_mb": peak if device == "cuda" else max(peak - baseline, 0.0) + 1e-9,
+        "fwd": cost["cost/fwd_per_sample"],
+        "jvp": cost["cost/jvp_per_sample"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method and print JSON
+    args = parser.parse_args()
+    shape = (args.width, args.depth, args.batch, args.steps, args.device)
+    if args.one:
+        print(json.dumps(measure(args.one, *shape)))
+        return
+    rows = []
+    for method in METHODS:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                method,
+                *sum(([f"--{k}", str(v)] for k, v in vars(args).items() if k != "one"), []),
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    fm = rows[0]
+    print(f"checker MLP {args.width}x{args.depth}, batch {args.batch}, {args.device}, median of {args.steps} steps")
+    print(f"{'method':10} {'ms/step':>8} {'time×FM':>8} {'mem MB':>8} {'mem×FM':>7} {'fwd':>5} {'jvp':>5}  paper B")
+    for r in rows:
+        paper = PAPER_B.get(r["method"])
+        print(
+            f"{r['method']:10} {1000 * r['step_s']:8.1f} {r['step_s'] / fm['step_s']:8.2f} {r['mem_mb']:8.1f} "
+            f"{r['mem_mb'] / fm['mem_mb']:7.2f} {r['fwd']:5.2f} {r['jvp']:5.2f}  "
+            + (f"{paper[0]:.2f}× / {paper[1]:.2f}×" if paper else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
