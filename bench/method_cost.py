@@ -2,8 +2,9 @@
 
 Each method runs in a fresh process (so that peak memory is its own): a few warm-up steps, then timed steps.
 Prints time per step and peak memory as ratios to FM, next to the measured network evaluations per sample and
-paper B's measured ratios (METHODS.md §4.6). On CPU the memory is the process's peak RSS above what it held
-before training; on a GPU it is torch.cuda.max_memory_allocated.
+paper B's measured ratios (METHODS.md §4.6). On CPU the memory is the process's peak RSS above its RSS before
+the first training step (the working memory of training, allocator caching included); on a GPU it is
+torch.cuda.max_memory_allocated.
 
 python bench/method_cost.py [--width 512] [--depth 5] [--batch 2048] [--steps 30] [--device cpu]
 """
@@ -27,6 +28,13 @@ PAPER_B = {"meanflow": (1.82, 4.46), "sdei": (1.60, 1.11), "stei": (2.49, 1.95),
            "stee": (1.26, 1.07)}  # fmt: skip
 
 
+def resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(method: str, width: int, depth: int, batch: int, steps: int, device: str) -> dict:
     """One method's step time (median) and peak memory, in this process."""
     import torch
@@ -47,12 +55,12 @@ def measure(method: str, width: int, depth: int, batch: int, steps: int, device:
     assert not problems, problems
     teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen net costs the same
     trainer = build_trainer(config, torch.device(device), teacher)
+    baseline = resident_mb()  # before any step: what training adds on top is the method's working memory
+    reset_peak_memory(trainer.device)
     for _ in range(3):
         trainer.train_step()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    baseline = peak_memory_mb(trainer.device)
-    reset_peak_memory(trainer.device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -64,7 +72,7 @@ def measure(method: str, width: int, depth: int, batch: int, steps: int, device:
     return {
         "method": method,
         "step_s": statistics.median(times),
-        "mem_mb": peak if device == "cuda" else max(peak - baseline, 0.0) + 1e-9,
+        "mem_mb": peak if device == "cuda" else peak - baseline,
         "fwd": cost["cost/fwd_per_sample"],
         "jvp": cost["cost/jvp_per_sample"],
     }
@@ -74,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method and print JSON
