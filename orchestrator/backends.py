@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,7 +107,19 @@ def claim_study(study_dir: Path) -> Path:
 
 
 def start_ray(address: str | None, study_dir: Path) -> None:
-    """Connect to a Ray cluster, or start an embedded one whose processes are recorded with the study."""
+    """Connect to a Ray cluster, or start an embedded one whose processes are recorded with the study.
+
+    ray.init replaces the driver's SIGTERM handler with one that exits with status 15; orch's own handler (an
+    interrupt, as Ctrl-C) is put back, so that SIGTERM and `orch cancel` stop a study cleanly with exit 130."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        init_ray(address, study_dir)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def init_ray(address: str | None, study_dir: Path) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return

@@ -96,3 +96,29 @@ def test_a_study_runs_on_an_existing_ray_cluster(tmp_path):
         assert not (tmp_path / "tiny" / "ray_session.json").exists()  # orch started no Ray of its own
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_cancel_stops_a_running_ray_study_and_resume_finishes_it(tmp_path):
+    study_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "submit",
+        str(STUDIES / "sweep.yaml"),
+        "--workdir",
+        str(tmp_path),
+    ]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(s.status == "running" and s.step >= 100 for s in states(study_dir).values()):
+        assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be cancelled"
+        time.sleep(0.1)
+    assert main(["cancel", "sweep", "--workdir", str(tmp_path)]) == 0
+    assert driver.wait(60) == 130  # the driver stopped as on Ctrl-C
+    cancelled = {t: s for t, s in states(study_dir).items() if s.status == "cancelled"}
+    assert cancelled and all(s.status in ("cancelled", "completed") for s in states(study_dir).values())
+    runs = {r.info.run_id: r for r in trial_runs(study_dir, "sweep")}
+    assert all(runs[s.run_id].info.status == "KILLED" for s in cancelled.values())
+    assert main(["resume", "sweep", "--workdir", str(tmp_path)]) == 0
+    assert {s.status for s in states(study_dir).values()} == {"completed"}
