@@ -43,14 +43,24 @@ def ray_trainable(config: dict) -> None:
     recorded as `failed` and not passed on, so that Tune retries (max_failures) only infrastructure failures:
     a worker that died."""
     trial = Trial.load(config["trial_dir"])
+    last = [0.0]
+
+    def report(step: int, metrics: dict) -> None:
+        # Every report crosses to the driver and through Tune's callbacks; a few per second keep the progress
+        # view live without taking CPU from the trials (evaluations always go through).
+        if time.monotonic() - last[0] >= REPORT_SECONDS or any(k.startswith("eval/") for k in metrics):
+            last[0] = time.monotonic()
+            tune.report({"step": step, "orch_metrics": json.dumps(metrics)})
+
     try:
-        status = run_trial(trial, progress=lambda step, m: tune.report({"step": step, "orch_metrics": json.dumps(m)}))
+        status = run_trial(trial, progress=report)
     except Exception:
         status = TrialState.load(Path(trial.dir)).status
     tune.report({"orch_status": status})
 
 
 SESSION_RECORD = "ray_session.json"
+REPORT_SECONDS = 2.0
 
 
 class StudyBusy(Exception):
