@@ -31,8 +31,8 @@ def trial_runs(study_dir: Path, name: str) -> list:
     return [r for r in runs if r.data.tags.get("orch.role") == "trial"]
 
 
-def test_sigkilled_driver_resumes_the_sweep_from_checkpoints(tmp_path):
-    study_dir = tmp_path / "sweep"
+def submit_sweep(workdir: Path) -> subprocess.Popen:
+    """`orch submit tests/studies/sweep.yaml` in its own process, as a user runs it."""
     command = [
         sys.executable,
         "-m",
@@ -40,9 +40,14 @@ def test_sigkilled_driver_resumes_the_sweep_from_checkpoints(tmp_path):
         "submit",
         str(STUDIES / "sweep.yaml"),
         "--workdir",
-        str(tmp_path),
+        str(workdir),
     ]
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkilled_driver_resumes_the_sweep_from_checkpoints(tmp_path):
+    study_dir = tmp_path / "sweep"
+    driver = submit_sweep(tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline:  # one trial finished, another past a checkpoint and still running
         now = states(study_dir)
@@ -100,16 +105,7 @@ def test_a_study_runs_on_an_existing_ray_cluster(tmp_path):
 
 def test_cancel_stops_a_running_ray_study_and_resume_finishes_it(tmp_path):
     study_dir = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "submit",
-        str(STUDIES / "sweep.yaml"),
-        "--workdir",
-        str(tmp_path),
-    ]
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = submit_sweep(tmp_path)
     deadline = time.time() + 300
     while not any(s.status == "running" and s.step >= 100 for s in states(study_dir).values()):
         assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be cancelled"

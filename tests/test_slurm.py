@@ -72,6 +72,16 @@ def long_study(tmp_path: Path, name: str, steps: int) -> Path:
     return path
 
 
+def first_checkpointed(study_dir: Path, step: int) -> Path:
+    """The directory of the first trial whose state reports a checkpoint at `step` or later."""
+    trials = study_dir / "trials"
+    return wait_for(
+        lambda: next((d for d in trials.glob("*") if TrialState.load(d).step >= step), None),
+        240,
+        f"a checkpoint at step {step}",
+    )
+
+
 def test_a_study_runs_as_a_job_array(slurm, tmp_path, capsys):
     assert main(["submit", str(STUDIES / "slurm_tiny.yaml"), "--workdir", str(tmp_path)]) == 0
     study_dir = tmp_path / "slurm_tiny"
@@ -89,11 +99,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     study = long_study(tmp_path, "slurm_requeue", 1500)
     study_dir = tmp_path / "slurm_requeue"
     driver = orch("submit", str(study), "--workdir", str(tmp_path))
-    trial_dir = wait_for(
-        lambda: next((d for d in (study_dir / "trials").glob("*") if TrialState.load(d).step >= 200), None),
-        240,
-        "a checkpoint at step 200",
-    )
+    trial_dir = first_checkpointed(study_dir, 200)
     assert TrialState.load(trial_dir).step < 1500  # requeued mid-run
     job_id = json.loads((trial_dir / "job.json").read_text())["job_id"]
     subprocess.run(["scontrol", "requeue", job_id], check=True)
@@ -143,11 +149,7 @@ def test_a_job_that_dies_without_an_outcome_is_retried(slurm, tmp_path):
     study = long_study(tmp_path, "slurm_retry", 1500)
     study_dir = tmp_path / "slurm_retry"
     driver = orch("submit", str(study), "--workdir", str(tmp_path))
-    trial_dir = wait_for(
-        lambda: next((d for d in (study_dir / "trials").glob("*") if TrialState.load(d).step >= 200), None),
-        240,
-        "a checkpoint at step 200",
-    )
+    trial_dir = first_checkpointed(study_dir, 200)
     first = json.loads((trial_dir / "job.json").read_text())
     workers = job_processes(first["job_id"])
     assert workers, "the job's Python process was not found"
