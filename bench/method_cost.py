@@ -40,9 +40,8 @@ def measure(method: str, width: int, depth: int, batch: int, steps: int, device:
     import torch
 
     from methods.training import peak_memory_mb, reset_peak_memory
+    from orchestrator.build import build_network, build_trainer, needs_teacher
     from orchestrator.config import resolve_trial_config
-    from orchestrator.runner import build_network, build_trainer
-    from orchestrator.teachers import needs_teacher
 
     torch.set_num_threads(1)
     config, problems = resolve_trial_config(

@@ -42,8 +42,9 @@ def bare_seconds(config: dict) -> float:
     """The training loop and the final evaluation alone, as run_trial would run them, without orch."""
     import torch
 
+    from methods.training import EvalConfig
+    from orchestrator.build import build_trainer
     from orchestrator.config import resolve_trial_config
-    from orchestrator.runner import build_trainer
 
     torch.set_num_threads(1)
     resolved, _ = resolve_trial_config(config)
@@ -51,7 +52,7 @@ def bare_seconds(config: dict) -> float:
     start = time.perf_counter()
     for step in range(resolved["train"]["steps"]):
         trainer.train_step(with_stats=(step + 1) % resolved["train"]["log_every"] == 0)
-    trainer.evaluate(resolved["eval"]["nfe"], ["kl"], resolved["eval"]["num_samples"], 0.99)
+    trainer.evaluate(EvalConfig.model_validate(resolved["eval"]))
     return time.perf_counter() - start
 
 

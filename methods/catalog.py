@@ -1,6 +1,15 @@
 """The complete registries: importing this module registers every dataset, model, method, sampler and metric."""
 
-from methods import consistency, flow_matching, meanflow, secant, self_distillation, shortcut  # noqa: F401 — register
+from methods import (  # noqa: F401 — importing registers
+    consistency,
+    flow_matching,
+    images,
+    meanflow,
+    secant,
+    self_distillation,
+    shortcut,
+    unet,
+)
 from methods.datasets import DATASETS
 from methods.metrics import METRICS
 from methods.nets import MODELS

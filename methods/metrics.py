@@ -1,11 +1,15 @@
-"""Sample-quality metrics. KL for 2-D data with a known density (METHODS.md §3.11)."""
+"""Sample-quality metrics (METHODS.md §3.11): KL for 2-D data with a known density, FID for images.
+
+A metric is called with (samples, dataset, the eval config, device) and returns one number, lower is better."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from methods import fid
 from methods.datasets import Density2D
+from methods.images import ImageDataset
 from methods.registry import Registry
 
 METRICS = Registry("metric")
@@ -15,6 +19,18 @@ PSEUDO_COUNT = 0.5
 
 
 @METRICS.register("kl", requires=("density",))
+def kl_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.device) -> float:
+    """KL(target ‖ model) on a 50 × 50 histogram (2-D data with a known density)."""
+    return histogram_kl(samples, dataset)
+
+
+@METRICS.register("fid", requires=("images",))
+def fid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
+    """FID of uint8 samples against the training images (eval.fid_reference of them), torch-fidelity Inception."""
+    reference, _ = fid.reference_features(dataset, evaluation.fid_reference, device)
+    return fid.fid_kid(fid.features(samples, device), reference)["fid"]
+
+
 def histogram_kl(samples: Tensor, dataset: Density2D, bins: int = KL_BINS) -> float:
     """KL(target ‖ model) over a bins × bins histogram of the dataset's square.
 

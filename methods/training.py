@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from methods.counting import CountingNet, Counts
 from methods.ema import EMA
+from methods.images import ImageDataset, to_uint8
 from methods.interpolants import LinearInterpolant
 from methods.metrics import METRICS
 from methods.nets import LogVarWeight
@@ -58,6 +59,12 @@ class EvalConfig(Params):
     num_samples: PositiveInt = 20000
     ema: Decay | None = None
     """Which EMA copy generates samples; null = the first of train.ema."""
+    batch_size: PositiveInt = 1000
+    """Samples generated per network call during evaluation (memory, not results, depends on it)."""
+    fid_reference: PositiveInt | None = None
+    """FID reference: this many training images (a fixed subset; null: all of them, as the papers do)."""
+    grid: NonNegativeInt = 64
+    """Images in the sample grid logged per NFE at each evaluation (image datasets; 0: none)."""
 
 
 class Diverged(Exception):
@@ -229,17 +236,29 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self, nfes: list[int], metrics: list[str], num_samples: int, ema_decay: float) -> dict[str, float]:
-        """Sample with the EMA copy at each NFE from the same base noise, and score with each metric."""
-        net = self.ema.nets[ema_decay]
+    def generate(self, nfe: int, evaluation: EvalConfig) -> Tensor:
+        """eval.num_samples samples with the EMA copy at `nfe`, from the same base noise at every NFE and every
+        evaluation; image samples come back as uint8 pixels on the CPU."""
+        net = self.ema.nets[evaluation.ema if evaluation.ema is not None else self.cfg.ema[0]]
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 1_000_003)
-        x0 = self.interpolant.sample_base(num_samples, self.dataset.shape, gen)
-        results = {}
-        for nfe in nfes:
-            samples = self.method.sample(net, x0, nfe)
-            for name in metrics:
-                results[f"eval/{name}/nfe_{nfe}"] = METRICS.get(name).build(samples, self.dataset)
-        return results
+        chunks = []
+        for start in range(0, evaluation.num_samples, evaluation.batch_size):
+            n = min(evaluation.batch_size, evaluation.num_samples - start)
+            x = self.method.sample(net, self.interpolant.sample_base(n, self.dataset.shape, gen), nfe)
+            chunks.append(to_uint8(x).cpu() if isinstance(self.dataset, ImageDataset) else x)
+        return torch.cat(chunks)
+
+    def evaluate(self, evaluation: EvalConfig) -> tuple[dict[str, float], dict[int, Tensor]]:
+        """Each metric at each NFE (`eval/<metric>/nfe_<N>`), and the first eval.grid images per NFE."""
+        results, grids = {}, {}
+        for nfe in evaluation.nfe:
+            samples = self.generate(nfe, evaluation)
+            for name in evaluation.metrics:
+                metric = METRICS.get(name).build
+                results[f"eval/{name}/nfe_{nfe}"] = metric(samples, self.dataset, evaluation, self.device)
+            if isinstance(self.dataset, ImageDataset) and evaluation.grid:
+                grids[nfe] = samples[: evaluation.grid]
+        return results, grids
 
     def state_dict(self) -> dict:
         return {

@@ -121,8 +121,13 @@ def cmd_status(args) -> int:
 def run_submission(study, backend, workdir: Path, tracking_uri: str | None) -> int:
     """Submit with the CLI's signal handling and exit codes (shared by submit and resume)."""
     from orchestrator.backends import StudyBusy
+    from orchestrator.build import check_data
     from orchestrator.driver import submit_study
+    from orchestrator.study import StudyError
 
+    if problems := check_data([t.config for t in study.trials]):
+        print(StudyError(study.name, problems).report(), file=sys.stderr)
+        return EXIT_INVALID
     signal.signal(signal.SIGTERM, raise_interrupt)  # Tune handles SIGINT but not SIGTERM (what Slurm sends)
     try:
         return submit_study(study, backend, workdir, tracking_uri)
@@ -184,6 +189,50 @@ def cmd_ui(args) -> int:
     return serve_mlflow_ui(tracking_uri_of(study_dir_of(args.study, args.workdir)), args.port)
 
 
+def fid_input(spec: str):
+    """`dataset:split` (a registered image dataset) or an image folder."""
+    from methods.catalog import DATASETS
+    from orchestrator.build import build_section
+
+    name, _, split = spec.partition(":")
+    if name in DATASETS and "images" in DATASETS.get(name).provides:
+        return build_section({"dataset": {"name": name, "split": split or "train"}}, "dataset")
+    if Path(spec).is_dir():  # at the native size of its first image (Inception resizes to 299 anyway)
+        from PIL import Image
+
+        from methods.images import list_images
+
+        with Image.open(list_images(Path(spec))[0]) as first:
+            side = min(first.size)
+        folder = {"name": "image_folder", "root": spec, "crop": None, "resolution": side}
+        return build_section({"dataset": folder}, "dataset")
+    raise ValueError(f"{spec!r} is neither an image dataset (dataset:split) nor a directory")
+
+
+def cmd_fid(args) -> int:
+    import torch
+
+    from methods import fid
+    from methods.images import DatasetFilesError
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.num is not None and args.num < 2:
+        print("error: --num must be at least 2", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        datasets = [fid_input(args.a), fid_input(args.b)]
+    except (ValueError, DatasetFilesError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    feats = []
+    for data in datasets:
+        print(f"{data.identity['name']}: {min(args.num or len(data), len(data))} of {len(data)} images", flush=True)
+        feats.append(fid.reference_features(data, args.num, device)[0])
+    scores = fid.fid_kid(*feats)
+    print(f"FID {scores['fid']:.3f}  KID {scores['kid']:.5f} ± {scores['kid_std']:.5f}  ({fid.EXTRACTOR})")
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch", description="Run and compare few-step generative-model studies.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,6 +269,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--serve", action="store_true", help="serve on 127.0.0.1, rebuilt while trials run")
     s.add_argument("--port", type=int, help="port for --serve (default: a free one)")
     s.add_argument("--interval", type=int, default=30, help="seconds between rebuilds with --serve (default 30)")
+    s = sub.add_parser("fid", help="FID and KID between two image sets (offline, torch-fidelity's Inception)")
+    s.add_argument("a", help="dataset:split (mnist:train, fashion_mnist:test, cifar10:train, …) or an image folder")
+    s.add_argument("b", help="the same kinds as A")
+    s.add_argument("--num", type=int, help="images per side: a fixed random subset (default: all)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.set_defaults(func=cmd_fid)
     s = sub.add_parser("ui", help="the MLflow UI over a study's store, on 127.0.0.1")
     s.add_argument("study", nargs="?", help="study name (optional when the workdir holds one study)")
     s.add_argument("--workdir", default="runs")

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
+from methods.fid import EXTRACTOR
 from methods.registry import Registry, UnknownName
 from methods.training import EvalConfig, TrainConfig
 
@@ -135,9 +136,13 @@ def trial_id(config: dict) -> str:
 
 
 def metric_fingerprint(metric: str, config: dict) -> str:
-    """What makes two values of an eval metric comparable: the metric, the data it is measured against and the
-    sample count. Values with different fingerprints are never plotted as one series."""
-    basis = {"metric": metric, "dataset": config["dataset"], "num_samples": config["eval"]["num_samples"]}
+    """What makes two values of an eval metric comparable: the metric, the data it is measured against (training
+    augmentation aside), the sample count, and for FID the reference size and the feature extractor. Values with
+    different fingerprints are never plotted as one series."""
+    data = {k: v for k, v in config["dataset"].items() if k != "hflip"}
+    basis = {"metric": metric, "dataset": data, "num_samples": config["eval"]["num_samples"]}
+    if metric == "fid":
+        basis |= {"reference": config["eval"]["fid_reference"], "extractor": EXTRACTOR}
     return f"{metric}-{trial_id(basis)[:8]}"
 
 

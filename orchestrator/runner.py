@@ -3,7 +3,9 @@ checkpoints into the trial directory and logs to the trial's MLflow run; resumes
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import time
 import traceback
@@ -14,11 +16,9 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from methods.interpolants import LinearInterpolant
-from methods.terms import Setting
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
 from orchestrator import teachers
-from orchestrator.config import REGISTRY_SECTIONS
+from orchestrator.build import build_trainer, needs_teacher
 from orchestrator.state import (
     CANCELLED,
     COMPLETED,
@@ -28,6 +28,7 @@ from orchestrator.state import (
     RUNNING,
     STOPPED,
     TrialState,
+    atomic_write_bytes,
     load_latest_checkpoint,
     save_checkpoint,
     write_json,
@@ -89,39 +90,6 @@ def open_trial(
     return trial, state
 
 
-def build_section(config: dict, section: str, *args):
-    """Build a config section's component through its registry."""
-    registry, _ = REGISTRY_SECTIONS[section]
-    entry = registry.get(config[section]["name"])
-    params = entry.params.model_validate({k: v for k, v in config[section].items() if k != "name"})
-    return entry.build(params, *args)
-
-
-def build_network(config: dict) -> torch.nn.Module:
-    """The trial's network for its dataset, initialised from train.seed."""
-    dataset = build_section(config, "dataset")
-    torch.manual_seed(config["train"]["seed"])
-    return build_section(config, "model", dataset.shape, dataset.std)
-
-
-def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
-    """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher,
-    and its student starts from the teacher's weights when the method says so."""
-    train = TrainConfig.model_validate(config["train"])
-    dataset = build_section(config, "dataset")
-    net = build_network(config)
-    if teacher is not None and config["method"].get("init_from_teacher"):
-        try:
-            net.load_state_dict(teacher.state_dict())
-        except RuntimeError as e:
-            raise ValueError(f"method.init_from_teacher: the teacher's network differs from model: {e}") from None
-    interpolant = LinearInterpolant(dataset.std)
-    sigma_data = float(dataset.std.float().mean())
-    setting = Setting(interpolant, build_section(config, "time_sampler", sigma_data), sigma_data, teacher)
-    method = build_section(config, "method", setting)
-    return Trainer(net, method, dataset, interpolant, train, device)
-
-
 def slurm_job_id() -> str | None:
     """This process's Slurm job id (array tasks as ARRAYID_TASK, as squeue shows them), or None outside Slurm."""
     if "SLURM_ARRAY_JOB_ID" in os.environ:
@@ -161,7 +129,7 @@ def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[s
     run's tags; and the wall time already spent before that checkpoint."""
     tags = {STATUS: RUNNING} | environment_tags(device_name(device))
     teacher = None
-    if teachers.needs_teacher(trial.config["method"]):
+    if needs_teacher(trial.config["method"]):
         workdir = Path(trial.dir).parents[2]
         teacher, tags["orch.teacher"] = teachers.obtain_teacher(trial.config, workdir, trial.tracking_uri)
     trainer = build_trainer(trial.config, device, teacher)
@@ -217,8 +185,10 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
                 if progress:
                     progress(step, {"train/loss": stats["train/loss"]})
             if step % evaluation.every == 0 or last:
-                scores = trainer.evaluate(evaluation.nfe, evaluation.metrics, evaluation.num_samples, ema)
+                scores, grids = trainer.evaluate(evaluation)
                 metrics.add(scores, step)
+                keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
+                log_sample_grids(client, trial.run_id, step, grids)
                 state.result = scores
                 if progress:
                     progress(step, scores)
@@ -244,6 +214,35 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
         finish(client, trial, state, FAILED, traceback.format_exc(limit=20))
         raise
     return state.status
+
+
+def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.nn.Module) -> None:
+    """Keep the best EMA weights per metric and NFE (paper A reports each NFE at its best checkpoint) in
+    <trial>/best/<metric>_nfe_<N>.pt, indexed by best/best.json ({key: {value, step}}); lower is better."""
+    index_path = trial_dir / "best" / "best.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    improved = {
+        key: value
+        for key, value in scores.items()
+        if math.isfinite(value) and (key not in index or value < index[key]["value"])
+    }
+    for key, value in improved.items():
+        name = key.removeprefix("eval/").replace("/", "_")
+        buffer = io.BytesIO()
+        torch.save({"net": net.state_dict(), "step": step, "metric": key, "value": value}, buffer)
+        atomic_write_bytes(trial_dir / "best" / f"{name}.pt", buffer.getvalue())
+        index[key] = {"value": value, "step": step}
+    if improved:
+        write_json(index_path, index)
+
+
+def log_sample_grids(client: MlflowClient, run_id: str, step: int, grids: dict[int, torch.Tensor]) -> None:
+    """One PNG grid of generated images per NFE: artifacts samples/nfe_<N>/step_<step>.png."""
+    from torchvision.utils import make_grid
+
+    for nfe, images in grids.items():
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
+        client.log_image(run_id, grid.permute(1, 2, 0).numpy(), f"samples/nfe_{nfe}/step_{step:08d}.png")
 
 
 def finish(

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from methods.storage import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
@@ -22,16 +24,6 @@ CANCELLED = "cancelled"
 """Stopped by `orch cancel`: not a result; `orch resume` continues it from its checkpoint."""
 FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
 """Trials in these states are results: never run again."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -12,19 +12,18 @@ Training goes through run_trial itself, so an interrupted teacher resumes from i
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from methods.catalog import METHODS
+from methods.storage import exclusive
 from orchestrator import runner
+from orchestrator.build import build_network
 from orchestrator.config import resolve_trial_config, trial_id
 from orchestrator.state import COMPLETED, TrialState, atomic_write_bytes, load_latest_checkpoint
 from orchestrator.tracking import ensure_experiment, ensure_parent_run
@@ -37,12 +36,6 @@ TEACHER_FILE = "teacher.pt"
 
 class TeacherError(Exception):
     """A teacher that cannot be loaded or trained; names the path and what is wrong."""
-
-
-def needs_teacher(method_config: dict) -> bool:
-    entry = METHODS.get(method_config["name"])
-    params = entry.params.model_validate({k: v for k, v in method_config.items() if k != "name"})
-    return bool(getattr(params, "uses_teacher", False))
 
 
 def teacher_config(config: dict) -> dict:
@@ -66,17 +59,6 @@ def teacher_config(config: dict) -> dict:
     return resolved
 
 
-@contextmanager
-def exclusive(lock_path: Path):
-    """Hold an exclusive lock on a file (blocks until it is free)."""
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
     """A teacher network and its config from a teacher file or from a trial directory (newest checkpoint, first
     EMA copy). Raises TeacherError naming the path and the expected format."""
@@ -93,7 +75,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
         else:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             config, state = saved["config"], saved["net"]
-        net = runner.build_network(config)
+        net = build_network(config)
         net.load_state_dict(state)
     except TeacherError:
         raise

@@ -6,9 +6,8 @@ from torch import nn
 
 from methods.counting import CountingNet
 from methods.self_distillation import esd_term, lsd_term, psd_term
+from orchestrator.build import build_network, build_trainer, needs_teacher
 from orchestrator.config import resolve_trial_config
-from orchestrator.runner import build_network, build_trainer
-from orchestrator.teachers import needs_teacher
 
 
 class TwoHeads(nn.Module):

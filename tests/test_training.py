@@ -5,9 +5,9 @@ import io
 import pytest
 import torch
 
-from methods.training import Diverged
+from methods.training import Diverged, EvalConfig
+from orchestrator.build import build_trainer
 from orchestrator.config import resolve_trial_config
-from orchestrator.runner import build_trainer
 
 
 def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: float = 3e-3):
@@ -25,10 +25,11 @@ def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: fl
 def test_short_training_lowers_kl_on_the_checkerboard():
     torch.set_num_threads(1)
     trainer = trainer_for("lsd", 1500, width=128, depth=4, lr=5e-3)  # the main study's network, fewer steps
-    before = trainer.evaluate([4, 16], ["kl"], 20000, 0.99)
+    evaluation = EvalConfig(nfe=[4, 16], metrics=["kl"], num_samples=20000, ema=0.99)
+    before, _ = trainer.evaluate(evaluation)
     for _ in range(1500):
         trainer.train_step()
-    after = trainer.evaluate([4, 16], ["kl"], 20000, 0.99)
+    after, _ = trainer.evaluate(evaluation)
     for key in before:
         assert after[key] < before[key] - 0.2, (key, before[key], after[key])
 

