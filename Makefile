@@ -49,6 +49,7 @@ bench: install
 	$(VENV)/bin/python bench/plan_scale.py
 	$(VENV)/bin/python bench/dashboard_scale.py
 	$(VENV)/bin/python bench/method_cost.py
+	$(VENV)/bin/python bench/method_cost.py --model unet
 	$(VENV)/bin/python bench/sampling.py
 
 lint: install

@@ -6,7 +6,8 @@ paper B's measured ratios (METHODS.md §4.6). On CPU the memory is the process's
 the first training step (the working memory of training, allocator caching included); on a GPU it is
 torch.cuda.max_memory_allocated.
 
-python bench/method_cost.py [--width 512] [--depth 5] [--batch 2048] [--steps 30] [--device cpu]
+python bench/method_cost.py [--width 512] [--depth 5] [--batch 4096] [--steps 30] [--device cpu]
+python bench/method_cost.py --model unet [--channels 16] [--batch 64]   # the small UNet on MNIST
 """
 
 from __future__ import annotations
@@ -35,7 +36,21 @@ def resident_mb() -> float:
     return float("nan")
 
 
-def measure(method: str, width: int, depth: int, batch: int, steps: int, device: str) -> dict:
+def trial_config(method: str, model: str, width: int, depth: int, channels: int, batch: int, device: str) -> dict:
+    """The checker MLP on the checkerboard, or the small UNet on MNIST."""
+    base = {
+        "method": {"name": method},
+        "train": {"batch_size": batch, "device": device, "ema": [0.999]},
+    }
+    if model == "mlp":
+        return base | {"model": {"width": width, "depth": depth}}
+    unet = {"name": "unet", "channels": channels, "time_scale": 1000.0}
+    return base | {"dataset": {"name": "mnist"}, "model": unet, "eval": {"metrics": ["fid"]}}
+
+
+def measure(
+    method: str, model: str, width: int, depth: int, channels: int, batch: int, steps: int, device: str
+) -> dict:
     """One method's step time (median) and peak memory, in this process."""
     import torch
 
@@ -44,13 +59,7 @@ def measure(method: str, width: int, depth: int, batch: int, steps: int, device:
     from orchestrator.config import resolve_trial_config
 
     torch.set_num_threads(1)
-    config, problems = resolve_trial_config(
-        {
-            "method": {"name": method},
-            "model": {"width": width, "depth": depth},
-            "train": {"batch_size": batch, "device": device, "ema": [0.999]},
-        }
-    )
+    config, problems = resolve_trial_config(trial_config(method, model, width, depth, channels, batch, device))
     assert not problems, problems
     teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen net costs the same
     trainer = build_trainer(config, torch.device(device), teacher)
@@ -79,14 +88,17 @@ def measure(method: str, width: int, depth: int, batch: int, steps: int, device:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["mlp", "unet"], default="mlp")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--batch", type=int, help="default: 4096 for the MLP, 64 for the UNet")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method and print JSON
     args = parser.parse_args()
-    shape = (args.width, args.depth, args.batch, args.steps, args.device)
+    args.batch = args.batch or (4096 if args.model == "mlp" else 64)
+    shape = (args.model, args.width, args.depth, args.channels, args.batch, args.steps, args.device)
     if args.one:
         print(json.dumps(measure(args.one, *shape)))
         return
@@ -106,7 +118,8 @@ def main() -> None:
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     fm = rows[0]
-    print(f"checker MLP {args.width}x{args.depth}, batch {args.batch}, {args.device}, median of {args.steps} steps")
+    net = f"checker MLP {args.width}x{args.depth}" if args.model == "mlp" else f"MNIST UNet {args.channels} channels"
+    print(f"{net}, batch {args.batch}, {args.device}, median of {args.steps} steps")
     print(f"{'method':10} {'ms/step':>8} {'time×FM':>8} {'mem MB':>8} {'mem×FM':>7} {'fwd':>5} {'jvp':>5}  paper B")
     for r in rows:
         paper = PAPER_B.get(r["method"])

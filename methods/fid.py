@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def fidelity_layout() -> dict[str, torch.Size]:
 def convert_torchscript(source: Path) -> dict[str, Tensor]:
     """Map the TorchScript's 94 conv + batch-norm layers one-to-one, in order, onto torch-fidelity's BasicConv2d
     layers (the TF graph's batch norm has no scale: γ = 1); the unused logits layer gets zeros."""
-    scripted = torch.jit.load(str(source), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export; it still loads
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(source), map_location="cpu").state_dict()
     tf_layers = [k[: -len(".weight")] for k in scripted if k.endswith(".weight")]
     layout = fidelity_layout()
     pt_layers = [k[: -len(".conv.weight")] for k in layout if k.endswith(".conv.weight")]

