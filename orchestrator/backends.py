@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -59,7 +60,7 @@ def ray_trainable(config: dict) -> None:
     tune.report({"orch_status": status})
 
 
-SESSION_RECORD = "ray_session.json"
+DRIVER_RECORD = "driver.json"  # the live orch process running a study, and its embedded Ray
 REPORT_SECONDS = 2.0
 
 
@@ -68,13 +69,17 @@ class StudyBusy(Exception):
 
 
 def alive(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie awaiting its parent's wait() has)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: existence is all we know
 
 
 def session_processes(temp_dir: str) -> list[int]:
@@ -98,22 +103,27 @@ def session_processes(temp_dir: str) -> list[int]:
     return sorted(found - {os.getpid()})
 
 
-def claim_study(study_dir: Path) -> Path:
-    """Refuse a second live submission of the same study, and SIGKILL what a killed driver left of its Ray
-    (its workers would otherwise keep writing to trial directories a new run is resuming)."""
-    record = study_dir / SESSION_RECORD
+def claim_study(study_dir: Path) -> None:
+    """Record this process as the study's driver (`orch cancel` signals it), refusing a study that another live
+    orch process is running. SIGKILLs what a killed driver left of its embedded Ray: its workers would otherwise
+    keep writing to trial directories a new run is resuming."""
+    record = study_dir / DRIVER_RECORD
     if record.exists():
         previous = json.loads(record.read_text())
         if alive(previous["driver_pid"]) and previous["driver_pid"] != os.getpid():
             raise StudyBusy(f"study {study_dir.name!r} is being run by orch process {previous['driver_pid']}")
-        for pid in session_processes(previous["temp_dir"]):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    temp_dir = Path("/tmp") / f"orch-ray-{os.getpid()}"  # Unix socket paths must stay under ~100 bytes
-    write_json(record, {"driver_pid": os.getpid(), "temp_dir": str(temp_dir)})
-    return temp_dir
+        if "ray_temp_dir" in previous:
+            for pid in session_processes(previous["ray_temp_dir"]):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(previous["ray_temp_dir"], ignore_errors=True)
+    write_json(record, {"driver_pid": os.getpid()})
+
+
+def release_study(study_dir: Path) -> None:
+    (study_dir / DRIVER_RECORD).unlink(missing_ok=True)
 
 
 def start_ray(address: str | None, study_dir: Path) -> None:
@@ -133,7 +143,8 @@ def init_ray(address: str | None, study_dir: Path) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
-    temp_dir = claim_study(study_dir)
+    temp_dir = ray_temp_dir()
+    write_json(study_dir / DRIVER_RECORD, {"driver_pid": os.getpid(), "ray_temp_dir": str(temp_dir)})
     # Workers import run_trial from this interpreter's environment: make the project importable for them.
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)
@@ -146,9 +157,15 @@ def init_ray(address: str | None, study_dir: Path) -> None:
     )
 
 
-def stop_ray(study_dir: Path) -> None:
+def ray_temp_dir() -> Path:
+    return Path("/tmp") / f"orch-ray-{os.getpid()}"  # Unix socket paths must stay under ~100 bytes
+
+
+def stop_ray() -> None:
+    """Shut Ray down and remove an embedded Ray's session files (its logs; trial errors are kept by Tune and
+    orch in the study directory)."""
     ray.shutdown()
-    (study_dir / SESSION_RECORD).unlink(missing_ok=True)
+    shutil.rmtree(ray_temp_dir(), ignore_errors=True)
 
 
 def run_ray(trials: list[Trial], study_dir: Path, backend, progress: Progress) -> None:
@@ -175,7 +192,7 @@ def run_ray(trials: list[Trial], study_dir: Path, backend, progress: Progress) -
         )
         tuner.fit()
     finally:
-        stop_ray(study_dir)
+        stop_ray()
 
 
 class ProgressCallback(tune.Callback):

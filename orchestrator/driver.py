@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends import run_local, run_ray, say_plain
+from orchestrator.backends import claim_study, release_study, run_local, run_ray, say_plain
 from orchestrator.progress import Progress, TrialProgress
 from orchestrator.runner import Trial, open_trial, record_outcome
 from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUNNING, TrialState, write_json
@@ -155,9 +155,19 @@ def run_grid(
 
 
 def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: str | None, say=say_plain) -> int:
-    """Run every unfinished trial of the study; write the dashboard; exit code per DESIGN.md."""
+    """Run the study as its one live driver; exit code per DESIGN.md. Raises StudyBusy, changing nothing, when
+    another orch process is running it."""
     study_dir = (workdir / study.name).resolve()
     (study_dir / "trials").mkdir(parents=True, exist_ok=True)
+    claim_study(study_dir)
+    try:
+        return run_study(study, backend, study_dir, tracking_uri, say)
+    finally:
+        release_study(study_dir)
+
+
+def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str | None, say) -> int:
+    """Run every unfinished trial of the study; write the dashboard."""
     (study_dir / "study.yaml").write_text(yaml.safe_dump({**study.resolved, "profile": study.profile}, sort_keys=False))
     uri = tracking_uri or default_tracking_uri(study_dir)
     write_json(
@@ -196,7 +206,7 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
     if study.search is not None and (best := record_best(client, parent_id, study_dir, study.search)):
         say(f"best: {best['label']} ({best['trial_id']}) {best['metric']}={best['value']:.4g}")
     say(f"dashboard: {dashboard}")
-    say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {workdir})")
+    say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {study_dir.parent})")
     return EXIT_FAILED if failed or search_errors else EXIT_OK
 
 
@@ -213,9 +223,9 @@ def load_submitted(study_dir: Path) -> tuple[Study, Backend, str]:
 def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
     """Stop a study's running trials and keep their checkpoints: signal its live driver (Ray or local runs stop
     with it), scancel its Slurm jobs, and mark every trial that had not finished `cancelled`. Returns how many."""
-    from orchestrator.backends import SESSION_RECORD, alive
+    from orchestrator.backends import DRIVER_RECORD, alive
 
-    record = study_dir / SESSION_RECORD
+    record = study_dir / DRIVER_RECORD
     if record.exists() and alive(pid := json.loads(record.read_text())["driver_pid"]):
         os.kill(pid, signal.SIGTERM)
         deadline = time.time() + wait_seconds

@@ -206,5 +206,5 @@ def run_search(
                 say(f"search {label}: a sample failed in Tune: {str(error).strip().splitlines()[-1]}")
             settle_stopped(results, cell)
     finally:
-        stop_ray(study_dir)
+        stop_ray()
     return errors

@@ -31,7 +31,7 @@ def trial_runs(study_dir: Path, name: str) -> list:
     return [r for r in runs if r.data.tags.get("orch.role") == "trial"]
 
 
-def submit_sweep(workdir: Path) -> subprocess.Popen:
+def submit_sweep(workdir: Path, *options: str) -> subprocess.Popen:
     """`orch submit tests/studies/sweep.yaml` in its own process, as a user runs it."""
     command = [
         sys.executable,
@@ -42,7 +42,15 @@ def submit_sweep(workdir: Path) -> subprocess.Popen:
         "--workdir",
         str(workdir),
     ]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([*command, *options], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_running_trial(driver: subprocess.Popen, study_dir: Path) -> None:
+    """Until a trial of the sweep is running past its first checkpoint."""
+    deadline = time.time() + 300
+    while not any(s.status == "running" and s.step >= 100 for s in states(study_dir).values()):
+        assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+        time.sleep(0.1)
 
 
 def test_sigkilled_driver_resumes_the_sweep_from_checkpoints(tmp_path):
@@ -57,7 +65,7 @@ def test_sigkilled_driver_resumes_the_sweep_from_checkpoints(tmp_path):
             break
         assert driver.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.1)
-    temp_dir = json.loads((study_dir / "ray_session.json").read_text())["temp_dir"]
+    temp_dir = json.loads((study_dir / "driver.json").read_text())["ray_temp_dir"]
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = states(study_dir)
@@ -98,7 +106,7 @@ def test_a_study_runs_on_an_existing_ray_cluster(tmp_path):
         assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--ray-address", address]) == 0
         assert {s.status for s in states(tmp_path / "tiny").values()} == {"completed"}
         assert len(trial_runs(tmp_path / "tiny", "tiny")) == 4
-        assert not (tmp_path / "tiny" / "ray_session.json").exists()  # orch started no Ray of its own
+        assert not (tmp_path / "tiny" / "driver.json").exists()  # orch started no Ray of its own
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
 
@@ -106,10 +114,7 @@ def test_a_study_runs_on_an_existing_ray_cluster(tmp_path):
 def test_cancel_stops_a_running_ray_study_and_resume_finishes_it(tmp_path):
     study_dir = tmp_path / "sweep"
     driver = submit_sweep(tmp_path)
-    deadline = time.time() + 300
-    while not any(s.status == "running" and s.step >= 100 for s in states(study_dir).values()):
-        assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be cancelled"
-        time.sleep(0.1)
+    wait_for_running_trial(driver, study_dir)
     assert main(["cancel", "sweep", "--workdir", str(tmp_path)]) == 0
     assert driver.wait(60) == 130  # the driver stopped as on Ctrl-C
     cancelled = {t: s for t, s in states(study_dir).items() if s.status == "cancelled"}
@@ -118,3 +123,26 @@ def test_cancel_stops_a_running_ray_study_and_resume_finishes_it(tmp_path):
     assert all(runs[s.run_id].info.status == "KILLED" for s in cancelled.values())
     assert main(["resume", "sweep", "--workdir", str(tmp_path)]) == 0
     assert {s.status for s in states(study_dir).values()} == {"completed"}
+
+
+def test_a_running_local_study_refuses_a_second_driver_and_stops_on_cancel(tmp_path, capsys):
+    study_dir = tmp_path / "sweep"
+    driver = submit_sweep(tmp_path, "--backend", "local")
+    wait_for_running_trial(driver, study_dir)
+    second = ["submit", str(STUDIES / "sweep.yaml"), "--workdir", str(tmp_path), "--backend", "local"]
+    assert main(second) == 1
+    assert f"being run by orch process {driver.pid}" in capsys.readouterr().err
+    assert driver.poll() is None and json.loads((study_dir / "driver.json").read_text())["driver_pid"] == driver.pid
+
+    assert main(["cancel", "sweep", "--workdir", str(tmp_path)]) == 0
+    assert driver.wait(60) == 130  # the in-process trial stopped with its driver, as on Ctrl-C
+    after = states(study_dir)
+    cancelled = {t: s for t, s in after.items() if s.status == "cancelled"}
+    assert cancelled and all(s.status in ("cancelled", "completed") for s in after.values())
+    for trial_id, state in cancelled.items():  # checkpoints kept for `orch resume`
+        assert (
+            state.step == 0 or (study_dir / "trials" / trial_id / "checkpoints" / f"step_{state.step:09d}.pt").exists()
+        )
+    runs = {r.info.run_id: r for r in trial_runs(study_dir, "sweep")}
+    assert all(runs[s.run_id].info.status == "KILLED" for s in cancelled.values() if s.run_id)
+    assert not (study_dir / "driver.json").exists()

@@ -109,7 +109,7 @@ def test_killed_search_resumes_without_losing_or_repeating_samples(tmp_path):
             break
         assert driver.poll() is None, "the search ended before it could be interrupted"
         time.sleep(0.1)
-    temp_dir = json.loads((study_dir / "ray_session.json").read_text())["temp_dir"]
+    temp_dir = json.loads((study_dir / "driver.json").read_text())["ray_temp_dir"]
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = trial_states(study_dir)
@@ -124,7 +124,7 @@ def test_killed_search_resumes_without_losing_or_repeating_samples(tmp_path):
     for trial_id, state in finished_before.items():  # finished samples untouched: not re-run, not re-logged
         assert after[trial_id] == state
         assert len(client.get_metric_history(trials[trial_id].info.run_id, "train/loss")) == history_before[trial_id]
-    assert not (study_dir / "ray_session.json").exists()
+    assert not (study_dir / "driver.json").exists()
     assert os.path.exists(study_dir / "dashboard.html")
 
 
