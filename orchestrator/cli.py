@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -33,16 +34,19 @@ def cmd_validate(args) -> int:
 
 
 def print_plan(study) -> None:
+    from orchestrator.study import show_factor
+
     print(
         f"study {study.name!r}"
         + (f" (profile {study.profile})" if study.profile else "")
         + f": {len(study.trials)} trial(s)"
     )
     axes = study.axes
-    widths = [max(len(a), *(len(str(t.factors.get(a))) for t in study.trials)) for a in axes]
+    rows = [[show_factor(t.factors.get(a)) for a in axes] for t in study.trials]
+    widths = [max(len(a), *(len(row[i]) for row in rows)) for i, a in enumerate(axes)]
     print("  " + "trial_id".ljust(14) + "  ".join(a.ljust(w) for a, w in zip(axes, widths)))
-    for t in study.trials:
-        print("  " + t.id.ljust(14) + "  ".join(str(t.factors.get(a)).ljust(w) for a, w in zip(axes, widths)))
+    for t, row in zip(study.trials, rows):
+        print("  " + t.id.ljust(14) + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
 def cmd_plan(args) -> int:
@@ -286,7 +290,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not raise again
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

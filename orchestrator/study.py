@@ -145,11 +145,14 @@ class TrialSpec:
     @property
     def label(self) -> str:
         """e.g. "name=lsd seed=0"; a section-valued axis (method: {name: fm, sampler: heun}) shows its keys."""
-        parts = []
-        for key, value in self.factors.items():
-            items = value.items() if isinstance(value, dict) else [(key.rsplit(".", 1)[-1], value)]
-            parts += [f"{k}={v}" for k, v in items]
+        parts = [show_factor(value, key.rsplit(".", 1)[-1]) for key, value in self.factors.items()]
         return " ".join(parts) or self.id
+
+
+def show_factor(value: Any, key: str | None = None) -> str:
+    """A grid value as "key=value", or a section-valued one as its "k=v" pairs ("name=fm sampler=heun")."""
+    items = value.items() if isinstance(value, dict) else [(key, value)]
+    return " ".join(f"{k}={v}" if k else str(v) for k, v in items)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Study files: expansion, profiles, stable trial ids, and invalid input rejected with exit 2, nothing on disk."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,14 @@ def test_console_script_validate_and_plan():
     assert plan.returncode == 0 and plan.stdout.count("psd_unif") == 2
     bad = subprocess.run([*orch, "validate", str(MAIN_STUDY), "--profile", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no profile 'nope'" in bad.stderr
+
+
+def test_plan_shows_section_axes_as_pairs_and_ends_quietly_on_a_closed_pipe():
+    orch = [sys.executable, "-m", "orchestrator.cli", "plan", str(ROOT / "studies" / "all_methods_checkerboard.yaml")]
+    plan = subprocess.run([*orch, "--profile", "smoke"], capture_output=True, text=True, cwd=ROOT)
+    assert plan.returncode == 0 and "name=stei num_steps=None target=teacher" in plan.stdout
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `orch plan ... | head` once head has exited
+    closed = subprocess.run([*orch, "--profile", "smoke"], stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(write_end)
+    assert closed.returncode == 141 and closed.stderr.decode() == ""  # 128 + SIGPIPE, as Unix tools end
