@@ -23,6 +23,7 @@ import ray  # noqa: E402 — after the environment it reads
 from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 
+from methods.storage import exclusive
 from orchestrator.progress import Progress
 from orchestrator.runner import Trial, finish_detail, run_trial
 from orchestrator.state import TrialState, write_json
@@ -108,18 +109,18 @@ def claim_study(study_dir: Path) -> None:
     orch process is running. SIGKILLs what a killed driver left of its embedded Ray: its workers would otherwise
     keep writing to trial directories a new run is resuming."""
     record = study_dir / DRIVER_RECORD
-    if record.exists():
-        previous = json.loads(record.read_text())
-        if alive(previous["driver_pid"]) and previous["driver_pid"] != os.getpid():
+    with exclusive(study_dir / "driver.lock"):  # two submissions starting at once: one claims, one is refused
+        previous = json.loads(record.read_text()) if record.exists() else {}
+        if previous and alive(previous["driver_pid"]) and previous["driver_pid"] != os.getpid():
             raise StudyBusy(f"study {study_dir.name!r} is being run by orch process {previous['driver_pid']}")
-        if "ray_temp_dir" in previous:
-            for pid in session_processes(previous["ray_temp_dir"]):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            shutil.rmtree(previous["ray_temp_dir"], ignore_errors=True)
-    write_json(record, {"driver_pid": os.getpid()})
+        write_json(record, {"driver_pid": os.getpid()})
+    if "ray_temp_dir" in previous:
+        for pid in session_processes(previous["ray_temp_dir"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(previous["ray_temp_dir"], ignore_errors=True)
 
 
 def release_study(study_dir: Path) -> None:
