@@ -2,6 +2,7 @@
 `orch resume`; and a study run on an existing Ray cluster started with `ray start --head`."""
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,9 +107,12 @@ def test_a_study_runs_on_an_existing_ray_cluster(tmp_path):
         assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--ray-address", address]) == 0
         assert {s.status for s in states(tmp_path / "tiny").values()} == {"completed"}
         assert len(trial_runs(tmp_path / "tiny", "tiny")) == 4
-        assert not (tmp_path / "tiny" / "driver.json").exists()  # orch started no Ray of its own
+        head_logs = Path(f"/tmp/orch-head-{port}/session_latest/logs")
+        assert list(head_logs.glob("python-core-driver-*")), "orch's driver did not connect to the cluster"
+        assert not (tmp_path / "tiny" / "driver.json").exists()  # the study's claim released
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(f"/tmp/orch-head-{port}", ignore_errors=True)
 
 
 def test_cancel_stops_a_running_ray_study_and_resume_finishes_it(tmp_path):
