@@ -77,10 +77,37 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass
+    fields = proc_stat(pid)
+    return fields is None or fields[0] != "Z"  # without /proc, existence is all we know
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, start time 20th), or None."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True  # no /proc: existence is all we know
+        return None
+
+
+def driver_record(**extra) -> dict:
+    """This process as a study's driver. Its start time goes with its PID: a killed driver's PID may since name
+    another process (e.g. after a container restart), which must be neither waited for nor signalled."""
+    fields = proc_stat(os.getpid())
+    return {"driver_pid": os.getpid(), "driver_started": fields and fields[19], **extra}
+
+
+def recorded_driver(study_dir: Path) -> dict:
+    record = study_dir / DRIVER_RECORD
+    return json.loads(record.read_text()) if record.exists() else {}
+
+
+def live_driver(record: dict) -> int | None:
+    """The PID of the driver a record names if that very process still runs."""
+    pid = record.get("driver_pid")
+    if pid is None or not alive(pid):
+        return None
+    fields = proc_stat(pid)
+    return pid if fields is None or fields[19] == record.get("driver_started") else None
 
 
 def session_processes(temp_dir: str) -> list[int]:
@@ -90,8 +117,10 @@ def session_processes(temp_dir: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        if (fields := proc_stat(int(entry.name))) is None:
+            continue
         try:
-            stat[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            stat[int(entry.name)] = int(fields[1])
             cmdline[int(entry.name)] = (entry / "cmdline").read_bytes()
             environ[int(entry.name)] = (entry / "environ").read_bytes()
         except OSError:
@@ -108,12 +137,11 @@ def claim_study(study_dir: Path) -> None:
     """Record this process as the study's driver (`orch cancel` signals it), refusing a study that another live
     orch process is running. SIGKILLs what a killed driver left of its embedded Ray: its workers would otherwise
     keep writing to trial directories a new run is resuming."""
-    record = study_dir / DRIVER_RECORD
     with exclusive(study_dir / "driver.lock"):  # two submissions starting at once: one claims, one is refused
-        previous = json.loads(record.read_text()) if record.exists() else {}
-        if previous and alive(previous["driver_pid"]) and previous["driver_pid"] != os.getpid():
-            raise StudyBusy(f"study {study_dir.name!r} is being run by orch process {previous['driver_pid']}")
-        write_json(record, {"driver_pid": os.getpid()})
+        previous = recorded_driver(study_dir)
+        if (pid := live_driver(previous)) not in (None, os.getpid()):
+            raise StudyBusy(f"study {study_dir.name!r} is being run by orch process {pid}")
+        write_json(study_dir / DRIVER_RECORD, driver_record())
     if "ray_temp_dir" in previous:
         for pid in session_processes(previous["ray_temp_dir"]):
             try:
@@ -145,7 +173,7 @@ def init_ray(address: str | None, study_dir: Path) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
     temp_dir = ray_temp_dir()
-    write_json(study_dir / DRIVER_RECORD, {"driver_pid": os.getpid(), "ray_temp_dir": str(temp_dir)})
+    write_json(study_dir / DRIVER_RECORD, driver_record(ray_temp_dir=str(temp_dir)))
     # Workers import run_trial from this interpreter's environment: make the project importable for them.
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)

@@ -223,10 +223,9 @@ def load_submitted(study_dir: Path) -> tuple[Study, Backend, str]:
 def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
     """Stop a study's running trials and keep their checkpoints: signal its live driver (Ray or local runs stop
     with it), scancel its Slurm jobs, and mark every trial that had not finished `cancelled`. Returns how many."""
-    from orchestrator.backends import DRIVER_RECORD, alive
+    from orchestrator.backends import alive, live_driver, recorded_driver
 
-    record = study_dir / DRIVER_RECORD
-    if record.exists() and alive(pid := json.loads(record.read_text())["driver_pid"]):
+    if pid := live_driver(recorded_driver(study_dir)):
         os.kill(pid, signal.SIGTERM)
         deadline = time.time() + wait_seconds
         while alive(pid) and time.time() < deadline:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends import session_processes
+from orchestrator.backends import live_driver, proc_stat, session_processes
 from orchestrator.cli import main
 from orchestrator.state import TrialState
 from tests.conftest import STUDIES
@@ -150,3 +150,23 @@ def test_a_running_local_study_refuses_a_second_driver_and_stops_on_cancel(tmp_p
     runs = {r.info.run_id: r for r in trial_runs(study_dir, "sweep")}
     assert all(runs[s.run_id].info.status == "KILLED" for s in cancelled.values() if s.run_id)
     assert not (study_dir / "driver.json").exists()
+
+
+def test_a_stale_driver_record_naming_a_reused_pid_is_neither_refused_nor_signalled(tmp_path):
+    """After a crash, the PID a driver record names may since belong to another process (e.g. after a container
+    restart): its start time tells them apart."""
+    tiny = ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]
+    assert main(tiny) == 0
+    stranger = subprocess.Popen(["sleep", "120"])
+    try:
+        started = proc_stat(stranger.pid)[19]
+        assert live_driver({"driver_pid": stranger.pid, "driver_started": started}) == stranger.pid
+        stale = {"driver_pid": stranger.pid, "driver_started": str(int(started) - 1)}  # the crashed driver's
+        (tmp_path / "tiny" / "driver.json").write_text(json.dumps(stale))
+        assert main(["cancel", "tiny", "--workdir", str(tmp_path)]) == 0
+        assert stranger.poll() is None  # not signalled
+        assert main(tiny) == 0  # not refused: the study is claimed and (already finished) run
+        assert stranger.poll() is None and not (tmp_path / "tiny" / "driver.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
