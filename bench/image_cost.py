@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--profile")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, help="override train.batch_size")
+    parser.add_argument("--micro-batches", type=int, help="override train.micro_batches (gradient accumulation)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--synthetic", action="store_true", help="random images in CIFAR-10's file format")
     parser.add_argument("--random-inception", action="store_true", help="time the extractor with random weights")
@@ -134,12 +135,16 @@ def main() -> None:
     if args.synthetic:
         synthetic_cifar(Path(tmp.name))
     rows = []
-    batch = study.trials[0].config["train"]["batch_size"]
+    first = study.trials[0].config["train"]
+    train = {
+        "batch_size": args.batch or first["batch_size"],
+        "micro_batches": args.micro_batches or first["micro_batches"],
+    }
     for trial in study.trials:
         config = trial.config
         if args.synthetic:
             config = config | {"dataset": config["dataset"] | {"root": tmp.name}}
-        config = config | {"train": config["train"] | {"device": device.type, "batch_size": args.batch or batch}}
+        config = config | {"train": config["train"] | train | {"device": device.type}}
         print(f"{trial.label}: {args.steps} steps ...", flush=True)
         try:
             rows.append((trial.label, train_cost(config, device, args.steps)))
@@ -148,8 +153,9 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    batch = args.batch or batch
-    print(f"\n{study.name} ({study.profile or 'default'} profile), batch {batch}, {name}, torch {torch.__version__}")
+    title = f"{study.name} ({study.profile or 'default'} profile)"
+    batch = f"batch {train['batch_size']} in {train['micro_batches']} micro-batches"
+    print(f"\n{title}, {batch}, {name}, torch {torch.__version__}")
     print(
         f"median of {args.steps} steps after 5 warm-up steps" + (", synthetic CIFAR-10 files" if args.synthetic else "")
     )

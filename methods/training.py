@@ -28,6 +28,9 @@ Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
 class TrainConfig(Params):
     steps: PositiveInt = 3000
     batch_size: PositiveInt = 1024
+    micro_batches: PositiveInt = 1
+    """Split each batch into this many equal parts, back-propagated one at a time and accumulated into one
+    optimiser step: the same batch for less memory (each part draws its own times)."""
     optimizer: Literal["radam", "adam", "adamw"] = "radam"
     lr: PositiveFloat = 1e-3
     lr_decay_steps: PositiveInt | None = 35000
@@ -104,16 +107,15 @@ def peak_memory_mb(device: torch.device) -> float:
 TIME_BINS = 4
 
 
-def target_std_stats(term: Term) -> dict[str, float]:
+def target_std_stats(name: str, norms: Tensor, a: Tensor) -> dict[str, float]:
     """Paper B's loss-target variance for one term: the batch std of per-sample target norms, overall and per
     bin of the start time a (bin k holds a ∈ [k/4, (k+1)/4)); bins with fewer than two samples are skipped."""
-    norms = term.target_norms()
-    stats = {f"train/target_std/{term.name}": norms.std().item()}
-    bins = (term.a.detach() * TIME_BINS).long().clamp(0, TIME_BINS - 1)
+    stats = {f"train/target_std/{name}": norms.std().item()}
+    bins = (a.detach() * TIME_BINS).long().clamp(0, TIME_BINS - 1)
     for k in range(TIME_BINS):
         in_bin = norms[bins == k]
         if len(in_bin) > 1:
-            stats[f"train/target_std/{term.name}/bin_{k}"] = in_bin.std().item()
+            stats[f"train/target_std/{name}/bin_{k}"] = in_bin.std().item()
     return stats
 
 
@@ -183,28 +185,24 @@ class Trainer:
         return total, errors
 
     def train_step(self, with_stats: bool = False) -> dict[str, float]:
-        """One optimiser step. Raises Diverged on a non-finite (or too large) loss or gradient."""
+        """One optimiser step over train.batch_size samples, in train.micro_batches parts. Raises Diverged on a
+        non-finite (or too large) loss or gradient."""
         start = time.perf_counter()
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x1 = self.dataset.sample(self.cfg.batch_size, self.gen)
-        terms = self.method.terms(self.net, x1, self.step, self.gen)
-        loss, errors = self.loss(terms)
-        loss_value = loss.item()
-        if not torch.isfinite(loss):
-            raise Diverged(self.step, f"non-finite loss ({loss_value})")
-        if self.cfg.max_loss is not None and loss_value > self.cfg.max_loss:
-            raise Diverged(self.step, f"loss {loss_value:.4g} above train.max_loss {self.cfg.max_loss:g}")
-        if self.cfg.max_target_norm is not None:
-            for term in terms:
-                if (peak := term.target_norms().max().item()) > self.cfg.max_target_norm:
-                    limit = self.cfg.max_target_norm
-                    raise Diverged(
-                        self.step, f"{term.name} target norm {peak:.4g} above train.max_target_norm {limit:g}"
-                    )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        x1 = self.dataset.sample(self.cfg.batch_size, self.gen)
+        parts = self.cfg.micro_batches
+        loss_value, logged = 0.0, {}
+        for x1_part in x1.chunk(parts):
+            terms = self.method.terms(self.net, x1_part, self.step, self.gen)
+            loss, errors = self.loss(terms)
+            self.check_loss(loss, terms)
+            (loss / parts).backward()  # the mean of the parts' losses: the whole batch's loss for equal parts
+            loss_value += loss.item() / parts
+            for term, err in zip(terms, errors) if with_stats else ():  # the whole batch's statistics
+                logged.setdefault(term.name, []).append((err.detach(), term.target_norms(), term.a.detach()))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")).item()
         if not torch.isfinite(torch.tensor(grad_norm)):
@@ -219,10 +217,25 @@ class Trainer:
         stats = {"train/loss": loss_value}
         if with_stats:
             stats |= {"train/grad_norm": grad_norm, "train/lr": lr}
-            for term, err in zip(terms, errors):
-                stats[f"train/loss/{term.name}"] = err.mean().item()
-                stats |= target_std_stats(term)
+            for name, pieces in logged.items():
+                errors, norms, a = (torch.cat(piece) for piece in zip(*pieces))
+                stats[f"train/loss/{name}"] = errors.mean().item()
+                stats |= target_std_stats(name, norms, a)
         return stats
+
+    def check_loss(self, loss: Tensor, terms: list[Term]) -> None:
+        """Divergence before the backward pass: a non-finite or too large loss, or a target blowing up."""
+        if not torch.isfinite(loss):
+            raise Diverged(self.step, f"non-finite loss ({loss.item()})")
+        if self.cfg.max_loss is not None and loss.item() > self.cfg.max_loss:
+            raise Diverged(self.step, f"loss {loss.item():.4g} above train.max_loss {self.cfg.max_loss:g}")
+        if self.cfg.max_target_norm is not None:
+            for term in terms:
+                if (peak := term.target_norms().max().item()) > self.cfg.max_target_norm:
+                    limit = self.cfg.max_target_norm
+                    raise Diverged(
+                        self.step, f"{term.name} target norm {peak:.4g} above train.max_target_norm {limit:g}"
+                    )
 
     def cost(self) -> dict[str, float]:
         """Measured cost so far: time per 1000 training samples and network evaluations per training sample."""

@@ -105,6 +105,13 @@ def cross_checks(config: dict) -> list[Problem]:
     """Constraints between sections."""
     problems = []
     train, evaluation = config["train"], config["eval"]
+    if train["batch_size"] % train["micro_batches"]:
+        problems.append(
+            Problem(
+                "train.micro_batches",
+                f"{train['micro_batches']} does not divide train.batch_size {train['batch_size']}",
+            )
+        )
     if evaluation["ema"] is not None and evaluation["ema"] not in train["ema"]:
         problems.append(Problem("eval.ema", f"{evaluation['ema']} is not one of train.ema {train['ema']}"))
     dataset = DATASETS.get(config["dataset"]["name"])

@@ -68,3 +68,37 @@ def test_divergence_detectors_stop_training_with_a_reason():
         build_trainer(config, torch.device("cpu")).train_step()
     config, _ = resolve_trial_config({"method": {"name": "lsd"}, "train": {"max_target_norm": 1e6, "device": "cpu"}})
     build_trainer(config, torch.device("cpu")).train_step()  # control: a sane limit does not fire
+
+
+def test_micro_batches_accumulate_the_gradient_and_statistics_of_the_whole_batch():
+    """With train.micro_batches = 2 a step back-propagates the batch in two halves; its gradient must be that of
+    the mean of the halves' losses, and its logged statistics those of the whole batch (LSD: two terms and a JVP,
+    with the learned weight)."""
+    overrides = {
+        "method": {"name": "lsd"},
+        "model": {"width": 32, "depth": 2},
+        "train": {"batch_size": 64, "micro_batches": 2, "grad_clip": None, "weighting": "logvar", "device": "cpu"},
+    }
+    config, problems = resolve_trial_config(overrides)
+    assert not problems, problems
+    stepped, oracle = build_trainer(config, torch.device("cpu")), build_trainer(config, torch.device("cpu"))
+    stats = stepped.train_step(with_stats=True)
+
+    x1 = oracle.dataset.sample(64, oracle.gen)
+    halves = [oracle.method.terms(oracle.net, part, 0, oracle.gen) for part in x1.chunk(2)]
+    loss = sum(oracle.loss(terms)[0] for terms in halves) / 2
+    params = [p for g in oracle.optimizer.param_groups for p in g["params"]]
+    expected = torch.autograd.grad(loss, params)
+    actual = [p.grad for g in stepped.optimizer.param_groups for p in g["params"]]
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want)
+    assert stats["train/loss"] == pytest.approx(loss.item())
+    for name in ("diag", "lsd"):
+        norms = torch.cat([t.target_norms() for terms in halves for t in terms if t.name == name])
+        assert stats[f"train/target_std/{name}"] == pytest.approx(norms.std().item())
+
+
+def test_micro_batches_must_divide_the_batch():
+    _, problems = resolve_trial_config({"train": {"batch_size": 512, "micro_batches": 3}})
+    assert [p.path for p in problems] == ["train.micro_batches"]
+    assert "does not divide train.batch_size 512" in problems[0].message
