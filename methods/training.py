@@ -5,6 +5,7 @@ Methods only produce terms (methods/terms.py); everything else about the loss li
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -198,9 +199,9 @@ class Trainer:
         for x1_part in x1.chunk(parts):
             terms = self.method.terms(self.net, x1_part, self.step, self.gen)
             loss, errors = self.loss(terms)
-            self.check_loss(loss, terms)
+            self.check_loss(part_loss := loss.item(), terms)
             (loss / parts).backward()  # the mean of the parts' losses: the whole batch's loss for equal parts
-            loss_value += loss.item() / parts
+            loss_value += part_loss / parts
             for term, err in zip(terms, errors) if with_stats else ():  # the whole batch's statistics
                 logged.setdefault(term.name, []).append((err.detach(), term.target_norms(), term.a.detach()))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -223,12 +224,12 @@ class Trainer:
                 stats |= target_std_stats(name, norms, a)
         return stats
 
-    def check_loss(self, loss: Tensor, terms: list[Term]) -> None:
+    def check_loss(self, loss: float, terms: list[Term]) -> None:
         """Divergence before the backward pass: a non-finite or too large loss, or a target blowing up."""
-        if not torch.isfinite(loss):
-            raise Diverged(self.step, f"non-finite loss ({loss.item()})")
-        if self.cfg.max_loss is not None and loss.item() > self.cfg.max_loss:
-            raise Diverged(self.step, f"loss {loss.item():.4g} above train.max_loss {self.cfg.max_loss:g}")
+        if not math.isfinite(loss):
+            raise Diverged(self.step, f"non-finite loss ({loss})")
+        if self.cfg.max_loss is not None and loss > self.cfg.max_loss:
+            raise Diverged(self.step, f"loss {loss:.4g} above train.max_loss {self.cfg.max_loss:g}")
         if self.cfg.max_target_norm is not None:
             for term in terms:
                 if (peak := term.target_norms().max().item()) > self.cfg.max_target_norm:

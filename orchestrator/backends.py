@@ -81,8 +81,11 @@ def alive(pid: int) -> bool:
     return fields is None or fields[0] != "Z"  # without /proc, existence is all we know
 
 
+STARTED = 19  # index of the start time (clock ticks after boot) in proc_stat's fields
+
+
 def proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first, start time 20th), or None."""
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -93,7 +96,7 @@ def driver_record(**extra) -> dict:
     """This process as a study's driver. Its start time goes with its PID: a killed driver's PID may since name
     another process (e.g. after a container restart), which must be neither waited for nor signalled."""
     fields = proc_stat(os.getpid())
-    return {"driver_pid": os.getpid(), "driver_started": fields and fields[19], **extra}
+    return {"driver_pid": os.getpid(), "driver_started": fields and fields[STARTED], **extra}
 
 
 def recorded_driver(study_dir: Path) -> dict:
@@ -107,7 +110,7 @@ def live_driver(record: dict) -> int | None:
     if pid is None or not alive(pid):
         return None
     fields = proc_stat(pid)
-    return pid if fields is None or fields[19] == record.get("driver_started") else None
+    return pid if fields is None or fields[STARTED] == record.get("driver_started") else None
 
 
 def session_processes(temp_dir: str) -> list[int]:
