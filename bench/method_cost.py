@@ -2,7 +2,7 @@
 
 Each method runs in a fresh process (so that peak memory is its own): a few warm-up steps, then timed steps.
 Prints time per step and peak memory as ratios to FM, next to the measured network evaluations per sample and
-paper B's measured ratios (METHODS.md §4.6). On CPU the memory is the process's peak RSS above its RSS before
+paper B's measured ratios (docs/methods.md §4.4). On CPU the memory is the process's peak RSS above its RSS before
 the first training step (the working memory of training, allocator caching included); on a GPU it is
 torch.cuda.max_memory_allocated.
 

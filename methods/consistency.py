@@ -1,4 +1,4 @@
-"""Consistency models: continuous-time sCT / sCD (TrigFlow, METHODS.md §5.3) and discrete-time iCT (EDM,
+"""Consistency models: continuous-time sCT / sCD (TrigFlow, docs/methods.md §5.3) and discrete-time iCT (EDM,
 §5.5), written on the canonical flow-map network.
 
 A consistency function maps a noisy point to data. Canonically that is the flow map to τ = 1:
@@ -10,7 +10,7 @@ TrigFlow's x_t = S(t)·I_τ(t), EDM's x_σ = I_τ/τ.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
@@ -20,8 +20,7 @@ from methods.conventions import canonical_to_trigflow, edm_to_canonical, sigma_m
 from methods.counting import CountingNet
 from methods.flow_map import jump, sample_consistency
 from methods.interpolants import expand_time
-from methods.registry import Params
-from methods.terms import METHODS, Distance, Setting, TeacherSpec, Term
+from methods.terms import METHODS, DimReduction, Distance, MethodParams, Setting, TeacherSpec, Term
 from methods.time_samplers import LogNormal, LogNormalParams
 
 
@@ -67,7 +66,8 @@ def scm_term(
     return Term(name, pred, target, tau, ones, weight=weight, measured=df_dt)
 
 
-class SCMParams(Params):
+class SCMParams(MethodParams):
+    reference_reduction: ClassVar[DimReduction] = "mean_div_d"  # the sCM reference: e^{−w}/D · mean_d(·)
     warmup_steps: NonNegativeInt = 10000
     """Tangent warm-up: the second part of g is scaled by min(1, k/warmup_steps) (sCM)."""
     tangent_norm: PositiveFloat = 0.1
@@ -134,7 +134,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> Ten
     return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
 
 
-class ICTParams(Params):
+class ICTParams(MethodParams):
     sigma_min: PositiveFloat = 0.002
     sigma_max: PositiveFloat = 80.0
     rho: PositiveFloat = 7.0

@@ -1,4 +1,4 @@
-"""The papers' time conventions, mapped to the canonical one at the boundary (METHODS.md §1).
+"""The papers' time conventions, mapped to the canonical one at the boundary (docs/methods.md §1).
 
 Canonical: I_τ = (1 − τ)·x0 + τ·x1, τ = 0 noise (x0 ~ base, std σ_d), τ = 1 data; a jump goes from a to b and
 the network returns the average velocity v(x; a, b). The other conventions describe the same paths:

@@ -51,7 +51,7 @@ class CountingNet(nn.Module):
         """(v, dv): v(x; a, b) and its directional derivative along (dx, da, db), in one forward-mode pass.
 
         The result stays differentiable with respect to the parameters, so a loss may back-propagate through
-        the tangent (LSD "convex" needs this, METHODS.md §2.7).
+        the tangent (LSD "convex" needs this, docs/methods.md §2.4).
         """
         self.counts.jvps += primals[0].shape[0]
         return torch.func.jvp(self.net, primals, tangents)

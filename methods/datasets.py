@@ -1,4 +1,4 @@
-"""Datasets. 2-D datasets have a known density, so sample quality is measured exactly (KL, METHODS.md §3.11)."""
+"""Datasets. 2-D datasets have a known density, so sample quality is measured exactly (KL, docs/methods.md §3.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FID and KID with torch-fidelity's Inception, offline (METHODS.md §3.11).
+"""FID and KID with torch-fidelity's Inception, offline (docs/methods.md §3.8).
 
 The extractor is torch-fidelity's `inception-v3-compat` (pool3, 2048 features) with the standard TF 2015-12-05
 FID weights. Its weights file is obtained once into orch's cache: copied from torch hub's cache when torch-fidelity

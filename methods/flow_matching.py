@@ -1,4 +1,4 @@
-"""Flow matching on the flow-map diagonal (METHODS.md §5.1): the baseline and every method's diagonal term."""
+"""Flow matching on the flow-map diagonal (docs/methods.md §5.1): the baseline and every method's diagonal term."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from methods.flow_map import sample_euler, sample_heun
 from methods.interpolants import LinearInterpolant
-from methods.registry import Params
-from methods.terms import METHODS, Setting, Term
+from methods.terms import METHODS, MethodParams, Setting, Term
 from methods.time_samplers import TimeSamplerParams, Uniform
 
 
@@ -20,7 +19,7 @@ def diagonal_term(net: nn.Module, interpolant: LinearInterpolant, x0: Tensor, x1
     return Term("diag", net(x_t, t, t), interpolant.velocity(x0, x1), t, t)
 
 
-class FMParams(Params):
+class FMParams(MethodParams):
     sampler: Literal["euler", "heun"] = "euler"
     """euler: NFE = N steps. heun: exactly NFE evaluations, ⌈NFE/2⌉ steps, the last corrector skipped when NFE is
     odd (EDM's 2N − 1 convention)."""

@@ -1,4 +1,4 @@
-"""Image datasets read from the standard on-disk formats a user already has (METHODS.md §3.9).
+"""Image datasets read from the standard on-disk formats a user already has (docs/methods.md §3.6).
 
 Every dataset is held in memory as uint8 (N, C, H, W) and served scaled to [−1, 1]; the Gaussian base and the
 networks' input/output scaling use σ_d = 0.5 (paper A). `orch submit` loads every dataset of a study before

@@ -1,4 +1,4 @@
-"""The linear interpolant with a Gaussian base scaled to the data std (METHODS.md §2.1)."""
+"""The linear interpolant with a Gaussian base scaled to the data std (docs/methods.md §1)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ def expand_time(t: Tensor, x: Tensor) -> Tensor:
 
 
 class LinearInterpolant:
-    """I_τ = (1 − τ)·x0 + τ·x1 with x0 ~ N(0, diag(σ²)), x1 ~ data; conditional velocity İ_τ = x1 − x0.
+    """I_τ = (1 − (1 − σ_min)τ)·x0 + τ·x1 with x0 ~ N(0, diag(σ²)), x1 ~ data; conditional velocity
+    İ_τ = x1 − (1 − σ_min)·x0. σ_min = 0 (every method but one) is the plain (1 − τ)·x0 + τ·x1.
 
     Args:
         base_std: per-coordinate std σ of the Gaussian base, shape (*data_shape) or scalar. Paper A scales the
             base to the data std ("adaptive" base): 1/√3 per coordinate on the checkerboard, 0.5 for images.
+        sigma_min: the noise left at τ = 1 (shortcut models' reference uses 1e−5).
     """
 
-    def __init__(self, base_std: Tensor):
-        self.base_std = base_std
+    def __init__(self, base_std: Tensor, sigma_min: float = 0.0):
+        self.base_std, self.sigma_min = base_std, sigma_min
 
     def sample_base(self, n: int, shape: tuple[int, ...], gen: torch.Generator | None = None) -> Tensor:
         std = self.base_std.to(gen.device if gen is not None else "cpu")
@@ -28,7 +30,7 @@ class LinearInterpolant:
 
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         t = expand_time(t, x0)
-        return (1 - t) * x0 + t * x1
+        return (1 - (1 - self.sigma_min) * t) * x0 + t * x1
 
     def velocity(self, x0: Tensor, x1: Tensor) -> Tensor:
-        return x1 - x0
+        return x1 - (1 - self.sigma_min) * x0

@@ -1,4 +1,4 @@
-"""MeanFlow (METHODS.md §5.2), in the canonical convention.
+"""MeanFlow (docs/methods.md §5.2), in the canonical convention.
 
 MeanFlow's u(z; t, r) with t = 1 noise is −v(z; 1 − t, 1 − r) canonically (methods/conventions.py). Its
 identity u = v − (t − r)·du/dt becomes, for the jump a → b along a trajectory x_a,
@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.interpolants import expand_time
-from methods.registry import Params
-from methods.terms import METHODS, Distance, Setting, Term
+from methods.terms import METHODS, Distance, MethodParams, Setting, Term
 from methods.time_samplers import LogitNormal, LogitNormalParams
 
 
@@ -33,7 +32,7 @@ def meanflow_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, velocity: T
     return Term("meanflow", pred, target, a, b, distance=distance)
 
 
-class MeanFlowParams(Params):
+class MeanFlowParams(MethodParams):
     ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
     """Fraction of samples with a real jump (r ≠ t); the rest have a = b (flow matching). ImageNet default 0.25,
     MeanFlow's CIFAR-10 setting 0.75."""

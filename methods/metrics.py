@@ -1,4 +1,4 @@
-"""Sample-quality metrics (METHODS.md §3.11): KL for 2-D data with a known density, FID for images.
+"""Sample-quality metrics (docs/methods.md §3.8): KL for 2-D data with a known density, FID for images.
 
 A metric is called with (samples, dataset, the eval config, device) and returns one number, lower is better."""
 

@@ -19,7 +19,7 @@ class MLPParams(Params):
 
 
 class FlowMapMLP(nn.Module):
-    """Paper A's checker network (METHODS.md §3.8): input (a, b, x/σ), `depth` hidden GELU layers, output ×σ.
+    """Paper A's checker network (docs/methods.md §3.5): input (a, b, x/σ), `depth` hidden GELU layers, output ×σ.
 
     Raw a and b are fed, not b − a, as in the paper's code. σ is the per-coordinate data std.
     """
@@ -54,7 +54,7 @@ def positional_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
 
 
 class LogVarWeight(nn.Module):
-    """Learned log-variance w(a, b) (EDM2-style, METHODS.md §2.4): per-sample loss e^{−w}·ℓ + w.
+    """Learned log-variance w(a, b) (EDM2-style, docs/methods.md §2.2): per-sample loss e^{−w}·ℓ + w.
 
     At the optimum e^w ≈ E[ℓ | a, b], which equalises the contribution of different jumps. Embeds raw a and b.
     Paper A applies one linear map to PosEmb(a) + PosEmb(b), which ties w to h(a) + h(b) with the same h; here

@@ -1,4 +1,4 @@
-"""Paper B's secant losses: SDEI, STEI, SDEE, STEE (METHODS.md §4).
+"""Paper B's secant losses: SDEI, STEI, SDEE, STEE (docs/methods.md §4).
 
 The secant of the probability-flow trajectory through x_a is the mean of the velocity over the jump:
 v(x_a; a, b) = E_{r~U(a,b)}[ v(x_r, r) ]. Each loss regresses the student v_θ(·; a, b) onto the velocity at one
@@ -15,7 +15,7 @@ Paper B's code writes the jump as f(x; t, s) from t to s in the same interpolant
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -25,8 +25,7 @@ from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
 from methods.interpolants import expand_time
-from methods.registry import Params
-from methods.terms import METHODS, Setting, TeacherSpec, Term
+from methods.terms import METHODS, DimReduction, MethodParams, Setting, TeacherSpec, Term
 from methods.time_samplers import TimeSampler, TimeSamplerParams, Uniform
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -79,7 +78,8 @@ def endpoint_estimate_term(
     return Term(name, net(x_a, a, b), target.detach(), a, b)
 
 
-class SecantParams(Params):
+class SecantParams(MethodParams):
+    reference_reduction: ClassVar[DimReduction] = "mean"  # the released code's mean_flat
     num_steps: PositiveInt | None = 1
     """N, the sampling steps the model is trained for: jump lengths b − a ~ U[0, 1/N] (paper B trains one model
     per N; N = 1 covers every length). null: jumps are the time sampler's ordered pairs."""

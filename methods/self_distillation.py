@@ -1,4 +1,4 @@
-"""Paper A's self-distillation of flow maps: LSD, ESD, PSD-M, PSD-U (METHODS.md §3).
+"""Paper A's self-distillation of flow maps: LSD, ESD, PSD-M, PSD-U (docs/methods.md §3).
 
 Each method is the flow-matching diagonal plus one off-diagonal residual on jumps (a, b) from the upper
 triangle, written as a (prediction, target) term. The stop-gradient placement decides which parts of the target
@@ -18,8 +18,7 @@ from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
 from methods.interpolants import LinearInterpolant, expand_time
-from methods.registry import Params
-from methods.terms import METHODS, Setting, Term
+from methods.terms import METHODS, MethodParams, Setting, Term
 from methods.time_samplers import TimeSamplerParams, Uniform
 
 DiagFraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -84,7 +83,7 @@ class SelfDistillation:
     is of the batch, not a resampling (§3.12). Sampling: the uniform N-step flow-map sampler, NFE = N.
     """
 
-    def __init__(self, name: str, params: Params, setting: Setting):
+    def __init__(self, name: str, params: MethodParams, setting: Setting):
         self.name = name
         self.stopgrad = params.stopgrad
         self.diag_fraction = params.diag_fraction
@@ -119,17 +118,17 @@ class SelfDistillation:
         return sample_flow_map(net, x0, nfe)
 
 
-class LSDParams(Params):
+class LSDParams(MethodParams):
     stopgrad: Literal["convex", "none"] = "convex"
     diag_fraction: DiagFraction = 0.75
 
 
-class ESDParams(Params):
+class ESDParams(MethodParams):
     stopgrad: Literal["full", "convex", "none"] = "full"
     diag_fraction: DiagFraction = 0.75
 
 
-class PSDParams(Params):
+class PSDParams(MethodParams):
     stopgrad: Literal["convex", "none"] = "convex"
     diag_fraction: DiagFraction = 0.75
 

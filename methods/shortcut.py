@@ -1,14 +1,15 @@
-"""Shortcut models (METHODS.md §5.4) on the canonical flow-map network.
+"""Shortcut models (docs/methods.md §5.4) on the canonical flow-map network.
 
-The shortcut s(x_t; t, d) is the average velocity of the jump t → t + d, i.e. v(x; t, t + d); "d ≈ 0" is the
-diagonal v(x; t, t). The bootstrap target is paper A's PSD through the midpoint, restricted to the dyadic grid
-and evaluated with the EMA weights (METHODS.md §3.6). The network sees the end time t + d instead of the
-paper's integer level log2(1/d); the sampler is the uniform N-step flow-map sampler (d = 1/N).
+The shortcut s(x_t; t, d) is the average velocity of the jump t → t + d, i.e. v(x; t, t + d); the reference's
+finest level "d ≈ 0" (d = 2^−levels, where flow matching trains) is the diagonal v(x; t, t). The bootstrap
+target is paper A's PSD through the midpoint, restricted to the dyadic grid and evaluated with the EMA weights
+(docs/methods.md). The network sees the end time t + d instead of the paper's integer level log2(1/d); the
+sampler is the uniform N-step flow-map sampler (d = 1/N). The interpolant keeps the reference's σ_min = 1e−5.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -16,29 +17,34 @@ from torch import Tensor, nn
 
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
-from methods.interpolants import expand_time
-from methods.registry import Params
-from methods.terms import METHODS, Setting, Term
+from methods.interpolants import LinearInterpolant, expand_time
+from methods.terms import METHODS, DimReduction, MethodParams, Setting, Term
 
 
 def bootstrap_term(
-    target_net: nn.Module, net: CountingNet, x: Tensor, t: Tensor, d: Tensor, clip: float | None
+    target_net: nn.Module, net: CountingNet, x: Tensor, t: Tensor, d: Tensor, finest: float, clip: float | None
 ) -> Term:
     """v_θ(x; t, t + d) regressed onto sg ½(s1 + s2): s1 = v(x; t, t + d/2), s2 = v(x + (d/2)s1; t + d/2, t + d),
-    both with `target_net` (the EMA weights), clipped to ±clip as in the reference code."""
+    both with `target_net` (the EMA weights), clipped to ±clip as in the reference code.
+
+    A half-step of the finest size 2^−levels is flow matching's level, which only the diagonal trains: there s1
+    and s2 are the instantaneous velocities v(x; t, t) and v(x_mid; t + d/2, t + d/2), as in the reference.
+    Shapes: x (n, *data_shape); t, d (n,)."""
     half = d / 2
+    reach = torch.where(half <= finest, torch.zeros_like(half), half)  # the jump each half-step asks the net for
     with torch.no_grad():
-        s1 = target_net(x, t, t + half)
+        s1 = target_net(x, t, t + reach)
         x_mid = x + expand_time(half, x) * s1
         if clip is not None:
             x_mid = x_mid.clamp(-clip, clip)
-        target = (s1 + target_net(x_mid, t + half, t + d)) / 2
+        target = (s1 + target_net(x_mid, t + half, t + half + reach)) / 2
         if clip is not None:
             target = target.clamp(-clip, clip)
     return Term("shortcut", net(x, t, t + d), target, t, t + d)
 
 
-class ShortcutParams(Params):
+class ShortcutParams(MethodParams):
+    reference_reduction: ClassVar[DimReduction] = "mean"  # the reference's plain MSE
     bootstrap_every: PositiveInt = 8
     """1 in this many samples of the batch is a bootstrap (self-consistency) sample, the rest flow matching."""
     levels: PositiveInt = 7
@@ -48,13 +54,17 @@ class ShortcutParams(Params):
     """ema: targets from the first EMA copy of train.ema (the reference uses decay 0.999); live: current weights."""
     target_clip: PositiveFloat | None = Field(default=4.0)
     """Clip of the bootstrap target and midpoint (the reference's ±4, set for SD-VAE latents); null = none."""
+    sigma_min: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-5
+    """Noise left at the data end: I_τ = (1 − (1 − σ_min)τ)·x0 + τ·x1, target x1 − (1 − σ_min)·x0 (the
+    reference's 1e−5); 0 is every other method's interpolant."""
 
 
 class Shortcut:
     """Flow matching at dyadic times plus midpoint self-consistency at dyadic step sizes; NFE = N."""
 
     def __init__(self, params: ShortcutParams, setting: Setting):
-        self.params, self.interpolant = params, setting.interpolant
+        self.params = params
+        self.interpolant = LinearInterpolant(setting.interpolant.base_std, params.sigma_min)
         self.ema_net: nn.Module | None = None  # set by the trainer when bootstrap_target is "ema"
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
@@ -71,7 +81,7 @@ class Shortcut:
             t = torch.floor(torch.rand(n_boot, generator=gen, device=gen.device) / d) * d  # t ∈ {0, d, …, 1 − d}
             x = self.interpolant.interpolate(x0[:n_boot], x1[:n_boot], t)
             target_net = self.ema_net if p.bootstrap_target == "ema" else net
-            terms.append(bootstrap_term(target_net, net, x, t, d, p.target_clip))
+            terms.append(bootstrap_term(target_net, net, x, t, d, 0.5**p.levels, p.target_clip))
         return terms
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:

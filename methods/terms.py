@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
@@ -15,7 +15,7 @@ from methods.registry import Params, Registry
 
 @dataclass(frozen=True)
 class Distance:
-    """How a per-sample squared error ℓ becomes a loss (the trainer applies it, METHODS.md §2.5–2.6).
+    """How a per-sample squared error ℓ becomes a loss (the trainer applies it, docs/methods.md §2.3).
 
     `l2`: ℓ. `pseudo_huber`: √(ℓ + c²) − c (iCT). `adaptive`: ℓ / sg((ℓ + c)^p) (MeanFlow).
     """
@@ -48,7 +48,7 @@ class Term:
         weight: fixed per-sample factor that is part of the method's loss (iCT's 1/Δσ, sCT's 1/σ prior).
         distance: how the squared error becomes a loss.
         measured: what paper B measures as this method's loss target when it is not `target` itself (e.g. the
-            JVP output d/dt f of a continuous consistency model, METHODS.md §4.8); None = `target`.
+            JVP output d/dt f of a continuous consistency model, docs/methods.md §4.5); None = `target`.
     """
 
     name: str
@@ -68,6 +68,18 @@ class Term:
         """Per-sample L2 norm of the (detached) target: paper B's loss-target variance is their batch std."""
         measured = self.target if self.measured is None else self.measured
         return measured.detach().flatten(1).norm(dim=1)
+
+
+DimReduction = Literal["sum", "mean", "mean_div_d"]
+"""How a sample's squared error is reduced over its D data dimensions: Σ_d, Σ_d/D, or Σ_d/D² (sCM's reference
+averages over dimensions and divides by D again)."""
+
+
+class MethodParams(Params):
+    """Options of a method. `reference_reduction` is the per-dimension reduction of the method's reference
+    implementation: `train.dim_reduction: auto` resolves to it (docs/methods.md lists each reference)."""
+
+    reference_reduction: ClassVar[DimReduction] = "sum"
 
 
 class TeacherSpec(Params):

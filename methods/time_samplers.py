@@ -19,7 +19,7 @@ TIME_SAMPLERS = Registry("time sampler")
 
 class TimeSamplerParams(Params):
     fm_steps: NonNegativeInt = 0
-    """Optional curriculum (METHODS.md §3.3, paper A F.2): train the diagonal only for this many steps..."""
+    """Optional curriculum (docs/methods.md §3.3, paper A F.2): train the diagonal only for this many steps..."""
     anneal_steps: NonNegativeInt = 0
     """...then widen the jumps linearly: b ← min(b, a + δ(k)), δ(k) = (k − fm_steps)/anneal_steps. 0 = off."""
 

@@ -40,6 +40,10 @@ class TrainConfig(Params):
     grad_clip: PositiveFloat | None = 10.0
     ema: Annotated[list[Decay], Field(min_length=1)] = [0.999]
     weighting: Literal["none", "logvar"] = "none"
+    dim_reduction: Literal["auto", "sum", "mean", "mean_div_d"] = "auto"
+    """How each sample's squared error is reduced over its D data dimensions: `sum` (paper A, MeanFlow, iCT),
+    `mean` (paper B, shortcut models), `mean_div_d` = mean / D (sCM's reference); `auto`: the method's reference
+    (docs/methods.md). grad_clip, max_loss, the learned weight and MeanFlow's adaptive c act on this scale."""
     loss_reduction: Literal["sample_mean", "term_mean"] = "sample_mean"
     """sample_mean: mean of per-sample losses over the whole batch (paper A's code); term_mean: sum over terms
     of each term's mean (paper A's Algorithm 1). They weigh the off-diagonal term differently (§3.4)."""
@@ -120,6 +124,13 @@ def target_std_stats(name: str, norms: Tensor, a: Tensor) -> dict[str, float]:
     return stats
 
 
+def dim_scale(reduction: str, dims: int) -> float:
+    """The factor that turns a squared error summed over `dims` dimensions into train.dim_reduction's."""
+    if reduction == "auto":
+        raise ValueError("train.dim_reduction 'auto' must be resolved to the method's reference first")
+    return {"sum": 1.0, "mean": 1 / dims, "mean_div_d": 1 / dims**2}[reduction]
+
+
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -176,8 +187,8 @@ class Trainer:
         return torch.exp(-w) * loss + w
 
     def loss(self, terms: list[Term]) -> tuple[Tensor, list[Tensor]]:
-        """Total loss and each term's per-sample squared errors (unweighted, for logging)."""
-        errors = [t.sq_error() for t in terms]
+        """Total loss and each term's per-sample squared errors, reduced over dimensions (unweighted, logged)."""
+        errors = [t.sq_error() * dim_scale(self.cfg.dim_reduction, t.pred[0].numel()) for t in terms]
         weighted = [self.weighted(t, e) for t, e in zip(terms, errors)]
         if self.cfg.loss_reduction == "sample_mean":
             total = torch.cat(weighted).sum() / sum(len(w) for w in weighted)

@@ -1,4 +1,4 @@
-"""A UNet flow-map network v(x; a, b) for 28×28 to 64×64 images (METHODS.md §3.7).
+"""A UNet flow-map network v(x; a, b) for 28×28 to 64×64 images (docs/methods.md §3.5).
 
 What is kept from paper A's network: the time conditioning (positional embeddings of the start time a and of
 the jump length b − a, each through its own linear layer, averaged, then SiLU, modulating every residual block

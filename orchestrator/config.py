@@ -98,6 +98,8 @@ def resolve_trial_config(raw: Any) -> tuple[dict, list[Problem]]:
         problems += found
     if not problems:
         problems += cross_checks(resolved)
+    if not problems and resolved["train"]["dim_reduction"] == "auto":  # recorded as what it means
+        resolved["train"]["dim_reduction"] = METHODS.get(resolved["method"]["name"]).params.reference_reduction
     return resolved, problems
 
 

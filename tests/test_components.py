@@ -11,7 +11,7 @@ from methods.time_samplers import LogitNormal, LogitNormalParams, LogNormal, Log
 
 
 def test_learned_log_variance_converges_to_the_conditional_mean_loss():
-    """Minimising E[e^{−w}ℓ + w] gives e^{w(a,b)} = E[ℓ | a, b] (METHODS.md §2.4)."""
+    """Minimising E[e^{−w}ℓ + w] gives e^{w(a,b)} = E[ℓ | a, b] (docs/methods.md §2.2)."""
     torch.manual_seed(0)
     weight = LogVarWeight()
     opt = torch.optim.Adam(weight.parameters(), lr=2e-2)

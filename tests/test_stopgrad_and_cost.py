@@ -1,4 +1,4 @@
-"""Each stop-gradient placement detaches exactly what METHODS.md §3.2 says, and cost counts match §3.5."""
+"""Each stop-gradient placement detaches exactly what docs/methods.md §3.2 says, and cost counts match §3.4."""
 
 import pytest
 import torch
@@ -85,13 +85,13 @@ def one_step_cost(method: str, stopgrad: str | None) -> dict[str, float]:
 @pytest.mark.parametrize(
     "method, stopgrad, fwd, jvp",
     [
-        # η = 0.75 of the batch is diagonal (1 forward each); per off-diagonal sample (METHODS.md §3.5):
+        # η = 0.75 of the batch is diagonal (1 forward each); per off-diagonal sample (docs/methods.md §3.4):
         ("fm", None, 1.0, 0.0),
         ("lsd", "convex", 0.75 + 0.25, 0.25),  # forward+JVP_b with grad, teacher forward
         ("esd", "full", 0.75 + 0.25, 0.5),  # teacher b̂, JVP_a with grad, spatial JVP (as coded: 1 + 2C)
         ("psd_mid", "convex", 0.75 + 3 * 0.25, 0.0),  # student + two teacher forwards
         ("psd_unif", "none", 0.75 + 3 * 0.25, 0.0),
-        # paper B (METHODS.md §4.6), teacher evaluations included; every sample is a secant sample
+        # paper B (docs/methods.md §4.4), teacher evaluations included; every sample is a secant sample
         ("stee", None, 2.0, 0.0),  # estimator (no grad) + student
         ("sdei", None, 3.0, 0.0),  # estimator + teacher + student
         ("sdee", None, 3.0, 0.0),
