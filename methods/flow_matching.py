@@ -37,7 +37,7 @@ class FlowMatching:
         x0 = self.interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         return [diagonal_term(net, self.interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return self.sampler(net, x0, nfe)
 
 

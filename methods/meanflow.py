@@ -60,7 +60,7 @@ class MeanFlow:
         x_a = self.interpolant.interpolate(x0, x1, a)
         return [meanflow_term(net, x_a, a, b, self.interpolant.velocity(x0, x1), self.distance)]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 

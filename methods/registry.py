@@ -5,15 +5,36 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_COUNT = 10**9
+"""Upper bound on every integer option unless the option documents a tighter one."""
+MAX_STEPS, MAX_BATCH, MAX_SAMPLES, MAX_NFE = 10**8, 10**7, 10**6, 1024
+"""Bounds of train.steps, batch sizes, eval sample counts and eval.nfe values: far above any paper's setting
+(800k steps, batch 100,000, FID-50k, 16 steps), low enough that a typo fails validation instead of running for
+ever."""
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
+Batch = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+Samples = Annotated[int, Field(gt=0, le=MAX_SAMPLES)]
 
 
 class Params(BaseModel):
-    """Base class of every registered component's options: unknown keys and loose types are errors."""
+    """Base class of every registered component's options: unknown keys and loose types are errors, every float
+    is finite and every integer at most MAX_COUNT."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def bounded_counts(cls, value: Any) -> Any:
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_COUNT for v in values):
+            raise ValueError(f"must be at most {MAX_COUNT:,}")
+        return value
 
 
 class UnknownName(KeyError):

@@ -165,7 +165,7 @@ class Secant:
             terms.append(diag)
         return terms
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 

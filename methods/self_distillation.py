@@ -114,7 +114,7 @@ class SelfDistillation:
             gamma = torch.rand(a.shape, generator=gen, device=a.device)
         return psd_term(net, x_a, a, b, gamma, self.stopgrad)
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 

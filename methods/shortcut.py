@@ -84,7 +84,7 @@ class Shortcut:
             terms.append(bootstrap_term(target_net, net, x, t, d, 0.5**p.levels, p.target_clip))
         return terms
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 

@@ -10,7 +10,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from methods.interpolants import LinearInterpolant
-from methods.registry import Params, Registry
+from methods.registry import Batch, Params, Registry, Steps
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class TeacherSpec(Params):
     """A trained teacher: a teacher file written by orch (`teacher.pt`) or a trial directory of any study (its
     newest checkpoint's first EMA copy). null: orch trains a flow-matching teacher for this dataset and model
     with the budget below, once, caches it under <workdir>/teachers/<hash> and reuses it everywhere."""
-    steps: PositiveInt = 3000
-    batch_size: PositiveInt = 512
+    steps: Steps = 3000
+    batch_size: Batch = 512
     lr: PositiveFloat = 5e-3
     lr_decay_steps: PositiveInt | None = 2000
     ema: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
@@ -118,7 +118,7 @@ class Setting:
 class Method(Protocol):
     def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]: ...
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int) -> Tensor: ...
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor: ...
 
 
 METHODS = Registry("method")

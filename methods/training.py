@@ -20,15 +20,15 @@ from methods.images import ImageDataset, to_uint8
 from methods.interpolants import LinearInterpolant
 from methods.metrics import METRICS
 from methods.nets import LogVarWeight
-from methods.registry import Params
+from methods.registry import MAX_NFE, Batch, Params, Samples, Steps
 from methods.terms import Method, Term
 
 Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class TrainConfig(Params):
-    steps: PositiveInt = 3000
-    batch_size: PositiveInt = 1024
+    steps: Steps = 3000
+    batch_size: Batch = 1024
     micro_batches: PositiveInt = 1
     """Split each batch into this many equal parts, back-propagated one at a time and accumulated into one
     optimiser step: the same batch for less memory (each part draws its own times)."""
@@ -62,14 +62,14 @@ class TrainConfig(Params):
 
 class EvalConfig(Params):
     every: PositiveInt = 1000
-    nfe: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 16]
+    nfe: Annotated[list[Annotated[int, Field(gt=0, le=MAX_NFE)]], Field(min_length=1)] = [1, 2, 4, 8, 16]
     metrics: Annotated[list[str], Field(min_length=1)] = ["kl"]
-    num_samples: PositiveInt = 20000
+    num_samples: Samples = 20000
     ema: Decay | None = None
     """Which EMA copy generates samples; null = the first of train.ema."""
-    batch_size: PositiveInt = 1000
+    batch_size: Batch = 1000
     """Samples generated per network call during evaluation (memory, not results, depends on it)."""
-    fid_reference: PositiveInt | None = None
+    fid_reference: Samples | None = None
     """FID reference: this many training images (a fixed subset; null: all of them, as the papers do)."""
     grid: NonNegativeInt = 64
     """Images in the sample grid logged per NFE at each evaluation (image datasets; 0: none)."""
@@ -263,13 +263,15 @@ class Trainer:
     @torch.no_grad()
     def generate(self, nfe: int, evaluation: EvalConfig) -> Tensor:
         """eval.num_samples samples with the EMA copy at `nfe`, from the same base noise at every NFE and every
-        evaluation; image samples come back as uint8 pixels on the CPU."""
+        evaluation (samplers that re-noise draw from a second generator, so the base noise stays the same);
+        image samples come back as uint8 pixels on the CPU."""
         net = self.ema.nets[evaluation.ema if evaluation.ema is not None else self.cfg.ema[0]]
-        gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 1_000_003)
+        base = torch.Generator(self.device).manual_seed(self.cfg.seed + 1_000_003)
+        renoise = torch.Generator(self.device).manual_seed(self.cfg.seed + 2_000_003)
         chunks = []
         for start in range(0, evaluation.num_samples, evaluation.batch_size):
             n = min(evaluation.batch_size, evaluation.num_samples - start)
-            x = self.method.sample(net, self.interpolant.sample_base(n, self.dataset.shape, gen), nfe)
+            x = self.method.sample(net, self.interpolant.sample_base(n, self.dataset.shape, base), nfe, renoise)
             chunks.append(to_uint8(x).cpu() if isinstance(self.dataset, ImageDataset) else x)
         return torch.cat(chunks)
 

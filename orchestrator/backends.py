@@ -12,38 +12,37 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under ~/.ray
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the embedded Ray is loopback-only; a cluster sets its own
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # orch logs to MLflow itself...
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # ...and prints its own progress (verbose=0 then is silent)
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts orch, as SIGTERM does (exit 130)
 # With reuse_actors, Tune waits this long for a finished trial's thread (its last MLflow writes) before reuse.
 os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
 
 import ray  # noqa: E402 — after the environment it reads
 from ray import tune  # noqa: E402
+from ray._private import ray_constants  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 
 from methods.storage import exclusive
 from orchestrator.progress import Progress
 from orchestrator.runner import Trial, finish_detail, run_trial
-from orchestrator.state import TrialState, write_json
+from orchestrator.state import TrialState, read_json, write_json
 
 
 def run_local(trials: list[Trial], progress: Progress) -> None:
     """Sequentially, in the `orch` process: for debugging, or where no Ray is wanted."""
     for trial in trials:
         progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
-        try:
-            run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
-        except Exception:  # recorded as failed in the trial dir and MLflow; the study goes on
-            pass
+        run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
         progress.finished(trial.id, *finish_detail(trial))
 
 
 def ray_trainable(config: dict) -> None:
-    """Ray Tune function trainable: loads the trial from its directory and runs it. An exception in the trial is
-    recorded as `failed` and not passed on, so that Tune retries (max_failures) only infrastructure failures:
-    a worker that died."""
+    """Ray Tune function trainable: loads the trial from its directory and runs it. A failure of the trial is a
+    `failed` result, not an exception, so that Tune retries (max_failures) only infrastructure failures: a
+    worker that died."""
     trial = Trial.load(config["trial_dir"])
     last = [0.0]
 
@@ -54,11 +53,7 @@ def ray_trainable(config: dict) -> None:
             last[0] = time.monotonic()
             tune.report({"step": step, "orch_metrics": json.dumps(metrics)})
 
-    try:
-        status = run_trial(trial, progress=report)
-    except Exception:
-        status = TrialState.load(Path(trial.dir)).status
-    tune.report({"orch_status": status})
+    tune.report({"orch_status": run_trial(trial, progress=report)})
 
 
 DRIVER_RECORD = "driver.json"  # the live orch process running a study, and its embedded Ray
@@ -100,8 +95,7 @@ def driver_record(**extra) -> dict:
 
 
 def recorded_driver(study_dir: Path) -> dict:
-    record = study_dir / DRIVER_RECORD
-    return json.loads(record.read_text()) if record.exists() else {}
+    return read_json(study_dir / DRIVER_RECORD)
 
 
 def live_driver(record: dict) -> int | None:
@@ -171,7 +165,32 @@ def start_ray(address: str | None, study_dir: Path) -> None:
             signal.signal(signal.SIGTERM, handler)
 
 
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for a single-machine Ray (its default on macOS and Windows): with it off, the node's IP, to which
+the GCS, raylet, workers and the driver bind their servers, is 127.0.0.1 instead of the machine's address."""
+CLUSTERS = ray_constants.ENABLE_RAY_CLUSTER  # Ray's own setting on this platform
+saved_environment: dict[str, str | None] = {}
+
+
+def embedded_environment(on: bool) -> None:
+    """Keep an embedded Ray on 127.0.0.1 (on), or let a connection to a cluster use the machine's address (off,
+    restoring the environment). The driver reads the switch from ray_constants, which Ray evaluates at import;
+    the processes Ray starts read the environment."""
+    if on:
+        saved_environment.setdefault(LOCAL_ONLY, os.environ.get(LOCAL_ONLY))
+        os.environ[LOCAL_ONLY] = "0"
+    else:
+        for key, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        saved_environment.clear()
+    ray_constants.ENABLE_RAY_CLUSTER = CLUSTERS and not on
+
+
 def init_ray(address: str | None, study_dir: Path) -> None:
+    embedded_environment(address is None)
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
@@ -197,6 +216,7 @@ def stop_ray() -> None:
     """Shut Ray down and remove an embedded Ray's session files (its logs; trial errors are kept by Tune and
     orch in the study directory)."""
     ray.shutdown()
+    embedded_environment(False)
     shutil.rmtree(ray_temp_dir(), ignore_errors=True)
 
 

@@ -65,4 +65,11 @@ def check_data(configs: list[dict]) -> list[Problem]:
             build_section(config, "dataset")
         except DatasetFilesError as e:
             problems.append(Problem("dataset", str(e)))
+    if any("fid" in config["eval"]["metrics"] for config in configs):
+        from methods.fid import FIDUnavailable, inception_weights
+
+        try:
+            inception_weights()
+        except FIDUnavailable as e:
+            problems.append(Problem("eval.metrics", f"fid: {e}"))
     return problems

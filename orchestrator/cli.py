@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
-import yaml
+from pydantic import ValidationError
+
+from orchestrator.config import pydantic_problems
+from orchestrator.preflight import ray_problems, tracking_problems, workdir_problems
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -59,31 +63,51 @@ def raise_interrupt(signum, frame):
 
 
 def cmd_submit(args) -> int:
+    from orchestrator.study import Backend
+
     study = load_or_exit(args.study, args.profile)
-    backend = study.backend.model_copy(
-        update={
-            k: v
-            for k, v in {
-                "name": args.backend,
-                "max_concurrent": args.max_concurrent,
-                "address": args.ray_address,
-            }.items()
-            if v is not None
-        }
-    )
+    overrides = {"name": args.backend, "max_concurrent": args.max_concurrent, "address": args.ray_address}
+    try:
+        backend = Backend.model_validate(
+            study.backend.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        )
+    except ValidationError as e:
+        return refuse(args.study, pydantic_problems(e, "", Backend, "backend"))
     if args.dry_run:
         print_plan(study)
         print(f"(dry run: backend {backend.name}, nothing started)")
         return EXIT_OK
+    workdir = Path(args.workdir)
+    problems = workdir_problems(workdir) + tracking_problems(args.tracking_uri)
+    problems += ray_problems(backend.name, backend.address, from_cli=args.ray_address is not None)
+    if problems:
+        return refuse(args.study, problems)
+    return run_submission(study, backend, workdir, args.tracking_uri)
 
-    return run_submission(study, backend, Path(args.workdir), args.tracking_uri)
+
+def refuse(source: str, problems: list) -> int:
+    """Report problems found before anything was created: exit 2."""
+    from orchestrator.study import StudyError
+
+    print(StudyError(source, problems).report(), file=sys.stderr)
+    return EXIT_INVALID
 
 
 def study_dir_of(target: str, workdir: str) -> Path:
-    """A study given by its file (its `name`) or by name."""
+    """A submitted study given by its file (its `name`) or by name; a name obeys the study files' rule, so that
+    it never leaves the work directory."""
+    from orchestrator.study import STUDY_NAME, StudyError, load_study
+
     name = target
-    if target.endswith((".yaml", ".yml")) and Path(target).exists():
-        name = yaml.safe_load(Path(target).read_text()).get("name", target)
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        try:
+            name = load_study(target).name
+        except StudyError as e:
+            print(e.report(), file=sys.stderr)
+            raise SystemExit(EXIT_INVALID) from None
+    if not re.fullmatch(STUDY_NAME, name):
+        print(f"error: {name!r} is not a study name (letters, digits, _ . -; no paths)", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID)
     path = Path(workdir) / name
     if not (path / "trials").is_dir():
         print(f"error: no submitted study {name!r} under {workdir}/", file=sys.stderr)
@@ -128,15 +152,19 @@ def run_submission(study, backend, workdir: Path, tracking_uri: str | None) -> i
     from orchestrator.build import check_data
     from orchestrator.driver import submit_study
     from orchestrator.study import StudyError
+    from orchestrator.tracking import TRACKING_ERRORS
 
     if problems := check_data([t.config for t in study.trials]):
         print(StudyError(study.name, problems).report(), file=sys.stderr)
         return EXIT_INVALID
-    signal.signal(signal.SIGTERM, raise_interrupt)  # Tune handles SIGINT but not SIGTERM (what Slurm sends)
+    signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM (what Slurm and `orch cancel` send) as Ctrl-C
     try:
         return submit_study(study, backend, workdir, tracking_uri)
     except StudyBusy as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except TRACKING_ERRORS as e:  # the store failed before any trial ran (or while recording the end)
+        print(f"error: the tracking store failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(
@@ -149,10 +177,18 @@ def run_submission(study, backend, workdir: Path, tracking_uri: str | None) -> i
 
 def cmd_resume(args) -> int:
     from orchestrator.driver import load_submitted
+    from orchestrator.study import StudyError
 
     study_dir = study_dir_of(args.study, args.workdir)
-    study, backend, uri = load_submitted(study_dir)
-    print(f"resuming study {study.name!r} as last submitted (backend {backend.name}, profile {study.profile})")
+    try:
+        study, backend, uri = load_submitted(study_dir)
+    except StudyError as e:
+        print(e.report(), file=sys.stderr)
+        return EXIT_INVALID
+    if problems := tracking_problems(uri) + ray_problems(backend.name, backend.address, from_cli=False):
+        return refuse(str(study_dir / "study.yaml"), problems)
+    profile = f"profile {study.profile}" if study.profile else "the default profile"
+    print(f"resuming study {study.name!r} as last submitted (backend {backend.name}, {profile})")
     return run_submission(study, backend, study_dir.parent, uri)
 
 
@@ -175,7 +211,14 @@ def cmd_dashboard(args) -> int:
         from orchestrator.serve import serve_dashboard
 
         return serve_dashboard(uri, study_dir, args.port, args.interval)
-    print(build_dashboard(uri, study_dir.name, study_dir / "dashboard.html"))
+    try:
+        print(build_dashboard(uri, study_dir.name, study_dir / "dashboard.html"))
+    except LookupError as e:  # no such experiment in that store
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as e:
+        print(f"error: cannot write the dashboard: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -226,6 +269,11 @@ def cmd_fid(args) -> int:
     try:
         datasets = [fid_input(args.a), fid_input(args.b)]
     except (ValueError, DatasetFilesError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        fid.inception_weights()
+    except fid.FIDUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
     feats = []
@@ -285,6 +333,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="default: a free one")
     s.set_defaults(func=cmd_ui)
     return p
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,15 +10,28 @@ from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from orchestrator.backends import claim_study, release_study, run_local, run_ray, say_plain
+from orchestrator.config import Problem
 from orchestrator.progress import Progress, TrialProgress
 from orchestrator.runner import Trial, open_trial, record_outcome
-from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUNNING, TrialState, write_json
-from orchestrator.study import Backend, Search, Study, parse_study
+from orchestrator.state import (
+    CANCELLED,
+    FAILED,
+    FINISHED_STATES,
+    PENDING,
+    RUNNING,
+    TrialState,
+    atomic_write_bytes,
+    read_json,
+    write_json,
+)
+from orchestrator.study import Backend, Search, Study, StudyError, load_study
 from orchestrator.tracking import (
     ROLE,
     STATUS,
+    TRACKING_ERRORS,
     default_tracking_uri,
     ensure_experiment,
     ensure_parent_run,
@@ -32,10 +45,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def tracking_uri_of(study_dir: Path) -> str:
     """The tracking URI the study was last submitted with."""
-    submission = study_dir / "submission.json"
-    if submission.exists():
-        return json.loads(submission.read_text())["tracking_uri"]
-    return default_tracking_uri(study_dir)
+    return read_json(study_dir / "submission.json").get("tracking_uri") or default_tracking_uri(study_dir)
 
 
 def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
@@ -44,9 +54,7 @@ def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
     rows = []
     for trial_dir in trial_dirs:
         state = TrialState.load(trial_dir)
-        label = Trial.load(trial_dir).label if (trial_dir / "trial.json").exists() else ""
-        job_file = trial_dir / "job.json"  # written by the Slurm backend at submission
-        job = json.loads(job_file.read_text())["job_id"] if job_file.exists() else None
+        label, job = trial_label(trial_dir), read_json(trial_dir / "job.json").get("job_id")  # job: Slurm's
         rows.append(
             {
                 "id": trial_dir.name,
@@ -58,6 +66,16 @@ def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
             }
         )
     return rows
+
+
+def trial_label(trial_dir: Path) -> str:
+    """The trial's label from trial.json (rewritten at every submission), or a note that it is unreadable."""
+    if not (trial_dir / "trial.json").exists():
+        return ""
+    try:
+        return Trial.load(trial_dir).label
+    except (OSError, ValueError, TypeError, KeyError):
+        return "(trial.json unreadable: submitting the study again rewrites it)"
 
 
 def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient, str, str]:
@@ -80,13 +98,22 @@ def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient
 
 
 def prepare_trials(
-    study: Study, study_dir: Path, uri: str, client: MlflowClient, experiment_id: str, parent_id: str
+    study: Study, study_dir: Path, uri: str, client: MlflowClient, experiment_id: str, parent_id: str, say
 ) -> tuple[list[Trial], int]:
     """One trial directory and child run per grid trial; returns the trials still to run and the finished count."""
     todo, finished = [], 0
     for spec in study.trials:
         trial, state = open_trial(
-            client, experiment_id, parent_id, study.name, study_dir, spec.id, spec.label, spec.config, spec.factors
+            client,
+            experiment_id,
+            parent_id,
+            study.name,
+            study_dir,
+            spec.id,
+            spec.label,
+            spec.config,
+            spec.factors,
+            say,
         )
         if state.status in FINISHED_STATES:
             finished += 1
@@ -138,7 +165,7 @@ def run_grid(
     study: Study, study_dir: Path, uri: str, client, experiment_id: str, parent_id: str, backend: Backend, say
 ) -> list[str]:
     """Run the grid's unfinished trials; returns the ids of the study's trials."""
-    todo, finished = prepare_trials(study, study_dir, uri, client, experiment_id, parent_id)
+    todo, finished = prepare_trials(study, study_dir, uri, client, experiment_id, parent_id, say)
     say(f"{finished} already finished, {len(todo)} to run on backend {backend.name!r}")
     progress = Progress(
         {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in todo}
@@ -168,7 +195,10 @@ def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: st
 
 def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str | None, say) -> int:
     """Run every unfinished trial of the study; write the dashboard."""
-    (study_dir / "study.yaml").write_text(yaml.safe_dump({**study.resolved, "profile": study.profile}, sort_keys=False))
+    header = f"# study {study.name!r} as last submitted" + (f", profile {study.profile!r}" if study.profile else "")
+    atomic_write_bytes(
+        study_dir / "study.yaml", f"{header}\n{yaml.safe_dump(study.resolved, sort_keys=False)}".encode()
+    )
     uri = tracking_uri or default_tracking_uri(study_dir)
     write_json(
         study_dir / "submission.json",
@@ -178,72 +208,122 @@ def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str
     say(f"study {study.name!r}: {kind}; tracking {uri}")
     client, experiment_id, parent_id = prepare_store(study, study_dir, uri)
     started = time.time()
-    search_errors = 0
-    if study.search is not None:
-        from orchestrator.search import run_search
+    try:
+        if study.search is not None:
+            from orchestrator.search import run_search
 
-        search_errors = run_search(study, study_dir, uri, experiment_id, parent_id, backend, say)
-        rows = study_status(study_dir)
-    else:
-        rows = study_status(study_dir, run_grid(study, study_dir, uri, client, experiment_id, parent_id, backend, say))
-    reconcile_tracking(client, experiment_id, study_dir)
+            search_errors = run_search(study, study_dir, uri, experiment_id, parent_id, backend, say)
+            rows = study_status(study_dir)
+        else:
+            search_errors = 0
+            ids = run_grid(study, study_dir, uri, client, experiment_id, parent_id, backend, say)
+            rows = study_status(study_dir, ids)
+    except KeyboardInterrupt:
+        settle_interrupted(study_dir, backend, client, experiment_id, parent_id, say)
+        raise
     failed = [r for r in rows if r["status"] not in FINISHED_STATES]
-    client.set_terminated(parent_id, status="FAILED" if failed or search_errors else "FINISHED")
-
-    from dashboards.report import build_dashboard
-
-    dashboard = build_dashboard(uri, study.name, study_dir / "dashboard.html")
-    client.log_artifact(parent_id, str(dashboard))
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     say(f"done in {time.time() - started:.0f} s: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for r in failed:
+        say(f"  {r['id']} {r['label']}: {r['status']}" + (f" — {last_line(r['reason'])}" if r["reason"] else ""))
+    try:
+        finish_tracking(study, study_dir, client, experiment_id, parent_id, failed or search_errors, say)
+    except TRACKING_ERRORS as e:
         say(
-            f"  {r['id']} {r['label']}: {r['status']}"
-            + (f" — {r['reason'].strip().splitlines()[-1]}" if r["reason"] else "")
+            f"error: the tracking store {uri} failed ({type(e).__name__}: {last_line(str(e))}); every result is in "
+            f"{study_dir / 'trials'}: `orch resume {study.name}` rebuilds what the store lacks"
         )
-    if study.search is not None and (best := record_best(client, parent_id, study_dir, study.search)):
-        say(f"best: {best['label']} ({best['trial_id']}) {best['metric']}={best['value']:.4g}")
-    say(f"dashboard: {dashboard}")
+        return EXIT_FAILED
+    except OSError as e:
+        say(f"error: cannot write the dashboard: {e}")
+        return EXIT_FAILED
     say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {study_dir.parent})")
     return EXIT_FAILED if failed or search_errors else EXIT_OK
 
 
+def last_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[-1]
+
+
+def finish_tracking(
+    study: Study, study_dir: Path, client: MlflowClient, experiment_id: str, parent_id: str, failed: bool, say
+) -> None:
+    """Bring MLflow in line with the trial directories, end the parent run, record a search's best sample and
+    write the dashboard."""
+    reconcile_tracking(client, experiment_id, study_dir)
+    client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+    if study.search is not None and (best := record_best(client, parent_id, study_dir, study.search)):
+        say(f"best: {best['label']} ({best['trial_id']}) {best['metric']}={best['value']:.4g}")
+    from dashboards.report import build_dashboard
+
+    dashboard = build_dashboard(client.tracking_uri, study.name, study_dir / "dashboard.html")
+    client.log_artifact(parent_id, str(dashboard))
+    say(f"dashboard: {dashboard}")
+
+
+def settle_interrupted(
+    study_dir: Path, backend: Backend, client: MlflowClient, experiment_id: str, parent_id: str, say
+) -> None:
+    """After Ctrl-C or SIGTERM the trials this process ran stopped with it (a local trial, or Ray's workers shut
+    down): they become `cancelled`, continued by `orch resume`, and MLflow says so. Slurm jobs keep running."""
+    if backend.name != "slurm":
+        mark_cancelled(study_dir, (RUNNING,), "interrupted (Ctrl-C or SIGTERM); `orch resume` continues it")
+    try:
+        reconcile_tracking(client, experiment_id, study_dir)
+        client.set_terminated(parent_id, status="KILLED")
+    except TRACKING_ERRORS as e:
+        say(f"warning: the tracking store failed while recording the interruption ({type(e).__name__})")
+
+
+def mark_cancelled(study_dir: Path, statuses: tuple[str, ...], reason: str) -> int:
+    """Mark the study's trials in `statuses` cancelled (their checkpoints stay); returns how many."""
+    cancelled = 0
+    for trial_dir in sorted((study_dir / "trials").iterdir()):
+        state = TrialState.load(trial_dir)
+        if state.status in statuses:
+            state.status, state.reason = CANCELLED, reason
+            state.save(trial_dir)
+            cancelled += 1
+    return cancelled
+
+
 def load_submitted(study_dir: Path) -> tuple[Study, Backend, str]:
-    """The study, backend and tracking URI of a study's last submission (<study>/study.yaml, submission.json)."""
-    raw = yaml.safe_load((study_dir / "study.yaml").read_text())
-    profile = raw.pop("profile", None)
-    study = parse_study(yaml.safe_dump(raw, sort_keys=False), str(study_dir / "study.yaml"))
-    study.profile = profile
-    submission = json.loads((study_dir / "submission.json").read_text())
-    return study, Backend.model_validate(submission["backend"]), submission["tracking_uri"]
+    """The study, backend and tracking URI of a study's last submission (<study>/study.yaml, submission.json).
+    Raises StudyError naming the file when either is unreadable."""
+    source = str(study_dir / "study.yaml")
+    study = load_study(source)
+    submission = read_json(study_dir / "submission.json")
+    try:
+        study.profile = submission["profile"]
+        return study, Backend.model_validate(submission["backend"]), submission["tracking_uri"]
+    except (KeyError, ValidationError) as e:
+        problem = Problem(
+            "", f"{study_dir / 'submission.json'} is unreadable ({type(e).__name__}); submit the study file again"
+        )
+        raise StudyError(source, [problem]) from None
 
 
 def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
-    """Stop a study's running trials and keep their checkpoints: signal its live driver (Ray or local runs stop
-    with it), scancel its Slurm jobs, and mark every trial that had not finished `cancelled`. Returns how many."""
+    """Stop a study's running trials and keep their checkpoints: scancel its Slurm jobs (first, so that none
+    finishes meanwhile), signal its live driver (Ray or local runs stop with it), and mark every trial that had
+    not finished `cancelled`. Returns how many."""
     from orchestrator.backends import alive, live_driver, recorded_driver
 
-    if pid := live_driver(recorded_driver(study_dir)):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + wait_seconds
-        while alive(pid) and time.time() < deadline:
-            time.sleep(0.2)
-        say(f"stopped the orch process {pid} running the study")
     trial_dirs = sorted((study_dir / "trials").iterdir())
     if any((d / "job.json").exists() for d in trial_dirs):
         from orchestrator.slurm import cancel_jobs
 
         if ids := cancel_jobs([d for d in trial_dirs if TrialState.load(d).status in (PENDING, RUNNING)]):
             say(f"cancelled Slurm job(s) {', '.join(ids)}")
-    cancelled = 0
-    for trial_dir in trial_dirs:
-        state = TrialState.load(trial_dir)
-        if state.status in (PENDING, RUNNING):
-            state.status, state.reason = CANCELLED, "cancelled by `orch cancel`; `orch resume` continues it"
-            state.save(trial_dir)
-            cancelled += 1
+    if pid := live_driver(recorded_driver(study_dir)):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + wait_seconds
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        say(f"stopped the orch process {pid} running the study")
+    cancelled = mark_cancelled(study_dir, (PENDING, RUNNING), "cancelled by `orch cancel`; `orch resume` continues it")
     client = MlflowClient(tracking_uri_of(study_dir))
     experiment = client.get_experiment_by_name(study_dir.name)
     if experiment is not None:

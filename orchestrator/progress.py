@@ -62,11 +62,13 @@ class Progress:
         elif self.live:
             self._draw()
 
-    def finished(self, trial_id: str, status: str, detail: str = "") -> None:
+    def finished(self, trial_id: str, status: str, detail: str = "", warnings: list[str] = ()) -> None:
         trial = self.trials[trial_id]
         trial.status = status
         if status == COMPLETED:
             trial.step = trial.steps
+        for warning in warnings:  # from the trial's worker, whose own log the user does not see
+            self._event(f"{trial.label}: warning: {warning}")
         self._event(f"{trial.label}: {status}" + (f" — {detail}" if detail else ""))
 
     def counts(self) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -25,15 +26,30 @@ from orchestrator.state import (
     DIVERGED,
     FAILED,
     FINISHED_STATES,
+    METRICS_LOG,
+    PENDING,
     RUNNING,
     STOPPED,
+    UNREADABLE,
     TrialState,
     atomic_write_bytes,
     load_latest_checkpoint,
+    newest_checkpoint_step,
+    read_json,
     save_checkpoint,
     write_json,
 )
-from orchestrator.tracking import STATUS, ensure_trial_run, environment_tags, log_batch
+from orchestrator.tracking import (
+    STATUS,
+    TRACKING_ERRORS,
+    TRIAL_ID,
+    ensure_trial_run,
+    environment_tags,
+    find_runs,
+    log_batch,
+)
+
+log = logging.getLogger(__name__)
 
 
 class EarlyStopped(Exception):
@@ -75,19 +91,52 @@ def open_trial(
     label: str,
     config: dict,
     factors: dict,
+    say: Callable[[str], None] = log.warning,
 ) -> tuple[Trial, TrialState]:
     """A trial's directory, state and MLflow child run: created on first use, the same ones ever after (the run
-    recorded in state.json, else the one tagged with the trial id), with trial.json written for the workers."""
+    recorded in state.json, else the one tagged with the trial id), with trial.json written for the workers.
+
+    The trial directory is the source of truth: an unreadable state.json is re-derived from the MLflow run and
+    the checkpoints, and a run that is missing from the store (a lost or replaced store) is rebuilt from the
+    directory's metrics log and state; both are said."""
     trial_dir = study_dir / "trials" / spec_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     state = TrialState.load(trial_dir)
+    if state.status == UNREADABLE:
+        state, how = rederive_state(client, experiment_id, spec_id, trial_dir, config["train"]["steps"])
+        say(f"trial {spec_id}: {state.reason or 'state.json was unreadable'}; {how}")
+        state.reason = None
+        state.save(trial_dir)
     run_id = ensure_trial_run(client, experiment_id, parent_id, spec_id, label, config, state.run_id)
     if state.run_id != run_id:
+        if state.run_id is not None:
+            replay_run(client, run_id, trial_dir, state)
+            say(f"trial {spec_id}: its MLflow run {state.run_id} is not in the store; rebuilt from {trial_dir}")
         state.run_id = run_id
         state.save(trial_dir)
     trial = Trial(spec_id, study, label, config, factors, str(trial_dir), client.tracking_uri, run_id)
     trial.save()
     return trial, state
+
+
+def rederive_state(
+    client: MlflowClient, experiment_id: str, trial_id: str, trial_dir: Path, steps: int
+) -> tuple[TrialState, str]:
+    """A trial's state rebuilt from what else records it: its MLflow run's outcome when the run finished, else
+    its newest checkpoint (a resume continues from there). Returns the state and how it was obtained."""
+    broken = TrialState.load(trial_dir).reason
+    runs = find_runs(client, experiment_id, f"tags.`{TRIAL_ID}` = '{trial_id}'")
+    logged = max((s for _, _, s in read_metrics(trial_dir)), default=-1)
+    run = runs[0] if runs else None
+    outcome = run.data.tags.get(STATUS) if run else None
+    if run is not None and outcome in FINISHED_STATES:
+        step = int(run.data.tags.get("orch.stopped_step", steps))
+        result = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+        state = TrialState(outcome, step, run.info.run_id, run.data.tags.get("orch.reason"), result, logged_step=logged)
+        return state, f"re-derived from its MLflow run: {outcome} at step {step}, not run again"
+    step = newest_checkpoint_step(trial_dir)
+    state = TrialState(PENDING, step, run.info.run_id if run else None, broken, logged_step=logged)
+    return state, f"re-derived from its checkpoints: it continues from step {step}" if step else "it runs again"
 
 
 def slurm_job_id() -> str | None:
@@ -97,10 +146,10 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def finish_detail(trial: Trial) -> tuple[str, str]:
-    """(status, last line of the reason) from the trial directory, the source of truth."""
+def finish_detail(trial: Trial) -> tuple[str, str, list[str]]:
+    """(status, last line of the reason, warnings) from the trial directory, the source of truth."""
     state = TrialState.load(Path(trial.dir))
-    return state.status, state.reason.strip().splitlines()[-1] if state.reason else ""
+    return state.status, state.reason.strip().splitlines()[-1] if state.reason else "", state.warnings
 
 
 def device_name(device: torch.device) -> str:
@@ -109,19 +158,81 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {torch.get_num_threads()} thread(s) of {os.cpu_count()}"
 
 
-class MetricBuffer:
-    """Collects metrics between checkpoints and writes them in one MLflow batch."""
+class TrialTracker:
+    """A trial's writes to its MLflow run, behind the trial directory: metrics go to <trial>/metrics.jsonl first
+    (MLflow's copy can be rebuilt from it), and a tracking store that fails is reported once and then left
+    alone, so that it never turns a trained trial into a failed one."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id, self.rows = client, run_id, []
+    def __init__(self, client: MlflowClient, trial: Trial, warn: Callable[[str], None]):
+        self.client, self.trial, self.warn = client, trial, warn
+        self.rows: list[tuple[str, float, int]] = []
+        self.broken: str | None = None
 
-    def add(self, metrics: dict[str, float], step: int) -> None:
-        self.rows += [(k, v, step) for k, v in metrics.items()]
+    def call(self, write: Callable[[], None]) -> None:
+        if self.broken is not None:
+            return
+        try:
+            write()
+        except TRACKING_ERRORS as e:
+            self.broken = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            self.warn(
+                f"MLflow tracking failed ({self.broken}); the trial goes on and keeps its results in "
+                f"{self.trial.dir}: `orch resume` rebuilds its run"
+            )
 
-    def flush(self) -> None:
-        if self.rows:
-            log_batch(self.client, self.run_id, metrics=self.rows)
-            self.rows = []
+    def add(self, metrics: dict[str, float], step: int, state: TrialState) -> None:
+        """Queue metrics of `step`, unless a resumed trial replays a step whose metrics are logged already."""
+        if step > state.logged_step:
+            self.rows += [(k, v, step) for k, v in metrics.items()]
+
+    def flush(self, state: TrialState) -> None:
+        """Write the queued metrics to the metrics log, then to MLflow, and record how far they reach."""
+        if not self.rows:
+            return
+        rows, self.rows = self.rows, []
+        append_metrics(Path(self.trial.dir), rows)
+        self.call(lambda: log_batch(self.client, self.trial.run_id, metrics=rows))
+        state.logged_step = max(step for _, _, step in rows)
+        state.save(Path(self.trial.dir))
+
+
+def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> None:
+    """Fill a new run with what the trial directory holds: every logged metric and the outcome."""
+    log_batch(client, run_id, metrics=read_metrics(trial_dir))
+    if state.status not in (PENDING, RUNNING):
+        record_outcome(client, run_id, state)
+
+
+def append_metrics(trial_dir: Path, rows: list[tuple[str, float, int]]) -> None:
+    with open(trial_dir / METRICS_LOG, "a") as f:
+        f.writelines(json.dumps({"key": k, "value": v, "step": s}) + "\n" for k, v, s in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(trial_dir: Path) -> list[tuple[str, float, int]]:
+    """The metrics log, one row per (key, step) (the last one written wins); a torn last line is skipped."""
+    path = trial_dir / METRICS_LOG
+    rows: dict[tuple[str, int], float] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+            rows[(row["key"], int(row["step"]))] = float(row["value"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [(k, v, s) for (k, s), v in rows.items()]
+
+
+class WarningsToState(logging.Handler):
+    """Warnings logged while a trial runs (by orch or the science code) are kept in its state, so that the
+    driver shows them on every backend (a Ray worker's or a Slurm job's log is not the user's terminal)."""
+
+    def __init__(self, state: TrialState):
+        super().__init__(logging.WARNING)
+        self.state = state
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.state.warnings.append(record.getMessage())
 
 
 def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[str, str], float]:
@@ -144,12 +255,26 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     """Train one trial to the end (or to divergence) and return its final status.
 
     Idempotent: a finished trial returns at once; an interrupted one continues from its newest checkpoint in
-    the same MLflow run, so at most the steps since that checkpoint are replayed.
+    the same MLflow run, so at most the steps since that checkpoint are replayed (and not logged again). A
+    failure of the trial itself is recorded as `failed` with its traceback and returned, never raised; only an
+    interruption (Ctrl-C, SIGTERM, a worker torn down) leaves the trial `running` for a resume.
     """
-    trial_dir = Path(trial.dir)
-    state = TrialState.load(trial_dir)
+    state = TrialState.load(Path(trial.dir))
     if state.status in FINISHED_STATES:
         return state.status
+    handler = WarningsToState(state)
+    loggers = [logging.getLogger(name) for name in ("orchestrator", "methods")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        return train_trial(trial, state, progress)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> str:
+    trial_dir = Path(trial.dir)
     train, evaluation = (
         TrainConfig.model_validate(trial.config["train"]),
         EvalConfig.model_validate(trial.config["eval"]),
@@ -158,17 +283,16 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
         torch.set_num_threads(train.threads)
     device = resolve_device(train.device)
     client = MlflowClient(trial.tracking_uri)
+    tracker = TrialTracker(client, trial, log.warning)
     try:
         trainer, tags, wall_before = prepare_trainer(trial, device)
     except Exception:  # e.g. an unreadable teacher: the trial fails with its reason, the study goes on
-        finish(client, trial, state, FAILED, traceback.format_exc(limit=20))
-        raise
-    client.update_run(trial.run_id, status="RUNNING")
-    log_batch(client, trial.run_id, tags=tags)
-    state = TrialState(RUNNING, trainer.step, trial.run_id, job_id=slurm_job_id())
+        return finish(tracker, state, FAILED, traceback.format_exc(limit=20))
+    tracker.call(lambda: client.update_run(trial.run_id, status="RUNNING"))
+    tracker.call(lambda: log_batch(client, trial.run_id, tags=tags))
+    state.status, state.step, state.reason, state.job_id = RUNNING, trainer.step, None, slurm_job_id()
     state.save(trial_dir)
     reset_peak_memory(device)
-    metrics = MetricBuffer(client, trial.run_id)
     started = time.perf_counter()
     ema = evaluation.ema if evaluation.ema is not None else train.ema[0]
 
@@ -181,19 +305,19 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
             stats = trainer.train_step(with_stats=(trainer.step + 1) % train.log_every == 0 or last)
             step = trainer.step
             if len(stats) > 1:
-                metrics.add(stats | trainer.cost() | {"cost/device_hours": elapsed() / 3600}, step)
+                tracker.add(stats | trainer.cost() | {"cost/device_hours": elapsed() / 3600}, step, state)
                 if progress:
                     progress(step, {"train/loss": stats["train/loss"]})
             if step % evaluation.every == 0 or last:
                 scores, grids = trainer.evaluate(evaluation)
-                metrics.add(scores, step)
+                tracker.add(scores, step, state)
                 keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
-                log_sample_grids(client, trial.run_id, step, grids)
+                tracker.call(lambda: log_sample_grids(client, trial.run_id, step, grids))  # noqa: B023
                 state.result = scores
                 if progress:
                     progress(step, scores)
             if step % train.checkpoint_every == 0 or last:
-                metrics.flush()  # metrics first: a resumed trial never lacks steps its checkpoint covers
+                tracker.flush(state)  # metrics first: a resumed trial never lacks steps its checkpoint covers
                 save_checkpoint(
                     trial_dir,
                     step,
@@ -202,25 +326,24 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
                 )
                 state.step = step
                 state.save(trial_dir)
-        finish(client, trial, state, COMPLETED, None)
+        return finish(tracker, state, COMPLETED, None)
     except Diverged as e:
-        metrics.flush()
-        finish(client, trial, state, DIVERGED, e.reason, step=e.step)
+        tracker.flush(state)
+        return finish(tracker, state, DIVERGED, e.reason, step=e.step)
     except EarlyStopped as e:
-        metrics.flush()
-        finish(client, trial, state, STOPPED, str(e), step=trainer.step)
-    except Exception:
-        metrics.flush()
-        finish(client, trial, state, FAILED, traceback.format_exc(limit=20))
-        raise
-    return state.status
+        tracker.flush(state)
+        return finish(tracker, state, STOPPED, str(e), step=trainer.step)
+    except Exception:  # the trial's own failure: a result with its traceback, the study goes on
+        reason = traceback.format_exc(limit=20)
+        tracker.flush(state)
+        return finish(tracker, state, FAILED, reason)
 
 
 def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.nn.Module) -> None:
     """Keep the best EMA weights per metric and NFE (paper A reports each NFE at its best checkpoint) in
     <trial>/best/<metric>_nfe_<N>.pt, indexed by best/best.json ({key: {value, step}}); lower is better."""
     index_path = trial_dir / "best" / "best.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index = read_json(index_path)
     improved = {
         key: value
         for key, value in scores.items()
@@ -245,15 +368,14 @@ def log_sample_grids(client: MlflowClient, run_id: str, step: int, grids: dict[i
         client.log_image(run_id, grid.permute(1, 2, 0).numpy(), f"samples/nfe_{nfe}/step_{step:08d}.png")
 
 
-def finish(
-    client: MlflowClient, trial: Trial, state: TrialState, status: str, reason: str | None, step: int | None = None
-) -> None:
-    """Record the outcome in state.json first (the source of truth), then in MLflow."""
+def finish(tracker: TrialTracker, state: TrialState, status: str, reason: str | None, step: int | None = None) -> str:
+    """Record the outcome in state.json first (the source of truth), then in MLflow; returns the status."""
     state.status, state.reason = status, reason
     if step is not None:
         state.step = step
-    state.save(Path(trial.dir))
-    record_outcome(client, trial.run_id, state)
+    state.save(Path(tracker.trial.dir))
+    tracker.call(lambda: record_outcome(tracker.client, tracker.trial.run_id, state))
+    return status
 
 
 def record_outcome(client: MlflowClient, run_id: str, state: TrialState) -> None:

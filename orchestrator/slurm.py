@@ -9,7 +9,6 @@ outcome (up to backend.max_failures times), and stops watching on Ctrl-C while t
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import submitit
 
 from orchestrator.progress import Progress
 from orchestrator.runner import Trial, finish_detail, run_trial
-from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, RUNNING, TrialState, write_json
+from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, RUNNING, TrialState, read_json, write_json
 from orchestrator.study import Backend
 
 JOB_FILE = "job.json"
@@ -36,10 +35,7 @@ class SlurmTrial(submitit.helpers.Checkpointable):
     and requeues the job; run_trial then resumes from the directory's newest checkpoint."""
 
     def __call__(self, trial_dir: str) -> str:
-        try:
-            return run_trial(Trial.load(trial_dir))
-        except Exception:  # recorded as `failed` in the trial directory: a result, not an infrastructure error
-            return TrialState.load(Path(trial_dir)).status
+        return run_trial(Trial.load(trial_dir))  # a failed trial is a result, not an infrastructure error
 
 
 def slurm_command(*args: str) -> str:
@@ -60,8 +56,7 @@ def queue_states() -> dict[str, str]:
 
 def read_job(trial_dir: str | Path) -> dict | None:
     """The trial's latest Slurm submission: {"job_id", "attempt", "log"}."""
-    path = Path(trial_dir) / JOB_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(Path(trial_dir) / JOB_FILE) or None
 
 
 def make_executor(study_dir: Path, study: str, backend: Backend) -> submitit.AutoExecutor:

@@ -24,10 +24,24 @@ CANCELLED = "cancelled"
 """Stopped by `orch cancel`: not a result; `orch resume` continues it from its checkpoint."""
 FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
 """Trials in these states are results: never run again."""
+UNREADABLE = "unreadable"
+"""state.json could not be read: the driver re-derives it from the checkpoints and the MLflow run."""
+STATUSES = (PENDING, RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, CANCELLED)
+METRICS_LOG = "metrics.jsonl"
+"""Every metric a trial logged, one JSON row per line: MLflow's copy can be rebuilt from it."""
 
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    """A small JSON record orch wrote, or {} when it is missing or unreadable (a torn or corrupted file)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -40,14 +54,26 @@ class TrialState:
     """The latest evaluation (e.g. {"eval/kl/nfe_1": 0.42}): what a resumed search reports for a finished trial."""
     job_id: str | None = None
     """The Slurm job running the trial, when it runs under Slurm."""
+    logged_step: int = -1
+    """Metrics up to this step are logged: a trial resumed from an older checkpoint does not log them again."""
+    warnings: list[str] = field(default_factory=list)
+    """Warnings of the trial's worker (e.g. an unreadable checkpoint skipped), shown by the driver."""
     updated: float = field(default_factory=time.time)
 
     @classmethod
     def load(cls, trial_dir: Path) -> TrialState:
+        """The trial's state; an unreadable state.json gives status `unreadable` with the reason, never a crash."""
         path = trial_dir / "state.json"
         if not path.exists():
             return cls()
-        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in cls.__dataclass_fields__})
+        try:
+            data = json.loads(path.read_text())
+            state = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+            if state.status not in STATUSES or not isinstance(state.step, int):
+                raise ValueError(f"status {state.status!r}, step {state.step!r}")
+            return state
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            return cls(UNREADABLE, reason=f"{path} is unreadable ({type(e).__name__}: {e})")
 
     def save(self, trial_dir: Path) -> None:
         self.updated = time.time()
@@ -64,6 +90,12 @@ def checkpoint_paths(trial_dir: Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def newest_checkpoint_step(trial_dir: Path) -> int:
+    """The step of the newest checkpoint file (0 when there is none)."""
+    paths = checkpoint_paths(trial_dir)
+    return int(CHECKPOINT.match(paths[0].name).group(1)) if paths else 0
 
 
 def save_checkpoint(trial_dir: Path, step: int, state: dict, keep: int) -> Path:

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
+from methods.registry import Params
 from orchestrator.config import Problem, did_you_mean, pydantic_problems, resolve_trial_config, trial_id
-from orchestrator.yaml_source import key_lines, parse
+from orchestrator.preflight import parse_address
+from orchestrator.yaml_source import MAX_BYTES, YAMLLimit, check_limits, key_lines, parse
+
+MAX_TRIALS = 10_000
+"""Most trials a study may plan: grid combinations (before `exclude`), or grid cells × search samples."""
 
 
 class StudyError(Exception):
@@ -36,8 +41,8 @@ class StudyError(Exception):
         return "\n".join(lines + [f"  - {p}" for p in self.problems])
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Strict(Params):
+    """A part of the study file: like every component's options, strict, finite and bounded."""
 
 
 class Resources(Strict):
@@ -52,7 +57,8 @@ class Backend(Strict):
     resources: Resources = Resources()
     """Ray resources per trial (torch's CPU thread count is train.threads)."""
     address: str | None = None
-    """An existing Ray cluster (e.g. "ray://head:10001" or "auto"); null starts an embedded local Ray."""
+    """An existing Ray cluster (e.g. "ray://head:10001", "head:6379" or "auto"); null starts an embedded local Ray
+    on 127.0.0.1."""
     max_failures: NonNegativeInt = 1
     """Retries of a trial after an infrastructure failure (a Ray worker or a Slurm job that died without
     recording an outcome). An exception in the trial itself is a `failed` result and is not retried."""
@@ -65,8 +71,17 @@ class Backend(Strict):
     array_parallelism: PositiveInt = 64
     """At most this many of the array's jobs run at once."""
 
+    @field_validator("address")
+    @classmethod
+    def ray_address(cls, address: str | None) -> str | None:
+        if address is not None:
+            parse_address(address)
+        return address
 
-StudyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]
+
+STUDY_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+"""A study's name: its MLflow experiment and its directory under the work directory (never a path)."""
+StudyName = Annotated[str, Field(pattern=f"^{STUDY_NAME}$")]
 Axis = Annotated[list[Any], Field(min_length=1)]
 
 
@@ -247,6 +262,22 @@ def check_excludes(study: dict) -> list[Problem]:
     return problems
 
 
+def check_size(study: dict) -> list[Problem]:
+    """The grid is counted before it is expanded: past MAX_TRIALS a study is refused, naming the axes."""
+    sizes = {axis: len(values) for axis, values in study["grid"].items()}
+    combinations = math.prod(sizes.values())
+    samples = study["search"]["num_samples"] if study["search"] is not None else 1
+    if combinations * samples <= MAX_TRIALS:
+        return []
+    axes = " × ".join(f"{axis} {n}" for axis, n in sizes.items() if n > 1)
+    if study["search"] is not None:
+        message = f"{combinations:,} grid cell(s) × {samples:,} samples = {combinations * samples:,} trials"
+    else:
+        message = f"the grid has {combinations:,} combinations ({axes})"
+    hint = "sample a large space with a `search` block" if study["search"] is None else "sample fewer"
+    return [Problem("grid", f"{message}; a study plans at most {MAX_TRIALS:,} trials: {hint}")]
+
+
 def logged_metrics(config: dict) -> list[str]:
     return [f"eval/{m}/nfe_{n}" for m in config["eval"]["metrics"] for n in config["eval"]["nfe"]]
 
@@ -301,7 +332,9 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     """Read, validate and expand a study file. Raises StudyError listing every problem; touches no files."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)  # never more: a huge (or endless) file is refused, not read
+        text = data.decode()
     except (OSError, UnicodeDecodeError) as e:
         raise StudyError(source, [Problem("", f"cannot read the file: {e}")]) from None
     return parse_study(text, source, profile)
@@ -309,8 +342,11 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
 
 def parse_study(text: str, source: str, profile: str | None = None) -> Study:
     try:
+        check_limits(text)
         raw = parse(text)
         _, duplicates = key_lines(text)
+    except YAMLLimit as e:
+        raise StudyError(source, [Problem("", str(e), e.line)]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         message = f"not valid YAML for a study: {getattr(e, 'problem', None) or e}"
@@ -348,7 +384,7 @@ def parse_study(text: str, source: str, profile: str | None = None) -> Study:
                 problems.append(Problem(f"profiles.{profile}", f"cannot apply: {e.args[0]}"))
             except ValidationError as e:
                 problems += pydantic_problems(e, f"profiles.{profile}.backend", Backend, "backend")
-    problems += check_excludes(study)
+    problems += check_excludes(study) + check_size(study)
     trials, found = expand(study) if not problems else ([], [])
     problems += found
     if study["search"] is not None and not problems:

@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.config import flatten, metric_fingerprint
 
 ROLE, TRIAL_ID, STATUS = "orch.role", "orch.trial_id", "orch.status"
+TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
+"""What a tracking store that went away raises (sqlite file deleted, server down, disk full)."""
 PACKAGES = ("torch", "ray", "mlflow", "optuna", "pandas", "plotly", "pydantic", "submitit", "numpy")
 
 for noisy in ("alembic", "mlflow"):
@@ -87,8 +91,9 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study_name: str,
 def ensure_trial_run(
     client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, label: str, config: dict, known: str | None
 ) -> str:
-    """The trial's child run: the one recorded in its state, else one tagged with its id, else a new one."""
-    if known is not None:
+    """The trial's child run: the one recorded in its state if the store has it, else one tagged with its id,
+    else a new one."""
+    if known is not None and run_exists(client, known, experiment_id):
         return known
     found = find_runs(client, experiment_id, f"tags.`{TRIAL_ID}` = '{trial_id}'")
     if found:
@@ -109,6 +114,13 @@ def ensure_trial_run(
     )
     client.update_run(run_id, status="SCHEDULED")
     return run_id
+
+
+def run_exists(client: MlflowClient, run_id: str, experiment_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.experiment_id == experiment_id
+    except MlflowException:
+        return False
 
 
 def log_batch(

