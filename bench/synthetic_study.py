@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import ROLE, STATUS, TRIAL_ID, ensure_experiment, log_batch
+from orchestrator.tracking import FACTORS, ROLE, STATUS, TRIAL_ID, ensure_experiment, log_batch
 
 NFES = (1, 2, 4, 8, 16)
 
@@ -46,6 +46,9 @@ def synthetic_study(
             STATUS: status,
             "mlflow.runName": f"{method} {stopgrad} {seed}",
             "orch.fingerprint.kl": "kl-synthetic",
+            FACTORS: json.dumps(
+                {axis: [grid[axis].index(v), str(v)] for axis, v in zip(grid, (method, stopgrad, seed))}
+            ),
         }
         run_id = client.create_run(experiment_id, tags=tags).info.run_id
         quality = 0.1 + 0.05 * methods.index(method) + 0.02 * stopgrads.index(stopgrad)

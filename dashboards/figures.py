@@ -15,7 +15,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from scipy import stats
 
-SEED = "train.seed"
+SEED = "factor.train.seed"
+"""The seed axis's column (dashboards/load.py names factor columns factor.<axis>): averaged, never a group."""
 NFE_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
@@ -35,6 +36,11 @@ def with_groups(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
     present = runs[group_cols].astype(object).where(runs[group_cols].notna(), None)
     runs["group"] = [" · ".join(str(v) for v in row if v is not None) or "all" for row in present.itertuples(False)]
     return runs
+
+
+def shown(column: str) -> str:
+    """A column as users know it: factor.method.name → method.name."""
+    return column.removeprefix("factor.")
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float]:
@@ -196,7 +202,7 @@ def quality_vs_nfe(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group
         "◇: best checkpoint; ×: diverged",
         xaxis=LOG_X_NFE | {"tickvals": sorted(table["nfe"].unique())},
         yaxis={"title": f"{metric} (lower is better)", "type": "log"},
-        legend={"title": " · ".join(group_cols)},
+        legend={"title": " · ".join(shown(c) for c in group_cols)},
         height=600,
     )
     return fig
@@ -242,7 +248,9 @@ def factor_effects(runs: pd.DataFrame, metric: str, grid: dict[str, list]) -> go
     """One panel per grid axis: how changing that factor from its first level moves quality at each NFE,
     paired over the other factors (mean ± 95% interval over pairs)."""
     axes = [a for a, levels in grid.items() if a != SEED and len(levels) > 1 and a in runs]
-    fig = make_subplots(rows=1, cols=max(len(axes), 1), subplot_titles=[f"{a}: level − {grid[a][0]}" for a in axes])
+    fig = make_subplots(
+        rows=1, cols=max(len(axes), 1), subplot_titles=[f"{shown(a)}: level − {grid[a][0]}" for a in axes]
+    )
     for i, axis in enumerate(axes, 1):
         others = [a for a in grid if a != axis and a in runs]
         effects = paired_effects(runs, metric, axis, grid[axis], others)
@@ -252,7 +260,7 @@ def factor_effects(runs: pd.DataFrame, metric: str, grid: dict[str, list]) -> go
                     x=rows["nfe"],
                     y=rows["mean"],
                     mode="lines+markers",
-                    name=f"{axis} = {level} (pairs: {rows['pairs'].max()})",
+                    name=f"{shown(axis)} = {level} (pairs: {rows['pairs'].max()})",
                     error_y={"type": "data", "array": rows["ci"].fillna(0), "visible": True, "thickness": 1},
                     line={"color": COLORS[(j + 3 * i) % len(COLORS)]},
                 ),

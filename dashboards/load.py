@@ -19,6 +19,23 @@ def parse_param(value: str) -> Any:
         return value
 
 
+FACTOR = "factor."
+"""Prefix of the run columns that hold a trial's factor levels as labels: `factor.<axis>`."""
+
+
+def factor_levels(tag: str | None) -> dict[str, Any]:
+    """`factor.<axis>` → level label, and `factor_index.<axis>` → the level's place on its axis (None for a
+    searched value), from a trial run's orch.factors tag."""
+    try:
+        levels = json.loads(tag) if tag else {}
+    except ValueError:
+        return {}
+    row = {}
+    for axis, (index, label) in levels.items():
+        row[f"{FACTOR}{axis}"], row[f"factor_index.{axis}"] = label, index
+    return row
+
+
 def metric_histories(client: MlflowClient, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
     """run_id, key, step, value of every logged point of `keys` over many runs.
 
@@ -64,9 +81,11 @@ def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame
             "reason": tags.get("orch.reason"),
             "git_commit": tags.get("orch.git_commit"),
             "device": tags.get("orch.device"),
+            "generation": tags.get("orch.generation"),
             "start_time": run.info.start_time,
         }
         row |= {f"fingerprint.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.fingerprint.")}
+        row |= factor_levels(tags.get("orch.factors"))
         row |= {k: parse_param(v) for k, v in run.data.params.items()}
         row |= run.data.metrics
         rows.append(row)

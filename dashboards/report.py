@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from dashboards import figures
-from dashboards.load import load_runs
+from dashboards.load import FACTOR, load_runs
 from methods.storage import atomic_write_bytes
 
 HEADER_TAGS = {  # parent-run tag → header label
@@ -92,55 +92,40 @@ def render_html(
 """
 
 
-def comparable(value) -> float | str:
-    """A param as the study wrote it or as MLflow returns it (numbers may come back as floats) in one form."""
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
+def current_version(runs: pd.DataFrame, generation: str | None) -> tuple[pd.DataFrame, int]:
+    """The trials the study's last submitted version planned, and how many others (earlier versions) there are."""
+    if generation is None or "generation" not in runs or not len(runs):
+        return runs, 0
+    current = runs["generation"] == generation
+    return runs[current].reset_index(drop=True), int((~current).sum())
 
 
-def section_value_label(value: dict) -> str:
-    """A section-valued axis value as a group label: {name: stei, target: self} → "stei target=self"."""
-    rest = " ".join(f"{k}={v}" for k, v in value.items() if k != "name")
-    return f"{value.get('name', '')} {rest}".strip()
-
-
-def grouping_columns(runs: pd.DataFrame, grid: dict) -> tuple[pd.DataFrame, list[str], dict]:
-    """The run columns of the grid's axes, seeds excluded. An axis that sets a whole section (e.g. `method` with
-    mappings as values) becomes a column of its own: each run labelled by the axis value its params match; the
-    returned grid has those labels as the axis levels."""
-    columns, grid = [], dict(grid)
-    for axis, values in grid.items():
-        if axis == figures.SEED:
-            continue
-        if axis in runs.columns:
-            columns.append(axis)
-        elif values and all(isinstance(v, dict) for v in values):
-            labels = pd.Series(None, index=runs.index, dtype=object)
-            for value in values:
-                keys = [f"{axis}.{k}" for k in value]
-                if not set(keys) <= set(runs.columns):
-                    continue
-                match = pd.concat(
-                    [runs[key].map(comparable) == comparable(v) for key, v in zip(keys, value.values())], axis=1
-                )
-                labels = labels.where(labels.notna() | ~match.all(axis=1), section_value_label(value))
-            runs = runs.assign(**{axis: labels})
-            columns.append(axis)
-            grid[axis] = [section_value_label(v) for v in values]
-    return runs, columns, grid
+def factor_groups(runs: pd.DataFrame, axes: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The group columns (every factor of the trials but the seed, in the study's axis order, then any searched
+    key) and, for factor effects, each grid axis's levels in their order on the axis. Trials are grouped by the
+    level each one was planned with, so two different option sets of one axis never merge, and every sample of
+    a search is its own group."""
+    columns = [c for c in runs.columns if c.startswith(FACTOR)]
+    order = {f"{FACTOR}{a}": i for i, a in enumerate(axes)}
+    columns.sort(key=lambda c: (order.get(c, len(order)), c))
+    grid = {}
+    for column in columns:
+        indexed = runs[[column, column.replace(FACTOR, "factor_index.", 1)]].dropna().drop_duplicates()
+        if len(indexed):
+            grid[column] = list(indexed.sort_values(indexed.columns[1])[column])
+    return [c for c in columns if c != figures.SEED], grid
 
 
 def dashboard_html(tracking_uri: str, study: str) -> str:
     """The dashboard page of a study, read from its MLflow experiment."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
-    grid = json.loads(parent_tags.get("orch.grid", "{}"))
-    runs, group_cols, grid = grouping_columns(runs, grid)
+    runs, older = current_version(runs, parent_tags.get("orch.generation"))
+    history = history[history["trial_id"].isin(runs["trial_id"])] if len(runs) else history.iloc[0:0]
+    group_cols, grid = factor_groups(runs, json.loads(parent_tags.get("orch.axes", "[]")))
     group_cols = group_cols or (["method.name"] if "method.name" in runs.columns else [])
     header = {"study": study, "trials": str(len(runs))}
+    if older:
+        header["trials of earlier versions (not shown)"] = f"{older}: `orch status {study} --all`, `orch prune {study}`"
     if len(runs):
         header |= {f"trials {s}": str(n) for s, n in runs["status"].value_counts().items()}
     header |= {label: parent_tags[tag] for tag, label in HEADER_TAGS.items() if tag in parent_tags}
@@ -150,7 +135,8 @@ def dashboard_html(tracking_uri: str, study: str) -> str:
     for column in sorted(c for c in runs.columns if c.startswith("fingerprint.")):
         header[f"{column.split('.', 1)[1]} fingerprint"] = ", ".join(sorted(runs[column].dropna().unique()))
     notes = [
-        f"Grouped by {', '.join(group_cols) or 'nothing'}; seeds ({figures.SEED}) are averaged.",
+        f"Grouped by {', '.join(c.removeprefix(FACTOR) for c in group_cols) or 'nothing'}"
+        f"; seeds ({figures.SEED.removeprefix(FACTOR)}) are averaged.",
         "KL = KL(data ‖ model) on a 50×50 histogram with exact target cell masses; lower is better.",
     ]
     if len(runs) and (runs["status"] == "diverged").any():

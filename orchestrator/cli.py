@@ -10,26 +10,51 @@ import signal
 import sys
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
-from orchestrator.config import pydantic_problems
+from orchestrator.config import Problem, pydantic_problems
 from orchestrator.preflight import ray_problems, tracking_problems, workdir_problems
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+BACKEND_NAMES = ("ray", "local", "slurm")
 
 
-def load_or_exit(path: str, profile: str | None):
+def load_or_exit(args):
+    """The study of a command's STUDY, --profile and KEY=VALUE overrides, or exit 2 listing every problem."""
     from orchestrator.study import StudyError, load_study
 
     try:
-        return load_study(path, profile)
+        return load_study(args.study, args.profile, parse_overrides(args.overrides))
     except StudyError as e:
         print(e.report(), file=sys.stderr)
         raise SystemExit(EXIT_INVALID) from None
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """KEY=VALUE arguments as dotted key → value, each value read as YAML (`lr=1e-3`, `'method.name=[lsd,esd]'`).
+    Raises StudyError naming a malformed one."""
+    from orchestrator.study import StudyError
+    from orchestrator.yaml_source import YAMLLimit, check_limits, parse
+
+    overrides, problems = {}, []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            problems.append(Problem(pair, "an override is KEY=VALUE with a dotted KEY, e.g. train.lr=1e-3"))
+            continue
+        try:
+            check_limits(text)
+            overrides[key] = parse(text)
+        except (YAMLLimit, yaml.YAMLError) as e:
+            problems.append(Problem(pair, f"the value is not YAML ({type(e).__name__})"))
+    if problems:
+        raise StudyError("the command line", problems)
+    return overrides
+
+
 def cmd_validate(args) -> int:
-    study = load_or_exit(args.study, args.profile)
+    study = load_or_exit(args)
     print(
         f"{args.study}: valid study {study.name!r}, {len(study.trials)} trial(s)"
         + (f" with profile {study.profile!r}" if study.profile else "")
@@ -54,7 +79,7 @@ def print_plan(study) -> None:
 
 
 def cmd_plan(args) -> int:
-    print_plan(load_or_exit(args.study, args.profile))
+    print_plan(load_or_exit(args))
     return EXIT_OK
 
 
@@ -65,7 +90,7 @@ def raise_interrupt(signum, frame):
 def cmd_submit(args) -> int:
     from orchestrator.study import Backend
 
-    study = load_or_exit(args.study, args.profile)
+    study = load_or_exit(args)
     overrides = {"name": args.backend, "max_concurrent": args.max_concurrent, "address": args.ray_address}
     try:
         backend = Backend.model_validate(
@@ -110,7 +135,10 @@ def study_dir_of(target: str, workdir: str) -> Path:
         raise SystemExit(EXIT_INVALID)
     path = Path(workdir) / name
     if not (path / "trials").is_dir():
-        print(f"error: no submitted study {name!r} under {workdir}/", file=sys.stderr)
+        where = f"{Path(workdir).resolve()}/" + (
+            f" (${WORKDIR_ENV})" if os.environ.get(WORKDIR_ENV) == workdir else " (--workdir; default ./runs)"
+        )
+        print(f"error: no submitted study {name!r} under {where}", file=sys.stderr)
         raise SystemExit(EXIT_INVALID)
     return path
 
@@ -129,20 +157,56 @@ def slurm_states(rows: list[dict]) -> dict[str, str]:
 
 
 def cmd_status(args) -> int:
+    from orchestrator.backends import live_driver, recorded_driver
     from orchestrator.driver import study_status
+    from orchestrator.slurm import ACTIVE
+    from orchestrator.state import RUNNING, read_json
 
-    rows = study_status(study_dir_of(args.study, args.workdir))
-    states = slurm_states(rows)
-    for row in rows:
+    study_dir = study_dir_of(args.study, args.workdir)
+    current = read_json(study_dir / "submission.json").get("generation")
+    rows = study_status(study_dir)
+    shown = [r for r in rows if args.all or current is None or r["generation"] == current]
+    states = slurm_states(shown)
+    driven = live_driver(recorded_driver(study_dir)) is not None
+    for row in shown:
         job = f"  [slurm {row['job_id']} {states.get(row['job_id'], 'gone')}]" if row["job_id"] else ""
+        note = row["reason"].strip().splitlines()[-1] if row["reason"] else ""
+        if row["status"] == RUNNING and not driven and states.get(row["job_id"]) not in ACTIVE:
+            note = "no live orch process runs it: `orch resume` continues it from its checkpoint"
+        older = "  [earlier version of the study]" if current is not None and row["generation"] != current else ""
         print(
-            f"{row['id']}  {row['status']:<10} step {row['step']:>7}  {row['label']}{job}"
-            + (f"  ({row['reason'].strip().splitlines()[-1]})" if row["reason"] else "")
+            f"{row['id']}  {row['status']:<10} step {row['step']:>7}  {row['label']}{job}{older}"
+            + (f"  ({note})" if note else "")
         )
     counts = {}
-    for row in rows:
+    for row in shown:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials")
+    if hidden := len(rows) - len(shown):
+        print(
+            f"{hidden} trial(s) of earlier versions of the study not shown: `orch status {study_dir.name} --all` lists "
+            f"them, `orch prune {study_dir.name}` archives them"
+        )
+    return EXIT_OK
+
+
+def cmd_prune(args) -> int:
+    from orchestrator.backends import StudyBusy
+    from orchestrator.driver import prune_study
+
+    study_dir = study_dir_of(args.study, args.workdir)
+    try:
+        archived = prune_study(study_dir, args.dry_run)
+    except StudyBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    verb = "would archive" if args.dry_run else "archived"
+    print(
+        f"{verb} {len(archived)} trial(s) of earlier versions of the study"
+        + (f" into {study_dir / 'archive'}" if archived and not args.dry_run else "")
+    )
+    for trial_id in archived:
+        print(f"  {trial_id}")
     return EXIT_OK
 
 
@@ -285,39 +349,73 @@ def cmd_fid(args) -> int:
     return EXIT_OK
 
 
+WORKDIR_ENV = "ORCH_WORKDIR"
+
+
+def default_workdir() -> str:
+    return os.environ.get(WORKDIR_ENV) or "runs"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    from orchestrator.tracking import git_commit
+
+    try:
+        number = package_version("orch")
+    except PackageNotFoundError:
+        number = "(not installed)"
+    return f"orch {number} (commit {git_commit()})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch", description="Run and compare few-step generative-model studies.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=version(), help="print orch's version and commit")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines: only the summary and errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    workdir_help = f"where studies live (default: ${WORKDIR_ENV}, else ./runs)"
 
-    def study_cmd(name: str, help_text: str):
-        s = sub.add_parser(name, help=help_text)
+    def study_cmd(name: str, help_text: str, func):
+        s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("study", help="study YAML file")
-        s.add_argument("--profile", help="named override set from the study's `profiles`")
-        return s
-
-    study_cmd("validate", "check a study file; exit 2 listing every problem").set_defaults(func=cmd_validate)
-    study_cmd("plan", "print the expanded trials; nothing runs").set_defaults(func=cmd_plan)
-    s = study_cmd("submit", "run every trial of a study (completed trials are skipped)")
-    s.add_argument("--backend", choices=["ray", "local", "slurm"])
-    s.add_argument("--workdir", default="runs", help="where studies live (default: runs)")
-    s.add_argument("--ray-address", help="existing Ray cluster (default: start an embedded local Ray)")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")
-    s.add_argument("--max-concurrent", type=int, help="trials at once on Ray")
-    s.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
-    s.set_defaults(func=cmd_submit)
-
-    def submitted_cmd(name: str, help_text: str, func):
-        s = sub.add_parser(name, help=help_text)
-        s.add_argument("study", help="study name or study YAML file")
-        s.add_argument("--workdir", default="runs")
+        s.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="dotted overrides of the study, values in YAML: train.lr=1e-3 sets a value; a list "
+            "('method.name=[lsd,esd]') makes or replaces a grid axis; applied after --profile",
+        )
+        s.add_argument("--profile", help="a named override set from the study's `profiles`")
         s.set_defaults(func=func)
         return s
 
-    submitted_cmd("status", "per-trial state of a submitted study", cmd_status)
+    study_cmd("validate", "check a study file; exit 2 listing every problem", cmd_validate)
+    study_cmd("plan", "print the expanded trials; nothing runs", cmd_plan)
+    s = study_cmd("submit", "run every trial of a study (finished trials are skipped)", cmd_submit)
+    s.add_argument("--backend", choices=list(BACKEND_NAMES), help="where trials run (default: the study's backend)")
+    s.add_argument("--workdir", default=default_workdir(), help=workdir_help)
+    s.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (default: embedded)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")
+    s.add_argument("--max-concurrent", type=int, help="trials at once on Ray (default: the study's backend)")
+    s.add_argument("--dry-run", action="store_true", help="validate and print the plan only; nothing is created")
+
+    def submitted_cmd(name: str, help_text: str, func):
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("study", help="study name or study YAML file")
+        s.add_argument("--workdir", default=default_workdir(), help=workdir_help)
+        s.set_defaults(func=func)
+        return s
+
+    s = submitted_cmd("status", "per-trial state of a submitted study", cmd_status)
+    s.add_argument("--all", action="store_true", help="also the trials of earlier versions of the study file")
     submitted_cmd("resume", "finish an interrupted study as last submitted; finished trials are kept", cmd_resume)
     submitted_cmd("cancel", "stop a study's running trials (its orch process, its Slurm jobs)", cmd_cancel)
+    s = submitted_cmd("prune", "archive the trials of earlier versions of the study file", cmd_prune)
+    s.add_argument("--dry-run", action="store_true", help="list what would be archived; change nothing")
     s = submitted_cmd("dashboard", "(re)build <workdir>/<study>/dashboard.html, or serve it live", cmd_dashboard)
-    s.add_argument("--tracking-uri")
+    s.add_argument("--tracking-uri", help="read another MLflow store (default: the study's own)")
     s.add_argument("--serve", action="store_true", help="serve on 127.0.0.1, rebuilt while trials run")
     s.add_argument("--port", type=int, help="port for --serve (default: a free one)")
     s.add_argument("--interval", type=int, default=30, help="seconds between rebuilds with --serve (default 30)")
@@ -329,8 +427,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_fid)
     s = sub.add_parser("ui", help="the MLflow UI over a study's store, on 127.0.0.1")
     s.add_argument("study", nargs="?", help="study name (optional when the workdir holds one study)")
-    s.add_argument("--workdir", default="runs")
-    s.add_argument("--port", type=int, help="default: a free one")
+    s.add_argument("--workdir", default=default_workdir(), help=workdir_help)
+    s.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     s.set_defaults(func=cmd_ui)
     return p
 
@@ -340,8 +438,12 @@ def first_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    from orchestrator.progress import set_quiet
+
+    set_quiet(args.quiet)
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end as Unix tools do

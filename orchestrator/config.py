@@ -81,6 +81,7 @@ def resolve_trial_config(raw: Any) -> tuple[dict, list[Problem]]:
         if key not in SECTIONS
     ]
     resolved: dict[str, dict] = {}
+    named, valid = set(), set()  # sections whose component is known, and sections that are valid as a whole
     for section, (registry, default) in REGISTRY_SECTIONS.items():
         value = raw.get(section) or {}
         name = value.get("name", default) if isinstance(value, dict) else default
@@ -89,42 +90,66 @@ def resolve_trial_config(raw: Any) -> tuple[dict, list[Problem]]:
         except UnknownName as e:
             problems.append(Problem(f"{section}.name", str(e)))
             continue
+        named.add(section)
         params = {k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else value
         resolved[section], found = validate_section(section, params, entry.params, f"{registry.kind} {name!r}")
         resolved[section] = {"name": name, **resolved[section]}
         problems += found
+        valid |= set() if found else {section}
     for section, model in FIXED_SECTIONS.items():
         resolved[section], found = validate_section(section, raw.get(section) or {}, model, section)
         problems += found
-    if not problems:
-        problems += cross_checks(resolved)
+        valid |= set() if found else {section}
+    problems += cross_checks(resolved, named, valid)  # the checks whose sections are valid: all in one pass
     if not problems and resolved["train"]["dim_reduction"] == "auto":  # recorded as what it means
         resolved["train"]["dim_reduction"] = METHODS.get(resolved["method"]["name"]).params.reference_reduction
     return resolved, problems
 
 
-def cross_checks(config: dict) -> list[Problem]:
-    """Constraints between sections."""
+def takes_a_list(base: dict, key: str) -> bool:
+    """Whether the dotted option `key` (e.g. eval.nfe, model.channel_mult) is itself a list, for the trial
+    config `base`: then a list on the command line sets it rather than making a grid axis."""
+    section, _, field = key.partition(".")
+    if section in FIXED_SECTIONS:
+        model = FIXED_SECTIONS[section]
+    elif section in REGISTRY_SECTIONS:
+        registry, default = REGISTRY_SECTIONS[section]
+        name = (base.get(section) or {}).get("name", default) if isinstance(base.get(section), dict | None) else default
+        if name not in registry:
+            return False
+        model = registry.get(name).params
+    else:
+        return False
+    info = model.model_fields.get(field)
+    return info is not None and "list[" in str(info.annotation)
+
+
+def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem]:
+    """Constraints between sections, each checked when the sections it reads are valid (`named`: the registry
+    sections whose component is known; `valid`: the sections without problems)."""
     problems = []
-    train, evaluation = config["train"], config["eval"]
-    if train["batch_size"] % train["micro_batches"]:
+    train, evaluation = config.get("train"), config.get("eval")
+    if "train" in valid and train["batch_size"] % train["micro_batches"]:
         problems.append(
             Problem(
                 "train.micro_batches",
                 f"{train['micro_batches']} does not divide train.batch_size {train['batch_size']}",
             )
         )
-    if evaluation["ema"] is not None and evaluation["ema"] not in train["ema"]:
+    if {"train", "eval"} <= valid and evaluation["ema"] is not None and evaluation["ema"] not in train["ema"]:
         problems.append(Problem("eval.ema", f"{evaluation['ema']} is not one of train.ema {train['ema']}"))
-    dataset = DATASETS.get(config["dataset"]["name"])
-    method = METHODS.get(config["method"]["name"])
-    if config["time_sampler"]["name"] != "auto" and "time_sampler" not in method.provides:
-        problems.append(
-            Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
-        )
-    teacher = config["method"].get("teacher")
+    if {"method", "time_sampler"} <= named:
+        method = METHODS.get(config["method"]["name"])
+        if config["time_sampler"]["name"] != "auto" and "time_sampler" not in method.provides:
+            problems.append(
+                Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
+            )
+    teacher = config["method"].get("teacher") if "method" in valid else None
     if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
         problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))
+    if not ({"eval"} <= valid and "dataset" in named):
+        return problems
+    dataset = DATASETS.get(config["dataset"]["name"])
     for i, name in enumerate(evaluation["metrics"]):
         if name not in METRICS:
             problems.append(Problem(f"eval.metrics.{i}", str(UnknownName("metric", name, METRICS.names()))))
@@ -138,21 +163,40 @@ def cross_checks(config: dict) -> list[Problem]:
     return problems
 
 
+EXECUTION_ONLY = ("log_every", "checkpoint_every", "keep_checkpoints", "device", "threads")
+"""train.* keys that say how a trial runs, not what it trains."""
+
+
+def training_identity(config: dict) -> dict:
+    """What a trial's training depends on: its resolved config without the evaluation section and the
+    execution settings, so that changing how a trial is evaluated (or logged, checkpointed, placed) never
+    trains it again."""
+    identity = {section: value for section, value in config.items() if section != "eval"}
+    if "train" in identity:
+        identity["train"] = {k: v for k, v in identity["train"].items() if k not in EXECUTION_ONLY}
+    return identity
+
+
 def trial_id(config: dict) -> str:
-    """Stable identity of a trial: a hash of its fully resolved config (same config → same id, any machine)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    """Stable identity of a trial: a hash of its training identity (same training → same id, any machine)."""
+    return digest(training_identity(config))
+
+
+def digest(data: dict) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def metric_fingerprint(metric: str, config: dict) -> str:
     """What makes two values of an eval metric comparable: the metric, the data it is measured against (training
-    augmentation aside), the sample count, and for FID the reference size and the feature extractor. Values with
-    different fingerprints are never plotted as one series."""
+    augmentation aside), the sample count, the EMA copy that samples, and for FID the reference size and the
+    feature extractor. Values with different fingerprints are never plotted as one series."""
     data = {k: v for k, v in config["dataset"].items() if k != "hflip"}
-    basis = {"metric": metric, "dataset": data, "num_samples": config["eval"]["num_samples"]}
+    ema = config["eval"]["ema"] if config["eval"]["ema"] is not None else config["train"]["ema"][0]
+    basis = {"metric": metric, "dataset": data, "num_samples": config["eval"]["num_samples"], "ema": ema}
     if metric == "fid":
         basis |= {"reference": config["eval"]["fid_reference"], "extractor": EXTRACTOR}
-    return f"{metric}-{trial_id(basis)[:8]}"
+    return f"{metric}-{digest(basis)[:8]}"
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from orchestrator.backends import claim_study, release_study, run_local, run_ray, say_plain
-from orchestrator.config import Problem
+from orchestrator.config import Problem, metric_fingerprint
 from orchestrator.progress import Progress, TrialProgress
-from orchestrator.runner import Trial, open_trial, record_outcome
+from orchestrator.runner import Trial, missing_evaluations, open_trial, record_outcome
 from orchestrator.state import (
     CANCELLED,
     FAILED,
@@ -29,6 +29,7 @@ from orchestrator.state import (
 )
 from orchestrator.study import Backend, Search, Study, StudyError, load_study
 from orchestrator.tracking import (
+    GENERATION,
     ROLE,
     STATUS,
     TRACKING_ERRORS,
@@ -48,13 +49,16 @@ def tracking_uri_of(study_dir: Path) -> str:
     return read_json(study_dir / "submission.json").get("tracking_uri") or default_tracking_uri(study_dir)
 
 
-def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
-    """Per-trial state from the trial directories (the source of truth), in plan order when ids are given."""
+def study_status(study_dir: Path, ids: list[str] | None = None, generation: str | None = None) -> list[dict]:
+    """Per-trial state from the trial directories (the source of truth), in plan order when ids are given; only
+    the trials the study version `generation` planned when it is given."""
     trial_dirs = [study_dir / "trials" / i for i in ids] if ids else sorted((study_dir / "trials").iterdir())
     rows = []
     for trial_dir in trial_dirs:
         state = TrialState.load(trial_dir)
-        label, job = trial_label(trial_dir), read_json(trial_dir / "job.json").get("job_id")  # job: Slurm's
+        label, planned_by = trial_label(trial_dir)
+        if generation is not None and planned_by != generation:
+            continue
         rows.append(
             {
                 "id": trial_dir.name,
@@ -62,20 +66,23 @@ def study_status(study_dir: Path, ids: list[str] | None = None) -> list[dict]:
                 "status": state.status,
                 "step": state.step,
                 "reason": state.reason,
-                "job_id": job,
+                "job_id": read_json(trial_dir / "job.json").get("job_id"),  # written by the Slurm backend
+                "generation": planned_by,
             }
         )
     return rows
 
 
-def trial_label(trial_dir: Path) -> str:
-    """The trial's label from trial.json (rewritten at every submission), or a note that it is unreadable."""
+def trial_label(trial_dir: Path) -> tuple[str, str]:
+    """(label, the study version that last planned it) from trial.json (rewritten at every submission), or a
+    note that it is unreadable."""
     if not (trial_dir / "trial.json").exists():
-        return ""
+        return "", ""
     try:
-        return Trial.load(trial_dir).label
+        trial = Trial.load(trial_dir)
     except (OSError, ValueError, TypeError, KeyError):
-        return "(trial.json unreadable: submitting the study again rewrites it)"
+        return "(trial.json unreadable: submitting the study again rewrites it)", ""
+    return trial.label, trial.generation
 
 
 def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient, str, str]:
@@ -88,6 +95,7 @@ def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient
         "orch.grid": json.dumps(study.resolved["grid"])[:5000],
         "orch.study_yaml": (study_dir / "study.yaml").read_text()[:5000],
         "orch.profile": study.profile or "default",
+        GENERATION: study.generation,
         "orch.description": study.description[:4000],
     }
     if study.search is not None:
@@ -100,25 +108,24 @@ def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient
 def prepare_trials(
     study: Study, study_dir: Path, uri: str, client: MlflowClient, experiment_id: str, parent_id: str, say
 ) -> tuple[list[Trial], int]:
-    """One trial directory and child run per grid trial; returns the trials still to run and the finished count."""
-    todo, finished = [], 0
+    """One trial directory and child run per grid trial; returns the trials still to run (to train, or finished
+    ones to evaluate where the eval config asks for more) and the finished count. An evaluation change never
+    trains a trial again: a new metric or step count is evaluated on the final checkpoint, and a changed
+    fingerprint (sample count, reference, EMA) keeps the values measured before, which the driver says."""
+    todo, finished, remeasured = [], 0, []
     for spec in study.trials:
-        trial, state = open_trial(
-            client,
-            experiment_id,
-            parent_id,
-            study.name,
-            study_dir,
-            spec.id,
-            spec.label,
-            spec.config,
-            spec.factors,
-            say,
-        )
-        if state.status in FINISHED_STATES:
-            finished += 1
-        else:
+        trial, state = open_trial(client, experiment_id, parent_id, study.name, study_dir, spec, study.generation, say)
+        if state.status not in FINISHED_STATES or missing_evaluations(spec.config, state):
             todo.append(trial)
+        finished += state.status in FINISHED_STATES
+        remeasured += [m for m, fp in state.fingerprints.items() if fp != metric_fingerprint(m, spec.config)]
+    if remeasured:
+        metrics = ", ".join(sorted(set(remeasured)))
+        say(
+            f"{len(remeasured)} finished trial(s) were evaluated with other settings of {metrics} (sample count, "
+            "reference or EMA): they keep those values and their fingerprint and are not trained again; the "
+            "dashboard never plots the two together"
+        )
     return todo, finished
 
 
@@ -166,7 +173,10 @@ def run_grid(
 ) -> list[str]:
     """Run the grid's unfinished trials; returns the ids of the study's trials."""
     todo, finished = prepare_trials(study, study_dir, uri, client, experiment_id, parent_id, say)
-    say(f"{finished} already finished, {len(todo)} to run on backend {backend.name!r}")
+    evaluate = sum(TrialState.load(Path(t.dir)).status in FINISHED_STATES for t in todo)
+    to_train = len(todo) - evaluate
+    extra = f" ({evaluate} of them finished, to evaluate at new metrics or step counts)" if evaluate else ""
+    say(f"{finished} already finished, {to_train} to run{extra} on backend {backend.name!r}")
     progress = Progress(
         {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in todo}
     )
@@ -200,10 +210,8 @@ def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str
         study_dir / "study.yaml", f"{header}\n{yaml.safe_dump(study.resolved, sort_keys=False)}".encode()
     )
     uri = tracking_uri or default_tracking_uri(study_dir)
-    write_json(
-        study_dir / "submission.json",
-        {"tracking_uri": uri, "profile": study.profile, "backend": backend.model_dump(), "submitted": time.time()},
-    )
+    submission = {"tracking_uri": uri, "profile": study.profile, "backend": backend.model_dump()}
+    write_json(study_dir / "submission.json", submission | {"generation": study.generation, "submitted": time.time()})
     kind = f"search over {len(study.trials)} grid cell(s)" if study.search else f"{len(study.trials)} trial(s)"
     say(f"study {study.name!r}: {kind}; tracking {uri}")
     client, experiment_id, parent_id = prepare_store(study, study_dir, uri)
@@ -213,7 +221,7 @@ def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str
             from orchestrator.search import run_search
 
             search_errors = run_search(study, study_dir, uri, experiment_id, parent_id, backend, say)
-            rows = study_status(study_dir)
+            rows = study_status(study_dir, generation=study.generation)
         else:
             search_errors = 0
             ids = run_grid(study, study_dir, uri, client, experiment_id, parent_id, backend, say)
@@ -287,6 +295,31 @@ def mark_cancelled(study_dir: Path, statuses: tuple[str, ...], reason: str) -> i
             state.save(trial_dir)
             cancelled += 1
     return cancelled
+
+
+def prune_study(study_dir: Path, dry_run: bool, say=say_plain) -> list[str]:
+    """Archive the trials that the study's current version does not plan (earlier versions' trials): each trial
+    directory moves to <study>/archive/, and its MLflow run is deleted (MLflow keeps deleted runs restorable
+    until `mlflow gc`). Refused while a driver runs the study. Returns the archived trial ids."""
+    current = read_json(study_dir / "submission.json").get("generation")
+    stale = [row["id"] for row in study_status(study_dir) if current is not None and row["generation"] != current]
+    if dry_run or not stale:
+        return stale
+    claim_study(study_dir)
+    try:
+        client = MlflowClient(tracking_uri_of(study_dir))
+        for trial_id in stale:
+            trial_dir = study_dir / "trials" / trial_id
+            if run_id := TrialState.load(trial_dir).run_id:
+                try:
+                    client.delete_run(run_id)
+                except TRACKING_ERRORS as e:
+                    say(f"warning: trial {trial_id}: its MLflow run {run_id} was not deleted ({type(e).__name__})")
+            (study_dir / "archive").mkdir(exist_ok=True)
+            trial_dir.rename(study_dir / "archive" / trial_id)
+    finally:
+        release_study(study_dir)
+    return stale
 
 
 def load_submitted(study_dir: Path) -> tuple[Study, Backend, str]:

@@ -9,6 +9,13 @@ from typing import TextIO
 
 from orchestrator.state import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
 
+QUIET = {"on": False}
+"""`orch -q`: no progress lines (the driver's own summary lines stay)."""
+
+
+def set_quiet(on: bool) -> None:
+    QUIET["on"] = on
+
 
 @dataclass
 class TrialProgress:
@@ -98,6 +105,8 @@ class Progress:
         return lines
 
     def _event(self, line: str, quiet: bool = False) -> None:
+        if QUIET["on"]:
+            return
         if not self.live:
             print(f"{self.summary()} {line}", file=self.out, flush=True)
             return
@@ -112,7 +121,7 @@ class Progress:
             self.out.write(f"\x1b[{self._drawn}F\x1b[J")  # up to the block's first line, clear to the end
 
     def _draw(self, force: bool = False) -> None:
-        if not force and time.time() - self._last_draw < 0.5:
+        if QUIET["on"] or (not force and time.time() - self._last_draw < 0.5):
             return
         self._erase()
         lines = self.view()

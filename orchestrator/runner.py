@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
 from orchestrator import teachers
 from orchestrator.build import build_trainer, needs_teacher
+from orchestrator.config import metric_fingerprint
 from orchestrator.state import (
     CANCELLED,
     COMPLETED,
@@ -39,7 +40,10 @@ from orchestrator.state import (
     save_checkpoint,
     write_json,
 )
+from orchestrator.study import TrialSpec
 from orchestrator.tracking import (
+    FACTORS,
+    GENERATION,
     STATUS,
     TRACKING_ERRORS,
     TRIAL_ID,
@@ -72,6 +76,8 @@ class Trial:
     dir: str
     tracking_uri: str
     run_id: str
+    generation: str = ""
+    """The version of the study file that last planned this trial (`orch status` shows the current one's)."""
 
     def save(self) -> None:
         write_json(Path(self.dir) / "trial.json", asdict(self))
@@ -87,34 +93,36 @@ def open_trial(
     parent_id: str,
     study: str,
     study_dir: Path,
-    spec_id: str,
-    label: str,
-    config: dict,
-    factors: dict,
+    spec: TrialSpec,
+    generation: str,
     say: Callable[[str], None] = log.warning,
 ) -> tuple[Trial, TrialState]:
     """A trial's directory, state and MLflow child run: created on first use, the same ones ever after (the run
-    recorded in state.json, else the one tagged with the trial id), with trial.json written for the workers.
+    recorded in state.json, else the one tagged with the trial id), with trial.json written for the workers and
+    the run tagged with the trial's factor levels and the study version that planned it.
 
     The trial directory is the source of truth: an unreadable state.json is re-derived from the MLflow run and
     the checkpoints, and a run that is missing from the store (a lost or replaced store) is rebuilt from the
     directory's metrics log and state; both are said."""
-    trial_dir = study_dir / "trials" / spec_id
+    trial_dir = study_dir / "trials" / spec.id
     trial_dir.mkdir(parents=True, exist_ok=True)
     state = TrialState.load(trial_dir)
     if state.status == UNREADABLE:
-        state, how = rederive_state(client, experiment_id, spec_id, trial_dir, config["train"]["steps"])
-        say(f"trial {spec_id}: {state.reason or 'state.json was unreadable'}; {how}")
+        state, how = rederive_state(client, experiment_id, spec.id, trial_dir, spec.config["train"]["steps"])
+        say(f"trial {spec.id}: {state.reason or 'state.json was unreadable'}; {how}")
         state.reason = None
         state.save(trial_dir)
-    run_id = ensure_trial_run(client, experiment_id, parent_id, spec_id, label, config, state.run_id)
+    run_id = ensure_trial_run(client, experiment_id, parent_id, spec.id, spec.label, spec.config, state.run_id)
     if state.run_id != run_id:
         if state.run_id is not None:
             replay_run(client, run_id, trial_dir, state)
-            say(f"trial {spec_id}: its MLflow run {state.run_id} is not in the store; rebuilt from {trial_dir}")
+            say(f"trial {spec.id}: its MLflow run {state.run_id} is not in the store; rebuilt from {trial_dir}")
         state.run_id = run_id
         state.save(trial_dir)
-    trial = Trial(spec_id, study, label, config, factors, str(trial_dir), client.tracking_uri, run_id)
+    log_batch(client, run_id, tags={FACTORS: json.dumps(spec.levels), GENERATION: generation})
+    trial = Trial(
+        spec.id, study, spec.label, spec.config, spec.factors, str(trial_dir), client.tracking_uri, run_id, generation
+    )
     trial.save()
     return trial, state
 
@@ -180,9 +188,10 @@ class TrialTracker:
                 f"{self.trial.dir}: `orch resume` rebuilds its run"
             )
 
-    def add(self, metrics: dict[str, float], step: int, state: TrialState) -> None:
-        """Queue metrics of `step`, unless a resumed trial replays a step whose metrics are logged already."""
-        if step > state.logged_step:
+    def add(self, metrics: dict[str, float], step: int, state: TrialState, replayed: bool = True) -> None:
+        """Queue metrics of `step`, unless a resumed trial replays a step whose metrics are logged already (new
+        metrics of a logged step, as a later evaluation adds, pass `replayed=False`)."""
+        if step > state.logged_step or not replayed:
             self.rows += [(k, v, step) for k, v in metrics.items()]
 
     def flush(self, state: TrialState) -> None:
@@ -192,7 +201,7 @@ class TrialTracker:
         rows, self.rows = self.rows, []
         append_metrics(Path(self.trial.dir), rows)
         self.call(lambda: log_batch(self.client, self.trial.run_id, metrics=rows))
-        state.logged_step = max(step for _, _, step in rows)
+        state.logged_step = max(state.logged_step, *(step for _, _, step in rows))
         state.save(Path(self.trial.dir))
 
 
@@ -260,13 +269,15 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     interruption (Ctrl-C, SIGTERM, a worker torn down) leaves the trial `running` for a resume.
     """
     state = TrialState.load(Path(trial.dir))
-    if state.status in FINISHED_STATES:
+    if state.status in FINISHED_STATES and not missing_evaluations(trial.config, state):
         return state.status
     handler = WarningsToState(state)
     loggers = [logging.getLogger(name) for name in ("orchestrator", "methods")]
     for logger in loggers:
         logger.addHandler(handler)
     try:
+        if state.status in FINISHED_STATES:
+            return evaluate_final(trial, state, progress)
         return train_trial(trial, state, progress)
     finally:
         for logger in loggers:
@@ -326,6 +337,7 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
                 )
                 state.step = step
                 state.save(trial_dir)
+        state.fingerprints = {m: metric_fingerprint(m, trial.config) for m in evaluation.metrics}
         return finish(tracker, state, COMPLETED, None)
     except Diverged as e:
         tracker.flush(state)
@@ -366,6 +378,51 @@ def log_sample_grids(client: MlflowClient, run_id: str, step: int, grids: dict[i
     for nfe, images in grids.items():
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
         client.log_image(run_id, grid.permute(1, 2, 0).numpy(), f"samples/nfe_{nfe}/step_{step:08d}.png")
+
+
+def missing_evaluations(config: dict, state: TrialState) -> dict[str, list[int]]:
+    """metric → the step counts the trial's eval config asks for that its final checkpoint was not evaluated at,
+    for a completed trial whose metric fingerprint is unchanged (a changed one is reported by the driver)."""
+    if state.status != COMPLETED:
+        return {}
+    missing = {}
+    for metric in config["eval"]["metrics"]:
+        if state.fingerprints.get(metric, metric_fingerprint(metric, config)) != metric_fingerprint(metric, config):
+            continue
+        nfes = [n for n in config["eval"]["nfe"] if f"eval/{metric}/nfe_{n}" not in state.result]
+        if nfes:
+            missing[metric] = nfes
+    return missing
+
+
+def evaluate_final(trial: Trial, state: TrialState, progress: Progress | None) -> str:
+    """Evaluate a completed trial's final checkpoint where its eval config asks for more than it measured (a new
+    metric or step count): the new values are logged at the final step; nothing trains."""
+    trial_dir, missing = Path(trial.dir), missing_evaluations(trial.config, state)
+    device = resolve_device(TrainConfig.model_validate(trial.config["train"]).device)
+    tracker = TrialTracker(MlflowClient(trial.tracking_uri), trial, log.warning)
+    checkpoint = load_latest_checkpoint(trial_dir)
+    if checkpoint is None:
+        log.warning("trial %s: no readable checkpoint to evaluate %s at; the evaluation is skipped", trial.id, missing)
+        return state.status
+    trainer = build_trainer(trial.config, device)  # sampling needs no teacher
+    trainer.load_state_dict(checkpoint["trainer"])
+    evaluation = EvalConfig.model_validate(trial.config["eval"])
+    net = trainer.ema.nets[evaluation.ema if evaluation.ema is not None else trainer.cfg.ema[0]]
+    for metric, nfes in missing.items():
+        scores, grids = trainer.evaluate(evaluation.model_copy(update={"metrics": [metric], "nfe": nfes}))
+        tracker.add(scores, trainer.step, state, replayed=False)
+        keep_best(trial_dir, trainer.step, scores, net)
+        tracker.call(lambda: log_sample_grids(tracker.client, trial.run_id, trainer.step, grids))  # noqa: B023
+        state.result |= scores
+        state.fingerprints[metric] = metric_fingerprint(metric, trial.config)
+        if progress:
+            progress(trainer.step, scores)
+    fingerprints = {f"orch.fingerprint.{m}": fp for m, fp in state.fingerprints.items()}
+    tracker.call(lambda: log_batch(tracker.client, trial.run_id, tags=fingerprints))
+    tracker.flush(state)
+    state.save(trial_dir)
+    return state.status
 
 
 def finish(tracker: TrialTracker, state: TrialState, status: str, reason: str | None, step: int | None = None) -> str:

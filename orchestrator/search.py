@@ -15,7 +15,7 @@ from orchestrator.backends import start_ray, stop_ray  # also sets Ray's environ
 from orchestrator.config import resolve_trial_config, trial_id
 from orchestrator.runner import EarlyStopped, Trial, open_trial, record_outcome, run_trial
 from orchestrator.state import FINISHED_STATES, STOPPED, TrialState
-from orchestrator.study import Backend, Search, SpaceEntry, Study, set_dotted
+from orchestrator.study import Backend, Search, SpaceEntry, Study, TrialSpec, level_label, set_dotted
 
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # progress results carry no metric
 
@@ -41,7 +41,9 @@ class SearchCell:
     parent_id: str
     config: dict
     factors: dict
+    levels: dict
     metric: str
+    generation: str
 
 
 def tune_domain(entry: SpaceEntry, algorithm: str):
@@ -56,12 +58,6 @@ def tune_domain(entry: SpaceEntry, algorithm: str):
     return tune.choice(entry.choice)
 
 
-def sample_label(factors: dict, params: dict) -> str:
-    values = {**factors, **params}
-    shown = (f"{v:.3g}" if isinstance(v, float) else str(v) for v in values.values())
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(values, shown))
-
-
 def sampled_trial(cell: SearchCell, params: dict) -> Trial:
     """The orch trial of one sample: same parameters → same trial (and run) as before an interruption."""
     config = copy.deepcopy(cell.config)
@@ -71,16 +67,10 @@ def sampled_trial(cell: SearchCell, params: dict) -> Trial:
     if problems:  # the study's validation checked the edges of every distribution, so this is a bug
         raise ValueError(f"sampled an invalid trial {params}: {'; '.join(map(str, problems))}")
     client = MlflowClient(cell.tracking_uri)
+    levels = cell.levels | {k: (None, level_label(v)) for k, v in params.items()}  # a sample is its own group
+    spec = TrialSpec(trial_id(resolved), resolved, {**cell.factors, **params}, levels)
     trial, _ = open_trial(
-        client,
-        cell.experiment_id,
-        cell.parent_id,
-        cell.study,
-        Path(cell.study_dir),
-        trial_id(resolved),
-        sample_label(cell.factors, params),
-        resolved,
-        {**cell.factors, **params},
+        client, cell.experiment_id, cell.parent_id, cell.study, Path(cell.study_dir), spec, cell.generation
     )
     return trial
 
@@ -187,7 +177,16 @@ def run_search(
     try:
         for index, spec in enumerate(study.trials):
             cell = SearchCell(
-                study.name, str(study_dir), uri, experiment_id, parent_id, spec.config, spec.factors, search.metric
+                study.name,
+                str(study_dir),
+                uri,
+                experiment_id,
+                parent_id,
+                spec.config,
+                spec.factors,
+                spec.levels,
+                search.metric,
+                study.generation,
             )
             trainable = tune.with_resources(
                 tune.with_parameters(search_trainable, cell=cell), backend.resources.model_dump()

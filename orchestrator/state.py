@@ -52,6 +52,8 @@ class TrialState:
     reason: str | None = None
     result: dict[str, float] = field(default_factory=dict)
     """The latest evaluation (e.g. {"eval/kl/nfe_1": 0.42}): what a resumed search reports for a finished trial."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """metric → the fingerprint its values in `result` were measured under (see orchestrator/config.py)."""
     job_id: str | None = None
     """The Slurm job running the trial, when it runs under Slurm."""
     logged_step: int = -1

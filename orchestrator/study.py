@@ -21,7 +21,15 @@ from pydantic import (
 )
 
 from methods.registry import Params
-from orchestrator.config import Problem, did_you_mean, pydantic_problems, resolve_trial_config, trial_id
+from orchestrator.config import (
+    Problem,
+    did_you_mean,
+    digest,
+    pydantic_problems,
+    resolve_trial_config,
+    takes_a_list,
+    trial_id,
+)
 from orchestrator.preflight import parse_address
 from orchestrator.yaml_source import MAX_BYTES, YAMLLimit, check_limits, key_lines, parse
 
@@ -156,6 +164,8 @@ class TrialSpec:
     config: dict
     factors: dict[str, Any]
     """The grid values of this trial (dotted key → value), e.g. {'method.name': 'lsd', 'train.seed': 0}."""
+    levels: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+    """Each factor as (index of its level on the axis, label): what the dashboard groups by and orders with."""
 
     @property
     def label(self) -> str:
@@ -164,10 +174,20 @@ class TrialSpec:
         return " ".join(parts) or self.id
 
 
+def level_label(value: Any) -> str:
+    """A grid level as a group label: a value as written ("lsd", "0.001"), a section by its name and options
+    ("meanflow adaptive_p=0.0"); two different levels never share a label."""
+    if isinstance(value, dict):
+        rest = " ".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        return f"{value.get('name', '')} {rest}".strip()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def show_factor(value: Any, key: str | None = None) -> str:
     """A grid value as "key=value", or a section-valued one as its "k=v" pairs ("name=fm sampler=heun")."""
     items = value.items() if isinstance(value, dict) else [(key, value)]
-    return " ".join(f"{k}={v}" if k else str(v) for k, v in items)
+    shown = ((k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in items)
+    return " ".join(f"{k}={v}" if k else str(v) for k, v in shown)
 
 
 @dataclass
@@ -186,6 +206,11 @@ class Study:
     def axes(self) -> list[str]:
         return list(self.resolved["grid"])
 
+    @property
+    def generation(self) -> str:
+        """This version of the study: a hash of what it plans (its backend and description aside)."""
+        return digest({k: v for k, v in self.resolved.items() if k not in ("backend", "description")})
+
 
 def set_dotted(config: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
@@ -198,12 +223,15 @@ def set_dotted(config: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def apply_profile(study: dict, profile: dict[str, Any]) -> dict:
-    """Profile keys replace grid axes (a scalar becomes a one-value axis), `backend.*` and `search.*` keys set
-    the backend and the search, all other keys set the base config."""
+def apply_overrides(study: dict, overrides: dict[str, Any], axes_from_lists: bool = False) -> dict:
+    """A study with a profile's (or the command line's) dotted keys applied: a key that is a grid axis replaces the
+    axis (a scalar becomes a one-value axis); with `axes_from_lists` (the command line) a list makes or
+    replaces an axis, except for an option that is itself a list (eval.nfe=[1,4] sets it; a list of lists
+    makes an axis of it); `backend.*` and `search.*` keys set the backend and the search; others set the base."""
     study = copy.deepcopy(study)
-    for key, value in profile.items():
-        if key in study["grid"]:
+    for key, value in overrides.items():
+        makes_axis = axes_from_lists and isinstance(value, list) and not takes_a_list(study["base"], key)
+        if key in study["grid"] or makes_axis:
             study["grid"][key] = value if isinstance(value, list) else [value]
         elif key.startswith(("backend.", "search.")) and study.get(key.split(".")[0]) is not None:
             section, rest = key.split(".", 1)
@@ -211,6 +239,27 @@ def apply_profile(study: dict, profile: dict[str, Any]) -> dict:
         else:
             set_dotted(study["base"], key, value)
     return study
+
+
+def origin_of(path: str, origins: dict[str, str]) -> str | None:
+    """Where the value at a problem's path was written: "profiles.<name>" or "command line", None for the file's
+    base and grid. `origins` maps each overriding dotted key to where it came from."""
+    bare = path.split(".", 1)[1] if path.startswith(("base.", "grid.")) else path
+    return next((where for key, where in origins.items() if bare == key or bare.startswith(key + ".")), None)
+
+
+def relocate(problem: Problem, origins: dict[str, str]) -> Problem:
+    """A problem pointed at the profile or command-line override that wrote the value, not at the base."""
+    where = origin_of(problem.path, origins)
+    if where is None:
+        return problem
+    bare = problem.path.split(".", 1)[1] if problem.path.startswith(("base.", "grid.")) else problem.path
+    if where == COMMAND_LINE:
+        return Problem(bare, f"{problem.message} (set on the command line)")
+    return Problem(f"{where}.{bare}", problem.message)
+
+
+COMMAND_LINE = "command line"
 
 
 def excluded(factors: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
@@ -237,14 +286,24 @@ def expand(study: dict) -> tuple[list[TrialSpec], list[Problem]]:
             axis = next((a for a in axes if p.path == a or p.path.startswith(a + ".")), None)
             if axis is None:
                 p = Problem(f"base.{p.path}", p.message)
-            elif p.path.endswith(".name"):
+            elif p.path.endswith(".name") or p.message.startswith("unknown key"):  # a typo, not a combination
                 p = Problem(f"grid.{p.path}", p.message)
             else:
                 p = Problem(f"grid.{p.path}", f"{p.message}; in the combination {factors} — drop it with `exclude`")
             problems.setdefault(f"{p.path}: {p.message.split('; in the combination')[0]}", p)
         if not found:
-            spec = TrialSpec(trial_id(resolved), resolved, factors)
-            trials.setdefault(spec.id, spec)
+            levels = {a: (axes[a].index(v), level_label(v)) for a, v in factors.items()}
+            spec = TrialSpec(trial_id(resolved), resolved, factors, levels)
+            if (same := trials.setdefault(spec.id, spec)) is not spec and same.config != spec.config:
+                differ = [a for a in axes if a.split(".")[0] == "eval" or a in ("train", "eval")]
+                problems.setdefault(
+                    f"same training {spec.id}",
+                    Problem(
+                        f"grid.{(differ or list(axes))[0]}",
+                        f"{same.factors} and {factors} train the same trial (they differ in evaluation or "
+                        "execution settings only): evaluate several step counts with eval.nfe in one trial",
+                    ),
+                )
     if not trials and not problems:
         problems["empty"] = Problem("grid", "no trials: every combination is excluded")
     return list(trials.values()), list(problems.values())
@@ -328,7 +387,7 @@ def with_lines(problems: list[Problem], text: str) -> list[Problem]:
     return located
 
 
-def load_study(path: str | Path, profile: str | None = None) -> Study:
+def load_study(path: str | Path, profile: str | None = None, overrides: dict[str, Any] | None = None) -> Study:
     """Read, validate and expand a study file. Raises StudyError listing every problem; touches no files."""
     source = str(path)
     try:
@@ -337,10 +396,11 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
         text = data.decode()
     except (OSError, UnicodeDecodeError) as e:
         raise StudyError(source, [Problem("", f"cannot read the file: {e}")]) from None
-    return parse_study(text, source, profile)
+    return parse_study(text, source, profile, overrides)
 
 
-def parse_study(text: str, source: str, profile: str | None = None) -> Study:
+def read_raw(text: str, source: str) -> dict:
+    """The study file as data: within the limits, plain YAML, no duplicate keys, a mapping. Raises StudyError."""
     try:
         check_limits(text)
         raw = parse(text)
@@ -354,41 +414,66 @@ def parse_study(text: str, source: str, profile: str | None = None) -> Study:
             message = f"unsupported YAML tag: {getattr(e, 'problem', e)} (study files are plain data)"
         raise StudyError(source, [Problem("", message, mark.line + 1 if mark else None)]) from None
     if duplicates:
-        problems = [Problem(".".join(k), "duplicate key", line) for k, line in duplicates]
-        raise StudyError(source, problems)
+        raise StudyError(source, [Problem(".".join(k), "duplicate key", line) for k, line in duplicates])
     if not isinstance(raw, dict):
         raise StudyError(source, [Problem("", f"a study is a mapping with name/base/grid…, got {type(raw).__name__}")])
+    return raw
+
+
+def validate_file(raw: dict) -> tuple[dict, list[Problem]]:
+    """The study file's top level validated; when parts of it are invalid, the study made of the valid parts
+    (so that the rest is still checked in the same pass) and the problems."""
     try:
-        study_file = StudyFile.model_validate(raw)
+        return StudyFile.model_validate(raw).model_dump(), []
     except ValidationError as e:
         problems = pydantic_problems(e, "", StudyFile, "study")
-        if isinstance(raw.get("base"), dict):  # report the base config's problems in the same pass
-            problems += [Problem(f"base.{p.path}", p.message) for p in resolve_trial_config(raw["base"])[1]]
-        raise StudyError(source, with_lines(problems, text)) from None
-    study = study_file.model_dump()
-    problems = []
-    if profile is not None:
-        if profile not in study["profiles"]:
-            known = list(study["profiles"])
-            problems.append(
-                Problem(
-                    "profiles",
-                    f"no profile {profile!r}{did_you_mean(profile, known)}; known: {', '.join(known) or 'none'}",
-                )
-            )
-        else:
-            try:
-                study = apply_profile(study, study["profiles"][profile])
-                Backend.model_validate(study["backend"])
-            except KeyError as e:
-                problems.append(Problem(f"profiles.{profile}", f"cannot apply: {e.args[0]}"))
-            except ValidationError as e:
-                problems += pydantic_problems(e, f"profiles.{profile}.backend", Backend, "backend")
-    problems += check_excludes(study) + check_size(study)
-    trials, found = expand(study) if not problems else ([], [])
-    problems += found
-    if study["search"] is not None and not problems:
-        problems += check_search(Search.model_validate(study["search"]), trials)
+        broken = {error["loc"][0] for error in e.errors() if error["loc"]}
+    salvage = {k: v for k, v in raw.items() if k in StudyFile.model_fields and k not in broken}
+    try:
+        return StudyFile.model_validate({"name": "study"} | salvage).model_dump(), problems
+    except ValidationError:
+        return {}, problems
+
+
+def parse_study(text: str, source: str, profile: str | None = None, overrides: dict[str, Any] | None = None) -> Study:
+    """Validate and expand a study's text, with a profile and command-line overrides (dotted key → value)
+    applied. Every problem is reported in one pass, at the line where it is written. Raises StudyError."""
+    study, problems = validate_file(read_raw(text, source))
+    if not study:
+        raise StudyError(source, with_lines(problems, text))
+    found_excludes = check_excludes(study)  # against the file's own grid: a profile may narrow an axis
+    problems += found_excludes
+    valid_rules = [
+        rule
+        for i, rule in enumerate(study["exclude"])
+        if not any(p.path.startswith(f"exclude.{i}.") for p in found_excludes)
+    ]
+    origins: dict[str, str] = {}
+    if profile is not None and profile not in study["profiles"]:
+        known = list(study["profiles"])
+        message = f"no profile {profile!r}{did_you_mean(profile, known)}; known: {', '.join(known) or 'none'}"
+        problems.append(Problem("profiles", message))
+    for name, values, from_cli in [
+        *([(profile, study["profiles"][profile], False)] if profile in study["profiles"] else []),
+        *([(COMMAND_LINE, overrides, True)] if overrides else []),
+    ]:
+        where = COMMAND_LINE if from_cli else f"profiles.{name}"
+        try:
+            study = apply_overrides(study, values, axes_from_lists=from_cli)
+            origins |= dict.fromkeys(values, where)
+        except KeyError as e:
+            problems.append(Problem(where, f"cannot apply: {e.args[0]}"))
+    try:
+        Backend.model_validate(study["backend"])
+    except ValidationError as e:
+        problems += [relocate(p, origins) for p in pydantic_problems(e, "backend", Backend, "backend")]
+    too_big = check_size(study)
+    problems += too_big
+    trials, found = expand(study | {"exclude": valid_rules}) if not too_big else ([], [])
+    problems += [relocate(p, origins) for p in found]
+    if study["search"] is not None and trials:
+        problems += [relocate(p, origins) for p in check_search(Search.model_validate(study["search"]), trials)]
+    problems += check_other_profiles(study, profile, problems)
     if problems:
         raise StudyError(source, with_lines([Problem(p.path.lstrip("."), p.message) for p in problems], text))
     del study["profiles"]
@@ -401,3 +486,29 @@ def parse_study(text: str, source: str, profile: str | None = None) -> Study:
         trials=trials,
         search=Search.model_validate(study["search"]) if study["search"] is not None else None,
     )
+
+
+def check_other_profiles(study: dict, selected: str | None, found: list[Problem]) -> list[Problem]:
+    """The profiles not selected, each checked on the first combination of its grid: a typo in a profile is
+    reported whichever profile is run, at the profile's line."""
+    problems = []
+    for name, values in study["profiles"].items():
+        if name == selected:
+            continue
+        try:
+            applied = apply_overrides(study, values)
+        except KeyError as e:
+            problems.append(Problem(f"profiles.{name}", f"cannot apply: {e.args[0]}"))
+            continue
+        config = copy.deepcopy(applied["base"])
+        for axis, levels in applied["grid"].items():
+            try:
+                set_dotted(config, axis, levels[0])
+            except KeyError:
+                continue  # reported for the grid itself
+        origins = dict.fromkeys(values, f"profiles.{name}")
+        for p in resolve_trial_config(config)[1]:
+            located = relocate(Problem(f"base.{p.path}", p.message), origins)
+            if located.path.startswith("profiles.") and located not in found and located not in problems:
+                problems.append(located)
+    return problems

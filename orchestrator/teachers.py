@@ -26,6 +26,7 @@ from orchestrator import runner
 from orchestrator.build import build_network
 from orchestrator.config import resolve_trial_config, trial_id
 from orchestrator.state import COMPLETED, TrialState, atomic_write_bytes, load_latest_checkpoint
+from orchestrator.study import TrialSpec
 from orchestrator.tracking import ensure_experiment, ensure_parent_run
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,8 @@ def train_teacher(config: dict, key: str, teachers_dir: Path, tracking_uri: str)
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, EXPERIMENT, teachers_dir / "artifacts")
     parent_id = ensure_parent_run(client, experiment_id, EXPERIMENT, {})
-    trial, _ = runner.open_trial(
-        client, experiment_id, parent_id, EXPERIMENT, teachers_dir, key, f"fm teacher {key}", config, {}
-    )
+    spec = TrialSpec(key, config, {"teacher": "fm"})
+    trial, _ = runner.open_trial(client, experiment_id, parent_id, EXPERIMENT, teachers_dir, spec, key)
     log.warning("training flow-matching teacher %s (%d steps) in %s", key, config["train"]["steps"], trial.dir)
     status = runner.run_trial(trial)
     state = TrialState.load(Path(trial.dir))

@@ -19,6 +19,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from orchestrator.config import flatten, metric_fingerprint
 
 ROLE, TRIAL_ID, STATUS = "orch.role", "orch.trial_id", "orch.status"
+FACTORS = "orch.factors"
+"""A trial's factor levels, JSON {axis: [index on the axis, label]}: what the dashboard groups by."""
+GENERATION = "orch.generation"
+"""The version of the study file (a hash of it, resolved) that last planned a trial, or that a parent ran."""
 TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
 """What a tracking store that went away raises (sqlite file deleted, server down, disk full)."""
 PACKAGES = ("torch", "ray", "mlflow", "optuna", "pandas", "plotly", "pydantic", "submitit", "numpy")

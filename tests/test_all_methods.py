@@ -30,3 +30,8 @@ def test_every_method_completes_and_logs_every_metric(tmp_path):
     distilled = [r for r in runs if "orch.teacher" in r.data.tags]
     assert {r.data.params["method.name"] for r in distilled} == {"sdei", "sdee", "stei", "scd"}
     assert len({r.data.tags["orch.teacher"] for r in distilled}) == 1  # one teacher for all of them
+    from tests.test_results import groups_of
+
+    groups = groups_of(client.tracking_uri, "all_methods_checkerboard")
+    assert {"meanflow", "meanflow adaptive_p=0.0"} <= set(groups)  # the two variants, never averaged as seeds
+    assert len(groups) == 17 and all(len(ids) == 1 for ids in groups.values())

@@ -152,3 +152,7 @@ backend: {name: ray, max_concurrent: 2}
         by_method.setdefault(trial["config"]["method"]["name"], set()).add(trial["config"]["train"]["lr"])
     assert {m: len(lrs) for m, lrs in by_method.items()} == {"lsd": 2, "psd_mid": 2}
     assert sorted(p.name for p in (tmp_path / "cells" / "ray").iterdir()) == ["search-cell0", "search-cell1"]
+    from tests.test_results import groups_of
+
+    groups = groups_of(f"sqlite:///{tmp_path / 'cells' / 'mlflow.db'}", "cells")  # samples, never seeds of one
+    assert len(groups) == 4 and all(len(ids) == 1 for ids in groups.values()), groups
