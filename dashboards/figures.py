@@ -212,32 +212,49 @@ def fmt(values, digits: int) -> list[str]:
     return [f"{v:.{digits}f}" for v in values]
 
 
-def ranking_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
-    """The answer in one table: each group's quality at the fewest and most steps, and its cost."""
+COST_COLUMNS = {"cost/sec_per_kimg": 4, "cost/fwd_per_sample": 2, "cost/jvp_per_sample": 2, "cost/device_hours": 4}
+
+
+def ranking(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> pd.DataFrame:
+    """One row per group, best first: the metric at the fewest and the most steps (mean and std over completed
+    seeds at the last checkpoint, and the seed count) and the measured cost (mean)."""
     table = quality_table(runs, history, metric, group_cols)
     if table.empty:
-        return go.Figure()
+        return pd.DataFrame()
     nfes = sorted({table["nfe"].min(), table["nfe"].max()})
-    pivot = table.pivot(index="group", columns="nfe", values="mean")
-    cost_cols = ["cost/sec_per_kimg", "cost/fwd_per_sample", "cost/jvp_per_sample", "cost/device_hours"]
-    cost = with_groups(runs, group_cols).groupby("group")[[c for c in cost_cols if c in runs]].mean()
-    summary = pivot[nfes].join(cost).sort_values(nfes[0])
-    header = [
-        "group",
-        *(f"{metric} @ {n} step{'s' if n > 1 else ''}" for n in nfes),
-        "sec/kimg",
-        "fwd/sample",
-        "jvp/sample",
-        "device-hours",
-    ]
-    cells = [
-        list(summary.index),
-        *(fmt(summary[n], 4) for n in nfes),
-        *(fmt(summary[c], d) if c in summary else ["–"] * len(summary) for c, d in zip(cost_cols, (4, 2, 2, 4))),
-    ]
+    grouped = with_groups(runs, group_cols)
+    done = grouped[grouped["status"] == "completed"]
+    rows = []
+    for group, trials in grouped.groupby("group", sort=True):
+        row = {"group": group, "seeds": int((trials["status"] == "completed").sum())}
+        for nfe in nfes:
+            values = done[done["group"] == group][f"eval/{metric}/nfe_{nfe}"].to_numpy(dtype=float)
+            row[f"{metric}@{nfe}"] = float(np.nanmean(values)) if len(values) else float("nan")
+            row[f"{metric}@{nfe} std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")
+        row |= {c: float(trials[c].mean()) for c in COST_COLUMNS if c in trials}
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(f"{metric}@{nfes[0]}").reset_index(drop=True)
+
+
+def with_spread(means: pd.Series, stds: pd.Series, digits: int) -> list[str]:
+    return [f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if np.isfinite(s) else "") for m, s in zip(means, stds)]
+
+
+def ranking_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+    """The answer in one table: each group's quality at the fewest and most steps (mean ± std over seeds), and
+    its cost."""
+    summary = ranking(runs, history, metric, group_cols)
+    if summary.empty:
+        return go.Figure()
+    nfes = [int(c.split("@")[1]) for c in summary.columns if "@" in c and not c.endswith("std")]
+    header = ["group", "seeds", *(f"{metric} @ {n} step{'s' if n > 1 else ''}" for n in nfes)]
+    header += ["sec/kimg", "fwd/sample", "jvp/sample", "device-hours"]
+    cells = [list(summary["group"]), list(summary["seeds"])]
+    cells += [with_spread(summary[f"{metric}@{n}"], summary[f"{metric}@{n} std"], 4) for n in nfes]
+    cells += [fmt(summary[c], d) if c in summary else ["–"] * len(summary) for c, d in COST_COLUMNS.items()]
     fig = go.Figure(go.Table(header={"values": header, "height": 28}, cells={"values": cells, "height": 24}))
     fig.update_layout(
-        title=f"Ranking by {metric} at {nfes[0]} step (mean over completed seeds, last checkpoint)",
+        title=f"Ranking by {metric} at {nfes[0]} step (mean ± std over completed seeds, last checkpoint)",
         height=150 + 24 * len(summary),
         margin={"t": 60, "b": 10},
     )
@@ -330,7 +347,9 @@ def quality_vs_compute(runs: pd.DataFrame, history: pd.DataFrame, metric: str, g
 
 
 def smooth(values: pd.Series, window: int = 5) -> pd.Series:
-    return values.rolling(window, min_periods=1, center=True).mean()
+    """A trailing mean over the last `window` points: no point borrows from the future, and a short run is not
+    flattened at its ends."""
+    return values.rolling(window, min_periods=1).mean()
 
 
 def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
@@ -398,21 +417,64 @@ def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: lis
 
 
 def cost_by_group(runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
-    """Measured training cost per group: time, peak memory, network evaluations per training sample."""
-    columns = ["cost/sec_per_kimg", "cost/peak_mem_mb", "cost/fwd_per_sample", "cost/jvp_per_sample"]
+    """Measured training cost per group: time, network evaluations per training sample, and peak memory where it
+    is the trial's own (CUDA's max-allocated; on CPU it would be the whole process's resident set, the same for
+    every method, so the panel is left out)."""
+    columns = ["cost/sec_per_kimg", "cost/fwd_per_sample", "cost/jvp_per_sample"]
     if not set(columns) <= set(runs):  # no trial got as far as a log tick (e.g. all failed at start)
         return go.Figure()
+    devices = runs["device"].astype(str) if "device" in runs else pd.Series("", index=runs.index)
+    on_gpu = runs[devices.str.startswith("cuda")]
+    panels = ["sec / kimg (training)", "network evaluations / training sample"]
+    panels += ["peak GPU memory (MB)"] if len(on_gpu) and "cost/peak_mem_mb" in runs else []
     cost = with_groups(runs, group_cols).groupby("group", sort=True)[columns].mean()
-    fig = make_subplots(
-        rows=1,
-        cols=3,
-        subplot_titles=("sec / kimg (training)", "peak memory (MB)", "network evaluations / training sample"),
-    )
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
     fig.add_trace(go.Bar(x=cost.index, y=cost["cost/sec_per_kimg"], showlegend=False), 1, 1)
-    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/peak_mem_mb"], showlegend=False), 1, 2)
-    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/fwd_per_sample"], name="forward"), 1, 3)
-    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/jvp_per_sample"], name="forward+JVP"), 1, 3)
+    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/fwd_per_sample"], name="forward"), 1, 2)
+    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/jvp_per_sample"], name="forward+JVP"), 1, 2)
+    if len(panels) == 3:
+        memory = with_groups(on_gpu, group_cols).groupby("group", sort=True)["cost/peak_mem_mb"].mean()
+        fig.add_trace(go.Bar(x=memory.index, y=memory.values, showlegend=False), 1, 3)
     fig.update_layout(title="Training cost (measured)", barmode="stack", height=450)
+    return fig
+
+
+def sample_scatter(points: dict[str, dict[int, np.ndarray]]) -> go.Figure:
+    """2-D samples per group (rows) and step count (columns): the first seed's last evaluation, as paper A
+    shows its checkerboards. `points`: group → NFE → array (n, 2)."""
+    groups = list(points)
+    nfes = sorted({n for by_nfe in points.values() for n in by_nfe})
+    if not groups or not nfes:
+        return go.Figure()
+    everything = np.concatenate([p for by_nfe in points.values() for p in by_nfe.values()]).ravel()
+    lo, hi = np.nanpercentile(everything[np.isfinite(everything)], [0.5, 99.5])  # one square range for all
+    fig = make_subplots(
+        rows=len(groups),
+        cols=len(nfes),
+        row_titles=groups,
+        column_titles=[f"{n} step{'s' * (n > 1)}" for n in nfes],
+        horizontal_spacing=0.01,
+        vertical_spacing=0.01,
+    )
+    for i, group in enumerate(groups, 1):
+        for j, nfe in enumerate(nfes, 1):
+            xy = points[group].get(nfe)
+            if xy is not None:
+                fig.add_trace(
+                    go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="markers", marker={"size": 2, "color": COLORS[0]},
+                               showlegend=False, hoverinfo="skip"),
+                    i,
+                    j,
+                )  # fmt: skip
+    fig.update_xaxes(range=[lo, hi], showticklabels=False)
+    fig.update_yaxes(range=[lo, hi], showticklabels=False)
+    fig.update_annotations(font_size=10)
+    fig.update_layout(
+        title={"text": "Samples (first seed, last evaluation)", "font": {"size": 14}},
+        height=100 + 160 * len(groups),
+        width=240 + 160 * len(nfes),
+        margin={"l": 20, "r": 220, "t": 80, "b": 20},
+    )
     return fig
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -36,16 +37,26 @@ def factor_levels(tag: str | None) -> dict[str, Any]:
     return row
 
 
-def metric_histories(client: MlflowClient, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
-    """run_id, key, step, value of every logged point of `keys` over many runs.
+def sql_store(client: MlflowClient):
+    """MLflow's SQL store behind a client (sqlite, PostgreSQL, MySQL), for a one-query read of many histories:
+    per-run or per-key calls (even MLflow's windowed bulk query) took over a minute for a 1,000-trial study.
+    The store's session and models are MLflow-internal, so this is used only with the MLflow minor version it
+    was written for (3.17); otherwise, and for other stores, None: the public API is used."""
+    if not mlflow.__version__.startswith(SQL_FAST_PATH_VERSION):
+        return None
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    return store if hasattr(store, "ManagedSessionMaker") else None
 
-    On a SQL store (sqlite, PostgreSQL, MySQL) one query per 500 runs reads MLflow's metrics table through the
-    store's own session and models: per-run or per-key calls (even MLflow's windowed bulk query) took over a
-    minute for a 1,000-trial study. Other stores fall back to one history call per run and key.
-    """
-    store = client._tracking_client.store
+
+SQL_FAST_PATH_VERSION = "3.17."
+
+
+def metric_histories(client: MlflowClient, run_ids: list[str], keys: list[str], fast: bool = True) -> pd.DataFrame:
+    """run_id, key, step, value of every logged point of `keys` over many runs: one query per 500 runs on a SQL
+    store (see sql_store), else (or with fast=False) MLflow's public per-run history calls."""
+    store = sql_store(client) if fast else None
     rows: list[tuple] = []
-    if hasattr(store, "ManagedSessionMaker"):
+    if store is not None:
         from mlflow.store.tracking.dbmodels.models import SqlMetric
 
         with store.ManagedSessionMaker() as session:
@@ -85,6 +96,7 @@ def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame
             "start_time": run.info.start_time,
         }
         row |= {f"fingerprint.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.fingerprint.")}
+        row |= {f"measure.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.measure.")}
         row |= factor_levels(tags.get("orch.factors"))
         row |= {k: parse_param(v) for k, v in run.data.params.items()}
         row |= run.data.metrics

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
@@ -39,12 +41,30 @@ def comparable_subsets(runs: pd.DataFrame, metric: str):
         yield f" [fingerprint {fingerprint}]", subset
 
 
+Block = go.Figure | str
+"""A part of the page: a Plotly figure, or HTML of its own (sample images, download links)."""
+
+
 def build_figures(
     runs: pd.DataFrame, history: pd.DataFrame, group_cols: list[str], grid: dict, search: dict | None = None
 ) -> list[go.Figure]:
-    figs = []
+    """The page's Plotly figures (those with data)."""
+    return [b for b in page_blocks(runs, history, group_cols, grid, search) if isinstance(b, go.Figure)]
+
+
+def page_blocks(
+    runs: pd.DataFrame,
+    history: pd.DataFrame,
+    group_cols: list[str],
+    grid: dict,
+    search: dict | None = None,
+    trials_dir: Path | None = None,
+) -> list[Block]:
+    """The page from top to bottom: figures, CSV downloads under the ranking tables, and the samples read from
+    the trial directories (when given)."""
+    blocks: list[Block] = []
     if search is not None and len(runs):
-        figs += [
+        blocks += [
             figures.search_progress(runs, search["metric"], search["mode"]),
             figures.search_parameters(runs, search["metric"], search["space"]),
         ]
@@ -59,32 +79,109 @@ def build_figures(
             ]
             for fig in panel:
                 fig.update_layout(title_text=fig.layout.title.text + suffix)
-            figs += panel
-    figs += [
+            name = f"{metric}{suffix.replace(' [fingerprint ', '-').rstrip(']')}"
+            tables = {
+                f"ranking_{name}.csv": figures.ranking(subset, hist, metric, group_cols),
+                f"quality_{name}.csv": figures.quality_table(subset, hist, metric, group_cols),
+            }
+            blocks += [panel[0], download_links(tables), *panel[1:]]
+    if trials_dir is not None and len(runs):
+        blocks += sample_blocks(runs, group_cols, trials_dir)
+    blocks += [
         figures.target_std_vs_step(history, runs, group_cols),
         figures.target_std_by_bin(history, runs, group_cols),
         figures.cost_by_group(runs, group_cols),
         figures.training_curves(history, runs, group_cols),
     ]
-    return [f for f in figs if f.data]
+    return [b for b in blocks if isinstance(b, str) or b.data]
+
+
+def download_links(tables: dict[str, pd.DataFrame]) -> str:
+    """Links that save each table as CSV (the data is in the page: offline, like the rest)."""
+    links = []
+    for filename, table in tables.items():
+        data = base64.b64encode(table.to_csv(index=False).encode()).decode()
+        links.append(
+            f'<a download="{html.escape(filename)}" href="data:text/csv;base64,{data}">{html.escape(filename)}</a>'
+        )
+    return '<p class="downloads">Download: ' + " · ".join(links) + "</p>"
+
+
+def preview_trials(runs: pd.DataFrame, group_cols: list[str]) -> dict[str, str]:
+    """group → the trial whose samples represent it: its first completed seed."""
+    done = figures.with_groups(runs[runs["status"] == "completed"], group_cols)
+    seed_index = figures.SEED.replace("factor.", "factor_index.", 1)
+    order = [seed_index, "trial_id"] if seed_index in done else ["trial_id"]
+    return {group: rows.sort_values(order)["trial_id"].iloc[0] for group, rows in done.groupby("group", sort=True)}
+
+
+def sample_blocks(runs: pd.DataFrame, group_cols: list[str], trials_dir: Path) -> list[Block]:
+    """The samples of each group at every step count, read from the trial directories: a scatter grid for 2-D
+    data, the logged image grids (inlined PNG) for images. Groups past MAX_PREVIEW_GROUPS are left out, said."""
+    chosen = preview_trials(runs, group_cols)
+    shown = dict(list(chosen.items())[:MAX_PREVIEW_GROUPS])
+    points, images = {}, {}
+    for group, trial_id in shown.items():
+        folder = trials_dir / trial_id / "samples"
+        for path in sorted(folder.glob("nfe_*")) if folder.is_dir() else []:
+            nfe = int(path.stem.split("_")[1])
+            if path.suffix == ".npy":
+                points.setdefault(group, {})[nfe] = np.load(path)
+            elif path.suffix == ".png":
+                images.setdefault(group, {})[nfe] = base64.b64encode(path.read_bytes()).decode()
+    note = (
+        f"<p>Samples of {len(shown)} of {len(chosen)} groups (the first {MAX_PREVIEW_GROUPS}).</p>"
+        if len(chosen) > len(shown)
+        else ""
+    )
+    blocks: list[Block] = []
+    if points:
+        blocks.append(figures.sample_scatter(points))
+    if images:
+        nfes = sorted({n for by_nfe in images.values() for n in by_nfe})
+        head = "".join(f"<th>{n} step{'s' * (n > 1)}</th>" for n in nfes)
+        rows = "".join(
+            f"<tr><th>{html.escape(group)}</th>"
+            + "".join(
+                f'<td><img alt="{html.escape(group)}, {n} steps" src="data:image/png;base64,{by_nfe[n]}"></td>'
+                if n in by_nfe
+                else "<td></td>"
+                for n in nfes
+            )
+            + "</tr>"
+            for group, by_nfe in images.items()
+        )
+        blocks.append(
+            '<div class="figure samples"><h3>Samples at the last evaluation (first seed of each group)</h3>'
+            f"<table><tr><th></th>{head}</tr>{rows}</table></div>"
+        )
+    return blocks + ([note] if blocks and note else [])
+
+
+MAX_PREVIEW_GROUPS = 24
 
 
 def render_html(
     title: str,
     header: dict[str, str],
-    figs: list[go.Figure],
+    blocks: list[Block],
     notes: list[str],
     study_yaml: str,
     refresh_seconds: int | None = None,
 ) -> str:
     meta = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in header.items())
-    divs = "\n".join(f'<div class="figure">{f.to_html(full_html=False, include_plotlyjs=False)}</div>' for f in figs)
+    divs = "\n".join(
+        b if isinstance(b, str) else f'<div class="figure">{b.to_html(full_html=False, include_plotlyjs=False)}</div>'
+        for b in blocks
+    )
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <script type="text/javascript">{get_plotlyjs()}</script>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1300px}} th{{text-align:left;padding-right:12px}}
-.figure{{margin:24px 0;border-top:1px solid #ddd}} pre{{background:#f6f6f6;padding:8px}}</style></head>
+.figure{{margin:24px 0;border-top:1px solid #ddd}} pre{{background:#f6f6f6;padding:8px}}
+.samples img{{max-width:260px;image-rendering:pixelated}} .samples td,.samples th{{padding:4px;vertical-align:top}}
+.downloads{{font-size:90%}}</style></head>
 <body><h1>{html.escape(title)}</h1><table>{meta}</table><ul>{notes_html}</ul>
 <details><summary>study file</summary><pre>{html.escape(study_yaml)}</pre></details>
 {divs}
@@ -116,8 +213,16 @@ def factor_groups(runs: pd.DataFrame, axes: list[str]) -> tuple[list[str], dict[
     return [c for c in columns if c != figures.SEED], grid
 
 
-def dashboard_html(tracking_uri: str, study: str) -> str:
-    """The dashboard page of a study, read from its MLflow experiment."""
+METRIC_NOTES = {
+    "kl": "KL = KL(data ‖ model) on a 50×50 histogram with exact target cell masses; lower is better.",
+    "fid": "FID = Fréchet distance of Inception pool3 features (torch-fidelity) to the training images; lower is "
+    "better; values at different sample counts are not comparable.",
+}
+
+
+def dashboard_html(tracking_uri: str, study: str, trials_dir: Path | None = None) -> str:
+    """The dashboard page of a study, read from its MLflow experiment (and the sample previews from its trial
+    directories, when given)."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
     runs, older = current_version(runs, parent_tags.get("orch.generation"))
     history = history[history["trial_id"].isin(runs["trial_id"])] if len(runs) else history.iloc[0:0]
@@ -133,18 +238,22 @@ def dashboard_html(tracking_uri: str, study: str) -> str:
         if column in runs.columns:  # each trial records its own; a study resumed across commits shows them all
             header[title] = ", ".join(sorted(runs[column].dropna().astype(str).unique())) or "unknown"
     for column in sorted(c for c in runs.columns if c.startswith("fingerprint.")):
-        header[f"{column.split('.', 1)[1]} fingerprint"] = ", ".join(sorted(runs[column].dropna().unique()))
+        metric = column.split(".", 1)[1]
+        pairs = runs[[column, f"measure.{metric}"]] if f"measure.{metric}" in runs else runs[[column]].assign(m="")
+        described = {fp: text for fp, text in pairs.dropna(subset=[column]).itertuples(index=False)}
+        header[f"{metric} measured as"] = "; ".join(f"{text} [{fp}]" if text else fp for fp, text in described.items())
+    present = quality_metrics(runs.columns)
     notes = [
         f"Grouped by {', '.join(c.removeprefix(FACTOR) for c in group_cols) or 'nothing'}"
         f"; seeds ({figures.SEED.removeprefix(FACTOR)}) are averaged.",
-        "KL = KL(data ‖ model) on a 50×50 histogram with exact target cell masses; lower is better.",
+        *(METRIC_NOTES[m] for m in present if m in METRIC_NOTES),
     ]
     if len(runs) and (runs["status"] == "diverged").any():
         diverged = runs[runs["status"] == "diverged"]
         notes += [f"diverged: {r.label} — {r.reason}" for r in diverged.itertuples()]
     study_yaml = parent_tags.get("orch.study_yaml", "")
     search = json.loads(parent_tags["orch.search"]) if "orch.search" in parent_tags else None
-    figs = build_figures(runs, history, group_cols, grid, search)
+    figs = page_blocks(runs, history, group_cols, grid, search, trials_dir)
     if "orch.best" in parent_tags:
         best = json.loads(parent_tags["orch.best"])
         notes.insert(0, f"Best sample: {best['label']} ({best['trial_id']}), {best['metric']} = {best['value']:.4g}.")
@@ -153,5 +262,5 @@ def dashboard_html(tracking_uri: str, study: str) -> str:
 
 def build_dashboard(tracking_uri: str, study: str, out_path: Path) -> Path:
     """Write the dashboard HTML atomically; returns its path."""
-    atomic_write_bytes(out_path, dashboard_html(tracking_uri, study).encode())
+    atomic_write_bytes(out_path, dashboard_html(tracking_uri, study, out_path.parent / "trials").encode())
     return out_path

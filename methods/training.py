@@ -110,6 +110,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 TIME_BINS = 4
+PREVIEW_POINTS = 1000
+"""Samples of a low-dimensional dataset kept per NFE at each evaluation, for the dashboard's scatter plots."""
 
 
 def target_std_stats(name: str, norms: Tensor, a: Tensor) -> dict[str, float]:
@@ -276,16 +278,18 @@ class Trainer:
         return torch.cat(chunks)
 
     def evaluate(self, evaluation: EvalConfig) -> tuple[dict[str, float], dict[int, Tensor]]:
-        """Each metric at each NFE (`eval/<metric>/nfe_<N>`), and the first eval.grid images per NFE."""
-        results, grids = {}, {}
+        """Each metric at each NFE (`eval/<metric>/nfe_<N>`), and a preview of the samples per NFE: the first
+        eval.grid images (uint8, (n, C, H, W)) of an image dataset, the first PREVIEW_POINTS points otherwise."""
+        results, previews = {}, {}
         for nfe in evaluation.nfe:
             samples = self.generate(nfe, evaluation)
             for name in evaluation.metrics:
                 metric = METRICS.get(name).build
                 results[f"eval/{name}/nfe_{nfe}"] = metric(samples, self.dataset, evaluation, self.device)
-            if isinstance(self.dataset, ImageDataset) and evaluation.grid:
-                grids[nfe] = samples[: evaluation.grid]
-        return results, grids
+            images = isinstance(self.dataset, ImageDataset)
+            if count := evaluation.grid if images else PREVIEW_POINTS:
+                previews[nfe] = samples[:count].detach().cpu()
+        return results, previews
 
     def state_dict(self) -> dict:
         return {

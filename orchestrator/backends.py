@@ -20,6 +20,7 @@ os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts o
 # With reuse_actors, Tune waits this long for a finished trial's thread (its last MLflow writes) before reuse.
 os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
 
+import psutil
 import ray  # noqa: E402 — after the environment it reads
 from ray import tune  # noqa: E402
 from ray._private import ray_constants  # noqa: E402
@@ -49,7 +50,7 @@ def ray_trainable(config: dict) -> None:
     def report(step: int, metrics: dict) -> None:
         # Every report crosses to the driver and through Tune's callbacks; a few per second keep the progress
         # view live without taking CPU from the trials (evaluations always go through).
-        if time.monotonic() - last[0] >= REPORT_SECONDS or any(k.startswith("eval/") for k in metrics):
+        if time.monotonic() - last[0] >= REPORT_SECONDS or any(k.startswith(("eval/", "note")) for k in metrics):
             last[0] = time.monotonic()
             tune.report({"step": step, "orch_metrics": json.dumps(metrics)})
 
@@ -67,31 +68,23 @@ class StudyBusy(Exception):
 def alive(pid: int) -> bool:
     """Whether the process exists and has not exited (a zombie awaiting its parent's wait() has)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass
-    fields = proc_stat(pid)
-    return fields is None or fields[0] != "Z"  # without /proc, existence is all we know
 
 
-STARTED = 19  # index of the start time (clock ticks after boot) in proc_stat's fields
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
+def process_started(pid: int) -> float | None:
+    """When the process started (seconds since the epoch), or None when there is no such process."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return None
 
 
 def driver_record(**extra) -> dict:
     """This process as a study's driver. Its start time goes with its PID: a killed driver's PID may since name
     another process (e.g. after a container restart), which must be neither waited for nor signalled."""
-    fields = proc_stat(os.getpid())
-    return {"driver_pid": os.getpid(), "driver_started": fields and fields[STARTED], **extra}
+    return {"driver_pid": os.getpid(), "driver_started": process_started(os.getpid()), **extra}
 
 
 def recorded_driver(study_dir: Path) -> dict:
@@ -100,33 +93,31 @@ def recorded_driver(study_dir: Path) -> dict:
 
 def live_driver(record: dict) -> int | None:
     """The PID of the driver a record names if that very process still runs."""
-    pid = record.get("driver_pid")
-    if pid is None or not alive(pid):
+    pid, started = record.get("driver_pid"), record.get("driver_started")
+    if not isinstance(pid, int) or not isinstance(started, float) or not alive(pid):
         return None
-    fields = proc_stat(pid)
-    return pid if fields is None or fields[STARTED] == record.get("driver_started") else None
+    return pid if abs((process_started(pid) or 0.0) - started) < 1e-3 else None
 
 
 def session_processes(temp_dir: str) -> list[int]:
     """PIDs of an embedded Ray session: processes naming its temp dir, workers naming those raylets, and all
     their descendants."""
-    stat, cmdline, environ = {}, {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        if (fields := proc_stat(int(entry.name))) is None:
-            continue
+    found, raylets, procs = set(), set(), list(psutil.process_iter(["pid", "cmdline"]))
+    for proc in procs:
+        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            found.add(proc.info["pid"])
+    raylets = {str(pid) for pid in found}
+    for proc in procs:
         try:
-            stat[int(entry.name)] = int(fields[1])
-            cmdline[int(entry.name)] = (entry / "cmdline").read_bytes()
-            environ[int(entry.name)] = (entry / "environ").read_bytes()
-        except OSError:
+            if proc.environ().get("RAY_RAYLET_PID") in raylets:
+                found.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    found = {pid for pid, cmd in cmdline.items() if temp_dir.encode() in cmd}
-    raylets = {f"RAY_RAYLET_PID={pid}".encode() for pid in found}
-    found |= {pid for pid, env in environ.items() if any(r + b"\0" in env + b"\0" for r in raylets)}
-    while children := {pid for pid, parent in stat.items() if parent in found} - found:
-        found |= children
+    for pid in list(found):
+        try:
+            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
     return sorted(found - {os.getpid()})
 
 

@@ -297,7 +297,8 @@ def cmd_ui(args) -> int:
             print(f"error: name the study to browse (studies under {args.workdir}/: {found})", file=sys.stderr)
             return EXIT_INVALID
         args.study = studies[0]
-    return serve_mlflow_ui(tracking_uri_of(study_dir_of(args.study, args.workdir)), args.port)
+    study_dir = study_dir_of(args.study, args.workdir)
+    return serve_mlflow_ui(tracking_uri_of(study_dir), args.port, study_dir / "mlflow-ui.log")
 
 
 def fid_input(spec: str):
@@ -344,9 +345,18 @@ def cmd_fid(args) -> int:
     for data in datasets:
         print(f"{data.identity['name']}: {min(args.num or len(data), len(data))} of {len(data)} images", flush=True)
         feats.append(fid.reference_features(data, args.num, device)[0])
-    scores = fid.fid_kid(*feats)
-    print(f"FID {scores['fid']:.3f}  KID {scores['kid']:.5f} ± {scores['kid_std']:.5f}  ({fid.EXTRACTOR})")
+    scores, n = fid.fid_kid(*feats), min(len(f) for f in feats)
+    spread = f" ± {scores['kid_std']:.5f}" if n > fid.KID_SUBSET else ""
+    print(f"FID {scores['fid']:.3f}  KID {scores['kid']:.5f}{spread}  ({fid.EXTRACTOR})")
+    if n <= fid.KID_SUBSET:
+        print(f"note: KID has no ± from {n} images a side: each of its {fid.KID_SUBSET}-image subsets is the whole set")
+    if n < FULL_RANK:
+        print(f"note: FID from {n} < {FULL_RANK:,} images a side is biased upwards (rank-deficient covariance)")
     return EXIT_OK
+
+
+FULL_RANK = 2048
+"""Images per side below which the 2048-d Inception covariance of FID is rank-deficient."""
 
 
 WORKDIR_ENV = "ORCH_WORKDIR"
@@ -438,12 +448,19 @@ def first_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command_line = parser()
+    args, extra = command_line.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # KEY=VALUE after options: argparse leaves them over
+    elif extra:
+        command_line.error(f"unrecognized arguments: {' '.join(extra)}")
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     from orchestrator.progress import set_quiet
+    from orchestrator.tracking import SOURCE
 
     set_quiet(args.quiet)
+    SOURCE["name"] = " ".join(["orch", args.command, getattr(args, "study", None) or ""]).strip()
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end as Unix tools do

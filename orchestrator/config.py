@@ -199,6 +199,16 @@ def metric_fingerprint(metric: str, config: dict) -> str:
     return f"{metric}-{digest(basis)[:8]}"
 
 
+def metric_description(metric: str, config: dict) -> str:
+    """What a metric's fingerprint stands for, in words: "FID of 10,000 samples vs 50,000 training images of
+    cifar10 (EMA 0.9999)"."""
+    evaluation, dataset = config["eval"], config["dataset"]["name"]
+    ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
+    what = {"kl": "KL(data ‖ model), 50×50 histogram", "fid": "FID"}.get(metric, metric)
+    against = f" vs {evaluation['fid_reference'] or 'all'} training images" if metric == "fid" else ""
+    return f"{what} of {evaluation['num_samples']:,} samples{against} of {dataset} (EMA {ema})"
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """{'method': {'name': 'lsd'}} → {'method.name': 'lsd'}; the MLflow params of a trial."""
     flat: dict[str, Any] = {}

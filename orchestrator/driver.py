@@ -141,7 +141,7 @@ def reconcile_tracking(client: MlflowClient, experiment_id: str, study_dir: Path
         if run is None or state.status not in (*FINISHED_STATES, FAILED, CANCELLED):
             continue
         if run.data.tags.get(STATUS) != state.status or run.info.status == "RUNNING":
-            record_outcome(client, state.run_id, state)
+            record_outcome(client, state.run_id, state, trial_dir)
             fixed += 1
     return fixed
 

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from orchestrator.state import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
 
+MIN_RATE_SECONDS = 5.0
 QUIET = {"on": False}
 """`orch -q`: no progress lines (the driver's own summary lines stay)."""
 
@@ -41,12 +42,11 @@ class Progress:
     started_at: float = field(default_factory=time.time)
     _drawn: int = 0
     _last_draw: float = 0.0
-    _first_steps: int | None = None
+    _rate_from: tuple[float, int] | None = None
 
     def __post_init__(self) -> None:
         if self.live is None:
             self.live = self.out.isatty()
-        self._first_steps = sum(t.step for t in self.trials.values())
 
     @property
     def out(self) -> TextIO:
@@ -58,8 +58,15 @@ class Progress:
         self._event(f"{trial.label}: started" + (f" at step {step}" if step else ""))
 
     def update(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+        """A trial's progress: its step and latest metrics; a "note" (text, e.g. that FID reference features are
+        being computed) is shown as a line of its own."""
         trial = self.trials[trial_id]
+        if self._rate_from is None:  # the clock of the ETA starts with the first progress, not with start-up
+            self._rate_from = (time.time(), self.done_steps())
         trial.step = step
+        metrics = dict(metrics)
+        if note := metrics.pop("note", None):
+            self._event(f"{trial.label}: {note}")
         if metrics:
             trial.last = " ".join(
                 f"{k.removeprefix('eval/').removeprefix('train/')}={v:.4g}" for k, v in metrics.items()
@@ -84,12 +91,18 @@ class Progress:
             counts[trial.status] = counts.get(trial.status, 0) + 1
         return counts
 
+    def done_steps(self) -> int:
+        return sum(t.steps if t.status in (COMPLETED, DIVERGED, FAILED) else t.step for t in self.trials.values())
+
     def eta_seconds(self) -> float | None:
-        """Steps still to run divided by the step rate seen so far in this submission."""
-        done = sum(t.steps if t.status in (COMPLETED, DIVERGED, FAILED) else t.step for t in self.trials.values())
+        """Steps still to run divided by the step rate since the first progress report (start-up, Ray and
+        imports aside), once that rate is MIN_RATE_SECONDS old."""
+        if self._rate_from is None:
+            return None
+        since, done_then = self._rate_from
+        elapsed = time.time() - since
         left = sum(t.steps - t.step for t in self.trials.values() if t.status in (PENDING, RUNNING))
-        elapsed = time.time() - self.started_at
-        rate = (done - self._first_steps) / elapsed if elapsed > 0 else 0
+        rate = (self.done_steps() - done_then) / elapsed if elapsed >= MIN_RATE_SECONDS else 0
         return left / rate if rate > 0 else None
 
     def summary(self) -> str:

@@ -14,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
 from orchestrator import teachers
 from orchestrator.build import build_trainer, needs_teacher
-from orchestrator.config import metric_fingerprint
+from orchestrator.config import metric_description, metric_fingerprint
 from orchestrator.state import (
     CANCELLED,
     COMPLETED,
@@ -44,9 +46,12 @@ from orchestrator.study import TrialSpec
 from orchestrator.tracking import (
     FACTORS,
     GENERATION,
+    REASON,
     STATUS,
+    STOPPED_STEP,
     TRACKING_ERRORS,
     TRIAL_ID,
+    clear_outcome,
     ensure_trial_run,
     environment_tags,
     find_runs,
@@ -209,7 +214,7 @@ def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialS
     """Fill a new run with what the trial directory holds: every logged metric and the outcome."""
     log_batch(client, run_id, metrics=read_metrics(trial_dir))
     if state.status not in (PENDING, RUNNING):
-        record_outcome(client, run_id, state)
+        record_outcome(client, run_id, state, trial_dir)
 
 
 def append_metrics(trial_dir: Path, rows: list[tuple[str, float, int]]) -> None:
@@ -244,6 +249,19 @@ class WarningsToState(logging.Handler):
         self.state.warnings.append(record.getMessage())
 
 
+class NotesToProgress(logging.Handler):
+    """INFO records logged while a trial runs (e.g. that FID reference features are being computed, minutes on a
+    CPU) go to the driver's progress view as notes, on a Ray worker too."""
+
+    def __init__(self, state: TrialState, progress: Progress):
+        super().__init__(logging.INFO)
+        self.state, self.progress = state, progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.INFO:
+            self.progress(self.state.step, {"note": record.getMessage()})
+
+
 def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[str, str], float]:
     """The trial's trainer (with its teacher when the method distils), restored from the newest checkpoint; the
     run's tags; and the wall time already spent before that checkpoint."""
@@ -271,17 +289,22 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     state = TrialState.load(Path(trial.dir))
     if state.status in FINISHED_STATES and not missing_evaluations(trial.config, state):
         return state.status
-    handler = WarningsToState(state)
+    handlers = [WarningsToState(state)] + ([NotesToProgress(state, progress)] if progress else [])
     loggers = [logging.getLogger(name) for name in ("orchestrator", "methods")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.addHandler(handler)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))  # notes are INFO records
+        for handler in handlers:
+            logger.addHandler(handler)
     try:
         if state.status in FINISHED_STATES:
             return evaluate_final(trial, state, progress)
         return train_trial(trial, state, progress)
     finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+            for handler in handlers:
+                logger.removeHandler(handler)
 
 
 def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> str:
@@ -300,7 +323,8 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
     except Exception:  # e.g. an unreadable teacher: the trial fails with its reason, the study goes on
         return finish(tracker, state, FAILED, traceback.format_exc(limit=20))
     tracker.call(lambda: client.update_run(trial.run_id, status="RUNNING"))
-    tracker.call(lambda: log_batch(client, trial.run_id, tags=tags))
+    tracker.call(lambda: clear_outcome(client, trial.run_id))
+    tracker.call(lambda: log_batch(client, trial.run_id, tags=tags | {"orch.trial_dir": trial.dir}))
     state.status, state.step, state.reason, state.job_id = RUNNING, trainer.step, None, slurm_job_id()
     state.save(trial_dir)
     reset_peak_memory(device)
@@ -320,10 +344,10 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
                 if progress:
                     progress(step, {"train/loss": stats["train/loss"]})
             if step % evaluation.every == 0 or last:
-                scores, grids = trainer.evaluate(evaluation)
+                scores, previews = trainer.evaluate(evaluation)
                 tracker.add(scores, step, state)
                 keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
-                tracker.call(lambda: log_sample_grids(client, trial.run_id, step, grids))  # noqa: B023
+                record_previews(tracker, step, previews)
                 state.result = scores
                 if progress:
                     progress(step, scores)
@@ -371,13 +395,25 @@ def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.n
         write_json(index_path, index)
 
 
-def log_sample_grids(client: MlflowClient, run_id: str, step: int, grids: dict[int, torch.Tensor]) -> None:
-    """One PNG grid of generated images per NFE: artifacts samples/nfe_<N>/step_<step>.png."""
+def record_previews(tracker: TrialTracker, step: int, previews: dict[int, torch.Tensor]) -> None:
+    """The latest samples per NFE in the trial directory, for the dashboard: samples/nfe_<N>.png, a grid of
+    images (also logged to MLflow as samples/nfe_<N>/step_<step>.png), or samples/nfe_<N>.npy, points."""
     from torchvision.utils import make_grid
 
-    for nfe, images in grids.items():
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
-        client.log_image(run_id, grid.permute(1, 2, 0).numpy(), f"samples/nfe_{nfe}/step_{step:08d}.png")
+    folder = Path(tracker.trial.dir) / "samples"
+    for nfe, samples in previews.items():
+        if samples.dtype != torch.uint8:
+            buffer = io.BytesIO()
+            np.save(buffer, samples.float().numpy())
+            atomic_write_bytes(folder / f"nfe_{nfe}.npy", buffer.getvalue())
+            continue
+        grid = make_grid(samples, nrow=math.ceil(math.sqrt(len(samples))), padding=2, pad_value=255)
+        pixels = grid.permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+        atomic_write_bytes(folder / f"nfe_{nfe}.png", buffer.getvalue())
+        name = f"samples/nfe_{nfe}/step_{step:08d}.png"
+        tracker.call(lambda: tracker.client.log_image(tracker.trial.run_id, pixels, name))  # noqa: B023
 
 
 def missing_evaluations(config: dict, state: TrialState) -> dict[str, list[int]]:
@@ -410,16 +446,17 @@ def evaluate_final(trial: Trial, state: TrialState, progress: Progress | None) -
     evaluation = EvalConfig.model_validate(trial.config["eval"])
     net = trainer.ema.nets[evaluation.ema if evaluation.ema is not None else trainer.cfg.ema[0]]
     for metric, nfes in missing.items():
-        scores, grids = trainer.evaluate(evaluation.model_copy(update={"metrics": [metric], "nfe": nfes}))
+        scores, previews = trainer.evaluate(evaluation.model_copy(update={"metrics": [metric], "nfe": nfes}))
         tracker.add(scores, trainer.step, state, replayed=False)
         keep_best(trial_dir, trainer.step, scores, net)
-        tracker.call(lambda: log_sample_grids(tracker.client, trial.run_id, trainer.step, grids))  # noqa: B023
+        record_previews(tracker, trainer.step, previews)
         state.result |= scores
         state.fingerprints[metric] = metric_fingerprint(metric, trial.config)
         if progress:
             progress(trainer.step, scores)
-    fingerprints = {f"orch.fingerprint.{m}": fp for m, fp in state.fingerprints.items()}
-    tracker.call(lambda: log_batch(tracker.client, trial.run_id, tags=fingerprints))
+    tags = {f"orch.fingerprint.{m}": fp for m, fp in state.fingerprints.items()}
+    tags |= {f"orch.measure.{m}": metric_description(m, trial.config) for m in state.fingerprints}
+    tracker.call(lambda: log_batch(tracker.client, trial.run_id, tags=tags))
     tracker.flush(state)
     state.save(trial_dir)
     return state.status
@@ -431,17 +468,22 @@ def finish(tracker: TrialTracker, state: TrialState, status: str, reason: str | 
     if step is not None:
         state.step = step
     state.save(Path(tracker.trial.dir))
-    tracker.call(lambda: record_outcome(tracker.client, tracker.trial.run_id, state))
+    tracker.call(lambda: record_outcome(tracker.client, tracker.trial.run_id, state, Path(tracker.trial.dir)))
     return status
 
 
-def record_outcome(client: MlflowClient, run_id: str, state: TrialState) -> None:
+def record_outcome(client: MlflowClient, run_id: str, state: TrialState, trial_dir: Path) -> None:
     """Write a trial's outcome (status, reason, step) from its state into its MLflow run and end the run; a
-    failure's whole traceback also goes in as the artifact failure/traceback.txt."""
+    failure's whole traceback also goes in as the artifact failure/traceback.txt, a finished trial's index of
+    its best checkpoints (in the trial directory, tag orch.trial_dir) as best/best.json."""
     tags = {STATUS: state.status}
     if state.reason is not None:
-        tags |= {"orch.reason": state.reason[-5000:], "orch.stopped_step": str(state.step)}
+        tags |= {REASON: state.reason[-5000:], STOPPED_STEP: str(state.step)}
+    else:
+        clear_outcome(client, run_id)
     log_batch(client, run_id, tags=tags)
+    if state.status in FINISHED_STATES and (best := trial_dir / "best" / "best.json").is_file():
+        client.log_artifact(run_id, str(best), "best")
     if state.status == FAILED and state.reason:
         client.log_text(run_id, state.reason, "failure/traceback.txt")
     client.set_terminated(run_id, status={FAILED: "FAILED", CANCELLED: "KILLED"}.get(state.status, "FINISHED"))

@@ -133,10 +133,32 @@ def settle_stopped(results, cell: SearchCell) -> None:
         state.reason = f"stopped early by the scheduler after step {step}"
         state.result = {cell.metric: result.metrics[cell.metric]}
         state.save(trial_dir)
-        record_outcome(client, state.run_id, state)
+        record_outcome(client, state.run_id, state, trial_dir)
 
 
-def new_tuner(search: Search, cell: SearchCell, trainable, path: Path, max_concurrent: int | None) -> tune.Tuner:
+class SampleLines(tune.Callback):
+    """One line per finished sample: its parameters, its last value of the searched metric and its outcome."""
+
+    def __init__(self, label: str, cell: SearchCell, say):
+        self.label, self.cell, self.say, self.count = label, cell, say, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.count += 1
+        params = " ".join(f"{k.rsplit('.', 1)[-1]}={level_label(v)}" for k, v in trial.config["params"].items())
+        result = trial.last_result or {}
+        value = result.get(self.cell.metric)
+        shown = f"{self.cell.metric}={value:.4g}" if isinstance(value, float) else "no evaluation"
+        state = TrialState.load(Path(self.cell.study_dir) / "trials" / result.get("orch_trial_id", "?"))
+        self.say(f"search {self.label}: sample {self.count} {params}: {shown} ({state.status})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.count += 1
+        self.say(f"search {self.label}: sample {self.count} failed in Tune")
+
+
+def new_tuner(
+    search: Search, cell: SearchCell, trainable, path: Path, max_concurrent: int | None, callback: SampleLines
+) -> tune.Tuner:
     scheduler = None
     if search.scheduler is not None:
         scheduler = ASHAScheduler(
@@ -160,7 +182,7 @@ def new_tuner(search: Search, cell: SearchCell, trainable, path: Path, max_concu
             name=path.name,
             storage_path=str(path.parent),
             verbose=0,
-            callbacks=[JsonLoggerCallback()],
+            callbacks=[JsonLoggerCallback(), callback],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -198,7 +220,7 @@ def run_search(
                 tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
             else:
                 say(f"search {label}: {search.num_samples} samples, {search.algorithm}, {search.mode} {search.metric}")
-                tuner = new_tuner(search, cell, trainable, path, backend.max_concurrent)
+                tuner = new_tuner(search, cell, trainable, path, backend.max_concurrent, SampleLines(label, cell, say))
             results = tuner.fit()
             for error in results.errors:
                 errors += 1

@@ -88,14 +88,18 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 90) ->
     return False
 
 
-def serve_mlflow_ui(tracking_uri: str, port: int | None) -> int:
-    """The MLflow UI over a local store on 127.0.0.1; for a remote tracking server, say where it is."""
+def serve_mlflow_ui(tracking_uri: str, port: int | None, log_path: Path) -> int:
+    """The MLflow UI over a local store on 127.0.0.1; for a remote tracking server, say where it is. The
+    server's own output (a line per request) goes to `log_path`, not the terminal."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         print(f"this study tracks to a remote server: open {tracking_uri} in a browser")
         return 0
     port = port or free_port()
     url = f"http://{HOST}:{port}"
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # measured: /health in ~5 s, not 9–15 s
+    env = os.environ | {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # measured: /health in ~5 s, not 9–15 s
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",  # the server's dependencies' warnings, not the user's
+    }
     command = [
         sys.executable,
         "-m",
@@ -110,13 +114,14 @@ def serve_mlflow_ui(tracking_uri: str, port: int | None) -> int:
         "--workers",
         "1",
     ]
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    log = open(log_path, "ab")  # noqa: SIM115 — the server writes it until it stops
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM like Ctrl-C: never orphan the server
     try:
         if not wait_for_health(url, process):
-            print(f"error: the MLflow UI did not start (exit code {process.poll()})", file=sys.stderr)
+            print(f"error: the MLflow UI did not start (exit code {process.poll()}); see {log_path}", file=sys.stderr)
             return 1
-        print(f"MLflow UI: {url}  (Ctrl-C to stop)", flush=True)
+        print(f"MLflow UI: {url}  (Ctrl-C to stop; the server's log: {log_path})", flush=True)
         process.wait()
         return 0
     except KeyboardInterrupt:
@@ -128,3 +133,4 @@ def serve_mlflow_ui(tracking_uri: str, port: int | None) -> int:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+        log.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import getpass
+import hashlib
 import json
 import logging
 import platform
@@ -11,18 +15,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator.config import flatten, metric_fingerprint
+from orchestrator.config import flatten, metric_description, metric_fingerprint
 
 ROLE, TRIAL_ID, STATUS = "orch.role", "orch.trial_id", "orch.status"
 FACTORS = "orch.factors"
 """A trial's factor levels, JSON {axis: [index on the axis, label]}: what the dashboard groups by."""
 GENERATION = "orch.generation"
 """The version of the study file (a hash of it, resolved) that last planned a trial, or that a parent ran."""
+REASON, STOPPED_STEP = "orch.reason", "orch.stopped_step"
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
 TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
 """What a tracking store that went away raises (sqlite file deleted, server down, disk full)."""
 PACKAGES = ("torch", "ray", "mlflow", "optuna", "pandas", "plotly", "pydantic", "submitit", "numpy")
@@ -35,6 +41,7 @@ def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
 
 
+@functools.cache
 def git_commit() -> str:
     """HEAD of the checkout orch runs from, with "-dirty" when tracked files differ from it."""
     here = Path(__file__).parent
@@ -74,10 +81,14 @@ def find_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> l
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
     """The study's experiment, created with an explicit absolute artifact location on first use."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_root.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    if experiment is None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        experiment_id = client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    else:
+        experiment_id = experiment.experiment_id
+    if (experiment.tags if experiment else {}).get(EXPERIMENT_KIND) != TRAINING:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING)  # the UI's runs view, not GenAI traces
+    return experiment_id
 
 
 def ensure_parent_run(client: MlflowClient, experiment_id: str, study_name: str, tags: dict[str, str]) -> str:
@@ -88,7 +99,7 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study_name: str,
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, tags={ROLE: "study", "mlflow.runName": study_name}).info.run_id
-    log_batch(client, run_id, tags=tags)
+    log_batch(client, run_id, tags=source_tags() | tags)
     return run_id
 
 
@@ -102,7 +113,7 @@ def ensure_trial_run(
     found = find_runs(client, experiment_id, f"tags.`{TRIAL_ID}` = '{trial_id}'")
     if found:
         return found[0].info.run_id
-    tags = {
+    tags = source_tags() | {
         "mlflow.parentRunId": parent_id,
         ROLE: "trial",
         TRIAL_ID: trial_id,
@@ -110,14 +121,46 @@ def ensure_trial_run(
         "mlflow.runName": label,
     }
     tags |= {f"orch.fingerprint.{m}": metric_fingerprint(m, config) for m in config["eval"]["metrics"]}
+    tags |= {f"orch.measure.{m}": metric_description(m, config) for m in config["eval"]["metrics"]}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     log_batch(
         client,
         run_id,
         params={k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(config).items()},
     )
+    client.log_inputs(run_id, datasets=[dataset_input(config["dataset"])])
     client.update_run(run_id, status="SCHEDULED")
     return run_id
+
+
+def dataset_input(dataset: dict) -> DatasetInput:
+    """The trial's dataset as an MLflow input: its name, its options as the source, a digest of them."""
+    source = json.dumps(dataset, sort_keys=True)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    entity = Dataset(name=dataset["name"], digest=digest, source_type="orch", source=source)
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])
+
+
+SOURCE = {"name": "orch"}
+"""The command that runs, for MLflow's Source column (set by the CLI: e.g. "orch submit studies/x.yaml")."""
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source columns: the command, the user, the code's commit."""
+    tags = {"mlflow.source.name": SOURCE["name"], "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(KeyError, OSError):
+        tags["mlflow.user"] = getpass.getuser()
+    if (commit := git_commit()) != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+def clear_outcome(client: MlflowClient, run_id: str) -> None:
+    """Remove an earlier outcome's reason and stopped step from a run that runs again (e.g. after a cancel)."""
+    tags = client.get_run(run_id).data.tags
+    for key in (REASON, STOPPED_STEP):
+        if key in tags:
+            client.delete_tag(run_id, key)
 
 
 def run_exists(client: MlflowClient, run_id: str, experiment_id: str) -> bool:

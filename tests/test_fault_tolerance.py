@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends import STARTED, live_driver, proc_stat, session_processes
+from orchestrator.backends import live_driver, process_started, session_processes
 from orchestrator.cli import main
 from orchestrator.state import TrialState
 from tests.conftest import STUDIES
@@ -159,9 +159,9 @@ def test_a_stale_driver_record_naming_a_reused_pid_is_neither_refused_nor_signal
     assert main(tiny) == 0
     stranger = subprocess.Popen(["sleep", "120"])
     try:
-        started = proc_stat(stranger.pid)[STARTED]
+        started = process_started(stranger.pid)
         assert live_driver({"driver_pid": stranger.pid, "driver_started": started}) == stranger.pid
-        stale = {"driver_pid": stranger.pid, "driver_started": str(int(started) - 1)}  # the crashed driver's
+        stale = {"driver_pid": stranger.pid, "driver_started": started - 1}  # the crashed driver's
         (tmp_path / "tiny" / "driver.json").write_text(json.dumps(stale))
         assert main(["cancel", "tiny", "--workdir", str(tmp_path)]) == 0
         assert stranger.poll() is None  # not signalled

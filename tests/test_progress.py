@@ -27,12 +27,23 @@ def test_plain_lines_report_counts_evaluations_and_outcomes():
 
 def test_live_view_redraws_in_place_with_running_steps_and_eta():
     progress, stream = two_trials(live=True)
-    progress.started_at = time.time() - 10
+    progress.started_at = time.time() - 60  # a minute of start-up (Ray, imports) does not count as training
     progress.started("a")
     progress.started("b")
+    progress.update("a", 10, {"train/loss": 0.9})
+    assert progress.eta_seconds() is None  # no estimate from one report
+    since, done = progress._rate_from
+    progress._rate_from = (since - 10, done)  # as if the first report was 10 s ago
     progress.update("a", 50, {"eval/kl/nfe_1": 0.5})
     view = progress.view()
-    assert view[0].startswith("[2 running]") and "left" in view[0]  # 50 steps in 10 s, 150 to go: ~30 s
+    assert view[0].startswith("[2 running]") and "left" in view[0]  # 40 steps in 10 s, 150 to go: ~37 s
     assert any("lsd seed=0: step 50/100 kl/nfe_1=0.5" in line for line in view)
     assert "\x1b[" in stream.getvalue()  # cursor movement: the block was redrawn, not appended
-    assert 20 < progress.eta_seconds() < 40
+    assert 30 < progress.eta_seconds() < 45
+
+
+def test_a_note_is_a_line_of_its_own():
+    progress, stream = two_trials(live=False)
+    progress.started("a")
+    progress.update("a", 0, {"note": "computing the FID reference features of 500 images, once"})
+    assert "lsd seed=0: computing the FID reference features of 500 images, once" in stream.getvalue()

@@ -200,3 +200,30 @@ def test_status_tells_a_dead_driver_from_a_live_one(tmp_path, capsys):
     capsys.readouterr()
     assert run(["status", "tiny", "--workdir", str(tmp_path)]) == 0
     assert "no live orch process runs it: `orch resume` continues it" in capsys.readouterr().out
+
+
+def test_runs_follow_mlflow_conventions(tmp_path):
+    """A classic training experiment, the UI's source, user and commit columns filled, the dataset as an input,
+    the best checkpoints reachable from the run; and the dashboard's fast history read equals MLflow's public
+    API."""
+    from dashboards.load import metric_histories
+
+    assert run(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'")
+    for r in runs:
+        tags = r.data.tags
+        assert tags["mlflow.source.name"].startswith("orch submit") and tags["mlflow.user"]
+        assert len(tags["mlflow.source.git.commit"]) == 40
+        (dataset,) = r.inputs.dataset_inputs
+        assert dataset.dataset.name == "checkerboard" and json.loads(dataset.dataset.source)["name"] == "checkerboard"
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "best")] == ["best/best.json"]
+        assert (Path(tags["orch.trial_dir"]) / "best" / "best.json").is_file()
+    ids, keys = [r.info.run_id for r in runs], ["train/loss", "eval/kl/nfe_1"]
+    fast, public = (metric_histories(client, ids, keys, fast=f) for f in (True, False))
+    order = ["run_id", "key", "step"]
+    assert len(fast) == 4 * (6 + 2) and fast.sort_values(order).reset_index(drop=True).equals(
+        public.sort_values(order).reset_index(drop=True)
+    )
