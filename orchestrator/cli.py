@@ -165,7 +165,7 @@ def cmd_status(args) -> int:
     study_dir = study_dir_of(args.study, args.workdir)
     current = read_json(study_dir / "submission.json").get("generation")
     rows = study_status(study_dir)
-    shown = [r for r in rows if args.all or current is None or r["generation"] == current]
+    shown = [r for r in rows if args.all or current is None or r["generation"] in (current, "")]  # "": unknown
     states = slurm_states(shown)
     driven = live_driver(recorded_driver(study_dir)) is not None
     for row in shown:
@@ -173,7 +173,7 @@ def cmd_status(args) -> int:
         note = row["reason"].strip().splitlines()[-1] if row["reason"] else ""
         if row["status"] == RUNNING and not driven and states.get(row["job_id"]) not in ACTIVE:
             note = "no live orch process runs it: `orch resume` continues it from its checkpoint"
-        older = "  [earlier version of the study]" if current is not None and row["generation"] != current else ""
+        older = "  [earlier version of the study]" if row["generation"] not in (current, "") else ""
         print(
             f"{row['id']}  {row['status']:<10} step {row['step']:>7}  {row['label']}{job}{older}"
             + (f"  ({note})" if note else "")

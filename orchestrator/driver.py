@@ -302,7 +302,7 @@ def prune_study(study_dir: Path, dry_run: bool, say=say_plain) -> list[str]:
     directory moves to <study>/archive/, and its MLflow run is deleted (MLflow keeps deleted runs restorable
     until `mlflow gc`). Refused while a driver runs the study. Returns the archived trial ids."""
     current = read_json(study_dir / "submission.json").get("generation")
-    stale = [row["id"] for row in study_status(study_dir) if current is not None and row["generation"] != current]
+    stale = [r["id"] for r in study_status(study_dir) if current is not None and r["generation"] not in (current, "")]
     if dry_run or not stale:
         return stale
     claim_study(study_dir)
