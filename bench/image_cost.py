@@ -29,9 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from methods.evaluation import generate  # noqa: E402
 from methods.training import EvalConfig, peak_memory_mb, reset_peak_memory  # noqa: E402
-from orchestrator.build import build_network, build_trainer, needs_teacher  # noqa: E402
-from orchestrator.study import load_study  # noqa: E402
+from orchestrator.study.load import load_study  # noqa: E402
+from orchestrator.trial.build import build_network, build_trainer, needs_teacher  # noqa: E402
 
 
 def synthetic_cifar(root: Path, per_batch: int = 10000) -> None:
@@ -76,10 +77,11 @@ def train_cost(config: dict, device: torch.device, steps: int, warmup: int = 5) 
     n = evaluation.batch_size
     for nfe in (1, 2, 4):
         evaluation_n = evaluation.model_copy(update={"num_samples": n, "nfe": [nfe]})
-        trainer.generate(nfe, evaluation_n)  # warm-up
+        args = (trainer.method, trainer.ema_net(), trainer.interpolant, trainer.dataset, evaluation_n, nfe, 0, device)
+        generate(*args)  # warm-up
         synchronize(device)
         start = time.perf_counter()
-        trainer.generate(nfe, evaluation_n)
+        generate(*args)
         synchronize(device)
         row[f"img_per_s_nfe{nfe}"] = n / (time.perf_counter() - start)
     del trainer, teacher

@@ -55,8 +55,8 @@ def measure(
     import torch
 
     from methods.training import peak_memory_mb, reset_peak_memory
-    from orchestrator.build import build_network, build_trainer, needs_teacher
-    from orchestrator.config import resolve_trial_config
+    from orchestrator.trial.build import build_network, build_trainer, needs_teacher
+    from orchestrator.trial.config import resolve_trial_config
 
     torch.set_num_threads(1)
     config, problems = resolve_trial_config(trial_config(method, model, width, depth, channels, batch, device))

@@ -43,8 +43,8 @@ def bare_seconds(config: dict) -> float:
     import torch
 
     from methods.training import EvalConfig
-    from orchestrator.build import build_trainer
-    from orchestrator.config import resolve_trial_config
+    from orchestrator.trial.build import build_trainer
+    from orchestrator.trial.config import resolve_trial_config
 
     torch.set_num_threads(1)
     resolved, _ = resolve_trial_config(config)

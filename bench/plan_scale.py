@@ -15,7 +15,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.study import parse_study  # noqa: E402
+from orchestrator.study.load import parse_study  # noqa: E402
 
 
 def main() -> None:

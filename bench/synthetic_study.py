@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import FACTORS, ROLE, STATUS, TRIAL_ID, ensure_experiment, log_batch
+from orchestrator.tracking.schema import AXES, FACTORS, FINGERPRINT, PARENT_RUN, ROLE, RUN_NAME, STATUS, TRIAL_ID
+from orchestrator.tracking.store import ensure_experiment, log_batch
 
 NFES = (1, 2, 4, 8, 16)
 
@@ -29,9 +30,8 @@ def synthetic_study(
         experiment_id,
         tags={
             ROLE: "study",
-            "mlflow.runName": name,
-            "orch.grid": json.dumps(grid),
-            "orch.axes": json.dumps(list(grid)),
+            RUN_NAME: name,
+            AXES: json.dumps(list(grid)),
         },
     ).info.run_id
     rng = np.random.default_rng(0)
@@ -40,12 +40,12 @@ def synthetic_study(
     for i, (method, stopgrad, seed) in enumerate(combos):
         status = "diverged" if i % 50 == 49 else "completed"
         tags = {
-            "mlflow.parentRunId": parent,
+            PARENT_RUN: parent,
             ROLE: "trial",
             TRIAL_ID: f"t{i:06d}",
             STATUS: status,
-            "mlflow.runName": f"{method} {stopgrad} {seed}",
-            "orch.fingerprint.kl": "kl-synthetic",
+            RUN_NAME: f"{method} {stopgrad} {seed}",
+            f"{FINGERPRINT}kl": "kl-synthetic",
             FACTORS: json.dumps(
                 {axis: [grid[axis].index(v), str(v)] for axis, v in zip(grid, (method, stopgrad, seed))}
             ),

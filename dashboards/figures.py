@@ -1,8 +1,9 @@
 """Pure figure functions: DataFrames in, plotly Figure out.
 
 `runs` has one row per trial (params as dotted columns, the latest value of each metric, `status`); `history` has
-trial_id, key, step, value. Groups are the study's grid factors minus the seed; seeds are averaged. Quality
-metrics (KL, FID) are lower-is-better.
+trial_id, key, step, value. Groups are the study's grid factors minus the seed; seeds are averaged. Each quality
+metric has a direction ("min": lower is better, as KL and FID; "max": higher is), recorded with its runs
+(orch.direction.<metric>): best checkpoints, rankings, effects and Pareto fronts follow it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ NFE_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 LOG_X_NFE = {"title": "network evaluations (NFE)", "type": "log"}
+BETTER = {"min": "lower is better", "max": "higher is better"}
 
 
 # ---- tables -------------------------------------------------------------------------------------------------
@@ -58,23 +60,27 @@ def nfe_columns(columns, metric: str) -> list[tuple[int, str]]:
     return sorted((int(m["nfe"]), c) for c in columns if (m := NFE_KEY.match(str(c))) and m["metric"] == metric)
 
 
-def best_checkpoint(history: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """trial_id, nfe, best, best_step: each trial's best evaluation per NFE over its whole run (paper A reports
-    the best checkpoint per step count; selection on the reported metric, so read it as an optimistic bound)."""
+def best_checkpoint(history: pd.DataFrame, metric: str, direction: str = "min") -> pd.DataFrame:
+    """trial_id, nfe, best, best_step: each trial's best evaluation per NFE over its whole run (the
+    self-distillation paper reports the best checkpoint per step count; selection on the reported metric, so
+    read it as an optimistic bound)."""
     evals = history[history["key"].str.startswith(f"eval/{metric}/nfe_")].copy()
     if evals.empty:
         return pd.DataFrame(columns=["trial_id", "nfe", "best", "best_step"])
     evals["nfe"] = evals["key"].str.rsplit("_", n=1).str[-1].astype(int)
-    idx = evals.groupby(["trial_id", "nfe"])["value"].idxmin()
+    by_trial = evals.groupby(["trial_id", "nfe"])["value"]
+    idx = by_trial.idxmin() if direction == "min" else by_trial.idxmax()
     best = evals.loc[idx, ["trial_id", "nfe", "value", "step"]]
     return best.rename(columns={"value": "best", "step": "best_step"}).reset_index(drop=True)
 
 
-def quality_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> pd.DataFrame:
+def quality_table(
+    runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str = "min"
+) -> pd.DataFrame:
     """group, nfe, mean, ci, n (completed trials), diverged (count), best (mean of best checkpoints) for
     `eval/<metric>/nfe_N` at the last checkpoint of completed trials."""
     runs = with_groups(runs, group_cols)
-    best = best_checkpoint(history, metric)
+    best = best_checkpoint(history, metric, direction)
     rows = []
     for group, trials in runs.groupby("group", sort=True):
         done = trials[trials["status"] == "completed"]
@@ -116,13 +122,13 @@ def paired_effects(runs: pd.DataFrame, metric: str, axis: str, levels: list, oth
     return pd.DataFrame(rows, columns=["level", "nfe", "mean", "ci", "pairs"])
 
 
-def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """The points no other point beats on both x and y (lower is better on both), sorted by x."""
-    front, best = [], float("inf")
-    for _, row in points.sort_values([x, y]).iterrows():
-        if row[y] < best:
+def pareto_front(points: pd.DataFrame, x: str, y: str, direction: str = "min") -> pd.DataFrame:
+    """The points no other point beats on both x (lower is better: a cost) and y (by `direction`), sorted by x."""
+    front, best, sign = [], float("inf"), 1 if direction == "min" else -1
+    for _, row in points.sort_values([x, y], ascending=[True, direction == "min"]).iterrows():
+        if sign * row[y] < best:
             front.append(row)
-            best = row[y]
+            best = sign * row[y]
     return pd.DataFrame(front)
 
 
@@ -141,11 +147,13 @@ def group_styles(runs: pd.DataFrame, group_cols: list[str]) -> dict[str, dict]:
     return styles
 
 
-def quality_vs_nfe(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+def quality_vs_nfe(
+    runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str = "min"
+) -> go.Figure:
     """Quality vs sampling steps per group: mean over completed seeds (line), each seed (dots), the mean best
     checkpoint per NFE (open diamonds), diverged trials' last evaluation (crosses), and a 95% Student-t
     interval from 3 seeds on (with 2 it spans ±12.7 standard errors and hides every line)."""
-    table = quality_table(runs, history, metric, group_cols)
+    table = quality_table(runs, history, metric, group_cols, direction)
     grouped = with_groups(runs, group_cols)
     styles = group_styles(runs, group_cols)
     columns = nfe_columns(runs.columns, metric)
@@ -201,7 +209,7 @@ def quality_vs_nfe(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group
         title=f"{metric.upper()} vs steps — line: mean over seeds at the last checkpoint; dots: seeds; "
         "◇: best checkpoint; ×: diverged",
         xaxis=LOG_X_NFE | {"tickvals": sorted(table["nfe"].unique())},
-        yaxis={"title": f"{metric} (lower is better)", "type": "log"},
+        yaxis={"title": f"{metric} ({BETTER[direction]})", "type": "log"},
         legend={"title": " · ".join(shown(c) for c in group_cols)},
         height=600,
     )
@@ -215,10 +223,12 @@ def fmt(values, digits: int) -> list[str]:
 COST_COLUMNS = {"cost/sec_per_kimg": 4, "cost/fwd_per_sample": 2, "cost/jvp_per_sample": 2, "cost/device_hours": 4}
 
 
-def ranking(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> pd.DataFrame:
+def ranking(
+    runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str = "min"
+) -> pd.DataFrame:
     """One row per group, best first: the metric at the fewest and the most steps (mean and std over completed
     seeds at the last checkpoint, and the seed count) and the measured cost (mean)."""
-    table = quality_table(runs, history, metric, group_cols)
+    table = quality_table(runs, history, metric, group_cols, direction)
     if table.empty:
         return pd.DataFrame()
     nfes = sorted({table["nfe"].min(), table["nfe"].max()})
@@ -233,17 +243,20 @@ def ranking(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: 
             row[f"{metric}@{nfe} std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")
         row |= {c: float(trials[c].mean()) for c in COST_COLUMNS if c in trials}
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(f"{metric}@{nfes[0]}").reset_index(drop=True)
+    ordered = pd.DataFrame(rows).sort_values(f"{metric}@{nfes[0]}", ascending=direction == "min")
+    return ordered.reset_index(drop=True)
 
 
 def with_spread(means: pd.Series, stds: pd.Series, digits: int) -> list[str]:
     return [f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if np.isfinite(s) else "") for m, s in zip(means, stds)]
 
 
-def ranking_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+def ranking_table(
+    runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str = "min"
+) -> go.Figure:
     """The answer in one table: each group's quality at the fewest and most steps (mean ± std over seeds), and
     its cost."""
-    summary = ranking(runs, history, metric, group_cols)
+    summary = ranking(runs, history, metric, group_cols, direction)
     if summary.empty:
         return go.Figure()
     nfes = [int(c.split("@")[1]) for c in summary.columns if "@" in c and not c.endswith("std")]
@@ -254,14 +267,15 @@ def ranking_table(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_
     cells += [fmt(summary[c], d) if c in summary else ["–"] * len(summary) for c, d in COST_COLUMNS.items()]
     fig = go.Figure(go.Table(header={"values": header, "height": 28}, cells={"values": cells, "height": 24}))
     fig.update_layout(
-        title=f"Ranking by {metric} at {nfes[0]} step (mean ± std over completed seeds, last checkpoint)",
+        title=f"Ranking by {metric} at {nfes[0]} step, {BETTER[direction]} (mean ± std over completed seeds, last "
+        "checkpoint)",
         height=150 + 24 * len(summary),
         margin={"t": 60, "b": 10},
     )
     return fig
 
 
-def factor_effects(runs: pd.DataFrame, metric: str, grid: dict[str, list]) -> go.Figure:
+def factor_effects(runs: pd.DataFrame, metric: str, grid: dict[str, list], direction: str = "min") -> go.Figure:
     """One panel per grid axis: how changing that factor from its first level moves quality at each NFE,
     paired over the other factors (mean ± 95% interval over pairs)."""
     axes = [a for a, levels in grid.items() if a != SEED and len(levels) > 1 and a in runs]
@@ -286,14 +300,17 @@ def factor_effects(runs: pd.DataFrame, metric: str, grid: dict[str, list]) -> go
             )
         fig.add_hline(y=0, line={"color": "black", "width": 1}, row=1, col=i)
         fig.update_xaxes(type="log", title="NFE", row=1, col=i)
-    fig.update_yaxes(title=f"Δ {metric} (< 0: better than the first level)", row=1, col=1)
+    better = "< 0" if direction == "min" else "> 0"
+    fig.update_yaxes(title=f"Δ {metric} ({better}: better than the first level)", row=1, col=1)
     fig.update_layout(
         title="Factor effects, paired over the other factors (mean ± 95% interval over pairs)", height=450
     )
     return fig
 
 
-def quality_vs_compute(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+def quality_vs_compute(
+    runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str = "min"
+) -> go.Figure:
     """Quality at the fewest and the most NFE vs device-hours spent training, every evaluation of every group
     (mean over seeds), with the Pareto front: which method is best at equal compute."""
     evals = history[history["key"].str.startswith(f"eval/{metric}/nfe_")].copy()
@@ -324,7 +341,7 @@ def quality_vs_compute(runs: pd.DataFrame, history: pd.DataFrame, metric: str, g
                 1,
                 col,
             )
-        front = pareto_front(curves, "hours", "value")
+        front = pareto_front(curves, "hours", "value", direction)
         if len(front):
             fig.add_trace(
                 go.Scatter(

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking.schema import (
+    DEVICE,
+    DIRECTION,
+    FACTORS,
+    FINGERPRINT,
+    GENERATION,
+    GIT_COMMIT,
+    MEASURE,
+    REASON,
+    ROLE,
+    RUN_NAME,
+    SEARCH_ARTIFACT,
+    SEARCH_METRIC,
+    STATUS,
+    TRIAL_ID,
+)
 
 HISTORY_PREFIXES = ("train/target_std/", "train/loss", "train/grad_norm", "eval/", "cost/device_hours")
 RUN_CHUNK = 500
@@ -71,33 +91,42 @@ def metric_histories(client: MlflowClient, run_ids: list[str], keys: list[str], 
     return history.astype({"step": "int64", "value": "float64"})
 
 
-def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
-    """(runs, history, parent tags). runs: one row per trial with trial_id, status, label, reason, git_commit,
-    device, `fingerprint.<metric>`, every param and the latest value of every metric. history: trial_id, key,
-    step, value of the training curves, evaluations and device-hours."""
+def study_runs(tracking_uri: str, study: str, role: str) -> tuple[MlflowClient, list[Run]]:
+    """The study's parent run (role "study") or its trial runs (role "trial"). Raises LookupError when the store
+    has no such study."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         raise LookupError(f"no MLflow experiment named {study!r} at {tracking_uri}")
-    parents = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'study'", max_results=1)
-    runs = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'", max_results=50000)
+    limit = 1 if role == "study" else 50000
+    return client, client.search_runs([experiment.experiment_id], f"tags.`{ROLE}` = '{role}'", max_results=limit)
+
+
+def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """(runs, history, parent tags). runs: one row per trial with trial_id, status, label, reason, git_commit,
+    device, `fingerprint.<metric>`, `measure.<metric>`, `direction.<metric>`, factor levels, every param and the
+    latest value of every metric. history: trial_id, key, step, value of the training curves, evaluations and
+    device-hours."""
+    _, parents = study_runs(tracking_uri, study, "study")
+    client, runs = study_runs(tracking_uri, study, "trial")
     rows, keys, trial_of = [], set(), {}
+    prefixes = {FINGERPRINT: "fingerprint.", MEASURE: "measure.", DIRECTION: "direction."}
     for run in runs:
         tags = run.data.tags
-        trial_of[run.info.run_id] = tags.get("orch.trial_id")
+        trial_of[run.info.run_id] = tags.get(TRIAL_ID)
         row = {
-            "trial_id": tags.get("orch.trial_id"),
-            "status": tags.get("orch.status", "unknown"),
-            "label": tags.get("mlflow.runName", tags.get("orch.trial_id")),
-            "reason": tags.get("orch.reason"),
-            "git_commit": tags.get("orch.git_commit"),
-            "device": tags.get("orch.device"),
-            "generation": tags.get("orch.generation"),
+            "trial_id": tags.get(TRIAL_ID),
+            "status": tags.get(STATUS, "unknown"),
+            "label": tags.get(RUN_NAME, tags.get(TRIAL_ID)),
+            "reason": tags.get(REASON),
+            "git_commit": tags.get(GIT_COMMIT),
+            "device": tags.get(DEVICE),
+            "generation": tags.get(GENERATION),
             "start_time": run.info.start_time,
         }
-        row |= {f"fingerprint.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.fingerprint.")}
-        row |= {f"measure.{k.rsplit('.', 1)[-1]}": v for k, v in tags.items() if k.startswith("orch.measure.")}
-        row |= factor_levels(tags.get("orch.factors"))
+        for tag_prefix, column in prefixes.items():
+            row |= {column + k.removeprefix(tag_prefix): v for k, v in tags.items() if k.startswith(tag_prefix)}
+        row |= factor_levels(tags.get(FACTORS))
         row |= {k: parse_param(v) for k, v in run.data.params.items()}
         row |= run.data.metrics
         rows.append(row)
@@ -105,3 +134,13 @@ def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame
     history = metric_histories(client, list(trial_of), sorted(keys))
     history.insert(0, "trial_id", history.pop("run_id").map(trial_of))
     return pd.DataFrame(rows), history, (parents[0].data.tags if parents else {})
+
+
+def load_search(tracking_uri: str, study: str) -> dict | None:
+    """The study's search block (metric, mode, space, …) from its parent run's artifact, or None for a grid."""
+    client, parents = study_runs(tracking_uri, study, "study")
+    if not parents or SEARCH_METRIC not in parents[0].data.tags:
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        path = client.download_artifacts(parents[0].info.run_id, SEARCH_ARTIFACT, scratch)
+        return json.loads(Path(path).read_text())

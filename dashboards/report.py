@@ -13,22 +13,31 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from dashboards import figures
-from dashboards.load import FACTOR, load_runs
+from dashboards.load import FACTOR, load_runs, load_search
 from methods.storage import atomic_write_bytes
+from orchestrator.tracking.schema import AXES, BEST, GENERATION, GIT_COMMIT, HOST, PROFILE, PYTHON, STUDY_YAML, VERSION
 
 HEADER_TAGS = {  # parent-run tag → header label
-    "orch.profile": "profile",
-    "orch.git_commit": "last submitted at commit",
-    "orch.python": "python",
-    "orch.host": "host",
-    "orch.version.torch": "torch",
-    "orch.version.ray": "ray",
-    "orch.version.mlflow": "mlflow",
+    PROFILE: "profile",
+    GIT_COMMIT: "last submitted at commit",
+    PYTHON: "python",
+    HOST: "host",
+    f"{VERSION}torch": "torch",
+    f"{VERSION}ray": "ray",
+    f"{VERSION}mlflow": "mlflow",
 }
 
 
 def quality_metrics(columns) -> list[str]:
     return sorted({m["metric"] for c in columns if (m := figures.NFE_KEY.match(str(c)))})
+
+
+def direction_of(runs: pd.DataFrame, metric: str) -> str:
+    """min or max, as the trials recorded it (runs from before directions were recorded: min, as every metric
+    was then)."""
+    column = f"direction.{metric}"
+    recorded = runs[column].dropna().unique() if column in runs else []
+    return recorded[0] if len(recorded) else "min"
 
 
 def comparable_subsets(runs: pd.DataFrame, metric: str):
@@ -69,20 +78,21 @@ def page_blocks(
             figures.search_parameters(runs, search["metric"], search["space"]),
         ]
     for metric in quality_metrics(runs.columns):
+        direction = direction_of(runs, metric)
         for suffix, subset in comparable_subsets(runs, metric):
             hist = history[history["trial_id"].isin(subset["trial_id"])]
             panel = [
-                figures.ranking_table(subset, hist, metric, group_cols),
-                figures.quality_vs_nfe(subset, hist, metric, group_cols),
-                figures.factor_effects(subset, metric, grid),
-                figures.quality_vs_compute(subset, hist, metric, group_cols),
+                figures.ranking_table(subset, hist, metric, group_cols, direction),
+                figures.quality_vs_nfe(subset, hist, metric, group_cols, direction),
+                figures.factor_effects(subset, metric, grid, direction),
+                figures.quality_vs_compute(subset, hist, metric, group_cols, direction),
             ]
             for fig in panel:
                 fig.update_layout(title_text=fig.layout.title.text + suffix)
             name = f"{metric}{suffix.replace(' [fingerprint ', '-').rstrip(']')}"
             tables = {
-                f"ranking_{name}.csv": figures.ranking(subset, hist, metric, group_cols),
-                f"quality_{name}.csv": figures.quality_table(subset, hist, metric, group_cols),
+                f"ranking_{name}.csv": figures.ranking(subset, hist, metric, group_cols, direction),
+                f"quality_{name}.csv": figures.quality_table(subset, hist, metric, group_cols, direction),
             }
             blocks += [panel[0], download_links(tables), *panel[1:]]
     if trials_dir is not None and len(runs):
@@ -224,9 +234,9 @@ def dashboard_html(tracking_uri: str, study: str, trials_dir: Path | None = None
     """The dashboard page of a study, read from its MLflow experiment (and the sample previews from its trial
     directories, when given)."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
-    runs, older = current_version(runs, parent_tags.get("orch.generation"))
+    runs, older = current_version(runs, parent_tags.get(GENERATION))
     history = history[history["trial_id"].isin(runs["trial_id"])] if len(runs) else history.iloc[0:0]
-    group_cols, grid = factor_groups(runs, json.loads(parent_tags.get("orch.axes", "[]")))
+    group_cols, grid = factor_groups(runs, json.loads(parent_tags.get(AXES, "[]")))
     group_cols = group_cols or (["method.name"] if "method.name" in runs.columns else [])
     header = {"study": study, "trials": str(len(runs))}
     if older:
@@ -251,11 +261,11 @@ def dashboard_html(tracking_uri: str, study: str, trials_dir: Path | None = None
     if len(runs) and (runs["status"] == "diverged").any():
         diverged = runs[runs["status"] == "diverged"]
         notes += [f"diverged: {r.label} — {r.reason}" for r in diverged.itertuples()]
-    study_yaml = parent_tags.get("orch.study_yaml", "")
-    search = json.loads(parent_tags["orch.search"]) if "orch.search" in parent_tags else None
+    study_yaml = parent_tags.get(STUDY_YAML, "")
+    search = load_search(tracking_uri, study)
     figs = page_blocks(runs, history, group_cols, grid, search, trials_dir)
-    if "orch.best" in parent_tags:
-        best = json.loads(parent_tags["orch.best"])
+    if BEST in parent_tags:
+        best = json.loads(parent_tags[BEST])
         notes.insert(0, f"Best sample: {best['label']} ({best['trial_id']}), {best['metric']} = {best['value']:.4g}.")
     return render_html(f"orch study: {study}", header, figs, notes, study_yaml)
 

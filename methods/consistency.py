@@ -20,7 +20,7 @@ from methods.conventions import canonical_to_trigflow, edm_to_canonical, sigma_m
 from methods.counting import CountingNet
 from methods.flow_map import jump, sample_consistency
 from methods.interpolants import expand_time
-from methods.terms import METHODS, DimReduction, Distance, MethodParams, Setting, TeacherSpec, Term
+from methods.terms import DimReduction, Distance, Method, MethodParams, Setting, TeacherSpec, Term, register_method
 from methods.time_samplers import LogNormal, LogNormalParams
 
 
@@ -80,52 +80,79 @@ class SCMParams(MethodParams):
 
 class SCDParams(SCMParams):
     teacher: TeacherSpec = TeacherSpec()
+    """The frozen flow-matching teacher whose velocity gives the tangent."""
     init_from_teacher: bool = True
-
-    @property
-    def uses_teacher(self) -> bool:
-        return True
+    """Start the student from the teacher's weights."""
 
 
-class ContinuousConsistency:
-    """sCT (dx_t/dt from the data pair) and sCD (dx_t/dt from the teacher), times from the time sampler (default
-    sCM's log-normal), sampled with the multistep consistency sampler from σ_max, NFE = N."""
+SCM = """C. Lu, Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", 2024,
+    arXiv:2410.11081."""
 
-    def __init__(self, name: str, params: SCMParams, setting: Setting):
-        self.name, self.params = name, params
-        self.interpolant, self.sigma_data, self.teacher = setting.interpolant, setting.sigma_data, setting.teacher
+
+class ContinuousConsistency(Method):
+    """sCT and sCD: times from the time sampler (default sCM's log-normal), the continuous-time consistency loss
+    (scm_term) with `dxdt` the tangent of the trajectory, sampled with the multistep consistency sampler from
+    σ_max, NFE = N."""
+
+    Params = SCMParams
+    term: ClassVar[str]
+
+    def __init__(self, params: SCMParams, setting: Setting):
+        super().__init__(params, setting)
         self.time_sampler = setting.time_sampler or LogNormal(LogNormalParams(), setting.sigma_data)
 
+    def dxdt(self, x_t: Tensor, x0: Tensor, x1: Tensor, t: Tensor, tau: Tensor) -> Tensor:
+        """dx_t/dt in TrigFlow time. Shapes: x_t, x0, x1 (n, *data_shape); t broadcast against them; tau (n,)."""
+        raise NotImplementedError
+
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
-        n = x1.shape[0]
-        x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)
+        n, p = x1.shape[0], self.params
+        x0 = self.setting.interpolant.sample_base(n, x1.shape[1:], gen)
         tau = self.time_sampler.diagonal(n, gen)
         t = expand_time(canonical_to_trigflow(tau), x1)
         x_t = t.cos() * x1 + t.sin() * x0
-        if self.name == "sct":
-            dxdt = t.cos() * x0 - t.sin() * x1
-        else:
-            with torch.no_grad():
-                dxdt = trigflow_velocity(self.teacher(x_t / (t.cos() + t.sin()), tau, tau), x_t, t.flatten())
-        warmup = min(1.0, step / self.params.warmup_steps) if self.params.warmup_steps else 1.0
-        p = self.params
-        return [scm_term(self.name, net, x_t, dxdt, tau, warmup, p.tangent_norm, p.prior_weighting, self.sigma_data)]
+        dxdt = self.dxdt(x_t, x0, x1, t, tau)
+        warmup = min(1.0, step / p.warmup_steps) if p.warmup_steps else 1.0
+        sigma_data = self.setting.sigma_data
+        return [scm_term(self.term, net, x_t, dxdt, tau, warmup, p.tangent_norm, p.prior_weighting, sigma_data)]
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
-        tau_min = sigma_max_time(self.params.sigma_max, self.sigma_data)
-        return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std, gen)
+        tau_min = sigma_max_time(self.params.sigma_max, self.setting.sigma_data)
+        return sample_consistency(net, x0, nfe, tau_min, self.setting.interpolant.base_std, gen)
 
 
-@METHODS.register("sct", SCMParams, provides=("time_sampler",))
-def build_sct(params: SCMParams, setting: Setting) -> ContinuousConsistency:
-    """Continuous-time consistency training (sCM, TrigFlow), tangent normalisation and warm-up."""
-    return ContinuousConsistency("sct", params, setting)
+@register_method("sct")
+class SCT(ContinuousConsistency):
+    __doc__ = f"""Continuous-time consistency training (sCM, TrigFlow), tangent normalisation and warm-up:
+    dx_t/dt = cos t·x0 − sin t·x1 from the data pair.
+
+    {SCM}
+    """
+
+    term = "sct"
+
+    def dxdt(self, x_t: Tensor, x0: Tensor, x1: Tensor, t: Tensor, tau: Tensor) -> Tensor:
+        return t.cos() * x0 - t.sin() * x1
 
 
-@METHODS.register("scd", SCDParams, provides=("time_sampler",))
-def build_scd(params: SCDParams, setting: Setting) -> ContinuousConsistency:
-    """Continuous-time consistency distillation (sCM) from a flow-matching teacher."""
-    return ContinuousConsistency("scd", params, setting)
+@register_method("scd")
+class SCD(ContinuousConsistency):
+    __doc__ = f"""Continuous-time consistency distillation (sCM) from a flow-matching teacher: dx_t/dt is the
+    teacher's velocity at x_t.
+
+    {SCM}
+    """
+
+    Params, term = SCDParams, "scd"
+
+    @classmethod
+    def needs_teacher(cls, params: SCDParams) -> bool:
+        return True
+
+    def dxdt(self, x_t: Tensor, x0: Tensor, x1: Tensor, t: Tensor, tau: Tensor) -> Tensor:
+        with torch.no_grad():
+            velocity = self.setting.teacher(x_t / (t.cos() + t.sin()), tau, tau)
+            return trigflow_velocity(velocity, x_t, t.flatten())
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
@@ -136,25 +163,41 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> Ten
 
 class ICTParams(MethodParams):
     sigma_min: PositiveFloat = 0.002
+    """Smallest noise level of the Karras grid."""
     sigma_max: PositiveFloat = 80.0
+    """Largest noise level: where the sampler starts."""
     rho: PositiveFloat = 7.0
+    """Karras grid exponent: σ_i = (σ_max^{1/ρ} + i/N·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ."""
     p_mean: float = -1.1
+    """Mean of the discrete log-normal choice of the adjacent pair (σ_i, σ_{i+1})."""
     p_std: PositiveFloat = 2.0
-    """Discrete log-normal choice of the adjacent pair (σ_i, σ_{i+1})."""
+    """Its std."""
     s0: Annotated[int, Field(ge=2)] = 10
+    """Grid intervals at the start of the curriculum."""
     s1: PositiveInt = 1280
+    """Grid intervals at its end."""
     doubling_steps: PositiveInt = 50000
     """Curriculum N(k) = min(s0·2^⌊k/doubling_steps⌋, s1) + 1 grid points (iCT: K/(log2(s1/s0) + 1))."""
     huber_c: PositiveFloat | None = None
     """Pseudo-Huber c; null = 0.00054·√D (iCT)."""
 
 
-class ImprovedConsistencyTraining:
-    """iCT: f_θ at the noisier of two adjacent Karras levels regressed onto sg f_θ at the other, same noise,
-    weight 1/(σ_{i+1} − σ_i), pseudo-Huber distance; multistep consistency sampling from σ_max, NFE = N."""
+@register_method("ict")
+class ImprovedConsistencyTraining(Method):
+    """Improved discrete-time consistency training (iCT): Karras grid curriculum, pseudo-Huber.
+
+    f_θ at the noisier of two adjacent Karras levels regressed onto sg f_θ at the other, same noise, weight
+    1/(σ_{i+1} − σ_i), pseudo-Huber distance; multistep consistency sampling from σ_max, NFE = N.
+
+    Y. Song, P. Dhariwal, "Improved Techniques for Training Consistency Models", 2023, arXiv:2310.14189 (after
+    Y. Song, P. Dhariwal, M. Chen, I. Sutskever, "Consistency Models", 2023, arXiv:2303.01469).
+    """
+
+    Params, own_times = ICTParams, True
 
     def __init__(self, params: ICTParams, setting: Setting):
-        self.params, self.interpolant, self.sigma_data = params, setting.interpolant, setting.sigma_data
+        super().__init__(params, setting)
+        self.interpolant, self.sigma_data = setting.interpolant, setting.sigma_data
 
     def grid_points(self, step: int) -> int:
         p = self.params
@@ -181,9 +224,3 @@ class ImprovedConsistencyTraining:
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         tau_min = sigma_max_time(self.params.sigma_max, self.sigma_data)
         return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std, gen)
-
-
-@METHODS.register("ict", ICTParams)
-def build_ict(params: ICTParams, setting: Setting) -> ImprovedConsistencyTraining:
-    """Improved discrete-time consistency training (iCT): Karras grid curriculum, pseudo-Huber."""
-    return ImprovedConsistencyTraining(params, setting)

@@ -71,8 +71,11 @@ class Checkerboard(Density2D):
 
 class GMMParams(Params):
     modes: PositiveInt = 8
+    """Number of equal-weight components."""
     radius: Annotated[float, Field(gt=0.0)] = 0.6
+    """Radius of the circle the means lie on."""
     scale: Annotated[float, Field(gt=0.0)] = 0.07
+    """Standard deviation of each component."""
 
 
 class GaussianMixture(Density2D):

@@ -9,12 +9,13 @@ from torch import Tensor, nn
 
 from methods.flow_map import sample_euler, sample_heun
 from methods.interpolants import LinearInterpolant
-from methods.terms import METHODS, MethodParams, Setting, Term
+from methods.terms import Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import TimeSamplerParams, Uniform
 
 
 def diagonal_term(net: nn.Module, interpolant: LinearInterpolant, x0: Tensor, x1: Tensor, t: Tensor) -> Term:
-    """Flow matching: v(I_t; t, t) regressed onto the conditional velocity x1 − x0 (one forward with grad)."""
+    """Flow matching: v(I_t; t, t) regressed onto the conditional velocity x1 − x0 (one forward with grad).
+    Shapes: x0, x1 (n, *data_shape); t (n,)."""
     x_t = interpolant.interpolate(x0, x1, t)
     return Term("diag", net(x_t, t, t), interpolant.velocity(x0, x1), t, t)
 
@@ -25,23 +26,25 @@ class FMParams(MethodParams):
     odd (EDM's 2N − 1 convention)."""
 
 
-class FlowMatching:
-    """Flow matching on the diagonal v(x; τ, τ), sampled with Euler or Heun."""
+@register_method("fm")
+class FlowMatching(Method):
+    """Flow-matching baseline (diagonal only), sampled with Euler or Heun.
+
+    Y. Lipman, R. T. Q. Chen, H. Ben-Hamu, M. Nickel, M. Le, "Flow Matching for Generative Modeling", 2022,
+    arXiv:2210.02747. The diagonal v(x; τ, τ) of the flow-map network is the velocity.
+    """
+
+    Params = FMParams
 
     def __init__(self, params: FMParams, setting: Setting):
+        super().__init__(params, setting)
         self.sampler = {"euler": sample_euler, "heun": sample_heun}[params.sampler]
-        self.interpolant = setting.interpolant
         self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
     def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
-        x0 = self.interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
-        return [diagonal_term(net, self.interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))]
+        interpolant = self.setting.interpolant
+        x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
+        return [diagonal_term(net, interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))]
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return self.sampler(net, x0, nfe)
-
-
-@METHODS.register("fm", FMParams, provides=("time_sampler",))
-def build_fm(params: FMParams, setting: Setting) -> FlowMatching:
-    """Flow-matching baseline (diagonal only), sampled with Euler or Heun."""
-    return FlowMatching(params, setting)

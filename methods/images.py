@@ -72,11 +72,13 @@ def to_uint8(x: Tensor) -> Tensor:
 
 class ImageParams(Params):
     split: Literal["train", "test"] = "train"
+    """Which split trains (and is FID's reference)."""
     limit: PositiveInt | None = None
     """Use only the first `limit` images of the split (smoke runs); null: all."""
     hflip: bool = False
     """Random horizontal flips (off in paper A)."""
     sigma_data: Annotated[float, Field(gt=0.0)] = 0.5
+    """Data std σ_d of pixels in [−1, 1] (the EDM/sCM convention): the base noise's scale."""
 
 
 # --- safe reading of the pickle formats --------------------------------------------------------------------------
@@ -238,15 +240,20 @@ class ImageFolderParams(ImageParams):
     root: str
     """Directory searched recursively for .png, .jpg, .jpeg, .bmp and .webp files; every image is one sample."""
     resolution: PositiveInt = 64
+    """Side of the square images trained on (after cropping, an area resize)."""
     crop: PositiveInt | None = None
     """Centre crop of this side before resizing; null: the largest centred square."""
     channels: Literal[1, 3] = 3
+    """1: greyscale, 3: RGB."""
 
 
 class CelebA64Params(ImageFolderParams):
     root: str = "data/celeba/img_align_celeba"
+    """Directory of CelebA's aligned JPEGs (img_align_celeba)."""
     resolution: PositiveInt = 64
+    """Side of the square images trained on."""
     crop: PositiveInt | None = 140
+    """Centre crop before resizing (140 → 64, the self-distillation paper's preparation)."""
 
 
 FOLDER_FORMAT = "a directory of image files (.png, .jpg, .jpeg, .bmp, .webp), searched recursively"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.interpolants import expand_time
-from methods.terms import METHODS, Distance, MethodParams, Setting, Term
+from methods.terms import Distance, Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import LogitNormal, LogitNormalParams
 
 
@@ -40,31 +40,34 @@ class MeanFlowParams(MethodParams):
     """Adaptive weight ℓ/sg((ℓ + c)^p); p = 0 is plain squared error. ImageNet p = 1, c = 0.01; CIFAR-10
     p = 0.75, c = 1e-3."""
     adaptive_c: PositiveFloat = 0.01
+    """c of the adaptive weight (on the summed squared error, as the reference)."""
 
 
-class MeanFlow:
-    """Jumps (a, b) = two sorted draws of the time sampler (default: logit-normal(−0.4, 1.0)), b = a on a
-    fraction 1 − ratio; the one-step sampler is the jump 0 → 1 (MeanFlow's t = 1 → r = 0), NFE = N steps."""
+@register_method("meanflow")
+class MeanFlow(Method):
+    """MeanFlow: average velocity regressed onto a JVP target with the adaptive weight.
+
+    Jumps (a, b) = two sorted draws of the time sampler (default: logit-normal(−0.4, 1.0)), b = a on a fraction
+    1 − ratio; the one-step sampler is the jump 0 → 1 (MeanFlow's t = 1 → r = 0), NFE = N steps.
+
+    Z. Geng, M. Deng, X. Bai, J. Z. Kolter, K. He, "Mean Flows for One-step Generative Modeling", 2025,
+    arXiv:2505.13447.
+    """
+
+    Params = MeanFlowParams
 
     def __init__(self, params: MeanFlowParams, setting: Setting):
-        self.ratio = params.ratio
+        super().__init__(params, setting)
         self.distance = Distance("adaptive", params.adaptive_c, params.adaptive_p)
-        self.interpolant = setting.interpolant
         self.time_sampler = setting.time_sampler or LogitNormal(LogitNormalParams())
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
-        n = x1.shape[0]
-        x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)
+        n, interpolant = x1.shape[0], self.setting.interpolant
+        x0 = interpolant.sample_base(n, x1.shape[1:], gen)
         a, b = self.time_sampler.offdiagonal(n, step, gen)
-        b = torch.where(torch.rand(n, generator=gen, device=gen.device) < self.ratio, b, a)
-        x_a = self.interpolant.interpolate(x0, x1, a)
-        return [meanflow_term(net, x_a, a, b, self.interpolant.velocity(x0, x1), self.distance)]
+        b = torch.where(torch.rand(n, generator=gen, device=gen.device) < self.params.ratio, b, a)
+        x_a = interpolant.interpolate(x0, x1, a)
+        return [meanflow_term(net, x_a, a, b, interpolant.velocity(x0, x1), self.distance)]
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
-
-
-@METHODS.register("meanflow", MeanFlowParams, provides=("time_sampler",))
-def build_meanflow(params: MeanFlowParams, setting: Setting) -> MeanFlow:
-    """MeanFlow: average velocity regressed onto a JVP target with the adaptive weight."""
-    return MeanFlow(params, setting)

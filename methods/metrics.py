@@ -1,8 +1,14 @@
 """Sample-quality metrics (docs/methods.md §3.8): KL for 2-D data with a known density, FID for images.
 
-A metric is called with (samples, dataset, the eval config, device) and returns one number, lower is better."""
+Each metric is registered as a MetricSpec: how it is computed (from (samples, dataset, eval config, device) to
+one number), whether lower or higher is better, what its value depends on besides the samples (its
+fingerprint: the eval options it reads, the feature extractor) and how it reads in words."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -18,13 +24,66 @@ KL_BINS = 50
 PSEUDO_COUNT = 0.5
 
 
-@METRICS.register("kl", requires=("density",))
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric. Calling it computes it: spec(samples, dataset, evaluation, device) -> float.
+
+    Attributes:
+        direction: "min" when lower is better, "max" when higher is: what best-checkpoint selection, rankings
+            and Pareto fronts follow.
+        title: what it measures, in words (the dashboard's "measured as").
+        options: the eval options its value depends on besides the sample count and the EMA copy (e.g. FID's
+            reference size): part of its fingerprint.
+        extractor: the feature extractor it measures with, if any: part of its fingerprint.
+    """
+
+    name: str
+    compute: Callable[..., float]
+    direction: Literal["min", "max"]
+    title: str
+    options: tuple[str, ...] = ()
+    extractor: str | None = None
+
+    def __call__(self, samples: Tensor, dataset, evaluation, device: torch.device) -> float:
+        return self.compute(samples, dataset, evaluation, device)
+
+    def better(self, value: float, than: float) -> bool:
+        return value < than if self.direction == "min" else value > than
+
+
+def register_metric(
+    name: str,
+    *,
+    direction: Literal["min", "max"],
+    title: str,
+    requires: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
+    extractor: str | None = None,
+):
+    """Register a metric function (samples, dataset, evaluation, device) -> float with its spec; `requires` are
+    the dataset capabilities it needs (e.g. "density", "images")."""
+
+    def decorator(compute: Callable[..., float]) -> Callable[..., float]:
+        spec = MetricSpec(name, compute, direction, title, options, extractor)
+        METRICS.register(name, requires=requires, doc=compute.__doc__)(spec)
+        return compute
+
+    return decorator
+
+
+def metric(name: str) -> MetricSpec:
+    return METRICS.get(name).build
+
+
+@register_metric("kl", direction="min", title="KL(data ‖ model), 50×50 histogram", requires=("density",))
 def kl_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.device) -> float:
     """KL(target ‖ model) on a 50 × 50 histogram (2-D data with a known density)."""
     return histogram_kl(samples, dataset)
 
 
-@METRICS.register("fid", requires=("images",))
+@register_metric(
+    "fid", direction="min", title="FID", requires=("images",), options=("fid_reference",), extractor=fid.EXTRACTOR
+)
 def fid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
     """FID of uint8 samples against the training images (eval.fid_reference of them), torch-fidelity Inception."""
     reference, _ = fid.reference_features(dataset, evaluation.fid_reference, device)

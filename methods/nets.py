@@ -15,7 +15,9 @@ MODELS = Registry("model")
 
 class MLPParams(Params):
     width: PositiveInt = 256
+    """Units per hidden layer."""
     depth: PositiveInt = 4
+    """Hidden GELU layers."""
 
 
 class FlowMapMLP(nn.Module):

@@ -55,6 +55,7 @@ class Entry:
     build: Callable[..., Any]
     params: type[Params]
     doc: str
+    """What it is, in a sentence or two (the first paragraph of its docstring)."""
     provides: frozenset[str] = frozenset()
     """Capabilities, e.g. a dataset with a known density provides "density"."""
     requires: frozenset[str] = frozenset()
@@ -69,15 +70,21 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(
-        self, name: str, params: type[Params] = Params, provides: tuple[str, ...] = (), requires: tuple[str, ...] = ()
+        self,
+        name: str,
+        params: type[Params] = Params,
+        provides: tuple[str, ...] = (),
+        requires: tuple[str, ...] = (),
+        doc: str | None = None,
     ):
+        """A decorator registering a builder (a function or a class) under `name`; its documentation is `doc`,
+        else the first paragraph of its docstring."""
+
         def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
-            doc = (build.__doc__ or "").strip().splitlines()
-            self._entries[name] = Entry(
-                name, build, params, doc[0] if doc else "", frozenset(provides), frozenset(requires)
-            )
+            summary = " ".join((doc or build.__doc__ or "").strip().split("\n\n")[0].split())
+            self._entries[name] = Entry(name, build, params, summary, frozenset(provides), frozenset(requires))
             return build
 
         return decorator

@@ -25,7 +25,7 @@ from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
 from methods.interpolants import expand_time
-from methods.terms import METHODS, DimReduction, MethodParams, Setting, TeacherSpec, Term
+from methods.terms import DimReduction, Method, MethodParams, Setting, TeacherSpec, Term, register_method
 from methods.time_samplers import TimeSampler, TimeSamplerParams, Uniform
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -87,6 +87,7 @@ class SecantParams(MethodParams):
 
 class TeacherParams(SecantParams):
     teacher: TeacherSpec = TeacherSpec()
+    """The frozen flow-matching teacher whose velocity the secant targets use."""
     init_from_teacher: bool = True
     """Start the student from the teacher's weights, so that v_θ(x; τ, τ) is the teacher at step 0 (paper B)."""
 
@@ -94,10 +95,6 @@ class TeacherParams(SecantParams):
 class SDEIParams(TeacherParams):
     snap_to_grid: bool = True
     """Snap the start time down to the N-grid (the released SDEI code; "discrete t, generation only")."""
-
-    @property
-    def uses_teacher(self) -> bool:
-        return True
 
 
 class STEIParams(TeacherParams):
@@ -107,20 +104,14 @@ class STEIParams(TeacherParams):
     diffusion_weight: PositiveFloat = 1.0
     """λ of the flow-matching term on the diagonal at a fresh time (paper B's ablation: λ = 1 best)."""
     init_from_teacher: bool = False
+    """Start the student from the teacher's weights (off: STEI trains from scratch unless asked)."""
     snap_to_grid: bool = False
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.target == "teacher" or self.init_from_teacher
+    """Snap the start time down to the N-grid (off: STEI's start is continuous)."""
 
 
 class SDEEParams(TeacherParams):
     backward_fraction: Fraction = 0.5
     """Fraction of jumps run backwards (b < a): end-point estimation needs the model to jump r → a."""
-
-    @property
-    def uses_teacher(self) -> bool:
-        return True
 
 
 class STEEParams(SecantParams):
@@ -128,66 +119,135 @@ class STEEParams(SecantParams):
     """Fraction of jumps run backwards (b < a): end-point estimation needs the model to jump r → a."""
 
 
-class Secant:
-    """One of paper B's four losses on every sample of the batch (STEI adds a diagonal term), sampled with the
-    uniform N-step flow-map sampler (§4.5), NFE = N."""
+PAPER_B = """Liu and Yue, "Learning to Integrate Diffusion ODEs by Averaging the Derivatives", NeurIPS 2025,
+    arXiv:2505.14502."""
 
-    def __init__(self, name: str, params: SecantParams, setting: Setting):
-        self.name, self.params = name, params
-        self.interpolant = setting.interpolant
+
+class Secant(Method):
+    """One of paper B's four losses on every sample of the batch (STEI adds a diagonal term), sampled with the
+    uniform N-step flow-map sampler (§4.3), NFE = N. `term` names the method's term in metric keys."""
+
+    Params = SecantParams
+    term: ClassVar[str]
+
+    def __init__(self, params: SecantParams, setting: Setting):
+        super().__init__(params, setting)
         self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
-        self.teacher = setting.teacher
+
+    def jumps(
+        self, n: int, step: int, gen: torch.Generator, snap: bool = False, backward_fraction: float = 0.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, b, r): paper B's jumps (§4.3), starts snapped to the N-grid if `snap`, a `backward_fraction` of them
+        backwards (the end-point estimates), and the interior time r ~ U(a, b)."""
+        a, b = secant_jumps(self.time_sampler, n, self.params.num_steps, snap, step, gen)
+        if backward_fraction:
+            backward = torch.rand(n, generator=gen, device=gen.device) < backward_fraction
+            a, b = torch.where(backward, b, a), torch.where(backward, a, b)
+        return a, b, a + torch.rand(n, generator=gen, device=gen.device) * (b - a)
 
     def teacher_velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.teacher(x, t, t)
-
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
-        p, n = self.params, x1.shape[0]
-        x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)
-        a, b = secant_jumps(self.time_sampler, n, p.num_steps, getattr(p, "snap_to_grid", False), step, gen)
-        if getattr(p, "backward_fraction", 0.0):
-            backward = torch.rand(n, generator=gen, device=gen.device) < p.backward_fraction
-            a, b = torch.where(backward, b, a), torch.where(backward, a, b)
-        r = a + torch.rand(n, generator=gen, device=gen.device) * (b - a)
-        if self.name in ("sdei", "stei"):
-            self_target = self.name == "stei" and p.target == "self"
-            velocity = (lambda x, t: net(x, t, t)) if self_target else self.teacher_velocity
-            x_a = self.interpolant.interpolate(x0, x1, a)
-            terms = [interior_estimate_term(self.name, net, velocity, x_a, a, b, r)]
-        else:
-            x_r = self.interpolant.interpolate(x0, x1, r)
-            with torch.no_grad():
-                target = self.teacher_velocity(x_r, r) if self.name == "sdee" else self.interpolant.velocity(x0, x1)
-            terms = [endpoint_estimate_term(self.name, net, target, x_r, a, b, r)]
-        if self.name == "stei":
-            diag = diagonal_term(net, self.interpolant, x0, x1, self.time_sampler.diagonal(n, gen))
-            diag.weight = torch.full_like(diag.a, p.diffusion_weight)
-            terms.append(diag)
-        return terms
+        return self.setting.teacher(x, t, t)
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 
-@METHODS.register("sdei", SDEIParams, provides=("time_sampler",))
-def build_sdei(params: SDEIParams, setting: Setting) -> Secant:
-    """Secant distillation, estimated interior point (paper B): teacher velocity at x̂_r."""
-    return Secant("sdei", params, setting)
+class InteriorEstimate(Secant):
+    """EI: the start x_a is true, the interior point x̂_r estimated; the target is `velocity` at x̂_r."""
+
+    def velocity(self, net: CountingNet):
+        return self.teacher_velocity
+
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+        interpolant = self.setting.interpolant
+        x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
+        a, b, r = self.jumps(x1.shape[0], step, gen, snap=self.params.snap_to_grid)
+        x_a = interpolant.interpolate(x0, x1, a)
+        return [interior_estimate_term(self.term, net, self.velocity(net), x_a, a, b, r)] + self.extra(net, x0, x1, gen)
+
+    def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: torch.Generator) -> list[Term]:
+        return []
 
 
-@METHODS.register("stei", STEIParams, provides=("time_sampler",))
-def build_stei(params: STEIParams, setting: Setting) -> Secant:
-    """Secant training, estimated interior point (paper B): own diagonal (or teacher) at x̂_r + diffusion term."""
-    return Secant("stei", params, setting)
+class EndpointEstimate(Secant):
+    """EE: the interior point x_r is true, the start x̂_a estimated; the target is `target` at the true x_r."""
+
+    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+        interpolant = self.setting.interpolant
+        x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
+        a, b, r = self.jumps(x1.shape[0], step, gen, backward_fraction=self.params.backward_fraction)
+        x_r = interpolant.interpolate(x0, x1, r)
+        with torch.no_grad():
+            target = self.target(x_r, r, x0, x1)
+        return [endpoint_estimate_term(self.term, net, target, x_r, a, b, r)]
 
 
-@METHODS.register("sdee", SDEEParams, provides=("time_sampler",))
-def build_sdee(params: SDEEParams, setting: Setting) -> Secant:
-    """Secant distillation, estimated end point (paper B): teacher velocity at the true x_r."""
-    return Secant("sdee", params, setting)
+@register_method("sdei")
+class SDEI(InteriorEstimate):
+    __doc__ = f"""Secant distillation, estimated interior point (paper B): teacher velocity at x̂_r.
+
+    {PAPER_B}
+    """
+
+    Params, term = SDEIParams, "sdei"
+
+    @classmethod
+    def needs_teacher(cls, params: SDEIParams) -> bool:
+        return True
 
 
-@METHODS.register("stee", STEEParams, provides=("time_sampler",))
-def build_stee(params: STEEParams, setting: Setting) -> Secant:
-    """Secant training, estimated end point (paper B): conditional velocity x1 − x0 at r; no teacher."""
-    return Secant("stee", params, setting)
+@register_method("stei")
+class STEI(InteriorEstimate):
+    __doc__ = f"""Secant training, estimated interior point (paper B): own diagonal (or teacher) at x̂_r, plus
+    a diffusion term.
+
+    {PAPER_B}
+    """
+
+    Params, term = STEIParams, "stei"
+
+    @classmethod
+    def needs_teacher(cls, params: STEIParams) -> bool:
+        return params.target == "teacher" or params.init_from_teacher
+
+    def velocity(self, net: CountingNet):
+        return (lambda x, t: net(x, t, t)) if self.params.target == "self" else self.teacher_velocity
+
+    def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: torch.Generator) -> list[Term]:
+        """λ·flow matching on the diagonal at a fresh time (paper B's diffusion term)."""
+        diag = diagonal_term(net, self.setting.interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))
+        diag.weight = torch.full_like(diag.a, self.params.diffusion_weight)
+        return [diag]
+
+
+@register_method("sdee")
+class SDEE(EndpointEstimate):
+    __doc__ = f"""Secant distillation, estimated end point (paper B): teacher velocity at the true x_r.
+
+    {PAPER_B}
+    """
+
+    Params, term = SDEEParams, "sdee"
+
+    @classmethod
+    def needs_teacher(cls, params: SDEEParams) -> bool:
+        return True
+
+    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+        return self.teacher_velocity(x_r, r)
+
+
+@register_method("stee")
+class STEE(EndpointEstimate):
+    __doc__ = f"""Secant training, estimated end point (paper B): conditional velocity x1 − x0 at r; no teacher.
+
+    {PAPER_B}
+    """
+
+    Params, term = STEEParams, "stee"
+
+    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+        return self.setting.interpolant.velocity(x0, x1)

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
-from methods.interpolants import LinearInterpolant, expand_time
-from methods.terms import METHODS, MethodParams, Setting, Term
+from methods.interpolants import expand_time
+from methods.terms import Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import TimeSamplerParams, Uniform
 
 DiagFraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -76,82 +76,107 @@ def psd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, gamma: Tensor, s
     return Term("psd", pred, target, a, b)
 
 
-class SelfDistillation:
+class LSDParams(MethodParams):
+    stopgrad: Literal["convex", "none"] = "convex"
+    """Which parts of the target keep their graph (docs/methods.md §3.2): convex detaches the teacher's input and
+    output (paper A's runs); none keeps both."""
+    diag_fraction: DiagFraction = 0.75
+    """η: the first ⌊ηB⌋ samples of a batch train the diagonal (flow matching), the rest the residual."""
+
+
+class ESDParams(LSDParams):
+    stopgrad: Literal["full", "convex", "none"] = "full"
+    """full detaches b̂ and the spatial JVP (Algorithm 3, paper A's runs); convex only b̂ (the gradient flows
+    through the spatial Jacobian); none nothing."""
+
+
+class PSDParams(LSDParams):
+    stopgrad: Literal["convex", "none"] = "convex"
+    """convex detaches both teacher jumps (paper A's runs); none keeps their graph."""
+
+
+PAPER_A = """N. M. Boffi, M. S. Albergo, E. Vanden-Eijnden, "How to build a consistency model: Learning flow maps via
+    self-distillation", NeurIPS 2025, arXiv:2505.18825."""
+
+
+class SelfDistillation(Method):
     """Diagonal flow matching on the first ⌊ηM⌋ samples of a batch, an off-diagonal residual on the rest.
 
     η = `diag_fraction` (0.75 in paper A). Each off-diagonal sample gets its own fresh base sample x0; the split
-    is of the batch, not a resampling (§3.12). Sampling: the uniform N-step flow-map sampler, NFE = N.
+    is of the batch, not a resampling (§3.1). Sampling: the uniform N-step flow-map sampler, NFE = N.
     """
 
-    def __init__(self, name: str, params: MethodParams, setting: Setting):
-        self.name = name
-        self.stopgrad = params.stopgrad
-        self.diag_fraction = params.diag_fraction
-        self.interpolant: LinearInterpolant = setting.interpolant
+    Params = LSDParams
+
+    def __init__(self, params: LSDParams, setting: Setting):
+        super().__init__(params, setting)
         self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
-        n = x1.shape[0]
-        n_diag = n if self.time_sampler.diagonal_only(step) else min(n, max(1, int(n * self.diag_fraction)))
-        x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)
-        terms = [
-            diagonal_term(net, self.interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))
-        ]
+        n, interpolant = x1.shape[0], self.setting.interpolant
+        n_diag = n if self.time_sampler.diagonal_only(step) else min(n, max(1, int(n * self.params.diag_fraction)))
+        x0 = interpolant.sample_base(n, x1.shape[1:], gen)
+        terms = [diagonal_term(net, interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))]
         if n_diag < n:
             a, b = self.time_sampler.offdiagonal(n - n_diag, step, gen)
-            x_a = self.interpolant.interpolate(x0[n_diag:], x1[n_diag:], a)
+            x_a = interpolant.interpolate(x0[n_diag:], x1[n_diag:], a)
             terms.append(self.offdiagonal(net, x_a, a, b, gen))
         return terms
 
     def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
-        if self.name == "lsd":
-            return lsd_term(net, x_a, a, b, self.stopgrad)
-        if self.name == "esd":
-            return esd_term(net, x_a, a, b, self.stopgrad)
-        if self.name == "psd_mid":
-            gamma = torch.full_like(a, 0.5)
-        else:
-            gamma = torch.rand(a.shape, generator=gen, device=a.device)
-        return psd_term(net, x_a, a, b, gamma, self.stopgrad)
+        """The method's residual on jumps (a, b) from x_a = I_a. Shapes: x_a (n, *data_shape); a, b (n,)."""
+        raise NotImplementedError
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 
-class LSDParams(MethodParams):
-    stopgrad: Literal["convex", "none"] = "convex"
-    diag_fraction: DiagFraction = 0.75
+@register_method("lsd")
+class LSD(SelfDistillation):
+    __doc__ = f"""Lagrangian self-distillation (paper A, Algorithm 2): ∂_b X_{{a,b}} = v(X_{{a,b}}; b, b).
+
+    {PAPER_A}
+    """
+
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+        return lsd_term(net, x_a, a, b, self.params.stopgrad)
 
 
-class ESDParams(MethodParams):
-    stopgrad: Literal["full", "convex", "none"] = "full"
-    diag_fraction: DiagFraction = 0.75
+@register_method("esd")
+class ESD(SelfDistillation):
+    __doc__ = f"""Eulerian self-distillation (paper A, Algorithm 3): ∂_a X_{{a,b}} + ∇X_{{a,b}}·v(·; a, a) = 0.
+
+    {PAPER_A}
+    """
+
+    Params = ESDParams
+
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+        return esd_term(net, x_a, a, b, self.params.stopgrad)
 
 
-class PSDParams(MethodParams):
-    stopgrad: Literal["convex", "none"] = "convex"
-    diag_fraction: DiagFraction = 0.75
+@register_method("psd_mid")
+class PSDMid(SelfDistillation):
+    __doc__ = f"""Progressive self-distillation through the midpoint, γ = 1/2 (paper A, Algorithm 4).
+
+    {PAPER_A}
+    """
+
+    Params = PSDParams
+
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+        return psd_term(net, x_a, a, b, torch.full_like(a, 0.5), self.params.stopgrad)
 
 
-@METHODS.register("lsd", LSDParams, provides=("time_sampler",))
-def build_lsd(params: LSDParams, setting: Setting) -> SelfDistillation:
-    """Lagrangian self-distillation (paper A, Algorithm 2): ∂_b X_{a,b} = v(X_{a,b}; b, b)."""
-    return SelfDistillation("lsd", params, setting)
+@register_method("psd_unif")
+class PSDUniform(SelfDistillation):
+    __doc__ = f"""Progressive self-distillation through a uniform intermediate time, γ ~ U[0, 1] per sample.
 
+    {PAPER_A}
+    """
 
-@METHODS.register("esd", ESDParams, provides=("time_sampler",))
-def build_esd(params: ESDParams, setting: Setting) -> SelfDistillation:
-    """Eulerian self-distillation (paper A, Algorithm 3): ∂_a X_{a,b} + ∇X_{a,b}·v(·; a, a) = 0."""
-    return SelfDistillation("esd", params, setting)
+    Params = PSDParams
 
-
-@METHODS.register("psd_mid", PSDParams, provides=("time_sampler",))
-def build_psd_mid(params: PSDParams, setting: Setting) -> SelfDistillation:
-    """Progressive self-distillation through the midpoint, γ = 1/2 (paper A, Algorithm 4)."""
-    return SelfDistillation("psd_mid", params, setting)
-
-
-@METHODS.register("psd_unif", PSDParams, provides=("time_sampler",))
-def build_psd_unif(params: PSDParams, setting: Setting) -> SelfDistillation:
-    """Progressive self-distillation through a uniform intermediate time, γ ~ U[0, 1] per sample."""
-    return SelfDistillation("psd_unif", params, setting)
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+        gamma = torch.rand(a.shape, generator=gen, device=a.device)
+        return psd_term(net, x_a, a, b, gamma, self.params.stopgrad)

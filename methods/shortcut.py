@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.interpolants import LinearInterpolant, expand_time
-from methods.terms import METHODS, DimReduction, MethodParams, Setting, Term
+from methods.terms import DimReduction, Method, MethodParams, Setting, Term, register_method
 
 
 def bootstrap_term(
@@ -59,13 +59,18 @@ class ShortcutParams(MethodParams):
     reference's 1e−5); 0 is every other method's interpolant."""
 
 
-class Shortcut:
-    """Flow matching at dyadic times plus midpoint self-consistency at dyadic step sizes; NFE = N."""
+@register_method("shortcut")
+class Shortcut(Method):
+    """Shortcut model: dyadic midpoint bootstrap with EMA targets plus flow matching; NFE = N.
+
+    K. Frans, D. Hafner, S. Levine, P. Abbeel, "One Step Diffusion via Shortcut Models", 2024, arXiv:2410.12557.
+    """
+
+    Params, own_times, needs_ema_target = ShortcutParams, True, True
 
     def __init__(self, params: ShortcutParams, setting: Setting):
-        self.params = params
+        super().__init__(params, setting)
         self.interpolant = LinearInterpolant(setting.interpolant.base_std, params.sigma_min)
-        self.ema_net: nn.Module | None = None  # set by the trainer when bootstrap_target is "ema"
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
         p, n = self.params, x1.shape[0]
@@ -80,15 +85,9 @@ class Shortcut:
             d = 0.5 ** k.float()
             t = torch.floor(torch.rand(n_boot, generator=gen, device=gen.device) / d) * d  # t ∈ {0, d, …, 1 − d}
             x = self.interpolant.interpolate(x0[:n_boot], x1[:n_boot], t)
-            target_net = self.ema_net if p.bootstrap_target == "ema" else net
+            target_net = self.setting.ema_target if p.bootstrap_target == "ema" else net
             terms.append(bootstrap_term(target_net, net, x, t, d, 0.5**p.levels, p.target_clip))
         return terms
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
-
-
-@METHODS.register("shortcut", ShortcutParams)
-def build_shortcut(params: ShortcutParams, setting: Setting) -> Shortcut:
-    """Shortcut model: dyadic midpoint bootstrap with EMA targets plus flow matching."""
-    return Shortcut(params, setting)

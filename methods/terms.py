@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Protocol
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
@@ -87,14 +87,21 @@ class TeacherSpec(Params):
 
     path: str | None = None
     """A trained teacher: a teacher file written by orch (`teacher.pt`) or a trial directory of any study (its
-    newest checkpoint's first EMA copy). null: orch trains a flow-matching teacher for this dataset and model
-    with the budget below, once, caches it under <workdir>/teachers/<hash> and reuses it everywhere."""
+    newest checkpoint's first EMA copy). null: orch plans a flow-matching teacher trial for this dataset and
+    model with the budget below, trains it first (`orch plan` lists it) once per work directory, under
+    <workdir>/teachers/trials/<id>, and every study there reuses it."""
     steps: Steps = 3000
+    """Training steps of the teacher orch trains."""
     batch_size: Batch = 512
+    """Its batch size."""
     lr: PositiveFloat = 5e-3
+    """Its learning rate."""
     lr_decay_steps: PositiveInt | None = 2000
+    """Its learning-rate decay (as train.lr_decay_steps)."""
     ema: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
+    """The EMA decay whose weights become the teacher."""
     seed: NonNegativeInt = 0
+    """Its seed."""
 
 
 @dataclass
@@ -105,20 +112,58 @@ class Setting:
         interpolant: the canonical linear interpolant with the data-std Gaussian base.
         time_sampler: the study's time sampler; None (`auto`) = the method's own default.
         sigma_data: the scalar data std σ_d used by TrigFlow/EDM conventions (the mean of the base std).
-        teacher: a frozen flow-matching network whose diagonal v(x; τ, τ) is the teacher velocity, for methods
-            that distil (the trainer wraps it in the evaluation counter).
+        teacher: a frozen flow-matching network whose diagonal v(x; τ, τ) is the teacher velocity, for a method
+            that needs one; the trainer hands it over wrapped in the evaluation counter.
+        ema_target: the first EMA copy of the student, for a method whose targets come from it
+            (Method.needs_ema_target), also wrapped in the counter.
     """
 
     interpolant: LinearInterpolant
     time_sampler: object | None
     sigma_data: float
     teacher: nn.Module | None = None
+    ema_target: nn.Module | None = None
 
 
-class Method(Protocol):
-    def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]: ...
+class Method:
+    """A training method: it turns a batch into regression terms and generates with its own sampler; the
+    trainer does everything else (loss, weighting, optimiser, EMA, counting).
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor: ...
+    Capabilities each method class declares:
+        Params: its options (a MethodParams subclass), validated from the study file.
+        own_times: it draws its times on its own discrete schedule, so the study's time sampler must be `auto`.
+        needs_ema_target: its targets come from the EMA weights (Setting.ema_target).
+        needs_teacher(params): it distils a frozen teacher (Setting.teacher), for these options.
+    """
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    own_times: ClassVar[bool] = False
+    needs_ema_target: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, setting: Setting):
+        self.params, self.setting = params, setting
+
+    @classmethod
+    def needs_teacher(cls, params: MethodParams) -> bool:
+        return False
+
+    def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+        """The batch's regression terms. Shapes: x1 (n, *data_shape) data; net is the counted student."""
+        raise NotImplementedError
+
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+        """Samples (n, *data_shape) from base noise x0 with `nfe` network evaluations; `gen` draws any fresh
+        noise a sampler needs."""
+        raise NotImplementedError
+
+
+def register_method(name: str):
+    """Register a Method class under `name`, with its Params as the options (the class is the builder)."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        return METHODS.register(name, cls.Params)(cls)
+
+    return decorator
 
 
 METHODS = Registry("method")

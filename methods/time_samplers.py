@@ -59,7 +59,9 @@ class Uniform(TimeSampler):
 
 class LogitNormalParams(TimeSamplerParams):
     mean: float = -0.4
+    """Mean of the normal before the sigmoid."""
     std: PositiveFloat = 1.0
+    """Its std."""
 
 
 class LogitNormal(TimeSampler):
@@ -77,9 +79,13 @@ class LogitNormal(TimeSampler):
 
 class LogNormalParams(TimeSamplerParams):
     p_mean: float = -1.0
+    """Mean of log σ."""
     p_std: PositiveFloat = 1.4
+    """Std of log σ."""
     sigma_min: PositiveFloat = 0.002
+    """σ is clamped from below to this."""
     sigma_max: PositiveFloat = 80.0
+    """…and from above to this."""
 
 
 class LogNormal(TimeSampler):

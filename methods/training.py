@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,30 +18,36 @@ from torch import Tensor, nn
 
 from methods.counting import CountingNet, Counts
 from methods.ema import EMA
-from methods.images import ImageDataset, to_uint8
-from methods.interpolants import LinearInterpolant
-from methods.metrics import METRICS
+from methods.evaluation import Decay, EvalConfig, evaluate
 from methods.nets import LogVarWeight
-from methods.registry import MAX_NFE, Batch, Params, Samples, Steps
-from methods.terms import Method, Term
-
-Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
+from methods.registry import Batch, Params, Steps
+from methods.terms import Method, Setting, Term
 
 
 class TrainConfig(Params):
+    """The `train` section: optimisation, EMA, loss scale, seed, logging and checkpointing."""
+
     steps: Steps = 3000
+    """Optimiser steps."""
     batch_size: Batch = 1024
+    """Training samples per step."""
     micro_batches: PositiveInt = 1
     """Split each batch into this many equal parts, back-propagated one at a time and accumulated into one
     optimiser step: the same batch for less memory (each part draws its own times)."""
     optimizer: Literal["radam", "adam", "adamw"] = "radam"
+    """RAdam (the self-distillation paper's choice), Adam or AdamW."""
     lr: PositiveFloat = 1e-3
+    """Learning rate."""
     lr_decay_steps: PositiveInt | None = 35000
     """Paper A's schedule lr_k = lr / sqrt(max(k / lr_decay_steps, 1)); null keeps lr constant."""
     weight_decay: NonNegativeFloat = 0.0
+    """Weight decay of the optimiser."""
     grad_clip: PositiveFloat | None = 10.0
+    """Clip the global gradient norm to this; null: no clipping."""
     ema: Annotated[list[Decay], Field(min_length=1)] = [0.999]
+    """EMA decays tracked; the decay at step k is min(δ, (1 + k)/(10 + k))."""
     weighting: Literal["none", "logvar"] = "none"
+    """`logvar`: a learned log-variance weight e^{−w(a,b)}·ℓ + w(a,b) (docs/methods.md §2.2); `none`: ℓ."""
     dim_reduction: Literal["auto", "sum", "mean", "mean_div_d"] = "auto"
     """How each sample's squared error is reduced over its D data dimensions: `sum` (paper A, MeanFlow, iCT),
     `mean` (paper B, shortcut models), `mean_div_d` = mean / D (sCM's reference); `auto`: the method's reference
@@ -48,31 +56,21 @@ class TrainConfig(Params):
     """sample_mean: mean of per-sample losses over the whole batch (paper A's code); term_mean: sum over terms
     of each term's mean (paper A's Algorithm 1). They weigh the off-diagonal term differently (§3.4)."""
     seed: NonNegativeInt = 0
+    """Seeds the network's initialisation, the data, the times and the noise; a resume restores the RNG."""
     log_every: PositiveInt = 50
+    """Steps between logged training statistics (loss, gradient norm, target std, cost)."""
     checkpoint_every: PositiveInt = 500
+    """Steps between checkpoints: an interruption loses at most this many."""
     keep_checkpoints: PositiveInt = 2
+    """Newest checkpoints kept in the trial directory."""
     max_loss: PositiveFloat | None = None
     """A finite loss above this also counts as divergence (null: only non-finite losses do)."""
     max_target_norm: PositiveFloat | None = None
     """A per-sample target norm above this (a target blowing up) also counts as divergence (null: off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: cuda when available, else cpu."""
     threads: PositiveInt | None = 1
     """CPU threads per trial (torch.set_num_threads); null leaves torch's default."""
-
-
-class EvalConfig(Params):
-    every: PositiveInt = 1000
-    nfe: Annotated[list[Annotated[int, Field(gt=0, le=MAX_NFE)]], Field(min_length=1)] = [1, 2, 4, 8, 16]
-    metrics: Annotated[list[str], Field(min_length=1)] = ["kl"]
-    num_samples: Samples = 20000
-    ema: Decay | None = None
-    """Which EMA copy generates samples; null = the first of train.ema."""
-    batch_size: Batch = 1000
-    """Samples generated per network call during evaluation (memory, not results, depends on it)."""
-    fid_reference: Samples | None = None
-    """FID reference: this many training images (a fixed subset; null: all of them, as the papers do)."""
-    grid: NonNegativeInt = 64
-    """Images in the sample grid logged per NFE at each evaluation (image datasets; 0: none)."""
 
 
 class Diverged(Exception):
@@ -110,8 +108,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 TIME_BINS = 4
-PREVIEW_POINTS = 1000
-"""Samples of a low-dimensional dataset kept per NFE at each evaluation, for the dashboard's scatter plots."""
 
 
 def target_std_stats(name: str, norms: Tensor, a: Tensor) -> dict[str, float]:
@@ -139,34 +135,35 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 
 
 class Trainer:
-    """Owns the network (behind the counting wrapper), optional learned weight, optimiser, EMA and RNG.
+    """The training step and its state: the network (behind the counting wrapper), the method, the optional
+    learned weight, the optimiser, the EMA copies and the RNG.
 
-    `train_step` runs one step; `state_dict`/`load_state_dict` make resume exact (RNG included); `evaluate`
-    samples with an EMA copy and scores the samples. A method's teacher and EMA target network are evaluated
-    through the same counter as the student, so cost per sample includes them.
+    `train_step` runs one step; `state_dict`/`load_state_dict` make resume exact (RNG included). The method is
+    built here, from `make_method(setting)`, with the networks it needs handed over already counted: the
+    teacher (frozen) and the first EMA copy, so that a training sample's cost includes their evaluations.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        method: Method,
+        make_method: Callable[[Setting], Method],
+        setting: Setting,
         dataset,
-        interpolant: LinearInterpolant,
         cfg: TrainConfig,
         device: torch.device,
     ):
-        self.cfg, self.device = cfg, device
-        self.method, self.dataset, self.interpolant = method, dataset, interpolant
+        self.cfg, self.device, self.dataset, self.interpolant = cfg, device, dataset, setting.interpolant
         self.counts = Counts()
         self.net = CountingNet(net, self.counts).to(device)
         self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
         trainable = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
         self.optimizer = make_optimizer(cfg, trainable)
         self.ema = EMA(self.net.net, cfg.ema)
-        if getattr(method, "teacher", None) is not None:
-            method.teacher = CountingNet(method.teacher.to(device).requires_grad_(False).eval(), self.counts)
-        if hasattr(method, "ema_net"):  # methods whose targets come from the weights' EMA (shortcut)
-            method.ema_net = CountingNet(self.ema.nets[cfg.ema[0]], self.counts)
+        teacher = setting.teacher
+        if teacher is not None:
+            teacher = CountingNet(teacher.to(device).requires_grad_(False).eval(), self.counts)
+        ema_target = CountingNet(self.ema.nets[cfg.ema[0]], self.counts)
+        self.method = make_method(replace(setting, teacher=teacher, ema_target=ema_target))
         self.gen = torch.Generator(device).manual_seed(cfg.seed)
         self.step = 0
         self.samples_seen = 0
@@ -262,34 +259,14 @@ class Trainer:
             "cost/peak_mem_mb": peak_memory_mb(self.device),
         }
 
-    @torch.no_grad()
-    def generate(self, nfe: int, evaluation: EvalConfig) -> Tensor:
-        """eval.num_samples samples with the EMA copy at `nfe`, from the same base noise at every NFE and every
-        evaluation (samplers that re-noise draw from a second generator, so the base noise stays the same);
-        image samples come back as uint8 pixels on the CPU."""
-        net = self.ema.nets[evaluation.ema if evaluation.ema is not None else self.cfg.ema[0]]
-        base = torch.Generator(self.device).manual_seed(self.cfg.seed + 1_000_003)
-        renoise = torch.Generator(self.device).manual_seed(self.cfg.seed + 2_000_003)
-        chunks = []
-        for start in range(0, evaluation.num_samples, evaluation.batch_size):
-            n = min(evaluation.batch_size, evaluation.num_samples - start)
-            x = self.method.sample(net, self.interpolant.sample_base(n, self.dataset.shape, base), nfe, renoise)
-            chunks.append(to_uint8(x).cpu() if isinstance(self.dataset, ImageDataset) else x)
-        return torch.cat(chunks)
+    def ema_net(self, decay: float | None = None) -> nn.Module:
+        """The EMA copy of `decay` (None: the first of train.ema): what samples at evaluation."""
+        return self.ema.nets[decay if decay is not None else self.cfg.ema[0]]
 
     def evaluate(self, evaluation: EvalConfig) -> tuple[dict[str, float], dict[int, Tensor]]:
-        """Each metric at each NFE (`eval/<metric>/nfe_<N>`), and a preview of the samples per NFE: the first
-        eval.grid images (uint8, (n, C, H, W)) of an image dataset, the first PREVIEW_POINTS points otherwise."""
-        results, previews = {}, {}
-        for nfe in evaluation.nfe:
-            samples = self.generate(nfe, evaluation)
-            for name in evaluation.metrics:
-                metric = METRICS.get(name).build
-                results[f"eval/{name}/nfe_{nfe}"] = metric(samples, self.dataset, evaluation, self.device)
-            images = isinstance(self.dataset, ImageDataset)
-            if count := evaluation.grid if images else PREVIEW_POINTS:
-                previews[nfe] = samples[:count].detach().cpu()
-        return results, previews
+        """methods.evaluation.evaluate of this trainer's method with its EMA copy eval.ema, seeded by train.seed."""
+        net = self.ema_net(evaluation.ema)
+        return evaluate(self.method, net, self.interpolant, self.dataset, evaluation, self.cfg.seed, self.device)
 
     def state_dict(self) -> dict:
         return {

@@ -38,6 +38,7 @@ class UNetParams(Params):
     attn_resolutions: list[PositiveInt] = []
     """Resolutions (feature-map sides) with self-attention (paper A: [16] on CIFAR-10, [16, 8] on CelebA-64)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Dropout in the residual blocks."""
     emb_channels: PositiveInt | None = None
     """Width of the time embedding; null: 4 × channels."""
     time_scale: Annotated[float, Field(gt=0.0)] = 1.0

@@ -1,4 +1,5 @@
-"""`orch`: validate, plan, submit, status and dashboard for study files (DESIGN.md's CLI contract)."""
+"""`orch`: validate, plan, submit, status and dashboard for study files (docs/contracts.md lists the commands,
+their options and exit codes)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,17 @@ import sys
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
 
-from orchestrator.config import Problem, pydantic_problems
-from orchestrator.preflight import ray_problems, tracking_problems, workdir_problems
+from orchestrator.preflight import tracking_problems, workdir_problems
+from orchestrator.study.problems import Problem
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
-BACKEND_NAMES = ("ray", "local", "slurm")
 
 
 def load_or_exit(args):
     """The study of a command's STUDY, --profile and KEY=VALUE overrides, or exit 2 listing every problem."""
-    from orchestrator.study import StudyError, load_study
+    from orchestrator.study.load import load_study
+    from orchestrator.study.problems import StudyError
 
     try:
         return load_study(args.study, args.profile, parse_overrides(args.overrides))
@@ -34,8 +34,8 @@ def load_or_exit(args):
 def parse_overrides(pairs: list[str]) -> dict:
     """KEY=VALUE arguments as dotted key → value, each value read as YAML (`lr=1e-3`, `'method.name=[lsd,esd]'`).
     Raises StudyError naming a malformed one."""
-    from orchestrator.study import StudyError
-    from orchestrator.yaml_source import YAMLLimit, check_limits, parse
+    from orchestrator.study.problems import StudyError
+    from orchestrator.study.yaml_source import YAMLLimit, check_limits, parse
 
     overrides, problems = {}, []
     for pair in pairs:
@@ -63,7 +63,7 @@ def cmd_validate(args) -> int:
 
 
 def print_plan(study) -> None:
-    from orchestrator.study import show_factor
+    from orchestrator.study.expand import show_factor
 
     print(
         f"study {study.name!r}"
@@ -76,6 +76,12 @@ def print_plan(study) -> None:
     print("  " + "trial_id".ljust(14) + "  ".join(a.ljust(w) for a, w in zip(axes, widths)))
     for t, row in zip(study.trials, rows):
         print("  " + t.id.ljust(14) + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if study.teachers:
+        print(f"{len(study.teachers)} teacher trial(s), trained first (once per work directory):")
+        for teacher in study.teachers:
+            students = sum(t.teacher == teacher.id for t in study.trials)
+            train = teacher.config["train"]
+            print(f"  {teacher.id.ljust(14)}flow matching, {train['steps']} steps, for {students} trial(s)")
 
 
 def cmd_plan(args) -> int:
@@ -87,32 +93,55 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+RAY_OPTIONS = {"ray_address": "address", "max_concurrent": "max_concurrent"}
+"""submit's options that set the ray backend's options (option attribute → backend key)."""
+
+
+def given_options(args) -> list[str]:
+    return [option for option in RAY_OPTIONS if getattr(args, option) is not None]
+
+
+def submitted_backend(study, args):
+    """The backend options of a submission: the study's backend section, switched to --backend if given (the
+    file's options then apply only when they are that backend's), with --ray-address / --max-concurrent on top.
+    Returns (params, problems)."""
+    from orchestrator.backends import backend_params, search_refused
+
+    raw = study.backend.model_dump()
+    if args.backend is not None and args.backend != raw["name"]:
+        raw = {"name": args.backend}
+    given = {RAY_OPTIONS[option]: getattr(args, option) for option in given_options(args)}
+    if given and raw["name"] != "ray":
+        flags = ", ".join("--" + option.replace("_", "-") for option in given_options(args))
+        return None, [Problem(flags, f"applies to the ray backend; this submission's backend is {raw['name']!r}")]
+    params, problems = backend_params(raw | given)
+    if params is not None and study.search is not None:
+        problems += search_refused(params, "--backend" if args.backend else "backend.name")
+    return params, problems
+
+
 def cmd_submit(args) -> int:
-    from orchestrator.study import Backend
+    from orchestrator.backends import backend_of
 
     study = load_or_exit(args)
-    overrides = {"name": args.backend, "max_concurrent": args.max_concurrent, "address": args.ray_address}
-    try:
-        backend = Backend.model_validate(
-            study.backend.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-        )
-    except ValidationError as e:
-        return refuse(args.study, pydantic_problems(e, "", Backend, "backend"))
+    params, problems = submitted_backend(study, args)
+    if problems:
+        return refuse(args.study, problems)
     if args.dry_run:
         print_plan(study)
-        print(f"(dry run: backend {backend.name}, nothing started)")
+        print(f"(dry run: backend {params.name}, nothing started)")
         return EXIT_OK
     workdir = Path(args.workdir)
     problems = workdir_problems(workdir) + tracking_problems(args.tracking_uri)
-    problems += ray_problems(backend.name, backend.address, from_cli=args.ray_address is not None)
+    problems += backend_of(params).preflight(from_cli=args.ray_address is not None)
     if problems:
         return refuse(args.study, problems)
-    return run_submission(study, backend, workdir, args.tracking_uri)
+    return run_submission(study, params, workdir, args.tracking_uri)
 
 
 def refuse(source: str, problems: list) -> int:
     """Report problems found before anything was created: exit 2."""
-    from orchestrator.study import StudyError
+    from orchestrator.study.problems import StudyError
 
     print(StudyError(source, problems).report(), file=sys.stderr)
     return EXIT_INVALID
@@ -121,7 +150,9 @@ def refuse(source: str, problems: list) -> int:
 def study_dir_of(target: str, workdir: str) -> Path:
     """A submitted study given by its file (its `name`) or by name; a name obeys the study files' rule, so that
     it never leaves the work directory."""
-    from orchestrator.study import STUDY_NAME, StudyError, load_study
+    from orchestrator.study.load import load_study
+    from orchestrator.study.problems import StudyError
+    from orchestrator.study.schema import STUDY_NAME
 
     name = target
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
@@ -143,35 +174,39 @@ def study_dir_of(target: str, workdir: str) -> Path:
     return path
 
 
-def slurm_states(rows: list[dict]) -> dict[str, str]:
-    """Live Slurm states of the rows' jobs, or {} with a warning when Slurm cannot be asked."""
-    if not any(row["job_id"] for row in rows):
-        return {}
-    from orchestrator.slurm import SlurmError, queue_states
+def job_states(backend, rows: list[dict]) -> dict[str, str]:
+    """Live states of the rows' jobs from the study's backend, or {} with a warning when it cannot be asked."""
+    from orchestrator.backends import BackendError
 
+    ids = [row["job_id"] for row in rows if row["job_id"]]
+    if backend is None or not ids:
+        return {}
     try:
-        return queue_states()
-    except SlurmError as e:
-        print(f"warning: no Slurm job states: {e}", file=sys.stderr)
+        return backend.job_states(ids)
+    except BackendError as e:
+        print(f"warning: no {backend.params.name} job states: {e}", file=sys.stderr)
         return {}
 
 
 def cmd_status(args) -> int:
-    from orchestrator.backends import live_driver, recorded_driver
-    from orchestrator.driver import study_status
-    from orchestrator.slurm import ACTIVE
-    from orchestrator.state import RUNNING, read_json
+    from orchestrator.driver import backend_of_submission, study_status
+    from orchestrator.lock import live_driver, recorded_driver
+    from orchestrator.tracking.schema import RUNNING
+    from orchestrator.trial.state import read_json
 
     study_dir = study_dir_of(args.study, args.workdir)
     current = read_json(study_dir / "submission.json").get("generation")
     rows = study_status(study_dir)
     shown = [r for r in rows if args.all or current is None or r["generation"] in (current, "")]  # "": unknown
-    states = slurm_states(shown)
+    backend = backend_of_submission(study_dir)
+    states = job_states(backend, shown)
     driven = live_driver(recorded_driver(study_dir)) is not None
     for row in shown:
-        job = f"  [slurm {row['job_id']} {states.get(row['job_id'], 'gone')}]" if row["job_id"] else ""
+        job_id = row["job_id"] if backend is not None else None
+        live = job_id is not None and states.get(job_id) in backend.live_job_states
+        job = f"  [{backend.params.name} {job_id} {states.get(job_id, 'gone')}]" if job_id else ""
         note = row["reason"].strip().splitlines()[-1] if row["reason"] else ""
-        if row["status"] == RUNNING and not driven and states.get(row["job_id"]) not in ACTIVE:
+        if row["status"] == RUNNING and not driven and not live:
             note = "no live orch process runs it: `orch resume` continues it from its checkpoint"
         older = "  [earlier version of the study]" if row["generation"] not in (current, "") else ""
         print(
@@ -191,8 +226,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from orchestrator.backends import StudyBusy
     from orchestrator.driver import prune_study
+    from orchestrator.lock import StudyBusy
 
     study_dir = study_dir_of(args.study, args.workdir)
     try:
@@ -210,20 +245,20 @@ def cmd_prune(args) -> int:
     return EXIT_OK
 
 
-def run_submission(study, backend, workdir: Path, tracking_uri: str | None) -> int:
+def run_submission(study, params, workdir: Path, tracking_uri: str | None) -> int:
     """Submit with the CLI's signal handling and exit codes (shared by submit and resume)."""
-    from orchestrator.backends import StudyBusy
-    from orchestrator.build import check_data
     from orchestrator.driver import submit_study
-    from orchestrator.study import StudyError
-    from orchestrator.tracking import TRACKING_ERRORS
+    from orchestrator.lock import StudyBusy
+    from orchestrator.study.problems import StudyError
+    from orchestrator.tracking.store import TRACKING_ERRORS
+    from orchestrator.trial.build import check_data
 
     if problems := check_data([t.config for t in study.trials]):
         print(StudyError(study.name, problems).report(), file=sys.stderr)
         return EXIT_INVALID
     signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM (what Slurm and `orch cancel` send) as Ctrl-C
     try:
-        return submit_study(study, backend, workdir, tracking_uri)
+        return submit_study(study, params, workdir, tracking_uri)
     except StudyBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -240,20 +275,21 @@ def run_submission(study, backend, workdir: Path, tracking_uri: str | None) -> i
 
 
 def cmd_resume(args) -> int:
+    from orchestrator.backends import backend_of
     from orchestrator.driver import load_submitted
-    from orchestrator.study import StudyError
+    from orchestrator.study.problems import StudyError
 
     study_dir = study_dir_of(args.study, args.workdir)
     try:
-        study, backend, uri = load_submitted(study_dir)
+        study, params, uri = load_submitted(study_dir)
     except StudyError as e:
         print(e.report(), file=sys.stderr)
         return EXIT_INVALID
-    if problems := tracking_problems(uri) + ray_problems(backend.name, backend.address, from_cli=False):
+    if problems := tracking_problems(uri) + backend_of(params).preflight(from_cli=False):
         return refuse(str(study_dir / "study.yaml"), problems)
     profile = f"profile {study.profile}" if study.profile else "the default profile"
-    print(f"resuming study {study.name!r} as last submitted (backend {backend.name}, {profile})")
-    return run_submission(study, backend, study_dir.parent, uri)
+    print(f"resuming study {study.name!r} as last submitted (backend {params.name}, {profile})")
+    return run_submission(study, params, study_dir.parent, uri)
 
 
 def cmd_cancel(args) -> int:
@@ -304,7 +340,7 @@ def cmd_ui(args) -> int:
 def fid_input(spec: str):
     """`dataset:split` (a registered image dataset) or an image folder."""
     from methods.catalog import DATASETS
-    from orchestrator.build import build_section
+    from orchestrator.trial.build import build_section
 
     name, _, split = spec.partition(":")
     if name in DATASETS and "images" in DATASETS.get(name).provides:
@@ -355,6 +391,17 @@ def cmd_fid(args) -> int:
     return EXIT_OK
 
 
+def cmd_describe(args) -> int:
+    from orchestrator.study.describe import UnknownSection, describe
+
+    try:
+        print(describe(args.target), end="")
+    except UnknownSection as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
 FULL_RANK = 2048
 """Images per side below which the 2048-d Inception covariance of FID is rank-deficient."""
 
@@ -370,7 +417,7 @@ def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
 
-    from orchestrator.tracking import git_commit
+    from orchestrator.tracking.store import git_commit
 
     try:
         number = package_version("orch")
@@ -404,7 +451,7 @@ def parser() -> argparse.ArgumentParser:
     study_cmd("validate", "check a study file; exit 2 listing every problem", cmd_validate)
     study_cmd("plan", "print the expanded trials; nothing runs", cmd_plan)
     s = study_cmd("submit", "run every trial of a study (finished trials are skipped)", cmd_submit)
-    s.add_argument("--backend", choices=list(BACKEND_NAMES), help="where trials run (default: the study's backend)")
+    s.add_argument("--backend", help="where trials run: ray, local, slurm or an installed one (default: the study's)")
     s.add_argument("--workdir", default=default_workdir(), help=workdir_help)
     s.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (default: embedded)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")
@@ -435,6 +482,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, help="images per side: a fixed random subset (default: all)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.set_defaults(func=cmd_fid)
+    s = sub.add_parser("describe", help="every option of a study file with its default and meaning")
+    s.add_argument("target", nargs="?", help="a section (method, train, …) or one entry (method.lsd, train.lr)")
+    s.set_defaults(func=cmd_describe)
     s = sub.add_parser("ui", help="the MLflow UI over a study's store, on 127.0.0.1")
     s.add_argument("study", nargs="?", help="study name (optional when the workdir holds one study)")
     s.add_argument("--workdir", default=default_workdir(), help=workdir_help)
@@ -457,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     from orchestrator.progress import set_quiet
-    from orchestrator.tracking import SOURCE
+    from orchestrator.tracking.store import SOURCE
 
     set_quiet(args.quiet)
     SOURCE["name"] = " ".join(["orch", args.command, getattr(args, "study", None) or ""]).strip()

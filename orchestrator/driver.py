@@ -1,7 +1,9 @@
-"""The driver of `orch submit`: study directory, MLflow store and runs, then the backend, then the summary."""
+"""The driver of `orch submit`: the study directory, the MLflow store and runs, the teachers first, then the
+trials on the study's backend, then the summary and the dashboard."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,36 +12,44 @@ from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
-from pydantic import ValidationError
 
-from orchestrator.backends import claim_study, release_study, run_local, run_ray, say_plain
-from orchestrator.config import Problem, metric_fingerprint
-from orchestrator.progress import Progress, TrialProgress
-from orchestrator.runner import Trial, missing_evaluations, open_trial, record_outcome
-from orchestrator.state import (
+from methods.storage import exclusive
+from orchestrator.backends import BACKENDS, JOB_FILE, Backend, BackendParams, backend_of, backend_params
+from orchestrator.lock import alive, claim_study, live_driver, recorded_driver, release_study
+from orchestrator.progress import Progress, TrialProgress, say_plain
+from orchestrator.study.expand import TrialSpec
+from orchestrator.study.load import Study, load_study
+from orchestrator.study.problems import Problem, StudyError
+from orchestrator.study.schema import Search
+from orchestrator.tracking.schema import (
+    AXES,
+    BEST,
     CANCELLED,
-    FAILED,
+    COMPLETED,
+    DESCRIPTION,
     FINISHED_STATES,
-    PENDING,
-    RUNNING,
-    TrialState,
-    atomic_write_bytes,
-    read_json,
-    write_json,
-)
-from orchestrator.study import Backend, Search, Study, StudyError, load_study
-from orchestrator.tracking import (
     GENERATION,
-    ROLE,
-    STATUS,
+    PENDING,
+    PROFILE,
+    RUNNING,
+    SEARCH_ARTIFACT,
+    SEARCH_METRIC,
+    SEARCH_MODE,
+    STUDY_YAML,
+)
+from orchestrator.tracking.store import (
     TRACKING_ERRORS,
     default_tracking_uri,
     ensure_experiment,
     ensure_parent_run,
     environment_tags,
-    find_runs,
     log_batch,
+    reconcile,
 )
+from orchestrator.trial.config import metric_fingerprint
+from orchestrator.trial.runner import Trial, finish_unrun, missing_evaluations, open_trial
+from orchestrator.trial.state import TrialState, atomic_write_bytes, read_json, write_json
+from orchestrator.trial.teachers import EXPERIMENT, TEACHER_FILE, write_teacher_file
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -66,7 +76,7 @@ def study_status(study_dir: Path, ids: list[str] | None = None, generation: str 
                 "status": state.status,
                 "step": state.step,
                 "reason": state.reason,
-                "job_id": read_json(trial_dir / "job.json").get("job_id"),  # written by the Slurm backend
+                "job_id": read_json(trial_dir / JOB_FILE).get("job_id"),
                 "generation": planned_by,
             }
         )
@@ -91,31 +101,89 @@ def prepare_store(study: Study, study_dir: Path, uri: str) -> tuple[MlflowClient
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, study.name, study_dir / "artifacts")
     tags = environment_tags() | {
-        "orch.axes": json.dumps(study.axes),
-        "orch.grid": json.dumps(study.resolved["grid"])[:5000],
-        "orch.study_yaml": (study_dir / "study.yaml").read_text()[:5000],
-        "orch.profile": study.profile or "default",
+        AXES: json.dumps(study.axes),
+        STUDY_YAML: (study_dir / "study.yaml").read_text()[:5000],
+        PROFILE: study.profile or "default",
         GENERATION: study.generation,
-        "orch.description": study.description[:4000],
+        DESCRIPTION: study.description[:4000],
     }
     if study.search is not None:
-        tags["orch.search"] = study.search.model_dump_json()[:5000]
+        tags |= {SEARCH_METRIC: study.search.metric, SEARCH_MODE: study.search.mode}
     parent_id = ensure_parent_run(client, experiment_id, study.name, tags)
     client.log_artifact(parent_id, str(study_dir / "study.yaml"))
+    if study.search is not None:  # the search block in full: its space may be longer than a tag holds
+        client.log_dict(parent_id, study.search.model_dump(), SEARCH_ARTIFACT)
     return client, experiment_id, parent_id
 
 
+def open_trials(
+    specs: list[TrialSpec],
+    store: tuple[MlflowClient, str, str],
+    study: str,
+    trials_root: Path,
+    generation,
+    say,
+    teachers: dict[str, Path] | None = None,
+) -> list[tuple[Trial, TrialState]]:
+    """Each spec's trial directory and child run in `trials_root` (opened as open_trial does), with the teacher
+    each one distils: a planned teacher's file from `teachers`, or the path the study names."""
+    client, experiment_id, parent_id = store
+    return [
+        open_trial(client, experiment_id, parent_id, study, trials_root, spec, generation(spec), say, teachers or {})
+        for spec in specs
+    ]
+
+
+def run_teachers(study: Study, workdir: Path, uri: str, backend: Backend, say) -> dict[str, Path]:
+    """Train the teachers the study's trials distil, first, on the study's backend (once per workdir: a teacher
+    another study trained is found done and never opened again; one that another driver is training is waited
+    for, by this driver, not by a worker). Returns teacher id → teacher file, for the completed ones."""
+    teachers_dir = workdir / "teachers"
+
+    def unfinished(specs: list[TrialSpec]) -> list[TrialSpec]:
+        return [s for s in specs if TrialState.load(teachers_dir / "trials" / s.id).status not in FINISHED_STATES]
+
+    if todo := sorted(unfinished(study.teachers), key=lambda spec: spec.id):
+        with contextlib.ExitStack() as locks:
+            for spec in todo:  # in id order: two drivers never wait on each other's locks
+                (teachers_dir / "trials" / spec.id).mkdir(parents=True, exist_ok=True)
+                locks.enter_context(exclusive(teachers_dir / "trials" / spec.id / "lock"))
+            if todo := unfinished(todo):  # another driver may have trained some meanwhile
+                client = MlflowClient(uri)
+                experiment_id = ensure_experiment(client, EXPERIMENT, teachers_dir / "artifacts")
+                store = (client, experiment_id, ensure_parent_run(client, experiment_id, EXPERIMENT, {}))
+                trials = [t for t, _ in open_trials(todo, store, EXPERIMENT, teachers_dir, lambda spec: spec.id, say)]
+                say(f"{len(trials)} teacher(s) to train first: {', '.join(t.id for t in trials)}")
+                backend.run(trials, teachers_dir, EXPERIMENT, progress_of(trials), say)
+    files = {}
+    for spec in study.teachers:
+        trial_dir = teachers_dir / "trials" / spec.id
+        if TrialState.load(trial_dir).status == COMPLETED:
+            teacher_file = trial_dir / TEACHER_FILE
+            files[spec.id] = teacher_file if teacher_file.exists() else write_teacher_file(trial_dir, spec.config)
+    return files
+
+
+def progress_of(trials: list[Trial]) -> Progress:
+    return Progress(
+        {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in trials}
+    )
+
+
 def prepare_trials(
-    study: Study, study_dir: Path, uri: str, client: MlflowClient, experiment_id: str, parent_id: str, say
+    study: Study, study_dir: Path, store: tuple[MlflowClient, str, str], teachers: dict[str, Path], say
 ) -> tuple[list[Trial], int]:
     """One trial directory and child run per grid trial; returns the trials still to run (to train, or finished
     ones to evaluate where the eval config asks for more) and the finished count. An evaluation change never
     trains a trial again: a new metric or step count is evaluated on the final checkpoint, and a changed
-    fingerprint (sample count, reference, EMA) keeps the values measured before, which the driver says."""
+    fingerprint (sample count, reference, EMA) keeps the values measured before, which the driver says. A trial
+    whose planned teacher did not complete fails at once, with the teacher's reason."""
     todo, finished, remeasured = [], 0, []
-    for spec in study.trials:
-        trial, state = open_trial(client, experiment_id, parent_id, study.name, study_dir, spec, study.generation, say)
-        if state.status not in FINISHED_STATES or missing_evaluations(spec.config, state):
+    opened = open_trials(study.trials, store, study.name, study_dir, lambda s: study.generation, say, teachers)
+    for (trial, state), spec in zip(opened, study.trials):
+        if spec.teacher is not None and spec.teacher not in teachers and state.status not in FINISHED_STATES:
+            finish_unrun(trial, state, f"its teacher {spec.teacher} did not complete; see orch status of its trial")
+        elif state.status not in FINISHED_STATES or missing_evaluations(spec.config, state):
             todo.append(trial)
         finished += state.status in FINISHED_STATES
         remeasured += [m for m, fp in state.fingerprints.items() if fp != metric_fingerprint(m, spec.config)]
@@ -127,23 +195,6 @@ def prepare_trials(
             "dashboard never plots the two together"
         )
     return todo, finished
-
-
-def reconcile_tracking(client: MlflowClient, experiment_id: str, study_dir: Path) -> int:
-    """Make MLflow agree with the trial directories (the source of truth) for finished trials: a worker can be
-    torn down between writing state.json and its last MLflow writes (e.g. Ray shutting down right after Tune
-    stopped a trial). Returns the number of runs corrected."""
-    runs = {r.info.run_id: r for r in find_runs(client, experiment_id, f"tags.`{ROLE}` = 'trial'")}
-    fixed = 0
-    for trial_dir in (study_dir / "trials").iterdir():
-        state = TrialState.load(trial_dir)
-        run = runs.get(state.run_id)
-        if run is None or state.status not in (*FINISHED_STATES, FAILED, CANCELLED):
-            continue
-        if run.data.tags.get(STATUS) != state.status or run.info.status == "RUNNING":
-            record_outcome(client, state.run_id, state, trial_dir)
-            fixed += 1
-    return fixed
 
 
 def record_best(client: MlflowClient, parent_id: str, study_dir: Path, search: Search) -> dict | None:
@@ -163,69 +214,52 @@ def record_best(client: MlflowClient, parent_id: str, study_dir: Path, search: S
         "value": value,
         "params": {k: trial.factors[k] for k in search.space},
     }
-    log_batch(client, parent_id, tags={"orch.best": json.dumps(best)}, params={"best.trial_id": trial.id})
+    log_batch(client, parent_id, tags={BEST: json.dumps(best)}, params={"best.trial_id": trial.id})
     log_batch(client, parent_id, metrics=[(f"best/{search.metric}", value, 0)])
     return best
 
 
-def run_grid(
-    study: Study, study_dir: Path, uri: str, client, experiment_id: str, parent_id: str, backend: Backend, say
-) -> list[str]:
-    """Run the grid's unfinished trials; returns the ids of the study's trials."""
-    todo, finished = prepare_trials(study, study_dir, uri, client, experiment_id, parent_id, say)
-    evaluate = sum(TrialState.load(Path(t.dir)).status in FINISHED_STATES for t in todo)
-    to_train = len(todo) - evaluate
-    extra = f" ({evaluate} of them finished, to evaluate at new metrics or step counts)" if evaluate else ""
-    say(f"{finished} already finished, {to_train} to run{extra} on backend {backend.name!r}")
-    progress = Progress(
-        {t.id: TrialProgress(t.label, t.config["train"]["steps"], TrialState.load(Path(t.dir)).step) for t in todo}
-    )
-    if todo and backend.name == "local":
-        run_local(todo, progress)
-    elif todo and backend.name == "slurm":
-        from orchestrator.slurm import run_slurm
-
-        run_slurm(todo, study_dir, study.name, backend, progress, say)
-    elif todo:
-        run_ray(todo, study_dir, backend, progress)
-    return [t.id for t in study.trials]
-
-
-def submit_study(study: Study, backend: Backend, workdir: Path, tracking_uri: str | None, say=say_plain) -> int:
-    """Run the study as its one live driver; exit code per DESIGN.md. Raises StudyBusy, changing nothing, when
-    another orch process is running it."""
+def submit_study(study: Study, params: BackendParams, workdir: Path, tracking_uri: str | None, say=say_plain) -> int:
+    """Run the study as its one live driver; exit code per docs/contracts.md. Raises StudyBusy, changing nothing,
+    when another orch process is running it."""
     study_dir = (workdir / study.name).resolve()
     (study_dir / "trials").mkdir(parents=True, exist_ok=True)
-    claim_study(study_dir)
+    previous = claim_study(study_dir, backend=params.name)
+    if (name := previous.get("backend", "ray" if "ray_temp_dir" in previous else None)) in BACKENDS:
+        BACKENDS.get(name).build.recover(previous)  # what a killed driver's backend left
     try:
-        return run_study(study, backend, study_dir, tracking_uri, say)
+        return run_study(study, backend_of(params), study_dir, tracking_uri, say)
     finally:
         release_study(study_dir)
 
 
 def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str | None, say) -> int:
-    """Run every unfinished trial of the study; write the dashboard."""
+    """Run every unfinished trial of the study (teachers first); write the dashboard."""
     header = f"# study {study.name!r} as last submitted" + (f", profile {study.profile!r}" if study.profile else "")
     atomic_write_bytes(
         study_dir / "study.yaml", f"{header}\n{yaml.safe_dump(study.resolved, sort_keys=False)}".encode()
     )
     uri = tracking_uri or default_tracking_uri(study_dir)
-    submission = {"tracking_uri": uri, "profile": study.profile, "backend": backend.model_dump()}
+    submission = {"tracking_uri": uri, "profile": study.profile, "backend": backend.params.model_dump()}
     write_json(study_dir / "submission.json", submission | {"generation": study.generation, "submitted": time.time()})
     kind = f"search over {len(study.trials)} grid cell(s)" if study.search else f"{len(study.trials)} trial(s)"
     say(f"study {study.name!r}: {kind}; tracking {uri}")
-    client, experiment_id, parent_id = prepare_store(study, study_dir, uri)
+    client, experiment_id, parent_id = store = prepare_store(study, study_dir, uri)
     started = time.time()
     try:
+        teachers = run_teachers(study, study_dir.parent, uri, backend, say)
         if study.search is not None:
-            from orchestrator.search import run_search
-
-            search_errors = run_search(study, study_dir, uri, experiment_id, parent_id, backend, say)
+            search_errors = backend.search(study, study_dir, uri, experiment_id, parent_id, teachers, say)
             rows = study_status(study_dir, generation=study.generation)
         else:
             search_errors = 0
-            ids = run_grid(study, study_dir, uri, client, experiment_id, parent_id, backend, say)
-            rows = study_status(study_dir, ids)
+            todo, finished = prepare_trials(study, study_dir, store, teachers, say)
+            evaluate = sum(TrialState.load(Path(t.dir)).status in FINISHED_STATES for t in todo)
+            extra = f" ({evaluate} of them finished, to evaluate at new metrics or step counts)" if evaluate else ""
+            say(f"{finished} already finished, {len(todo) - evaluate} to run{extra} on backend {backend.params.name!r}")
+            if todo:
+                backend.run(todo, study_dir, study.name, progress_of(todo), say)
+            rows = study_status(study_dir, [t.id for t in study.trials])
     except KeyboardInterrupt:
         settle_interrupted(study_dir, backend, client, experiment_id, parent_id, say)
         raise
@@ -260,7 +294,7 @@ def finish_tracking(
 ) -> None:
     """Bring MLflow in line with the trial directories, end the parent run, record a search's best sample and
     write the dashboard."""
-    reconcile_tracking(client, experiment_id, study_dir)
+    reconcile(client, experiment_id, study_dir)
     client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
     if study.search is not None and (best := record_best(client, parent_id, study_dir, study.search)):
         say(f"best: {best['label']} ({best['trial_id']}) {best['metric']}={best['value']:.4g}")
@@ -275,11 +309,12 @@ def settle_interrupted(
     study_dir: Path, backend: Backend, client: MlflowClient, experiment_id: str, parent_id: str, say
 ) -> None:
     """After Ctrl-C or SIGTERM the trials this process ran stopped with it (a local trial, or Ray's workers shut
-    down): they become `cancelled`, continued by `orch resume`, and MLflow says so. Slurm jobs keep running."""
-    if backend.name != "slurm":
+    down): they become `cancelled`, continued by `orch resume`, and MLflow says so. Jobs that outlive the driver
+    (Slurm's) keep running."""
+    if not backend.jobs_outlive_driver:
         mark_cancelled(study_dir, (RUNNING,), "interrupted (Ctrl-C or SIGTERM); `orch resume` continues it")
     try:
-        reconcile_tracking(client, experiment_id, study_dir)
+        reconcile(client, experiment_id, study_dir)
         client.set_terminated(parent_id, status="KILLED")
     except TRACKING_ERRORS as e:
         say(f"warning: the tracking store failed while recording the interruption ({type(e).__name__})")
@@ -322,34 +357,36 @@ def prune_study(study_dir: Path, dry_run: bool, say=say_plain) -> list[str]:
     return stale
 
 
-def load_submitted(study_dir: Path) -> tuple[Study, Backend, str]:
+def load_submitted(study_dir: Path) -> tuple[Study, BackendParams, str]:
     """The study, backend and tracking URI of a study's last submission (<study>/study.yaml, submission.json).
     Raises StudyError naming the file when either is unreadable."""
     source = str(study_dir / "study.yaml")
     study = load_study(source)
     submission = read_json(study_dir / "submission.json")
-    try:
-        study.profile = submission["profile"]
-        return study, Backend.model_validate(submission["backend"]), submission["tracking_uri"]
-    except (KeyError, ValidationError) as e:
-        problem = Problem(
-            "", f"{study_dir / 'submission.json'} is unreadable ({type(e).__name__}); submit the study file again"
-        )
-        raise StudyError(source, [problem]) from None
+    params, problems = backend_params(submission.get("backend"), "submission.json backend")
+    if params is None or "tracking_uri" not in submission:
+        why = "; ".join(map(str, problems)) or "no tracking_uri"
+        problem = Problem("", f"{study_dir / 'submission.json'} is unreadable ({why}); submit the study file again")
+        raise StudyError(source, [problem])
+    study.profile = submission.get("profile")
+    return study, params, submission["tracking_uri"]
+
+
+def backend_of_submission(study_dir: Path) -> Backend | None:
+    """The backend the study was last submitted to, or None when its record is unreadable."""
+    params, _ = backend_params(read_json(study_dir / "submission.json").get("backend") or {})
+    return backend_of(params) if params is not None else None
 
 
 def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
-    """Stop a study's running trials and keep their checkpoints: scancel its Slurm jobs (first, so that none
-    finishes meanwhile), signal its live driver (Ray or local runs stop with it), and mark every trial that had
-    not finished `cancelled`. Returns how many."""
-    from orchestrator.backends import alive, live_driver, recorded_driver
-
-    trial_dirs = sorted((study_dir / "trials").iterdir())
-    if any((d / "job.json").exists() for d in trial_dirs):
-        from orchestrator.slurm import cancel_jobs
-
-        if ids := cancel_jobs([d for d in trial_dirs if TrialState.load(d).status in (PENDING, RUNNING)]):
-            say(f"cancelled Slurm job(s) {', '.join(ids)}")
+    """Stop a study's running trials and keep their checkpoints: stop the work its backend runs outside the orch
+    process (first, so that none finishes meanwhile: Slurm jobs), signal its live driver (Ray or local runs
+    stop with it), and mark every trial that had not finished `cancelled`. Returns how many."""
+    unfinished = [
+        d for d in sorted((study_dir / "trials").iterdir()) if TrialState.load(d).status in (PENDING, RUNNING)
+    ]
+    if (backend := backend_of_submission(study_dir)) is not None:
+        backend.cancel(unfinished, say)
     if pid := live_driver(recorded_driver(study_dir)):
         os.kill(pid, signal.SIGTERM)
         deadline = time.time() + wait_seconds
@@ -360,5 +397,5 @@ def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> 
     client = MlflowClient(tracking_uri_of(study_dir))
     experiment = client.get_experiment_by_name(study_dir.name)
     if experiment is not None:
-        reconcile_tracking(client, experiment.experiment_id, study_dir)
+        reconcile(client, experiment.experiment_id, study_dir)
     return cancelled

@@ -1,5 +1,6 @@
-"""Checks of a submission's surroundings before anything is created: the work directory, the tracking store and
-an existing Ray cluster must be usable, and answer within seconds, or the submission is refused (exit 2)."""
+"""Checks of a submission's surroundings before anything is created: the work directory and the tracking store
+must be usable, and answer within seconds, or the submission is refused (exit 2). Each backend checks its own
+surroundings (an existing Ray cluster) with the helpers here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchestrator.config import Problem
+from orchestrator.study.problems import Problem
 
 CONNECT_SECONDS = 3.0
 """How long a tracking server or a Ray cluster may take to answer before the submission is refused."""
@@ -101,19 +102,3 @@ def server_unreachable(uri: str) -> str | None:
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         return f"no tracking server answers within {CONNECT_SECONDS:.0f} s ({reason})"
-
-
-def ray_problems(backend_name: str, address: str | None, from_cli: bool) -> list[Problem]:
-    """An existing Ray cluster must answer; an address given to a backend that does not use Ray is refused."""
-    where = "--ray-address" if from_cli else "backend.address"
-    if address is None:
-        return []
-    if backend_name != "ray":
-        return [Problem(where, f"applies to the ray backend; this submission's backend is {backend_name!r}")]
-    try:
-        target = parse_address(address)
-    except ValueError as e:
-        return [Problem(where, str(e))]
-    if target is not None and (why := reachable(*target)):
-        return [Problem(where, f"no Ray cluster answers at {address} within {CONNECT_SECONDS:.0f} s ({why})")]
-    return []

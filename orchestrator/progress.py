@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from orchestrator.state import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
+from orchestrator.tracking.schema import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
 
 MIN_RATE_SECONDS = 5.0
 QUIET = {"on": False}
@@ -16,6 +16,11 @@ QUIET = {"on": False}
 
 def set_quiet(on: bool) -> None:
     QUIET["on"] = on
+
+
+def say_plain(line: str) -> None:
+    """The driver's own lines (the summary, errors): shown even with -q."""
+    print(line, file=sys.stdout, flush=True)
 
 
 @dataclass

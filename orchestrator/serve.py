@@ -13,7 +13,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from orchestrator.state import FINISHED_STATES, TrialState
+from orchestrator.tracking.schema import FINISHED_STATES
+from orchestrator.trial.state import TrialState
 
 HOST = "127.0.0.1"
 

@@ -1,5 +1,5 @@
 """The all-methods study's smoke profile, for real (embedded Ray, sqlite MLflow): every method of both papers and
-every baseline trains, evaluates and logs every metric DESIGN.md names."""
+every baseline trains, evaluates and logs every metric docs/contracts.md names."""
 
 from pathlib import Path
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends import live_driver, process_started, session_processes
+from orchestrator.backends.ray import session_processes
 from orchestrator.cli import main
-from orchestrator.state import TrialState
+from orchestrator.lock import live_driver, process_started
+from orchestrator.trial.state import TrialState
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from methods.interpolants import LinearInterpolant
 from methods.shortcut import ShortcutParams, bootstrap_term
 from methods.terms import Setting
 from methods.training import TrainConfig, Trainer
-from orchestrator.build import build_section
-from orchestrator.config import resolve_trial_config
+from orchestrator.trial.build import build_section
+from orchestrator.trial.config import resolve_trial_config
 
 DIMS, STD = 16, 0.5
 
@@ -115,10 +115,10 @@ def trainer_for(method: dict, net: nn.Module, train: dict | None = None, teacher
     """A trainer of `method` on the Gaussian data with the resolved default train config (plus `train`)."""
     config, problems = resolve_trial_config({"method": method, "train": {"device": "cpu", **(train or {})}})
     assert not problems
-    interpolant = LinearInterpolant(Gaussian.std)
-    method = build_section(config, "method", Setting(interpolant, None, STD, teacher))
+    setting = Setting(LinearInterpolant(Gaussian.std), None, STD, teacher)
+    make_method = lambda s: build_section(config, "method", s)  # noqa: E731
     return Trainer(
-        net, method, Gaussian(), interpolant, TrainConfig.model_validate(config["train"]), torch.device("cpu")
+        net, make_method, setting, Gaussian(), TrainConfig.model_validate(config["train"]), torch.device("cpu")
     )
 
 

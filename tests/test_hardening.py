@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.state import TrialState
+from orchestrator.trial.state import TrialState
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent

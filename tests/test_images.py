@@ -17,8 +17,8 @@ from PIL import Image
 from methods import fid
 from methods.images import DatasetFilesError, ImageDataset
 from methods.unet import FlowMapUNet, UNetParams
-from orchestrator.build import build_section
 from orchestrator.cli import main
+from orchestrator.trial.build import build_section
 from tests.conftest import STUDIES
 
 

@@ -11,7 +11,7 @@ from dashboards import figures
 from dashboards.load import load_runs
 from dashboards.report import factor_groups
 from orchestrator.cli import main
-from orchestrator.study import load_study, parse_study
+from orchestrator.study.load import load_study, parse_study
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_an_evaluation_change_keeps_the_trial_and_its_identity():
 
 def test_grid_levels_that_differ_only_in_evaluation_are_refused():
     text = "name: s\ngrid: {eval.num_samples: [1000, 2000]}\n"
-    from orchestrator.study import StudyError
+    from orchestrator.study.problems import StudyError
 
     try:
         parse_study(text, "s.yaml")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends import session_processes
+from orchestrator.backends.ray import session_processes
 from orchestrator.cli import main
-from orchestrator.study import StudyError, parse_study
+from orchestrator.study.load import parse_study
+from orchestrator.study.problems import StudyError
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.backends.slurm import queue_states
 from orchestrator.cli import main
-from orchestrator.slurm import queue_states
-from orchestrator.state import TrialState
+from orchestrator.trial.state import TrialState
 from tests.conftest import STUDIES
 
 UP = Path(__file__).resolve().parent / "slurm" / "up.sh"

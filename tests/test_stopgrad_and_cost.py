@@ -6,8 +6,8 @@ from torch import nn
 
 from methods.counting import CountingNet
 from methods.self_distillation import esd_term, lsd_term, psd_term
-from orchestrator.build import build_network, build_trainer, needs_teacher
-from orchestrator.config import resolve_trial_config
+from orchestrator.trial.build import build_network, build_trainer, needs_teacher
+from orchestrator.trial.config import resolve_trial_config
 
 
 class TwoHeads(nn.Module):

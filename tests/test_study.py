@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.study import StudyError, load_study, parse_study
+from orchestrator.study.load import load_study, parse_study
+from orchestrator.study.problems import StudyError
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_STUDY = ROOT / "studies" / "ablation_stopgrad.yaml"

@@ -8,7 +8,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.teachers import EXPERIMENT, TEACHER_FILE
+from orchestrator.trial.teachers import EXPERIMENT, TEACHER_FILE
 from tests.conftest import STUDIES
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from methods.training import Diverged, EvalConfig
-from orchestrator.build import build_trainer
-from orchestrator.config import resolve_trial_config
+from orchestrator.trial.build import build_trainer
+from orchestrator.trial.config import resolve_trial_config
 
 
 def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: float = 3e-3):

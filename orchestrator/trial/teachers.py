@@ -1,35 +1,26 @@
-"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd): named by the study, or trained once.
+"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd): named by the study, or planned.
 
 A teacher the study does not name is a flow-matching model of the trial's dataset and network, trained with the
-budget of `method.teacher`. It is identified by the hash of that config, trained at most once per workdir (a
-file lock serialises concurrent trials, Ray workers or Slurm jobs on a shared filesystem), tracked in the MLflow
-experiment `orch-teachers`, and then reused by every trial and study that asks for the same one:
+budget of `method.teacher`. It is a trial of its own, planned with the study (its id is the hash of its config,
+`orch plan` lists it), trained first by the driver on the study's backend, at most once per workdir (a second
+study that needs it finds it trained, or waits for the driver training it), tracked in the MLflow experiment
+`orch-teachers`, and then loaded by every trial that asks for the same one:
 
     <workdir>/teachers/trials/<hash>/   state.json, checkpoints/, teacher.pt (config + EMA weights)
-
-Training goes through run_trial itself, so an interrupted teacher resumes from its checkpoint like any trial.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 
-from methods.storage import exclusive
-from orchestrator import runner
-from orchestrator.build import build_network
-from orchestrator.config import resolve_trial_config, trial_id
-from orchestrator.state import COMPLETED, TrialState, atomic_write_bytes, load_latest_checkpoint
-from orchestrator.study import TrialSpec
-from orchestrator.tracking import ensure_experiment, ensure_parent_run
-
-log = logging.getLogger(__name__)
+from orchestrator.trial.build import build_network, needs_teacher
+from orchestrator.trial.config import resolve_trial_config
+from orchestrator.trial.state import atomic_write_bytes, load_latest_checkpoint
 
 EXPERIMENT = "orch-teachers"
 TEACHER_FILE = "teacher.pt"
@@ -86,42 +77,19 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
     return net, config
 
 
-def train_teacher(config: dict, key: str, teachers_dir: Path, tracking_uri: str) -> Path:
-    """Train (or finish training) the teacher trial `key` and write its teacher file."""
-    client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, EXPERIMENT, teachers_dir / "artifacts")
-    parent_id = ensure_parent_run(client, experiment_id, EXPERIMENT, {})
-    spec = TrialSpec(key, config, {"teacher": "fm"})
-    trial, _ = runner.open_trial(client, experiment_id, parent_id, EXPERIMENT, teachers_dir, spec, key)
-    log.warning("training flow-matching teacher %s (%d steps) in %s", key, config["train"]["steps"], trial.dir)
-    status = runner.run_trial(trial)
-    state = TrialState.load(Path(trial.dir))
-    if status != COMPLETED:
-        raise TeacherError(f"teacher {key} did not complete ({status}: {state.reason}); see {trial.dir}")
-    checkpoint = load_latest_checkpoint(Path(trial.dir))
+def planned_teacher(config: dict) -> dict | None:
+    """The config of the teacher trial that `config` distils when the study names none, else None."""
+    method = config["method"]
+    if not needs_teacher(method) or method["teacher"]["path"] is not None:
+        return None
+    return teacher_config(config)
+
+
+def write_teacher_file(trial_dir: Path, config: dict) -> Path:
+    """The teacher file of a completed teacher trial: its config and its first EMA copy's weights."""
+    checkpoint = load_latest_checkpoint(trial_dir)
     weights = checkpoint["trainer"]["ema"][str(config["train"]["ema"][0])]
     buffer = io.BytesIO()
     torch.save({"config": config, "net": weights}, buffer)
-    path = Path(trial.dir) / TEACHER_FILE
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def obtain_teacher(config: dict, workdir: Path, tracking_uri: str) -> tuple[nn.Module, str]:
-    """The trial's teacher and a description for its run's tags: the named one, else the cached default one
-    (trained here first if no trial has trained it yet)."""
-    spec = config["method"]["teacher"]
-    if spec["path"] is not None:
-        net, _ = load_teacher(spec["path"])
-        return net, spec["path"]
-    teacher = teacher_config(config)
-    key = trial_id(teacher)
-    teachers_dir = workdir / "teachers"
-    trial_dir = teachers_dir / "trials" / key
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(trial_dir / "lock"):
-        path = trial_dir / TEACHER_FILE
-        if not path.exists():
-            path = train_teacher(teacher, key, teachers_dir, tracking_uri)
-    net, _ = load_teacher(path)
-    return net, key
+    atomic_write_bytes(trial_dir / TEACHER_FILE, buffer.getvalue())
+    return trial_dir / TEACHER_FILE

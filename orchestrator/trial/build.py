@@ -10,7 +10,8 @@ from methods.images import DatasetFilesError
 from methods.interpolants import LinearInterpolant
 from methods.terms import Setting
 from methods.training import TrainConfig, Trainer
-from orchestrator.config import REGISTRY_SECTIONS, Problem
+from orchestrator.study.problems import Problem
+from orchestrator.trial.config import REGISTRY_SECTIONS
 
 
 def build_section(config: dict, section: str, *args):
@@ -29,9 +30,11 @@ def build_network(config: dict) -> torch.nn.Module:
 
 
 def needs_teacher(method_config: dict) -> bool:
+    """Whether the method of this (resolved) method section distils a teacher, with these options."""
     entry = METHODS.get(method_config["name"])
-    params = entry.params.model_validate({k: v for k, v in method_config.items() if k != "name"})
-    return bool(getattr(params, "uses_teacher", False))
+    return entry.build.needs_teacher(
+        entry.params.model_validate({k: v for k, v in method_config.items() if k != "name"})
+    )
 
 
 def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
@@ -48,8 +51,7 @@ def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module |
     interpolant = LinearInterpolant(dataset.std)
     sigma_data = float(dataset.std.float().mean())
     setting = Setting(interpolant, build_section(config, "time_sampler", sigma_data), sigma_data, teacher)
-    method = build_section(config, "method", setting)
-    return Trainer(net, method, dataset, interpolant, train, device)
+    return Trainer(net, lambda s: build_section(config, "method", s), setting, dataset, train, device)
 
 
 def check_data(configs: list[dict]) -> list[Problem]:

@@ -1,4 +1,5 @@
-"""MLflow layout: one experiment per study, a parent run for the study, one child run per trial."""
+"""The writes to MLflow, and the only writer of outcome tags: one experiment per study, a parent run for the study,
+one child run per trial (names in orchestrator/tracking/schema.py)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,39 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator.config import flatten, metric_description, metric_fingerprint
+from methods.metrics import metric
+from orchestrator.tracking.schema import (
+    CANCELLED,
+    DEVICE,
+    DIRECTION,
+    EXPERIMENT_KIND,
+    FAILED,
+    FINGERPRINT,
+    FINISHED_STATES,
+    GIT_COMMIT,
+    HOST,
+    MEASURE,
+    PARENT_RUN,
+    PENDING,
+    PYTHON,
+    REASON,
+    ROLE,
+    RUN_NAME,
+    RUN_STATUS,
+    RUNNING,
+    SOURCE_COMMIT,
+    SOURCE_NAME,
+    SOURCE_TYPE,
+    STATUS,
+    STOPPED_STEP,
+    TRAINING,
+    TRIAL_ID,
+    USER,
+    VERSION,
+)
+from orchestrator.trial.config import flatten, metric_description, metric_fingerprint
+from orchestrator.trial.state import TrialState, read_metrics
 
-ROLE, TRIAL_ID, STATUS = "orch.role", "orch.trial_id", "orch.status"
-FACTORS = "orch.factors"
-"""A trial's factor levels, JSON {axis: [index on the axis, label]}: what the dashboard groups by."""
-GENERATION = "orch.generation"
-"""The version of the study file (a hash of it, resolved) that last planned a trial, or that a parent ran."""
-REASON, STOPPED_STEP = "orch.reason", "orch.stopped_step"
-EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
 TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
 """What a tracking store that went away raises (sqlite file deleted, server down, disk full)."""
 PACKAGES = ("torch", "ray", "mlflow", "optuna", "pandas", "plotly", "pydantic", "submitit", "numpy")
@@ -63,12 +88,12 @@ def git_commit() -> str:
 
 def environment_tags(device: str | None = None) -> dict[str, str]:
     """What a result depends on besides its config: code version, packages, host and device."""
-    tags = {"orch.git_commit": git_commit(), "orch.python": platform.python_version(), "orch.host": platform.node()}
+    tags = {GIT_COMMIT: git_commit(), PYTHON: platform.python_version(), HOST: platform.node()}
     if device is not None:
-        tags["orch.device"] = device
+        tags[DEVICE] = device
     for package in PACKAGES:
         try:
-            tags[f"orch.version.{package}"] = metadata.version(package)
+            tags[f"{VERSION}{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
     return tags
@@ -98,7 +123,7 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study_name: str,
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(experiment_id, tags={ROLE: "study", "mlflow.runName": study_name}).info.run_id
+        run_id = client.create_run(experiment_id, tags={ROLE: "study", RUN_NAME: study_name}).info.run_id
     log_batch(client, run_id, tags=source_tags() | tags)
     return run_id
 
@@ -113,15 +138,8 @@ def ensure_trial_run(
     found = find_runs(client, experiment_id, f"tags.`{TRIAL_ID}` = '{trial_id}'")
     if found:
         return found[0].info.run_id
-    tags = source_tags() | {
-        "mlflow.parentRunId": parent_id,
-        ROLE: "trial",
-        TRIAL_ID: trial_id,
-        STATUS: "pending",
-        "mlflow.runName": label,
-    }
-    tags |= {f"orch.fingerprint.{m}": metric_fingerprint(m, config) for m in config["eval"]["metrics"]}
-    tags |= {f"orch.measure.{m}": metric_description(m, config) for m in config["eval"]["metrics"]}
+    tags = source_tags() | {PARENT_RUN: parent_id, ROLE: "trial", TRIAL_ID: trial_id, STATUS: PENDING, RUN_NAME: label}
+    tags |= measure_tags(config, config["eval"]["metrics"])
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     log_batch(
         client,
@@ -147,12 +165,19 @@ SOURCE = {"name": "orch"}
 
 def source_tags() -> dict[str, str]:
     """MLflow's own source columns: the command, the user, the code's commit."""
-    tags = {"mlflow.source.name": SOURCE["name"], "mlflow.source.type": "LOCAL"}
+    tags = {SOURCE_NAME: SOURCE["name"], SOURCE_TYPE: "LOCAL"}
     with contextlib.suppress(KeyError, OSError):
-        tags["mlflow.user"] = getpass.getuser()
+        tags[USER] = getpass.getuser()
     if (commit := git_commit()) != "unknown":
-        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        tags[SOURCE_COMMIT] = commit.removesuffix("-dirty")
     return tags
+
+
+def measure_tags(config: dict, metrics: list[str]) -> dict[str, str]:
+    """How each metric of a trial is measured: its fingerprint, in words, and whether lower or higher is better."""
+    tags = {f"{FINGERPRINT}{m}": metric_fingerprint(m, config) for m in metrics}
+    tags |= {f"{MEASURE}{m}": metric_description(m, config) for m in metrics}
+    return tags | {f"{DIRECTION}{m}": metric(m).direction for m in metrics}
 
 
 def clear_outcome(client: MlflowClient, run_id: str) -> None:
@@ -188,3 +213,51 @@ def log_batch(
         client.log_batch(run_id, params=param_objs[i : i + 100])
     for i in range(0, len(tag_objs), 100):
         client.log_batch(run_id, tags=tag_objs[i : i + 100])
+
+
+def mark_running(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    """A trial's run as it (re)starts: RUNNING, without an earlier outcome's reason, with `tags` (environment)."""
+    client.update_run(run_id, status="RUNNING")
+    clear_outcome(client, run_id)
+    log_batch(client, run_id, tags=tags | {STATUS: RUNNING})
+
+
+def record_outcome(client: MlflowClient, run_id: str, state: TrialState, trial_dir: Path) -> None:
+    """Write a trial's outcome (status, reason, step) from its state into its MLflow run and end the run; a
+    failure's whole traceback also goes in as the artifact failure/traceback.txt, a finished trial's index of
+    its best checkpoints (in the trial directory, tag orch.trial_dir) as best/best.json."""
+    tags = {STATUS: state.status}
+    if state.reason is not None:
+        tags |= {REASON: state.reason[-5000:], STOPPED_STEP: str(state.step)}
+    else:
+        clear_outcome(client, run_id)
+    log_batch(client, run_id, tags=tags)
+    if state.status == FAILED and state.reason:
+        client.log_text(run_id, state.reason, "failure/traceback.txt")
+    if state.status in FINISHED_STATES and (best := trial_dir / "best" / "best.json").is_file():
+        client.log_artifact(run_id, str(best), "best")
+    client.set_terminated(run_id, status=RUN_STATUS.get(state.status, "FINISHED"))
+
+
+def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> None:
+    """Fill a new run with what the trial directory holds: every logged metric and the outcome."""
+    log_batch(client, run_id, metrics=read_metrics(trial_dir))
+    if state.status not in (PENDING, RUNNING):
+        record_outcome(client, run_id, state, trial_dir)
+
+
+def reconcile(client: MlflowClient, experiment_id: str, study_dir: Path) -> int:
+    """Make MLflow agree with the trial directories (the source of truth) for ended trials: a worker can be
+    torn down between writing state.json and its last MLflow writes (e.g. Ray shutting down right after Tune
+    stopped a trial). Returns the number of runs corrected."""
+    runs = {r.info.run_id: r for r in find_runs(client, experiment_id, f"tags.`{ROLE}` = 'trial'")}
+    fixed = 0
+    for trial_dir in (study_dir / "trials").iterdir():
+        state = TrialState.load(trial_dir)
+        run = runs.get(state.run_id)
+        if run is None or state.status not in (*FINISHED_STATES, FAILED, CANCELLED):
+            continue
+        if run.data.tags.get(STATUS) != state.status or run.info.status == "RUNNING":
+            record_outcome(client, state.run_id, state, trial_dir)
+            fixed += 1
+    return fixed

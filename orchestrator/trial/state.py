@@ -1,4 +1,4 @@
-"""The trial directory is the single source of truth for resume: state.json and atomic checkpoints."""
+"""The trial directory is the single source of truth: state.json, the metrics log and atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -14,19 +14,10 @@ from typing import Any
 import torch
 
 from methods.storage import atomic_write_bytes
+from orchestrator.tracking.schema import PENDING, STATUSES, UNREADABLE
 
 log = logging.getLogger(__name__)
 
-PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
-STOPPED = "stopped"
-"""Stopped early by a search scheduler (ASHA): a result, like divergence."""
-CANCELLED = "cancelled"
-"""Stopped by `orch cancel`: not a result; `orch resume` continues it from its checkpoint."""
-FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
-"""Trials in these states are results: never run again."""
-UNREADABLE = "unreadable"
-"""state.json could not be read: the driver re-derives it from the checkpoints and the MLflow run."""
-STATUSES = (PENDING, RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, CANCELLED)
 METRICS_LOG = "metrics.jsonl"
 """Every metric a trial logged, one JSON row per line: MLflow's copy can be rebuilt from it."""
 
@@ -53,7 +44,7 @@ class TrialState:
     result: dict[str, float] = field(default_factory=dict)
     """The latest evaluation (e.g. {"eval/kl/nfe_1": 0.42}): what a resumed search reports for a finished trial."""
     fingerprints: dict[str, str] = field(default_factory=dict)
-    """metric → the fingerprint its values in `result` were measured under (see orchestrator/config.py)."""
+    """metric → the fingerprint its values in `result` were measured under (see orchestrator/trial/config.py)."""
     job_id: str | None = None
     """The Slurm job running the trial, when it runs under Slurm."""
     logged_step: int = -1
@@ -123,3 +114,23 @@ def load_latest_checkpoint(trial_dir: Path) -> dict | None:
         except Exception as e:  # a torn or corrupted file: any unpickling error
             log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path, e)
     return None
+
+
+def append_metrics(trial_dir: Path, rows: list[tuple[str, float, int]]) -> None:
+    with open(trial_dir / METRICS_LOG, "a") as f:
+        f.writelines(json.dumps({"key": k, "value": v, "step": s}) + "\n" for k, v, s in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(trial_dir: Path) -> list[tuple[str, float, int]]:
+    """The metrics log, one row per (key, step) (the last one written wins); a torn last line is skipped."""
+    path = trial_dir / METRICS_LOG
+    rows: dict[tuple[str, int], float] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+            rows[(row["key"], int(row["step"]))] = float(row["value"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [(k, v, s) for (k, s), v in rows.items()]

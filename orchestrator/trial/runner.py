@@ -19,44 +19,52 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from methods.metrics import metric as metric_spec
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
-from orchestrator import teachers
-from orchestrator.build import build_trainer, needs_teacher
-from orchestrator.config import metric_description, metric_fingerprint
-from orchestrator.state import (
-    CANCELLED,
+from orchestrator.study.expand import TrialSpec
+from orchestrator.tracking.schema import (
     COMPLETED,
     DIVERGED,
+    FACTORS,
     FAILED,
     FINISHED_STATES,
-    METRICS_LOG,
-    PENDING,
-    RUNNING,
-    STOPPED,
-    UNREADABLE,
-    TrialState,
-    atomic_write_bytes,
-    load_latest_checkpoint,
-    newest_checkpoint_step,
-    read_json,
-    save_checkpoint,
-    write_json,
-)
-from orchestrator.study import TrialSpec
-from orchestrator.tracking import (
-    FACTORS,
     GENERATION,
+    PENDING,
     REASON,
+    RUNNING,
     STATUS,
+    STOPPED,
     STOPPED_STEP,
-    TRACKING_ERRORS,
+    TEACHER,
+    TRIAL_DIR,
     TRIAL_ID,
-    clear_outcome,
+    UNREADABLE,
+)
+from orchestrator.tracking.store import (
+    TRACKING_ERRORS,
     ensure_trial_run,
     environment_tags,
     find_runs,
     log_batch,
+    mark_running,
+    measure_tags,
+    record_outcome,
+    replay_run,
 )
+from orchestrator.trial.build import build_trainer
+from orchestrator.trial.config import metric_fingerprint
+from orchestrator.trial.state import (
+    TrialState,
+    append_metrics,
+    atomic_write_bytes,
+    load_latest_checkpoint,
+    newest_checkpoint_step,
+    read_json,
+    read_metrics,
+    save_checkpoint,
+    write_json,
+)
+from orchestrator.trial.teachers import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,10 @@ class Trial:
     run_id: str
     generation: str = ""
     """The version of the study file that last planned this trial (`orch status` shows the current one's)."""
+    teacher: str | None = None
+    """The teacher it distils: a planned teacher's file, or the file or trial directory the study names."""
+    teacher_name: str | None = None
+    """How its run names that teacher (tag orch.teacher): the planned teacher's id, or the named path."""
 
     def save(self) -> None:
         write_json(Path(self.dir) / "trial.json", asdict(self))
@@ -101,6 +113,7 @@ def open_trial(
     spec: TrialSpec,
     generation: str,
     say: Callable[[str], None] = log.warning,
+    teachers: dict[str, Path] | None = None,
 ) -> tuple[Trial, TrialState]:
     """A trial's directory, state and MLflow child run: created on first use, the same ones ever after (the run
     recorded in state.json, else the one tagged with the trial id), with trial.json written for the workers and
@@ -125,8 +138,21 @@ def open_trial(
         state.run_id = run_id
         state.save(trial_dir)
     log_batch(client, run_id, tags={FACTORS: json.dumps(spec.levels), GENERATION: generation})
+    named = spec.config["method"].get("teacher", {}).get("path") if isinstance(spec.config["method"], dict) else None
+    planned = (teachers or {}).get(spec.teacher) if spec.teacher is not None else None
+    teacher, teacher_name = (str(planned), spec.teacher) if planned else (named, named)
     trial = Trial(
-        spec.id, study, spec.label, spec.config, spec.factors, str(trial_dir), client.tracking_uri, run_id, generation
+        spec.id,
+        study,
+        spec.label,
+        spec.config,
+        spec.factors,
+        str(trial_dir),
+        client.tracking_uri,
+        run_id,
+        generation,
+        teacher,
+        teacher_name,
     )
     trial.save()
     return trial, state
@@ -143,9 +169,9 @@ def rederive_state(
     run = runs[0] if runs else None
     outcome = run.data.tags.get(STATUS) if run else None
     if run is not None and outcome in FINISHED_STATES:
-        step = int(run.data.tags.get("orch.stopped_step", steps))
+        step = int(run.data.tags.get(STOPPED_STEP, steps))
         result = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
-        state = TrialState(outcome, step, run.info.run_id, run.data.tags.get("orch.reason"), result, logged_step=logged)
+        state = TrialState(outcome, step, run.info.run_id, run.data.tags.get(REASON), result, logged_step=logged)
         return state, f"re-derived from its MLflow run: {outcome} at step {step}, not run again"
     step = newest_checkpoint_step(trial_dir)
     state = TrialState(PENDING, step, run.info.run_id if run else None, broken, logged_step=logged)
@@ -210,33 +236,6 @@ class TrialTracker:
         state.save(Path(self.trial.dir))
 
 
-def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> None:
-    """Fill a new run with what the trial directory holds: every logged metric and the outcome."""
-    log_batch(client, run_id, metrics=read_metrics(trial_dir))
-    if state.status not in (PENDING, RUNNING):
-        record_outcome(client, run_id, state, trial_dir)
-
-
-def append_metrics(trial_dir: Path, rows: list[tuple[str, float, int]]) -> None:
-    with open(trial_dir / METRICS_LOG, "a") as f:
-        f.writelines(json.dumps({"key": k, "value": v, "step": s}) + "\n" for k, v, s in rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_metrics(trial_dir: Path) -> list[tuple[str, float, int]]:
-    """The metrics log, one row per (key, step) (the last one written wins); a torn last line is skipped."""
-    path = trial_dir / METRICS_LOG
-    rows: dict[tuple[str, int], float] = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-            rows[(row["key"], int(row["step"]))] = float(row["value"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return [(k, v, s) for (k, s), v in rows.items()]
-
-
 class WarningsToState(logging.Handler):
     """Warnings logged while a trial runs (by orch or the science code) are kept in its state, so that the
     driver shows them on every backend (a Ray worker's or a Slurm job's log is not the user's terminal)."""
@@ -265,11 +264,11 @@ class NotesToProgress(logging.Handler):
 def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[str, str], float]:
     """The trial's trainer (with its teacher when the method distils), restored from the newest checkpoint; the
     run's tags; and the wall time already spent before that checkpoint."""
-    tags = {STATUS: RUNNING} | environment_tags(device_name(device))
+    tags = environment_tags(device_name(device)) | {TRIAL_DIR: trial.dir}
     teacher = None
-    if needs_teacher(trial.config["method"]):
-        workdir = Path(trial.dir).parents[2]
-        teacher, tags["orch.teacher"] = teachers.obtain_teacher(trial.config, workdir, trial.tracking_uri)
+    if trial.teacher is not None:  # planned and trained first by the driver, or named by the study
+        teacher, _ = load_teacher(trial.teacher)
+        tags[TEACHER] = trial.teacher_name
     trainer = build_trainer(trial.config, device, teacher)
     checkpoint = load_latest_checkpoint(Path(trial.dir))
     if checkpoint is None:
@@ -322,9 +321,7 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
         trainer, tags, wall_before = prepare_trainer(trial, device)
     except Exception:  # e.g. an unreadable teacher: the trial fails with its reason, the study goes on
         return finish(tracker, state, FAILED, traceback.format_exc(limit=20))
-    tracker.call(lambda: client.update_run(trial.run_id, status="RUNNING"))
-    tracker.call(lambda: clear_outcome(client, trial.run_id))
-    tracker.call(lambda: log_batch(client, trial.run_id, tags=tags | {"orch.trial_dir": trial.dir}))
+    tracker.call(lambda: mark_running(client, trial.run_id, tags))
     state.status, state.step, state.reason, state.job_id = RUNNING, trainer.step, None, slurm_job_id()
     state.save(trial_dir)
     reset_peak_memory(device)
@@ -377,14 +374,15 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
 
 def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.nn.Module) -> None:
     """Keep the best EMA weights per metric and NFE (paper A reports each NFE at its best checkpoint) in
-    <trial>/best/<metric>_nfe_<N>.pt, indexed by best/best.json ({key: {value, step}}); lower is better."""
+    <trial>/best/<metric>_nfe_<N>.pt, indexed by best/best.json ({key: {value, step}}); "best" is each metric's
+    direction."""
     index_path = trial_dir / "best" / "best.json"
     index = read_json(index_path)
-    improved = {
-        key: value
-        for key, value in scores.items()
-        if math.isfinite(value) and (key not in index or value < index[key]["value"])
-    }
+
+    def better(key: str, value: float) -> bool:  # keys are eval/<metric>/nfe_<N>
+        return key not in index or metric_spec(key.split("/")[1]).better(value, index[key]["value"])
+
+    improved = {key: value for key, value in scores.items() if math.isfinite(value) and better(key, value)}
     for key, value in improved.items():
         name = key.removeprefix("eval/").replace("/", "_")
         buffer = io.BytesIO()
@@ -454,12 +452,16 @@ def evaluate_final(trial: Trial, state: TrialState, progress: Progress | None) -
         state.fingerprints[metric] = metric_fingerprint(metric, trial.config)
         if progress:
             progress(trainer.step, scores)
-    tags = {f"orch.fingerprint.{m}": fp for m, fp in state.fingerprints.items()}
-    tags |= {f"orch.measure.{m}": metric_description(m, trial.config) for m in state.fingerprints}
+    tags = measure_tags(trial.config, list(state.fingerprints))
     tracker.call(lambda: log_batch(tracker.client, trial.run_id, tags=tags))
     tracker.flush(state)
     state.save(trial_dir)
     return state.status
+
+
+def finish_unrun(trial: Trial, state: TrialState, reason: str) -> str:
+    """Record a trial as failed without running it (e.g. its teacher did not complete)."""
+    return finish(TrialTracker(MlflowClient(trial.tracking_uri), trial, log.warning), state, FAILED, reason)
 
 
 def finish(tracker: TrialTracker, state: TrialState, status: str, reason: str | None, step: int | None = None) -> str:
@@ -470,20 +472,3 @@ def finish(tracker: TrialTracker, state: TrialState, status: str, reason: str | 
     state.save(Path(tracker.trial.dir))
     tracker.call(lambda: record_outcome(tracker.client, tracker.trial.run_id, state, Path(tracker.trial.dir)))
     return status
-
-
-def record_outcome(client: MlflowClient, run_id: str, state: TrialState, trial_dir: Path) -> None:
-    """Write a trial's outcome (status, reason, step) from its state into its MLflow run and end the run; a
-    failure's whole traceback also goes in as the artifact failure/traceback.txt, a finished trial's index of
-    its best checkpoints (in the trial directory, tag orch.trial_dir) as best/best.json."""
-    tags = {STATUS: state.status}
-    if state.reason is not None:
-        tags |= {REASON: state.reason[-5000:], STOPPED_STEP: str(state.step)}
-    else:
-        clear_outcome(client, run_id)
-    log_batch(client, run_id, tags=tags)
-    if state.status in FINISHED_STATES and (best := trial_dir / "best" / "best.json").is_file():
-        client.log_artifact(run_id, str(best), "best")
-    if state.status == FAILED and state.reason:
-        client.log_text(run_id, state.reason, "failure/traceback.txt")
-    client.set_terminated(run_id, status={FAILED: "FAILED", CANCELLED: "KILLED"}.get(state.status, "FINISHED"))

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
-from methods.fid import EXTRACTOR
 from methods.registry import Registry, UnknownName
 from methods.training import EvalConfig, TrainConfig
+from orchestrator.study.problems import Problem, did_you_mean, pydantic_problems
 
 # Sections chosen by name from a registry, with the default name when a study leaves the section out.
 REGISTRY_SECTIONS: dict[str, tuple[Registry, str]] = {
@@ -25,41 +23,6 @@ REGISTRY_SECTIONS: dict[str, tuple[Registry, str]] = {
 }
 FIXED_SECTIONS: dict[str, type[BaseModel]] = {"train": TrainConfig, "eval": EvalConfig}
 SECTIONS = [*REGISTRY_SECTIONS, *FIXED_SECTIONS]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a study file: where (dotted key path, file line if known) and what."""
-
-    path: str
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = self.path or "(top level)"
-        return f"{where}{f' (line {self.line})' if self.line else ''}: {self.message}"
-
-
-def did_you_mean(name: str, known: list[str]) -> str:
-    hint = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
-
-
-def pydantic_problems(error: ValidationError, prefix: str, model: type[BaseModel], context: str) -> list[Problem]:
-    problems = []
-    for e in error.errors():
-        path = ".".join(part for part in [prefix, *map(str, e["loc"])] if part)
-        if e["type"] == "extra_forbidden":
-            key = str(e["loc"][-1])
-            known = sorted(model.model_fields)
-            message = f"unknown key {key!r} for {context}{did_you_mean(key, known)}; known: {', '.join(known)}"
-        elif e["type"] == "too_short":
-            message = f"empty list: give at least one value [{context}]"
-        else:
-            message = f"{e['msg']} (got {e['input']!r})" if "input" in e else e["msg"]
-            message += f" [{context}]"
-        problems.append(Problem(path, message))
-    return problems
 
 
 def validate_section(section: str, raw: Any, model: type[BaseModel], context: str) -> tuple[dict, list[Problem]]:
@@ -140,7 +103,7 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
         problems.append(Problem("eval.ema", f"{evaluation['ema']} is not one of train.ema {train['ema']}"))
     if {"method", "time_sampler"} <= named:
         method = METHODS.get(config["method"]["name"])
-        if config["time_sampler"]["name"] != "auto" and "time_sampler" not in method.provides:
+        if config["time_sampler"]["name"] != "auto" and method.build.own_times:
             problems.append(
                 Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
             )
@@ -191,22 +154,23 @@ def metric_fingerprint(metric: str, config: dict) -> str:
     """What makes two values of an eval metric comparable: the metric, the data it is measured against (training
     augmentation aside), the sample count, the EMA copy that samples, and for FID the reference size and the
     feature extractor. Values with different fingerprints are never plotted as one series."""
+    spec, evaluation = METRICS.get(metric).build, config["eval"]
     data = {k: v for k, v in config["dataset"].items() if k != "hflip"}
-    ema = config["eval"]["ema"] if config["eval"]["ema"] is not None else config["train"]["ema"][0]
-    basis = {"metric": metric, "dataset": data, "num_samples": config["eval"]["num_samples"], "ema": ema}
-    if metric == "fid":
-        basis |= {"reference": config["eval"]["fid_reference"], "extractor": EXTRACTOR}
+    ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
+    basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": ema}
+    basis |= {option: evaluation[option] for option in spec.options}
+    if spec.extractor is not None:
+        basis["extractor"] = spec.extractor
     return f"{metric}-{digest(basis)[:8]}"
 
 
 def metric_description(metric: str, config: dict) -> str:
     """What a metric's fingerprint stands for, in words: "FID of 10,000 samples vs 50,000 training images of
     cifar10 (EMA 0.9999)"."""
-    evaluation, dataset = config["eval"], config["dataset"]["name"]
+    spec, evaluation, dataset = METRICS.get(metric).build, config["eval"], config["dataset"]["name"]
     ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
-    what = {"kl": "KL(data ‖ model), 50×50 histogram", "fid": "FID"}.get(metric, metric)
-    against = f" vs {evaluation['fid_reference'] or 'all'} training images" if metric == "fid" else ""
-    return f"{what} of {evaluation['num_samples']:,} samples{against} of {dataset} (EMA {ema})"
+    options = "".join(f", {option} {evaluation[option]}" for option in spec.options)
+    return f"{spec.title} of {evaluation['num_samples']:,} samples of {dataset} (EMA {ema}{options})"
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

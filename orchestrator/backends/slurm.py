@@ -11,22 +11,44 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import submitit
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from orchestrator.backends import JOB_FILE, Backend, BackendError, BackendParams, register_backend
 from orchestrator.progress import Progress
-from orchestrator.runner import Trial, finish_detail, run_trial
-from orchestrator.state import CANCELLED, FAILED, FINISHED_STATES, RUNNING, TrialState, read_json, write_json
-from orchestrator.study import Backend
+from orchestrator.tracking.schema import CANCELLED, FAILED, FINISHED_STATES, RUNNING
+from orchestrator.trial.runner import Trial, finish_detail, run_trial
+from orchestrator.trial.state import TrialState, read_json, write_json
 
-JOB_FILE = "job.json"
+
+class SlurmParams(BackendParams):
+    """submitit's parameter names; a study's trials go out as one job array per submission."""
+
+    name: Literal["slurm"] = "slurm"
+    partition: str | None = None
+    """The Slurm partition (null: the cluster's default)."""
+    timeout_min: PositiveInt = 240
+    """Minutes a job may run; a job that reaches it is requeued and resumes from its checkpoint."""
+    cpus_per_task: PositiveInt = 1
+    """CPUs per job."""
+    gpus_per_node: NonNegativeInt = 0
+    """GPUs per job."""
+    mem_gb: PositiveFloat | None = None
+    """Memory per job (null: the partition's default)."""
+    array_parallelism: PositiveInt = 64
+    """At most this many of the array's jobs run at once."""
+
+
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
           "RESIZING", "SIGNALING", "STAGE_OUT"}  # fmt: skip
 POLL_SECONDS = 2.0
 
 
-class SlurmError(Exception):
+class SlurmError(BackendError):
     """Slurm's commands are missing or failing."""
 
 
@@ -59,7 +81,7 @@ def read_job(trial_dir: str | Path) -> dict | None:
     return read_json(Path(trial_dir) / JOB_FILE) or None
 
 
-def make_executor(study_dir: Path, study: str, backend: Backend) -> submitit.AutoExecutor:
+def make_executor(study_dir: Path, study: str, backend: SlurmParams) -> submitit.AutoExecutor:
     # cluster named explicitly: AutoExecutor would otherwise pick Slurm or not by whether srun is on PATH
     executor = submitit.AutoExecutor(folder=study_dir / "slurm" / "%j", cluster="slurm")
     params = {
@@ -89,7 +111,7 @@ def submit_jobs(executor: submitit.AutoExecutor, trials: list[Trial]) -> None:
         write_json(Path(trial.dir) / JOB_FILE, {"job_id": job.job_id, "attempt": attempt, "log": str(job.paths.stderr)})
 
 
-def run_slurm(trials: list[Trial], study_dir: Path, study: str, backend: Backend, progress: Progress, say) -> None:
+def run_slurm(trials: list[Trial], study_dir: Path, study: str, backend: SlurmParams, progress: Progress, say) -> None:
     """Submit the trials that have no live job (others, from an interrupted driver, are watched again) and watch
     until every trial has an outcome."""
     executor = make_executor(study_dir, study, backend)
@@ -154,3 +176,22 @@ def cancel_jobs(trial_dirs: list[Path], wait_seconds: float = 120.0) -> list[str
     while ids and any(queue_states().get(i) in ACTIVE for i in ids) and time.time() < deadline:
         time.sleep(POLL_SECONDS / 2)
     return ids
+
+
+@register_backend("slurm")
+class Slurm(Backend):
+    """Each trial a submitit job of one job array per submission; the driver submits and watches."""
+
+    Params = SlurmParams
+    jobs_outlive_driver = True
+    live_job_states = frozenset(ACTIVE)
+
+    def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
+        run_slurm(trials, study_dir, study, self.params, progress, say)
+
+    def job_states(self, job_ids: list[str]) -> dict[str, str]:
+        return queue_states() if job_ids else {}
+
+    def cancel(self, trial_dirs: list[Path], say: Callable) -> None:
+        if ids := cancel_jobs(trial_dirs):
+            say(f"cancelled Slurm job(s) {', '.join(ids)}")

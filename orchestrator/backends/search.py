@@ -5,29 +5,24 @@ MLflow child run), so an interrupted search resumes like a grid: Tune restores i
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.backends import start_ray, stop_ray  # also sets Ray's environment before Ray is imported
-from orchestrator.config import resolve_trial_config, trial_id
-from orchestrator.runner import EarlyStopped, Trial, open_trial, record_outcome, run_trial
-from orchestrator.state import FINISHED_STATES, STOPPED, TrialState
-from orchestrator.study import Backend, Search, SpaceEntry, Study, TrialSpec, level_label, set_dotted
-
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # progress results carry no metric
-
-import optuna  # noqa: E402
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per sample otherwise
-
-from ray import tune  # noqa: E402
-from ray.tune.logger import JsonLoggerCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+from orchestrator.backends.ray_tune import start_ray, stop_ray
+from orchestrator.study.expand import TrialSpec, level_label, set_dotted
+from orchestrator.study.schema import Search, SpaceEntry
+from orchestrator.tracking.schema import FINISHED_STATES, STOPPED
+from orchestrator.trial.config import resolve_trial_config, trial_id
+from orchestrator.trial.runner import EarlyStopped, Trial, open_trial, record_outcome, run_trial
+from orchestrator.trial.state import TrialState
 
 
 @dataclass(frozen=True)
@@ -44,6 +39,10 @@ class SearchCell:
     levels: dict
     metric: str
     generation: str
+    teacher: str | None
+    """The planned teacher trial every sample of the cell distils (search spaces cannot change it)."""
+    teachers: dict
+    """Teacher trial id → its trained checkpoint file."""
 
 
 def tune_domain(entry: SpaceEntry, algorithm: str):
@@ -68,9 +67,16 @@ def sampled_trial(cell: SearchCell, params: dict) -> Trial:
         raise ValueError(f"sampled an invalid trial {params}: {'; '.join(map(str, problems))}")
     client = MlflowClient(cell.tracking_uri)
     levels = cell.levels | {k: (None, level_label(v)) for k, v in params.items()}  # a sample is its own group
-    spec = TrialSpec(trial_id(resolved), resolved, {**cell.factors, **params}, levels)
+    spec = TrialSpec(trial_id(resolved), resolved, {**cell.factors, **params}, levels, cell.teacher)
     trial, _ = open_trial(
-        client, cell.experiment_id, cell.parent_id, cell.study, Path(cell.study_dir), spec, cell.generation
+        client,
+        cell.experiment_id,
+        cell.parent_id,
+        cell.study,
+        Path(cell.study_dir),
+        spec,
+        cell.generation,
+        teachers=cell.teachers,
     )
     return trial
 
@@ -189,10 +195,11 @@ def new_tuner(
 
 
 def run_search(
-    study: Study, study_dir: Path, uri: str, experiment_id: str, parent_id: str, backend: Backend, say
+    study, study_dir: Path, uri: str, experiment_id: str, parent_id: str, backend, teachers: dict, say
 ) -> int:
     """One Tune experiment per grid cell, named by the cell's position so that a re-submission restores it.
     Returns the number of samples Tune could not run (errors outside orch's trials, e.g. a lost worker)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per sample otherwise
     search = study.search
     errors = 0
     start_ray(backend.address, study_dir)
@@ -209,6 +216,8 @@ def run_search(
                 spec.levels,
                 search.metric,
                 study.generation,
+                spec.teacher,
+                teachers,
             )
             trainable = tune.with_resources(
                 tune.with_parameters(search_trainable, cell=cell), backend.resources.model_dump()

@@ -1,0 +1,128 @@
+"""Where trials run. A backend is one class registered under its name: its options (a Params model, the study
+file's `backend` section) and its jobs: run trials until each has an outcome, say what it has running, stop it,
+and clean up after a driver that was killed. run_trial is the same function on every backend.
+
+Adding a backend is one file: a Backend subclass decorated with @register_backend (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import NonNegativeInt, ValidationError
+
+from methods.registry import Params, Registry, UnknownName
+from orchestrator.study.problems import Problem, pydantic_problems
+
+if TYPE_CHECKING:
+    from orchestrator.progress import Progress
+    from orchestrator.trial.runner import Trial
+
+DEFAULT_BACKEND = "ray"
+JOB_FILE = "job.json"
+"""<trial>/job.json: a backend whose trials run as jobs of their own records a trial's latest job there,
+{"job_id": …, …}; `orch status` shows its live state (Backend.job_states)."""
+
+
+class BackendParams(Params):
+    """Options every backend has."""
+
+    name: str = DEFAULT_BACKEND
+    max_failures: NonNegativeInt = 1
+    """Retries of a trial after an infrastructure failure (a Ray worker or a Slurm job that died without
+    recording an outcome). An exception in the trial itself is a `failed` result and is not retried."""
+
+
+class BackendError(Exception):
+    """The backend's own tools (a scheduler's commands) are missing or failing."""
+
+
+class Backend:
+    """A place to run trials. Subclasses set `Params` and implement `run`; the rest have safe defaults.
+
+    Capabilities:
+        hosts_search: it can run a study's `search` block (through `search`).
+        jobs_outlive_driver: its trials go on when the orch process stops (Slurm jobs): an interrupted driver
+            leaves them running instead of marking them cancelled.
+        live_job_states: the job states (of `job_states`) in which a job still runs or will run.
+    """
+
+    Params: ClassVar[type[BackendParams]] = BackendParams
+    hosts_search: ClassVar[bool] = False
+    jobs_outlive_driver: ClassVar[bool] = False
+    live_job_states: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, params: BackendParams):
+        self.params = params
+
+    def preflight(self, from_cli: bool) -> list[Problem]:
+        """Problems with the surroundings (a cluster that does not answer), checked before anything is created."""
+        return []
+
+    def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
+        """Run the trials (run_trial on each) until every one has an outcome in its directory."""
+        raise NotImplementedError
+
+    def search(
+        self, study, study_dir: Path, uri: str, experiment_id: str, parent_id: str, teachers: dict, say: Callable
+    ) -> int:
+        """Run a study's search block (`teachers`: teacher id → file, trained first); returns how many samples the
+        backend itself could not run."""
+        raise NotImplementedError
+
+    def job_states(self, job_ids: list[str]) -> dict[str, str]:
+        """Live states of this backend's jobs by id (for `orch status`); {} when it has none. Raises BackendError
+        when they cannot be asked."""
+        return {}
+
+    def cancel(self, trial_dirs: list[Path], say: Callable) -> None:
+        """Stop the work these (unfinished) trials have running outside the orch process, if any."""
+
+    @classmethod
+    def recover(cls, record: dict) -> None:
+        """Clean up what a killed driver of this backend left (its driver record, driver.json, is given)."""
+
+
+BACKENDS = Registry("backend")
+
+
+def register_backend(name: str):
+    """Register a Backend class under `name` with its Params as the options."""
+
+    def decorator(cls: type[Backend]) -> type[Backend]:
+        return BACKENDS.register(name, cls.Params)(cls)
+
+    return decorator
+
+
+def backend_params(raw: dict[str, Any], where: str = "backend") -> tuple[BackendParams | None, list[Problem]]:
+    """A study's backend section validated by its backend's own options, or the problems (paths under `where`)."""
+    if not isinstance(raw, dict):
+        return None, [Problem(where, f"must be a mapping, got {type(raw).__name__}")]
+    name = raw.get("name", DEFAULT_BACKEND)
+    try:
+        entry = BACKENDS.get(name)
+    except UnknownName as e:
+        return None, [Problem(f"{where}.name", str(e))]
+    try:
+        return entry.params.model_validate(raw | {"name": name}), []
+    except ValidationError as e:
+        return None, pydantic_problems(e, where, entry.params, f"backend {name!r}")
+
+
+def backend_of(params: BackendParams) -> Backend:
+    return BACKENDS.get(params.name).build(params)
+
+
+def search_refused(params: BackendParams, where: str) -> list[Problem]:
+    """A study with a search block needs a backend that hosts searches."""
+    if BACKENDS.get(params.name).build.hosts_search:
+        return []
+    hosts = ", ".join(name for name in BACKENDS.names() if BACKENDS.get(name).build.hosts_search)
+    message = f"backend {params.name!r} cannot run a search ({hosts} can): use it, or grid the searched keys"
+    return [Problem(where, message)]
+
+
+from orchestrator.backends import local, ray, slurm  # noqa: E402, F401 — importing registers the built-in ones

@@ -1,0 +1,126 @@
+"""The ray backend: trials as Ray Tune trials, on an embedded local Ray (loopback only) or an existing cluster;
+it also hosts a study's search (Optuna through Tune). Ray is imported when the backend runs, not before."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+import psutil
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+
+from orchestrator.backends import Backend, BackendParams, register_backend
+from orchestrator.preflight import CONNECT_SECONDS, parse_address, reachable
+from orchestrator.progress import Progress
+from orchestrator.study.problems import Problem
+from orchestrator.study.schema import Strict
+from orchestrator.trial.runner import Trial
+
+ENVIRONMENT = {
+    "RAY_AUTH_MODE": "disabled",  # the embedded Ray is loopback-only; a cluster sets its own
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # orch logs to MLflow itself...
+    "RAY_AIR_NEW_OUTPUT": "0",  # ...and prints its own progress (verbose=0 then is silent)
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C interrupts orch, as SIGTERM does (exit 130)
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60",  # with reuse_actors, a finished trial's last MLflow writes
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # progress results carry no searched metric
+}
+"""Ray's and Tune's settings orch runs with (a user's own environment wins), set before Ray is imported."""
+
+
+class Resources(Strict):
+    cpu: PositiveFloat = 1
+    """CPUs Ray reserves per trial (torch's thread count is train.threads)."""
+    gpu: Annotated[float, Field(ge=0)] = 0
+    """GPUs Ray reserves per trial (fractions share one)."""
+
+
+class RayParams(BackendParams):
+    name: Literal["ray"] = "ray"
+    max_concurrent: PositiveInt | None = None
+    """Trials at once; null = as many as the resources allow."""
+    resources: Resources = Resources()
+    """Ray resources per trial."""
+    address: str | None = None
+    """An existing Ray cluster (e.g. "ray://head:10001", "head:6379" or "auto"); null starts an embedded local Ray
+    on 127.0.0.1."""
+
+    @field_validator("address")
+    @classmethod
+    def ray_address(cls, address: str | None) -> str | None:
+        if address is not None:
+            parse_address(address)
+        return address
+
+
+def ray_environment() -> None:
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+@register_backend("ray")
+class Ray(Backend):
+    """Ray Tune trials: a grid as one Tune run, a search as one Tune run per grid cell."""
+
+    Params = RayParams
+    hosts_search = True
+
+    def preflight(self, from_cli: bool) -> list[Problem]:
+        """A cluster named by address must answer within CONNECT_SECONDS."""
+        address, where = self.params.address, "--ray-address" if from_cli else "backend.address"
+        target = parse_address(address) if address else None
+        if target is not None and (why := reachable(*target)):
+            return [Problem(where, f"no Ray cluster answers at {address} within {CONNECT_SECONDS:.0f} s ({why})")]
+        return []
+
+    def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
+        ray_environment()
+        from orchestrator.backends.ray_tune import run_grid
+
+        run_grid(trials, study_dir, self.params, progress)
+
+    def search(
+        self, study, study_dir: Path, uri: str, experiment_id: str, parent_id: str, teachers: dict, say: Callable
+    ) -> int:
+        ray_environment()
+        from orchestrator.backends.search import run_search
+
+        return run_search(study, study_dir, uri, experiment_id, parent_id, self.params, teachers, say)
+
+    @classmethod
+    def recover(cls, record: dict) -> None:
+        """SIGKILL what a killed driver left of its embedded Ray: its workers would otherwise keep writing to
+        trial directories a new run is resuming."""
+        if temp_dir := record.get("ray_temp_dir"):
+            for pid in session_processes(temp_dir):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def session_processes(temp_dir: str) -> list[int]:
+    """PIDs of an embedded Ray session: processes naming its temp dir, workers naming those raylets, and all
+    their descendants."""
+    found, raylets, procs = set(), set(), list(psutil.process_iter(["pid", "cmdline"]))
+    for proc in procs:
+        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            found.add(proc.info["pid"])
+    raylets = {str(pid) for pid in found}
+    for proc in procs:
+        try:
+            if proc.environ().get("RAY_RAYLET_PID") in raylets:
+                found.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    for pid in list(found):
+        try:
+            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(found - {os.getpid()})

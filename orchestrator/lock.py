@@ -1,0 +1,74 @@
+"""One live driver per study: the orch process running a study is recorded in <study>/driver.json (its PID and
+start time, and what its backend started); a second one is refused, `orch cancel` finds it, and a record left by
+a killed driver is recognised as such."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+from methods.storage import exclusive
+from orchestrator.trial.state import read_json, write_json
+
+DRIVER_RECORD = "driver.json"
+
+
+class StudyBusy(Exception):
+    """Another live orch process is running this study."""
+
+
+def alive(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie awaiting its parent's wait() has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def process_started(pid: int) -> float | None:
+    """When the process started (seconds since the epoch), or None when there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def driver_record(**extra) -> dict:
+    """This process as a study's driver. Its start time goes with its PID: a killed driver's PID may since name
+    another process (e.g. after a container restart), which must be neither waited for nor signalled."""
+    return {"driver_pid": os.getpid(), "driver_started": process_started(os.getpid()), **extra}
+
+
+def recorded_driver(study_dir: Path) -> dict:
+    return read_json(study_dir / DRIVER_RECORD)
+
+
+def live_driver(record: dict) -> int | None:
+    """The PID of the driver a record names if that very process still runs."""
+    pid, started = record.get("driver_pid"), record.get("driver_started")
+    if not isinstance(pid, int) or not isinstance(started, float) or not alive(pid):
+        return None
+    return pid if abs((process_started(pid) or 0.0) - started) < 1e-3 else None
+
+
+def claim_study(study_dir: Path, **extra) -> dict:
+    """Record this process as the study's driver (`orch cancel` signals it), refusing a study that another live
+    orch process is running (StudyBusy). Returns the previous record: what a killed driver left, for its backend
+    to clean up."""
+    with exclusive(study_dir / "driver.lock"):  # two submissions starting at once: one claims, one is refused
+        previous = recorded_driver(study_dir)
+        if (pid := live_driver(previous)) not in (None, os.getpid()):
+            raise StudyBusy(f"study {study_dir.name!r} is being run by orch process {pid}")
+        write_json(study_dir / DRIVER_RECORD, driver_record(**extra))
+    return previous
+
+
+def note_in_record(study_dir: Path, **extra) -> None:
+    """Add to this driver's record what its backend started (e.g. an embedded Ray's temp dir)."""
+    write_json(study_dir / DRIVER_RECORD, recorded_driver(study_dir) | extra)
+
+
+def release_study(study_dir: Path) -> None:
+    (study_dir / DRIVER_RECORD).unlink(missing_ok=True)

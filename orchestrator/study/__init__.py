@@ -1,0 +1,1 @@
+"""Study files: schema, expansion into trials, problems, safe YAML."""

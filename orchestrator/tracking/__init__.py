@@ -1,0 +1,1 @@
+"""Tracking in MLflow: the names orch writes (schema) and the writes themselves (store)."""

@@ -1,0 +1,60 @@
+"""Every name orch writes to MLflow and every trial status, in one place (docs/contracts.md lists them for users).
+Nothing here imports MLflow: the dashboards read these names too."""
+
+from __future__ import annotations
+
+# ---- trial statuses (state.json's `status`, the runs' orch.status) ------------------------------------------------
+PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
+STOPPED = "stopped"
+"""Stopped early by a search scheduler (ASHA): a result, like divergence."""
+CANCELLED = "cancelled"
+"""Stopped by `orch cancel` or an interruption: not a result; `orch resume` continues it from its checkpoint."""
+UNREADABLE = "unreadable"
+"""state.json could not be read: the driver re-derives it from the checkpoints and the MLflow run."""
+STATUSES = (PENDING, RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, CANCELLED)
+FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
+"""Trials in these states are results: never run again."""
+RUN_STATUS = {FAILED: "FAILED", CANCELLED: "KILLED"}
+"""MLflow's run status of an ended trial by its orch status (FINISHED otherwise)."""
+
+# ---- tags of every run ---------------------------------------------------------------------------------------------
+ROLE = "orch.role"
+""""study" (the parent run) or "trial" (a child run)."""
+GIT_COMMIT, PYTHON, HOST, DEVICE = "orch.git_commit", "orch.python", "orch.host", "orch.device"
+VERSION = "orch.version."
+"""Prefix: orch.version.<package> for the packages a result depends on."""
+GENERATION = "orch.generation"
+"""The version of the study file (a hash of it, resolved) that last planned a trial, or that a parent ran."""
+
+# ---- tags of a study's parent run ----------------------------------------------------------------------------------
+AXES, PROFILE, STUDY_YAML, DESCRIPTION = "orch.axes", "orch.profile", "orch.study_yaml", "orch.description"
+SEARCH_METRIC, SEARCH_MODE = "orch.search.metric", "orch.search.mode"
+BEST = "orch.best"
+"""A search's best sample, JSON {trial_id, label, metric, value, params}."""
+SEARCH_ARTIFACT = "study/search.json"
+"""The parent run's artifact holding the search block (its space is not bounded in size, unlike a tag)."""
+
+# ---- tags of a trial's child run -----------------------------------------------------------------------------------
+TRIAL_ID, STATUS, REASON, STOPPED_STEP = "orch.trial_id", "orch.status", "orch.reason", "orch.stopped_step"
+FACTORS = "orch.factors"
+"""A trial's factor levels, JSON {axis: [index on the axis, label]}: what the dashboard groups by."""
+FINGERPRINT, MEASURE, DIRECTION = "orch.fingerprint.", "orch.measure.", "orch.direction."
+"""Prefixes, + a metric's name: what makes its values comparable, how it was measured in words, min or max."""
+TEACHER, TRIAL_DIR = "orch.teacher", "orch.trial_dir"
+
+# ---- metric keys ---------------------------------------------------------------------------------------------------
+EVAL = "eval/{metric}/nfe_{nfe}"
+"""An evaluation: a metric at a number of sampling steps, with the EMA weights."""
+TRAIN_LOSS, GRAD_NORM, LR = "train/loss", "train/grad_norm", "train/lr"
+COST = ("sec_per_kimg", "samples_per_sec", "peak_mem_mb", "fwd_per_sample", "jvp_per_sample", "device_hours")
+"""cost/<name> keys."""
+
+# ---- MLflow's own names orch sets -----------------------------------------------------------------------------------
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
+PARENT_RUN, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
+SOURCE_NAME, SOURCE_TYPE, SOURCE_COMMIT, USER = (
+    "mlflow.source.name",
+    "mlflow.source.type",
+    "mlflow.source.git.commit",
+    "mlflow.user",
+)
