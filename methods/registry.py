@@ -89,6 +89,11 @@ class Registry:
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a component registered for one test or one interactive session)."""
+        self.get(name)
+        del self._entries[name]
+
     def get(self, name: object) -> Entry:
         if not isinstance(name, str) or name not in self._entries:
             raise UnknownName(self.kind, name, self.names())

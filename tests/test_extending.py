@@ -20,10 +20,10 @@ from dashboards import figures
 from dashboards.load import load_runs
 from dashboards.report import direction_of
 from methods.flow_matching import diagonal_term
-from methods.metrics import register_metric
-from methods.terms import Method, MethodParams, Term, register_method
+from methods.metrics import METRICS, register_metric
+from methods.terms import METHODS, Method, MethodParams, Term, register_method
 from methods.time_samplers import TimeSamplerParams, Uniform
-from orchestrator.backends import JOB_FILE, Backend, BackendParams, register_backend
+from orchestrator.backends import BACKENDS, JOB_FILE, Backend, BackendParams, register_backend
 from orchestrator.cli import main
 from orchestrator.trial.state import read_json, write_json
 from tests.conftest import STUDIES
@@ -38,7 +38,6 @@ class MidpointParams(MethodParams):
     pass
 
 
-@register_method("test_midpoint_fm")
 class MidpointFlowMatching(Method):
     """Flow matching sampled with the explicit midpoint rule (2 network evaluations per step; test-only)."""
 
@@ -62,7 +61,6 @@ class MidpointFlowMatching(Method):
 # ---- a metric where higher is better ------------------------------------------------------------------------------
 
 
-@register_metric("test_coverage", direction="max", title="fraction of samples in the support", requires=("density",))
 def coverage(samples: Tensor, dataset, evaluation, device: torch.device) -> float:
     """Fraction of the samples where the target density is positive (test-only)."""
     return float((dataset.density(samples.double().cpu()) > 0).double().mean())
@@ -77,7 +75,6 @@ class ProcessesParams(BackendParams):
     name: str = "test_processes"
 
 
-@register_backend("test_processes")
 class Processes(Backend):
     """Each trial in a Python subprocess of its own, one after the other (test-only)."""
 
@@ -96,6 +93,22 @@ class Processes(Backend):
 
     def job_states(self, job_ids: list[str]) -> dict[str, str]:
         return {i: "RUNNING" if self.started[i].poll() is None else "EXITED" for i in job_ids if i in self.started}
+
+
+# ---- registered for this module's tests only: the rest of the suite sees orch's own components -------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register_method("test_midpoint_fm")(MidpointFlowMatching)
+    register_metric(
+        "test_coverage", direction="max", title="fraction of samples in the support", requires=("density",)
+    )(coverage)
+    register_backend("test_processes")(Processes)
+    yield
+    METHODS.unregister("test_midpoint_fm")
+    METRICS.unregister("test_coverage")
+    BACKENDS.unregister("test_processes")
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------------
