@@ -334,7 +334,7 @@ def cmd_ui(args) -> int:
             return EXIT_INVALID
         args.study = studies[0]
     study_dir = study_dir_of(args.study, args.workdir)
-    return serve_mlflow_ui(tracking_uri_of(study_dir), args.port, study_dir / "mlflow-ui.log")
+    return serve_mlflow_ui(tracking_uri_of(study_dir), args.study, args.port, study_dir / "mlflow-ui.log")
 
 
 def fid_input(spec: str):

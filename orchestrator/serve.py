@@ -89,9 +89,18 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 90) ->
     return False
 
 
-def serve_mlflow_ui(tracking_uri: str, port: int | None, log_path: Path) -> int:
-    """The MLflow UI over a local store on 127.0.0.1; for a remote tracking server, say where it is. The
-    server's own output (a line per request) goes to `log_path`, not the terminal."""
+def experiment_url(url: str, tracking_uri: str, experiment: str) -> str:
+    """The experiment's runs in the UI's "Model training" view: MLflow 3's UI opens its GenAI view unless the
+    URL names the workflow (it ignores the experiment's kind tag when choosing)."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    return f"{url}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning" if found else url
+
+
+def serve_mlflow_ui(tracking_uri: str, experiment: str, port: int | None, log_path: Path) -> int:
+    """The MLflow UI over a local store on 127.0.0.1, its URL opening `experiment`; for a remote tracking server,
+    say where it is. The server's own output (a line per request) goes to `log_path`, not the terminal."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         print(f"this study tracks to a remote server: open {tracking_uri} in a browser")
         return 0
@@ -122,7 +131,8 @@ def serve_mlflow_ui(tracking_uri: str, port: int | None, log_path: Path) -> int:
         if not wait_for_health(url, process):
             print(f"error: the MLflow UI did not start (exit code {process.poll()}); see {log_path}", file=sys.stderr)
             return 1
-        print(f"MLflow UI: {url}  (Ctrl-C to stop; the server's log: {log_path})", flush=True)
+        link = experiment_url(url, tracking_uri, experiment)
+        print(f"MLflow UI: {link}  (Ctrl-C to stop; the server's log: {log_path})", flush=True)
         process.wait()
         return 0
     except KeyboardInterrupt:

@@ -59,8 +59,8 @@ def test_dashboard_renders_every_figure_with_data_in_headless_chromium(tiny_stud
     assert shot.stat().st_size > 50_000
 
 
-def start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    """Start an orch server command and return it with the URL it prints."""
+def start(args: list[str]) -> tuple[subprocess.Popen, str, str]:
+    """Start an orch server command and return it with the server's URL and the line that printed it."""
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", *args],
         stdout=subprocess.PIPE,
@@ -70,7 +70,7 @@ def start(args: list[str]) -> tuple[subprocess.Popen, str]:
     )
     for line in process.stdout:
         if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
-            return process, match.group(1)
+            return process, match.group(1), line
     raise AssertionError(f"no URL printed; exit code {process.wait()}")
 
 
@@ -83,7 +83,7 @@ def stop_with_ctrl_c(process: subprocess.Popen, url: str) -> None:
 
 def test_dashboard_serve(tiny_study):
     workdir, _, _ = tiny_study
-    process, url = start(["dashboard", "tiny", "--workdir", str(workdir), "--serve", "--interval", "5"])
+    process, url, _ = start(["dashboard", "tiny", "--workdir", str(workdir), "--serve", "--interval", "5"])
     try:
         page = urllib.request.urlopen(url, timeout=30).read().decode()
         assert "Plotly.newPlot(" in page and 'http-equiv="refresh" content="5"' in page
@@ -95,7 +95,7 @@ def test_dashboard_serve(tiny_study):
 
 def test_mlflow_ui_lists_the_study_runs_over_rest(tiny_study):
     workdir, _, _ = tiny_study
-    process, url = start(["ui", "tiny", "--workdir", str(workdir)])
+    process, url, line = start(["ui", "tiny", "--workdir", str(workdir)])
     try:
         experiment = json.load(
             urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", timeout=30)
@@ -107,6 +107,8 @@ def test_mlflow_ui_lists_the_study_runs_over_rest(tiny_study):
             data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).encode(),
         )
         runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
+        # the printed link opens this experiment's runs in the "Model training" view, not the GenAI overview
+        assert f"{url}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning" in line
         roles = sorted(t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "orch.role")
         assert roles == ["study", "trial", "trial", "trial", "trial"]
     finally:
@@ -115,7 +117,7 @@ def test_mlflow_ui_lists_the_study_runs_over_rest(tiny_study):
 
 def test_mlflow_ui_stops_its_server_on_sigterm(tiny_study):
     workdir, _, _ = tiny_study
-    process, url = start(["ui", "tiny", "--workdir", str(workdir)])
+    process, url, _ = start(["ui", "tiny", "--workdir", str(workdir)])
     assert urllib.request.urlopen(f"{url}/health", timeout=30).status == 200
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
