@@ -19,6 +19,8 @@ from scipy import stats
 SEED = "factor.train.seed"
 """The seed axis's column (dashboards/load.py names factor columns factor.<axis>): averaged, never a group."""
 NFE_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
+GUIDED_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)(/cfg_(?P<omega>[0-9.e+-]+))?$")
+"""Unguided keys (ω = 1) and keys at any guidance scale."""
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 LOG_X_NFE = {"title": "network evaluations (NFE)", "type": "log"}
@@ -60,11 +62,17 @@ def nfe_columns(columns, metric: str) -> list[tuple[int, str]]:
     return sorted((int(m["nfe"]), c) for c in columns if (m := NFE_KEY.match(str(c))) and m["metric"] == metric)
 
 
+def unguided_evals(history: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The history rows of `eval/<metric>/nfe_<N>` (ω = 1), not those at other guidance scales."""
+    keys = history["key"].astype(str)
+    return history[keys.str.startswith(f"eval/{metric}/nfe_") & keys.str.match(NFE_KEY.pattern)].copy()
+
+
 def best_checkpoint(history: pd.DataFrame, metric: str, direction: str = "min") -> pd.DataFrame:
     """trial_id, nfe, best, best_step: each trial's best evaluation per NFE over its whole run (the
     self-distillation paper reports the best checkpoint per step count; selection on the reported metric, so
     read it as an optimistic bound)."""
-    evals = history[history["key"].str.startswith(f"eval/{metric}/nfe_")].copy()
+    evals = unguided_evals(history, metric)
     if evals.empty:
         return pd.DataFrame(columns=["trial_id", "nfe", "best", "best_step"])
     evals["nfe"] = evals["key"].str.rsplit("_", n=1).str[-1].astype(int)
@@ -313,7 +321,7 @@ def quality_vs_compute(
 ) -> go.Figure:
     """Quality at the fewest and the most NFE vs device-hours spent training, every evaluation of every group
     (mean over seeds), with the Pareto front: which method is best at equal compute."""
-    evals = history[history["key"].str.startswith(f"eval/{metric}/nfe_")].copy()
+    evals = unguided_evals(history, metric)
     hours = history[history["key"] == "cost/device_hours"][["trial_id", "step", "value"]].rename(
         columns={"value": "hours"}
     )
@@ -589,4 +597,91 @@ def search_parameters(runs: pd.DataFrame, metric: str, space: dict[str, dict]) -
         )
     )
     fig.update_layout(title=f"Sampled parameters vs {metric} (drag along an axis to filter)", height=450)
+    return fig
+
+
+def guidance_columns(columns, metric: str) -> dict[int, list[tuple[float, str]]]:
+    """nfe → [(ω, column)] sorted by ω, for the metric's columns at every guidance scale (ω = 1 unsuffixed)."""
+    by_nfe: dict[int, list[tuple[float, str]]] = {}
+    for c in columns:
+        if (m := GUIDED_KEY.match(str(c))) and m["metric"] == metric:
+            by_nfe.setdefault(int(m["nfe"]), []).append((float(m["omega"] or 1.0), c))
+    return {nfe: sorted(pairs) for nfe, pairs in sorted(by_nfe.items())}
+
+
+def quality_vs_guidance(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+    """The metric vs the guidance scale ω at each NFE (one panel per NFE, one line per group, mean ± 95% interval
+    over seeds of completed trials at their last evaluation): the FID–ω curve of guided models. Empty when the
+    study measured one scale only."""
+    columns = guidance_columns(runs.columns, metric)
+    if not any(len(pairs) > 1 for pairs in columns.values()):
+        return go.Figure()
+    runs = with_groups(runs, group_cols)
+    done = runs[runs["status"] == "completed"]
+    styles = group_styles(runs, group_cols)
+    nfes = list(columns)
+    fig = make_subplots(rows=1, cols=len(nfes), subplot_titles=[f"NFE {n}" for n in nfes], shared_yaxes=True)
+    for col, nfe in enumerate(nfes, 1):
+        for group, trials in done.groupby("group", sort=True):
+            stats_ = [(omega, *mean_ci(trials[c].to_numpy(dtype=float))) for omega, c in columns[nfe]]
+            omegas, means, cis = zip(*stats_)
+            fig.add_trace(
+                go.Scatter(
+                    x=omegas,
+                    y=means,
+                    error_y={"type": "data", "array": cis, "visible": True},
+                    mode="lines+markers",
+                    name=group,
+                    legendgroup=group,
+                    showlegend=col == 1,
+                    line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title_text="guidance scale ω", row=1, col=col)
+    fig.update_yaxes(title_text=metric, row=1, col=1)
+    fig.update_layout(title=f"{metric} vs guidance scale ω at each NFE (mean ± 95% interval over seeds)", height=420)
+    return fig
+
+
+def quality_vs_nfe_at_guidance(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
+    """The metric vs NFE at a guidance scale chosen from a menu (mean ± 95% interval over seeds of completed
+    trials at their last evaluation). Empty when the study measured one scale only."""
+    columns = guidance_columns(runs.columns, metric)
+    omegas = sorted({omega for pairs in columns.values() for omega, _ in pairs})
+    if len(omegas) < 2:
+        return go.Figure()
+    runs = with_groups(runs, group_cols)
+    done = runs[runs["status"] == "completed"]
+    styles = group_styles(runs, group_cols)
+    fig, owner = go.Figure(), []
+    for omega in omegas:
+        for group, trials in done.groupby("group", sort=True):
+            points = [(nfe, c) for nfe, pairs in columns.items() for w, c in pairs if w == omega]
+            stats_ = [(nfe, *mean_ci(trials[c].to_numpy(dtype=float))) for nfe, c in points]
+            nfes, means, cis = zip(*stats_) if stats_ else ((), (), ())
+            fig.add_trace(
+                go.Scatter(
+                    x=nfes,
+                    y=means,
+                    error_y={"type": "data", "array": cis, "visible": True},
+                    mode="lines+markers",
+                    name=group,
+                    visible=omega == omegas[0],
+                    line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
+                )
+            )
+            owner.append(omega)
+    buttons = [
+        {"label": f"ω = {omega:g}", "method": "update", "args": [{"visible": [o == omega for o in owner]}]}
+        for omega in omegas
+    ]
+    fig.update_layout(
+        title=f"{metric} vs NFE at the chosen guidance scale (mean ± 95% interval over seeds)",
+        xaxis={"title": "network evaluations per sample (NFE)", "type": "log"},
+        yaxis={"title": metric},
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.15}],
+        height=420,
+    )
     return fig

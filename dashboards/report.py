@@ -84,11 +84,13 @@ def page_blocks(
             panel = [
                 figures.ranking_table(subset, hist, metric, group_cols, direction),
                 figures.quality_vs_nfe(subset, hist, metric, group_cols, direction),
+                figures.quality_vs_guidance(subset, metric, group_cols),
+                figures.quality_vs_nfe_at_guidance(subset, metric, group_cols),
                 figures.factor_effects(subset, metric, grid, direction),
                 figures.quality_vs_compute(subset, hist, metric, group_cols, direction),
             ]
             for fig in panel:
-                fig.update_layout(title_text=fig.layout.title.text + suffix)
+                fig.update_layout(title_text=(fig.layout.title.text or "") + suffix)
             name = f"{metric}{suffix.replace(' [fingerprint ', '-').rstrip(']')}"
             tables = {
                 f"ranking_{name}.csv": figures.ranking(subset, hist, metric, group_cols, direction),
@@ -134,7 +136,9 @@ def sample_blocks(runs: pd.DataFrame, group_cols: list[str], trials_dir: Path) -
     for group, trial_id in shown.items():
         folder = trials_dir / trial_id / "samples"
         for path in sorted(folder.glob("nfe_*")) if folder.is_dir() else []:
-            nfe = int(path.stem.split("_")[1])
+            if not path.stem.removeprefix("nfe_").isdigit():  # guided samples (nfe_<N>_cfg_<ω>): not this view
+                continue
+            nfe = int(path.stem.removeprefix("nfe_"))
             if path.suffix == ".npy":
                 points.setdefault(group, {})[nfe] = np.load(path)
             elif path.suffix == ".png":

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from methods.conventions import canonical_to_trigflow, edm_to_canonical, sigma_max_time, trigflow_velocity
 from methods.counting import CountingNet
 from methods.flow_map import jump, sample_consistency
+from methods.guidance import cfg_velocity, labels_of
 from methods.interpolants import expand_time
 from methods.terms import DimReduction, Distance, Method, MethodParams, Setting, TeacherSpec, Term, register_method
 from methods.time_samplers import LogNormal, LogNormalParams
@@ -83,6 +84,10 @@ class SCDParams(SCMParams):
     """The frozen flow-matching teacher whose velocity gives the tangent."""
     init_from_teacher: bool = True
     """Start the student from the teacher's weights."""
+    teacher_guidance: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    """ω of the teacher's classifier-free guidance (class-conditional data): dx_t/dt comes from the guided
+    teacher velocity v_T(∅) + ω·(v_T(y) − v_T(∅)) (one batched pass, 2 evaluations), so the student distils the
+    guided flow and samples it with one evaluation per step. 1: the plain conditional teacher."""
 
 
 SCM = """C. Lu, Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", 2024,
@@ -150,8 +155,13 @@ class SCD(ContinuousConsistency):
         return True
 
     def dxdt(self, x_t: Tensor, x0: Tensor, x1: Tensor, t: Tensor, tau: Tensor) -> Tensor:
+        teacher, omega = self.setting.teacher, self.params.teacher_guidance
+        x = x_t / (t.cos() + t.sin())
         with torch.no_grad():
-            velocity = self.setting.teacher(x_t / (t.cos() + t.sin()), tau, tau)
+            if labels_of(teacher) is None or omega == 1.0:
+                velocity = teacher(x, tau, tau)
+            else:
+                velocity = cfg_velocity(teacher, teacher.condition, self.setting.num_classes, x, tau, tau, omega)
             return trigflow_velocity(velocity, x_t, t.flatten())
 
 

@@ -7,6 +7,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from methods.guidance import Condition
+
 # torch.func's first JVP calls torch.jit.script internally, which warns on every process start: not ours to fix.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated")
 
@@ -26,12 +28,33 @@ class CountingNet(nn.Module):
     `forwards` counts plain forward passes (with or without grad), `jvps` counts forward-mode passes (each
     also yields the primal output, so it is not counted as a forward as well). The trainer divides both by the
     number of training samples to get `cost/fwd_per_sample` and `cost/jvp_per_sample`.
+
+    Conditional networks get the labels (and guidance inputs) of `condition`, shared like `counts` by the
+    trainer's wrappers; `takes_omega` says whether this network embeds the guidance scale (a student trained
+    with online CFG does, its teacher does not).
     """
 
-    def __init__(self, net: nn.Module, counts: Counts | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        counts: Counts | None = None,
+        condition: Condition | None = None,
+        takes_omega: bool = False,
+    ):
         super().__init__()
         self.net = net
         self.counts = counts or Counts()
+        self.condition = condition or Condition()
+        self.takes_omega = takes_omega
+
+    def conditioning(self) -> dict[str, Tensor]:
+        """The keyword arguments of a conditional call; none for an unconditional network."""
+        kwargs = {}
+        if self.condition.labels is not None:
+            kwargs["labels"] = self.condition.labels
+        if self.takes_omega and self.condition.omega is not None:
+            kwargs["omega"] = self.condition.omega
+        return kwargs
 
     @property
     def forwards(self) -> int:
@@ -43,7 +66,7 @@ class CountingNet(nn.Module):
 
     def forward(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         self.counts.forwards += x.shape[0]
-        return self.net(x, a, b)
+        return self.net(x, a, b, **self.conditioning())
 
     def jvp(
         self, primals: tuple[Tensor, Tensor, Tensor], tangents: tuple[Tensor, Tensor, Tensor]
@@ -54,4 +77,5 @@ class CountingNet(nn.Module):
         the tangent (LSD "convex" needs this, docs/methods.md §2.4).
         """
         self.counts.jvps += primals[0].shape[0]
-        return torch.func.jvp(self.net, primals, tangents)
+        kwargs = self.conditioning()
+        return torch.func.jvp(lambda x, a, b: self.net(x, a, b, **kwargs), primals, tangents)

@@ -14,21 +14,38 @@ from methods.registry import Params, Registry
 DATASETS = Registry("dataset")
 
 
+class LabelledParams(Params):
+    """Options of a dataset that has class labels."""
+
+    conditional: bool = False
+    """Train and sample class-conditionally: the network gets each sample's class (docs/guidance.md)."""
+
+
 class Density2D:
-    """A 2-D dataset with a known density on the square [lo, hi]²."""
+    """A 2-D dataset with a known density on the square [lo, hi]².
+
+    `num_classes` is None unless the dataset is class-conditional; then `sample_labelled` also returns each
+    sample's class, and `class_frequencies` are the classes' probabilities.
+    """
 
     shape: tuple[int, ...] = (2,)
     bounds: tuple[float, float]
     std: Tensor
+    num_classes: int | None = None
 
     def sample(self, n: int, gen: torch.Generator) -> Tensor:
+        return self.sample_labelled(n, gen)[0]
+
+    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """n samples (n, 2) and their classes (n,) (all 0 for a dataset without classes)."""
         raise NotImplementedError
 
     def density(self, xy: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def bin_masses(self, bins: int, subdivisions: int = 16) -> Tensor:
-        """Exact-enough probability of each of bins × bins cells: midpoint quadrature on a finer sub-grid.
+    def bin_masses(self, bins: int, subdivisions: int = 16, density=None) -> Tensor:
+        """Exact-enough probability of each of bins × bins cells under `density` (default: the dataset's):
+        midpoint quadrature on a finer sub-grid.
 
         With 16 sub-cells per bin the checkerboard's square edges fall on sub-cell boundaries, so its masses are
         exact even where a square edge runs through the middle of a bin (the paper's 50 × 50 grid does that).
@@ -37,7 +54,7 @@ class Density2D:
         m = bins * subdivisions
         centres = lo + (torch.arange(m, dtype=torch.float64) + 0.5) * (hi - lo) / m
         grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
-        dens = self.density(grid).reshape(bins, subdivisions, bins, subdivisions).sum((1, 3))
+        dens = (density or self.density)(grid).reshape(bins, subdivisions, bins, subdivisions).sum((1, 3))
         return dens / dens.sum()
 
 
@@ -58,10 +75,10 @@ class Checkerboard(Density2D):
         self.cells = torch.tensor([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=torch.float32)
         self.std = torch.full((2,), 1 / math.sqrt(3))
 
-    def sample(self, n: int, gen: torch.Generator) -> Tensor:
+    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(len(self.cells), (n,), generator=gen, device=gen.device)
         u = torch.rand(n, 2, generator=gen, device=gen.device)
-        return -1 + 0.5 * (self.cells.to(gen.device)[idx] + u)
+        return -1 + 0.5 * (self.cells.to(gen.device)[idx] + u), torch.zeros_like(idx)
 
     def density(self, xy: Tensor) -> Tensor:
         cell = torch.floor((xy + 1) / 0.5)
@@ -69,7 +86,7 @@ class Checkerboard(Density2D):
         return torch.where(inside & ((cell.sum(-1) % 2) == 0), 0.5, 0.0).to(xy.dtype)
 
 
-class GMMParams(Params):
+class GMMParams(LabelledParams):
     modes: PositiveInt = 8
     """Number of equal-weight components."""
     radius: Annotated[float, Field(gt=0.0)] = 0.6
@@ -79,9 +96,11 @@ class GMMParams(Params):
 
 
 class GaussianMixture(Density2D):
-    """Equal-weight isotropic Gaussians N(μ_k, s²I) with means evenly spaced on a circle of radius r."""
+    """Equal-weight isotropic Gaussians N(μ_k, s²I) with means evenly spaced on a circle of radius r; the class
+    of a sample is its component, so each class's density is known exactly."""
 
     def __init__(self, params: GMMParams):
+        self.num_classes = params.modes if params.conditional else None
         angles = 2 * math.pi * torch.arange(params.modes, dtype=torch.float64) / params.modes
         self.means = params.radius * torch.stack([angles.cos(), angles.sin()], -1)
         self.scale = params.scale
@@ -90,15 +109,21 @@ class GaussianMixture(Density2D):
         var = self.means.pow(2).mean(0) + params.scale**2 - self.means.mean(0).pow(2)
         self.std = var.sqrt().float()
 
-    def sample(self, n: int, gen: torch.Generator) -> Tensor:
+    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(len(self.means), (n,), generator=gen, device=gen.device)
         noise = torch.randn(n, 2, generator=gen, device=gen.device)
-        return self.means.float().to(gen.device)[idx] + self.scale * noise
+        return self.means.float().to(gen.device)[idx] + self.scale * noise, idx
+
+    def class_frequencies(self) -> Tensor:
+        return torch.full((len(self.means),), 1 / len(self.means))
+
+    def class_densities(self, xy: Tensor) -> Tensor:
+        """Each component's density at xy (n, 2): shape (n, K)."""
+        d2 = (xy[:, None, :].double() - self.means[None]).pow(2).sum(-1)
+        return (torch.exp(-d2 / (2 * self.scale**2)) / (2 * math.pi * self.scale**2)).to(xy.dtype)
 
     def density(self, xy: Tensor) -> Tensor:
-        d2 = (xy[:, None, :].double() - self.means[None]).pow(2).sum(-1)
-        comp = torch.exp(-d2 / (2 * self.scale**2)) / (2 * math.pi * self.scale**2)
-        return comp.mean(-1).to(xy.dtype)
+        return self.class_densities(xy).mean(-1)
 
 
 @DATASETS.register("checkerboard", CheckerboardParams, provides=("density",))
@@ -107,7 +132,7 @@ def build_checkerboard(params: CheckerboardParams) -> Checkerboard:
     return Checkerboard()
 
 
-@DATASETS.register("gmm", GMMParams, provides=("density",))
+@DATASETS.register("gmm", GMMParams, provides=("density", "classes"))
 def build_gmm(params: GMMParams) -> GaussianMixture:
     """2-D Gaussian mixture on a circle, known density."""
     return GaussianMixture(params)

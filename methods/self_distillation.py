@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
+from methods.guidance import rows_of
 from methods.interpolants import expand_time
 from methods.terms import Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import TimeSamplerParams, Uniform
@@ -116,11 +117,13 @@ class SelfDistillation(Method):
         n, interpolant = x1.shape[0], self.setting.interpolant
         n_diag = n if self.time_sampler.diagonal_only(step) else min(n, max(1, int(n * self.params.diag_fraction)))
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
-        terms = [diagonal_term(net, interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))]
+        with rows_of(net, slice(None, n_diag)):
+            terms = [diagonal_term(net, interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))]
         if n_diag < n:
             a, b = self.time_sampler.offdiagonal(n - n_diag, step, gen)
             x_a = interpolant.interpolate(x0[n_diag:], x1[n_diag:], a)
-            terms.append(self.offdiagonal(net, x_a, a, b, gen))
+            with rows_of(net, slice(n_diag, None)):
+                terms.append(self.offdiagonal(net, x_a, a, b, gen))
         return terms
 
     def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:

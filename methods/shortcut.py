@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
+from methods.guidance import rows_of
 from methods.interpolants import LinearInterpolant, expand_time
 from methods.terms import DimReduction, Method, MethodParams, Setting, Term, register_method
 
@@ -79,14 +80,17 @@ class Shortcut(Method):
         rand = lambda high, size: torch.randint(high, (size,), generator=gen, device=gen.device)  # noqa: E731
         t_fm = rand(2**p.levels, n - n_boot) / 2**p.levels
         fm_x = self.interpolant.interpolate(x0[n_boot:], x1[n_boot:], t_fm)
-        terms = [Term("diag", net(fm_x, t_fm, t_fm), self.interpolant.velocity(x0[n_boot:], x1[n_boot:]), t_fm, t_fm)]
+        with rows_of(net, slice(n_boot, None)):
+            pred = net(fm_x, t_fm, t_fm)
+        terms = [Term("diag", pred, self.interpolant.velocity(x0[n_boot:], x1[n_boot:]), t_fm, t_fm)]
         if n_boot:
             k = torch.arange(n_boot, device=x1.device) % p.levels  # equal numbers of each step size
             d = 0.5 ** k.float()
             t = torch.floor(torch.rand(n_boot, generator=gen, device=gen.device) / d) * d  # t ∈ {0, d, …, 1 − d}
             x = self.interpolant.interpolate(x0[:n_boot], x1[:n_boot], t)
             target_net = self.setting.ema_target if p.bootstrap_target == "ema" else net
-            terms.append(bootstrap_term(target_net, net, x, t, d, 0.5**p.levels, p.target_clip))
+            with rows_of(net, slice(None, n_boot)):
+                terms.append(bootstrap_term(target_net, net, x, t, d, 0.5**p.levels, p.target_clip))
         return terms
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:

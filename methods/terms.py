@@ -116,6 +116,8 @@ class Setting:
             that needs one; the trainer hands it over wrapped in the evaluation counter.
         ema_target: the first EMA copy of the student, for a method whose targets come from it
             (Method.needs_ema_target), also wrapped in the counter.
+        num_classes: the number of classes of class-conditional data (None: unconditional); the networks'
+            labels then travel in their wrappers' shared Condition (methods/guidance.py).
     """
 
     interpolant: LinearInterpolant
@@ -123,6 +125,7 @@ class Setting:
     sigma_data: float
     teacher: nn.Module | None = None
     ema_target: nn.Module | None = None
+    num_classes: int | None = None
 
 
 class Method:
@@ -146,6 +149,12 @@ class Method:
     @classmethod
     def needs_teacher(cls, params: MethodParams) -> bool:
         return False
+
+    @property
+    def embedded_guidance(self) -> tuple[float, float] | None:
+        """[ω_lo, ω_hi] when the student takes the guidance scale as an input (paper B's online CFG): it then
+        trains without label dropout and samples with one evaluation per step; None: two-pass CFG."""
+        return None
 
     def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
         """The batch's regression terms. Shapes: x1 (n, *data_shape) data; net is the counted student."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from methods.counting import CountingNet, Counts
 from methods.ema import EMA
 from methods.evaluation import Decay, EvalConfig, evaluate
+from methods.guidance import Condition, drop_labels, num_classes_of
 from methods.nets import LogVarWeight
 from methods.registry import Batch, Params, Steps
 from methods.terms import Method, Setting, Term
@@ -55,6 +56,10 @@ class TrainConfig(Params):
     loss_reduction: Literal["sample_mean", "term_mean"] = "sample_mean"
     """sample_mean: mean of per-sample losses over the whole batch (paper A's code); term_mean: sum over terms
     of each term's mean (paper A's Algorithm 1). They weigh the off-diagonal term differently (§3.4)."""
+    label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """Class-conditional data: the fraction of labels replaced by the null class, so that one network learns the
+    conditional and the unconditional velocity (classifier-free guidance). Unused without dataset.conditional
+    and by a method trained with online CFG."""
     seed: NonNegativeInt = 0
     """Seeds the network's initialisation, the data, the times and the noise; a resume restores the RNG."""
     log_every: PositiveInt = 50
@@ -153,17 +158,19 @@ class Trainer:
         device: torch.device,
     ):
         self.cfg, self.device, self.dataset, self.interpolant = cfg, device, dataset, setting.interpolant
-        self.counts = Counts()
-        self.net = CountingNet(net, self.counts).to(device)
+        self.counts, self.condition = Counts(), Condition()
+        self.net = CountingNet(net, self.counts, self.condition).to(device)
         self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
         trainable = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
         self.optimizer = make_optimizer(cfg, trainable)
         self.ema = EMA(self.net.net, cfg.ema)
         teacher = setting.teacher
         if teacher is not None:
-            teacher = CountingNet(teacher.to(device).requires_grad_(False).eval(), self.counts)
-        ema_target = CountingNet(self.ema.nets[cfg.ema[0]], self.counts)
+            teacher = CountingNet(teacher.to(device).requires_grad_(False).eval(), self.counts, self.condition)
+        ema_target = CountingNet(self.ema.nets[cfg.ema[0]], self.counts, self.condition)
         self.method = make_method(replace(setting, teacher=teacher, ema_target=ema_target))
+        # the student and its EMA copy embed the guidance scale under online CFG; the teacher never does
+        self.net.takes_omega = ema_target.takes_omega = self.method.embedded_guidance is not None
         self.gen = torch.Generator(device).manual_seed(cfg.seed)
         self.step = 0
         self.samples_seen = 0
@@ -203,10 +210,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        x1 = self.dataset.sample(self.cfg.batch_size, self.gen)
+        x1, labels = self.draw_batch()
         parts = self.cfg.micro_batches
         loss_value, logged = 0.0, {}
-        for x1_part in x1.chunk(parts):
+        for i, x1_part in enumerate(x1.chunk(parts)):
+            self.condition.labels = None if labels is None else labels.chunk(parts)[i]
+            self.condition.omega = None
             terms = self.method.terms(self.net, x1_part, self.step, self.gen)
             loss, errors = self.loss(terms)
             self.check_loss(part_loss := loss.item(), terms)
@@ -233,6 +242,16 @@ class Trainer:
                 stats[f"train/loss/{name}"] = errors.mean().item()
                 stats |= target_std_stats(name, norms, a)
         return stats
+
+    def draw_batch(self) -> tuple[Tensor, Tensor | None]:
+        """train.batch_size data samples and, for conditional data, their labels with train.label_dropout of them
+        replaced by the null class (not for a method that embeds guidance: its teacher target is guided)."""
+        if num_classes_of(self.dataset) is None:
+            return self.dataset.sample(self.cfg.batch_size, self.gen), None
+        x1, labels = self.dataset.sample_labelled(self.cfg.batch_size, self.gen)
+        if self.method.embedded_guidance is None and self.cfg.label_dropout > 0:
+            labels = drop_labels(labels, self.cfg.label_dropout, self.dataset.num_classes, self.gen)
+        return x1, labels
 
     def check_loss(self, loss: float, terms: list[Term]) -> None:
         """Divergence before the backward pass: a non-finite or too large loss, or a target blowing up."""

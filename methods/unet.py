@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
-from methods.nets import MODELS, positional_embedding
+from methods.guidance import ClassConditioning
+from methods.nets import MODELS, ClassEmbedding, positional_embedding, unconditional
 from methods.registry import Params
 
 
@@ -104,7 +105,13 @@ class Level(nn.Module):
 
 
 class FlowMapUNet(nn.Module):
-    def __init__(self, shape: tuple[int, ...], data_std: Tensor, params: UNetParams):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        data_std: Tensor,
+        params: UNetParams,
+        conditioning: ClassConditioning | None = None,
+    ):
         super().__init__()
         c_img, side = shape[0], shape[1]
         ch, mult, emb_ch = params.channels, params.channel_mult, params.emb_channels or 4 * params.channels
@@ -143,6 +150,8 @@ class FlowMapUNet(nn.Module):
                 res *= 2
         self.norm_out = group_norm(c)
         self.conv_out = zero_init(nn.Conv2d(c, c_img, 3, padding=1))
+        # created last, so that a conditional UNet's other weights start where the unconditional one's do
+        self.classes = ClassEmbedding(conditioning, emb_ch) if conditioning else None
 
     def embed(self, a: Tensor, b: Tensor) -> Tensor:
         """Paper A's conditioning: PosEmb(a) and PosEmb(b − a), each through its own linear map, averaged."""
@@ -151,8 +160,15 @@ class FlowMapUNet(nn.Module):
         el = self.emb_len(positional_embedding((b - a) * self.time_scale, ch))
         return self.emb_out(F.silu((ea + el) / 2))
 
-    def forward(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        emb = F.silu(self.embed(a, b))
+    def forward(
+        self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
+    ) -> Tensor:
+        emb = self.embed(a, b)
+        if self.classes is not None:  # the class (and guidance) embedding is added to the time embedding
+            emb = emb + self.classes(labels, omega)
+        else:
+            unconditional(labels, omega)
+        emb = F.silu(emb)
         ones = torch.ones_like(x[:, :1])
         h = self.conv_in(torch.cat([x / self.data_std, ones], dim=1))
         skips = [h]
@@ -174,8 +190,10 @@ class FlowMapUNet(nn.Module):
 
 
 @MODELS.register("unet", UNetParams)
-def build_unet(params: UNetParams, data_shape: tuple[int, ...], data_std: Tensor) -> FlowMapUNet:
+def build_unet(
+    params: UNetParams, data_shape: tuple[int, ...], data_std: Tensor, conditioning: ClassConditioning | None = None
+) -> FlowMapUNet:
     """UNet for images (C, H, W), paper A's time conditioning and σ_d scaling, standard residual blocks."""
     if len(data_shape) != 3:
         raise ValueError(f"model 'unet' needs image data (C, H, W), got shape {data_shape}")
-    return FlowMapUNet(data_shape, data_std, params)
+    return FlowMapUNet(data_shape, data_std, params, conditioning)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from methods.guidance import eval_suffix
 from orchestrator.study.problems import Problem, did_you_mean
 from orchestrator.study.schema import MAX_TRIALS, Search
 from orchestrator.trial.config import resolve_trial_config, takes_a_list, trial_id
@@ -190,7 +191,13 @@ def check_size(study: dict) -> list[Problem]:
 
 
 def logged_metrics(config: dict) -> list[str]:
-    return [f"eval/{m}/nfe_{n}" for m in config["eval"]["metrics"] for n in config["eval"]["nfe"]]
+    evaluation = config["eval"]
+    return [
+        f"eval/{m}/{eval_suffix(n, w)}"
+        for m in evaluation["metrics"]
+        for w in evaluation["guidance"]
+        for n in evaluation["nfe"]
+    ]
 
 
 def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:

@@ -44,7 +44,9 @@ TEACHER, TRIAL_DIR = "orch.teacher", "orch.trial_dir"
 
 # ---- metric keys ---------------------------------------------------------------------------------------------------
 EVAL = "eval/{metric}/nfe_{nfe}"
-"""An evaluation: a metric at a number of sampling steps, with the EMA weights."""
+"""An evaluation: a metric at a number of network evaluations per sample, with the EMA weights (unguided, ω = 1)."""
+EVAL_GUIDED = "eval/{metric}/nfe_{nfe}/cfg_{omega}"
+"""The same at classifier-free guidance scale ω ≠ 1, ω as written (cfg_1.5, cfg_2)."""
 TRAIN_LOSS, GRAD_NORM, LR = "train/loss", "train/grad_norm", "train/lr"
 COST = ("sec_per_kimg", "samples_per_sec", "peak_mem_mb", "fwd_per_sample", "jvp_per_sample", "device_hours")
 """cost/<name> keys."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from methods.catalog import METHODS
+from methods.guidance import ClassConditioning, num_classes_of
 from methods.images import DatasetFilesError
 from methods.interpolants import LinearInterpolant
 from methods.terms import Setting
@@ -22,11 +23,22 @@ def build_section(config: dict, section: str, *args):
     return entry.build(params, *args)
 
 
+def conditioning(config: dict, num_classes: int | None) -> ClassConditioning | None:
+    """What the trial's network is conditioned on: its dataset's classes (+ the guidance scale under online CFG)."""
+    if num_classes is None:
+        return None
+    return ClassConditioning(num_classes, omega=config["method"].get("online_cfg") is not None)
+
+
 def build_network(config: dict) -> torch.nn.Module:
-    """The trial's network for its dataset, initialised from train.seed."""
+    """The trial's network for its dataset, initialised from train.seed (a class-conditional one for
+    conditional data; an unconditional network is built exactly as before conditioning existed)."""
     dataset = build_section(config, "dataset")
     torch.manual_seed(config["train"]["seed"])
-    return build_section(config, "model", dataset.shape, dataset.std)
+    condition = conditioning(config, num_classes_of(dataset))
+    if condition is None:
+        return build_section(config, "model", dataset.shape, dataset.std)
+    return build_section(config, "model", dataset.shape, dataset.std, condition)
 
 
 def needs_teacher(method_config: dict) -> bool:
@@ -44,13 +56,18 @@ def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module |
     dataset = build_section(config, "dataset")
     net = build_network(config)
     if teacher is not None and config["method"].get("init_from_teacher"):
-        try:
-            net.load_state_dict(teacher.state_dict())
-        except RuntimeError as e:
-            raise ValueError(f"method.init_from_teacher: the teacher's network differs from model: {e}") from None
+        # strict, except that a student with online CFG keeps its own guidance embedder (the teacher has none)
+        missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+        missing = [k for k in missing if not k.startswith("classes.omega.")]
+        if missing or unexpected:
+            raise ValueError(
+                "method.init_from_teacher: the teacher's network differs from model: "
+                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+            )
     interpolant = LinearInterpolant(dataset.std)
     sigma_data = float(dataset.std.float().mean())
-    setting = Setting(interpolant, build_section(config, "time_sampler", sigma_data), sigma_data, teacher)
+    time_sampler = build_section(config, "time_sampler", sigma_data)
+    setting = Setting(interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes_of(dataset))
     return Trainer(net, lambda s: build_section(config, "method", s), setting, dataset, train, device)
 
 

@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ValidationError
 
 from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
+from methods.evaluation import sampler_calls
+from methods.interpolants import LinearInterpolant
 from methods.registry import Registry, UnknownName
+from methods.terms import Setting
 from methods.training import EvalConfig, TrainConfig
 from orchestrator.study.problems import Problem, did_you_mean, pydantic_problems
 
@@ -53,8 +57,17 @@ def resolve_trial_config(raw: Any) -> tuple[dict, list[Problem]]:
         except UnknownName as e:
             problems.append(Problem(f"{section}.name", str(e)))
             continue
-        named.add(section)
         params = {k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else value
+        if section == "dataset" and isinstance(params, dict) and "conditional" in params:
+            if "classes" not in entry.provides:  # clearer than "extra inputs are not permitted"
+                labelled = ", ".join(n for n in DATASETS.names() if "classes" in DATASETS.get(n).provides)
+                problems.append(
+                    Problem(
+                        "dataset.conditional", f"dataset {name!r} has no class labels; datasets with labels: {labelled}"
+                    )
+                )
+                continue
+        named.add(section)
         resolved[section], found = validate_section(section, params, entry.params, f"{registry.kind} {name!r}")
         resolved[section] = {"name": name, **resolved[section]}
         problems += found
@@ -113,6 +126,7 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
     if not ({"eval"} <= valid and "dataset" in named):
         return problems
     dataset = DATASETS.get(config["dataset"]["name"])
+    conditional = bool(config["dataset"].get("conditional"))
     for i, name in enumerate(evaluation["metrics"]):
         if name not in METRICS:
             problems.append(Problem(f"eval.metrics.{i}", str(UnknownName("metric", name, METRICS.names()))))
@@ -123,18 +137,114 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
                     f"{name} needs a dataset with {', '.join(sorted(missing))}; {dataset.name!r} has none",
                 )
             )
+        elif "classes" in METRICS.get(name).requires and not conditional:
+            problems.append(
+                Problem(f"eval.metrics.{i}", f"{name} measures class-conditional samples: set dataset.conditional")
+            )
+    if {"method", "dataset"} <= valid:
+        problems += guidance_checks(config, conditional)
+    return problems
+
+
+def guidance_checks(config: dict, conditional: bool) -> list[Problem]:
+    """Guidance options need conditional data, ranges must be ordered, and every guided NFE must be reachable."""
+    method, evaluation, problems = config["method"], config["eval"], []
+    ranges = {f"method.{k}": method.get(k) for k in ("online_cfg", "cfg_interval")}
+    ranges["eval.guidance_interval"] = evaluation["guidance_interval"]
+    for key, value in ranges.items():
+        if value is not None and value[0] > value[1]:
+            problems.append(Problem(key, f"[{value[0]:g}, {value[1]:g}] is not an interval (low above high)"))
+    guided_training = {
+        "method.online_cfg": method.get("online_cfg") is not None,
+        "method.cfg_omega": method.get("cfg_omega", 1.0) != 1.0,
+        "method.cfg_kappa": method.get("cfg_kappa", 0.0) != 0.0,
+        "method.teacher_guidance": method.get("teacher_guidance", 1.0) != 1.0,
+        "eval.guidance": evaluation["guidance"] != [1.0],
+    }
+    if not conditional:
+        return problems + [
+            Problem(key, "guidance needs class-conditional data: set dataset.conditional")
+            for key, used in guided_training.items()
+            if used
+        ]
+    if problems:
+        return problems
+    cfg_range = method.get("online_cfg")
+    if cfg_range is not None:
+        outside = [w for w in evaluation["guidance"] if not cfg_range[0] <= w <= cfg_range[1]]
+        if outside:
+            problems.append(
+                Problem(
+                    "eval.guidance",
+                    f"{', '.join(f'{w:g}' for w in outside)} outside method.online_cfg "
+                    f"[{cfg_range[0]:g}, {cfg_range[1]:g}]: a student with embedded guidance only knows its range",
+                )
+            )
+        if method["name"] == "stei" and method.get("target") != "teacher":
+            problems.append(Problem("method.online_cfg", "stei with online CFG needs method.target: teacher"))
+        if method["name"] == "stei" and not cfg_range[0] <= 1.0 <= cfg_range[1]:
+            problems.append(
+                Problem("method.online_cfg", "stei's flow-matching term is unguided (ω = 1): the range must contain 1")
+            )
+        return problems
+    return problems + unreachable_nfe(config)
+
+
+def unreachable_nfe(config: dict) -> list[Problem]:
+    """eval.nfe values that the method's sampler cannot reach at some eval.guidance scale with two-pass CFG (each
+    guided step costs two evaluations, e.g. odd NFE without a guidance interval)."""
+    method_entry, evaluation = METHODS.get(config["method"]["name"]), config["eval"]
+    params = method_entry.params.model_validate({k: v for k, v in config["method"].items() if k != "name"})
+    interpolant = LinearInterpolant(torch.ones(2))
+    method = method_entry.build(params, Setting(interpolant, None, 1.0, num_classes=2))
+    problems = []
+    for omega in evaluation["guidance"]:
+        interval = evaluation["guidance_interval"]
+        bad = [n for n in evaluation["nfe"] if sampler_calls(method, n, omega, interval, 2) is None]
+        if bad:
+            problems.append(
+                Problem(
+                    "eval.nfe",
+                    f"{', '.join(map(str, bad))} not reachable with two-pass guidance at ω = {omega:g} "
+                    "(a guided step costs 2 evaluations)",
+                )
+            )
     return problems
 
 
 EXECUTION_ONLY = ("log_every", "checkpoint_every", "keep_checkpoints", "device", "threads")
 """train.* keys that say how a trial runs, not what it trains."""
+INERT = {
+    ("dataset", "conditional"): False,
+    ("method", "online_cfg"): None,
+    ("method", "cfg_omega"): 1.0,
+    ("method", "cfg_kappa"): 0.0,
+    ("method", "cfg_interval"): None,
+    ("method", "teacher_guidance"): 1.0,
+}
+"""Options added after trial ids were first issued, at the values that train exactly as before they existed:
+left out of identities and fingerprints, so that every earlier trial keeps its id and its results."""
+
+
+def without_inert(config: dict) -> dict:
+    """`config` without the INERT options at their inert values, and without train.label_dropout when the data
+    is not conditional (it is then unused)."""
+    out = {
+        section: {k: v for k, v in value.items() if (section, k) not in INERT or v != INERT[section, k]}
+        if isinstance(value, dict)
+        else value
+        for section, value in config.items()
+    }
+    if not config.get("dataset", {}).get("conditional") and "train" in out:
+        out["train"] = {k: v for k, v in out["train"].items() if k != "label_dropout"}
+    return out
 
 
 def training_identity(config: dict) -> dict:
     """What a trial's training depends on: its resolved config without the evaluation section and the
     execution settings, so that changing how a trial is evaluated (or logged, checkpointed, placed) never
     trains it again."""
-    identity = {section: value for section, value in config.items() if section != "eval"}
+    identity = {section: value for section, value in without_inert(config).items() if section != "eval"}
     if "train" in identity:
         identity["train"] = {k: v for k, v in identity["train"].items() if k not in EXECUTION_ONLY}
     return identity
@@ -155,7 +265,7 @@ def metric_fingerprint(metric: str, config: dict) -> str:
     augmentation aside), the sample count, the EMA copy that samples, and for FID the reference size and the
     feature extractor. Values with different fingerprints are never plotted as one series."""
     spec, evaluation = METRICS.get(metric).build, config["eval"]
-    data = {k: v for k, v in config["dataset"].items() if k != "hflip"}
+    data = {k: v for k, v in without_inert(config)["dataset"].items() if k != "hflip"}
     ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
     basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": ema}
     basis |= {option: evaluation[option] for option in spec.options}

@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from methods.guidance import eval_suffix, num_classes_of
 from methods.metrics import metric as metric_spec
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
 from orchestrator.study.expand import TrialSpec
@@ -344,7 +345,7 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
                 scores, previews = trainer.evaluate(evaluation)
                 tracker.add(scores, step, state)
                 keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
-                record_previews(tracker, step, previews)
+                record_previews(tracker, step, previews, num_classes_of(trainer.dataset))
                 state.result = scores
                 if progress:
                     progress(step, scores)
@@ -373,13 +374,13 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
 
 
 def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.nn.Module) -> None:
-    """Keep the best EMA weights per metric and NFE (paper A reports each NFE at its best checkpoint) in
-    <trial>/best/<metric>_nfe_<N>.pt, indexed by best/best.json ({key: {value, step}}); "best" is each metric's
-    direction."""
+    """Keep the best EMA weights per metric, NFE and guidance scale (paper A reports each NFE at its best
+    checkpoint) in <trial>/best/<metric>_nfe_<N>[_cfg_<ω>].pt, indexed by best/best.json ({key: {value, step}});
+    "best" is each metric's direction."""
     index_path = trial_dir / "best" / "best.json"
     index = read_json(index_path)
 
-    def better(key: str, value: float) -> bool:  # keys are eval/<metric>/nfe_<N>
+    def better(key: str, value: float) -> bool:  # keys are eval/<metric>/nfe_<N>[/cfg_<ω>]
         return key not in index or metric_spec(key.split("/")[1]).better(value, index[key]["value"])
 
     improved = {key: value for key, value in scores.items() if math.isfinite(value) and better(key, value)}
@@ -393,24 +394,29 @@ def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.n
         write_json(index_path, index)
 
 
-def record_previews(tracker: TrialTracker, step: int, previews: dict[int, torch.Tensor]) -> None:
-    """The latest samples per NFE in the trial directory, for the dashboard: samples/nfe_<N>.png, a grid of
-    images (also logged to MLflow as samples/nfe_<N>/step_<step>.png), or samples/nfe_<N>.npy, points."""
+def record_previews(
+    tracker: TrialTracker, step: int, previews: dict[str, torch.Tensor], num_classes: int | None = None
+) -> None:
+    """The latest samples per NFE (and guidance scale) in the trial directory, for the dashboard:
+    samples/nfe_<N>[_cfg_<ω>].png, a grid of images (one row per class for conditional data; also logged to
+    MLflow as samples/nfe_<N>[/cfg_<ω>]/step_<step>.png), or samples/nfe_<N>[_cfg_<ω>].npy, points."""
     from torchvision.utils import make_grid
 
     folder = Path(tracker.trial.dir) / "samples"
-    for nfe, samples in previews.items():
+    for suffix, samples in previews.items():
+        file = suffix.replace("/", "_")
         if samples.dtype != torch.uint8:
             buffer = io.BytesIO()
             np.save(buffer, samples.float().numpy())
-            atomic_write_bytes(folder / f"nfe_{nfe}.npy", buffer.getvalue())
+            atomic_write_bytes(folder / f"{file}.npy", buffer.getvalue())
             continue
-        grid = make_grid(samples, nrow=math.ceil(math.sqrt(len(samples))), padding=2, pad_value=255)
+        per_row = len(samples) // num_classes if num_classes else math.ceil(math.sqrt(len(samples)))
+        grid = make_grid(samples, nrow=per_row, padding=2, pad_value=255)
         pixels = grid.permute(1, 2, 0).numpy()
         buffer = io.BytesIO()
         Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
-        atomic_write_bytes(folder / f"nfe_{nfe}.png", buffer.getvalue())
-        name = f"samples/nfe_{nfe}/step_{step:08d}.png"
+        atomic_write_bytes(folder / f"{file}.png", buffer.getvalue())
+        name = f"samples/{suffix}/step_{step:08d}.png"
         tracker.call(lambda: tracker.client.log_image(tracker.trial.run_id, pixels, name))  # noqa: B023
 
 
@@ -423,7 +429,11 @@ def missing_evaluations(config: dict, state: TrialState) -> dict[str, list[int]]
     for metric in config["eval"]["metrics"]:
         if state.fingerprints.get(metric, metric_fingerprint(metric, config)) != metric_fingerprint(metric, config):
             continue
-        nfes = [n for n in config["eval"]["nfe"] if f"eval/{metric}/nfe_{n}" not in state.result]
+        nfes = [
+            n
+            for n in config["eval"]["nfe"]
+            if any(f"eval/{metric}/{eval_suffix(n, w)}" not in state.result for w in config["eval"]["guidance"])
+        ]
         if nfes:
             missing[metric] = nfes
     return missing
@@ -447,7 +457,7 @@ def evaluate_final(trial: Trial, state: TrialState, progress: Progress | None) -
         scores, previews = trainer.evaluate(evaluation.model_copy(update={"metrics": [metric], "nfe": nfes}))
         tracker.add(scores, trainer.step, state, replayed=False)
         keep_best(trial_dir, trainer.step, scores, net)
-        record_previews(tracker, trainer.step, previews)
+        record_previews(tracker, trainer.step, previews, num_classes_of(trainer.dataset))
         state.result |= scores
         state.fingerprints[metric] = metric_fingerprint(metric, trial.config)
         if progress:

@@ -36,7 +36,9 @@ def teacher_config(config: dict) -> dict:
     spec = config["method"]["teacher"]
     train = {k: spec[k] for k in ("steps", "batch_size", "lr", "lr_decay_steps", "seed")}
     train |= {"ema": [spec["ema"]], "checkpoint_every": max(1, spec["steps"] // 4)}
-    evaluation = config["eval"] | {"every": spec["steps"], "ema": None}
+    train["label_dropout"] = config["train"]["label_dropout"]  # a conditional teacher learns the null class too
+    # the teacher is measured unguided: a student's guidance scales may need step counts two-pass CFG cannot reach
+    evaluation = config["eval"] | {"every": spec["steps"], "ema": None, "guidance": [1.0], "guidance_interval": None}
     raw = {
         "dataset": config["dataset"],
         "model": config["model"],
