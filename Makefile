@@ -51,6 +51,7 @@ bench: install
 	$(VENV)/bin/python bench/method_cost.py
 	$(VENV)/bin/python bench/method_cost.py --model unet
 	$(VENV)/bin/python bench/sampling.py
+	$(VENV)/bin/python bench/guidance_exact.py
 
 # The README's option reference is generated from the code (tests/test_describe.py checks it is current).
 docs: install

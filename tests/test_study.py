@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.cli import main
 from orchestrator.study.load import load_study, parse_study
@@ -116,3 +117,19 @@ def test_plan_shows_section_axes_as_pairs_and_ends_quietly_on_a_closed_pipe():
     closed = subprocess.run([*orch, "--profile", "smoke"], stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT)
     os.close(write_end)
     assert closed.returncode == 141 and closed.stderr.decode() == ""  # 128 + SIGPIPE, as Unix tools end
+
+
+def shipped_profiles() -> list[tuple[str, str | None]]:
+    cases = []
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        profiles = (yaml.safe_load(path.read_text()).get("profiles") or {}).keys()
+        cases += [(path.name, None)] + [(path.name, name) for name in profiles]
+    return cases
+
+
+@pytest.mark.parametrize("study, profile", shipped_profiles())
+def test_every_shipped_study_and_profile_validates_and_plans(study, profile, capsys):
+    """Studies for GPU clusters included: each plans here (validation, NFE reachability, teachers)."""
+    args = ["plan", str(ROOT / "studies" / study)] + (["--profile", profile] if profile else [])
+    assert main(args) == 0, capsys.readouterr().err
+    assert "trial(s)" in capsys.readouterr().out

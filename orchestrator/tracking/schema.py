@@ -41,6 +41,8 @@ FACTORS = "orch.factors"
 FINGERPRINT, MEASURE, DIRECTION = "orch.fingerprint.", "orch.measure.", "orch.direction."
 """Prefixes, + a metric's name: what makes its values comparable, how it was measured in words, min or max."""
 TEACHER, TRIAL_DIR = "orch.teacher", "orch.trial_dir"
+CLASSES = "orch.classes"
+"""A class-conditional trial's class names, JSON [name of label 0, name of label 1, …] (image datasets)."""
 
 # ---- metric keys ---------------------------------------------------------------------------------------------------
 EVAL = "eval/{metric}/nfe_{nfe}"

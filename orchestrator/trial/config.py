@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
-from methods.evaluation import sampler_calls
+from methods.evaluation import LABEL_SEED, sampler_calls
 from methods.interpolants import LinearInterpolant
 from methods.registry import Registry, UnknownName
 from methods.terms import Setting
@@ -269,6 +269,10 @@ def metric_fingerprint(metric: str, config: dict) -> str:
     ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
     basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": ema}
     basis |= {option: evaluation[option] for option in spec.options}
+    if config["dataset"].get("conditional"):  # which classes the samples were asked for, and how guided
+        basis["labels"] = f"class frequencies, seed train.seed + {LABEL_SEED}"
+        if evaluation["guidance_interval"] is not None:
+            basis["guidance_interval"] = evaluation["guidance_interval"]
     if spec.extractor is not None:
         basis["extractor"] = spec.extractor
     return f"{metric}-{digest(basis)[:8]}"

@@ -24,6 +24,7 @@ from methods.metrics import metric as metric_spec
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
 from orchestrator.study.expand import TrialSpec
 from orchestrator.tracking.schema import (
+    CLASSES,
     COMPLETED,
     DIVERGED,
     FACTORS,
@@ -271,6 +272,8 @@ def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[s
         teacher, _ = load_teacher(trial.teacher)
         tags[TEACHER] = trial.teacher_name
     trainer = build_trainer(trial.config, device, teacher)
+    if (classes := getattr(trainer.dataset, "classes", None)) is not None:  # the class list of the run's labels
+        tags[CLASSES] = json.dumps(classes)
     checkpoint = load_latest_checkpoint(Path(trial.dir))
     if checkpoint is None:
         return trainer, tags, 0.0
