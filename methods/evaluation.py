@@ -18,9 +18,9 @@ from methods.registry import MAX_NFE, Batch, Params, Samples
 from methods.terms import Method
 
 Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
+"""An EMA decay."""
 MAX_GUIDANCE = 100.0
 """Upper bound of a guidance scale (the papers use ω ≤ 10)."""
-"""An EMA decay."""
 
 
 class EvalConfig(Params):
@@ -76,12 +76,11 @@ def sampler_calls(method: Method, nfe: int, omega: float, interval, num_classes:
     (its count grows with the argument, so a bisection finds it)."""
     if omega == 1.0 or method.embedded_guidance is not None:
         return nfe
-    shape = (2,)
 
-    def cost(calls: int) -> int:
+    def cost(calls: int) -> int:  # the count does not depend on the data: one 2-D sample drives the sampler
         counts, condition = Counts(), Condition(labels=torch.zeros(1, dtype=torch.long))
         guided = GuidedNet(CountingNet(ZeroVelocity(), counts, condition), condition, num_classes or 1, omega, interval)
-        method.sample(guided, torch.zeros(1, *shape), calls, torch.Generator().manual_seed(0))
+        method.sample(guided, torch.zeros(1, 2), calls, torch.Generator().manual_seed(0))
         return counts.forwards
 
     lo, hi = 1, nfe
