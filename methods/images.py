@@ -206,16 +206,21 @@ def idx_path(root: Path, stem: str, expected: str = IDX_FORMAT) -> Path:
     raise DatasetFilesError(f"{root / (stem + '.gz')}: no such file{hint}; expected {expected}")
 
 
-@functools.cache
-def read_idx_labels(path: Path) -> Tensor:
-    """An IDX1 file: magic 0x00000801, then N as a big-endian int32, then N uint8 labels."""
+def read_idx(path: Path, header_ints: int, expected: str) -> tuple[bytes, tuple[int, ...]]:
+    """An IDX file's bytes and its header: `header_ints` big-endian int32 (the magic first)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-        magic, n = struct.unpack(">II", data[:8])
+        return data, struct.unpack(">" + "I" * header_ints, data[: 4 * header_ints])
     except (OSError, EOFError, struct.error) as e:
-        raise DatasetFilesError(f"{path}: unreadable ({e}); expected {IDX_LABEL_FORMAT}") from None
+        raise DatasetFilesError(f"{path}: unreadable ({e}); expected {expected}") from None
+
+
+@functools.cache
+def read_idx_labels(path: Path) -> Tensor:
+    """An IDX1 file: magic 0x00000801, then N as a big-endian int32, then N uint8 labels."""
+    data, (magic, n) = read_idx(path, 2, IDX_LABEL_FORMAT)
     if magic != 0x801 or len(data) != 8 + n:
         raise DatasetFilesError(f"{path}: not an IDX label file (magic {magic:#x}); expected {IDX_LABEL_FORMAT}")
     return torch.from_numpy(np.frombuffer(data, np.uint8, offset=8).astype(np.int64))
@@ -224,13 +229,7 @@ def read_idx_labels(path: Path) -> Tensor:
 @functools.cache
 def read_idx_images(path: Path) -> Tensor:
     """An IDX3 file: magic 0x00000803, then N, rows, cols as big-endian int32, then N·rows·cols uint8."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-        magic, n, rows, cols = struct.unpack(">IIII", data[:16])
-    except (OSError, EOFError, struct.error) as e:
-        raise DatasetFilesError(f"{path}: unreadable ({e}); expected {IDX_FORMAT}") from None
+    data, (magic, n, rows, cols) = read_idx(path, 4, IDX_FORMAT)
     if magic != 0x803 or len(data) != 16 + n * rows * cols:
         raise DatasetFilesError(
             f"{path}: not an IDX image file (magic {magic:#x}, {len(data)} bytes for {n}×{rows}×{cols}); "
