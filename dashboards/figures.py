@@ -609,6 +609,20 @@ def guidance_columns(columns, metric: str) -> dict[int, list[tuple[float, str]]]
     return {nfe: sorted(pairs) for nfe, pairs in sorted(by_nfe.items())}
 
 
+def seed_mean_trace(trials: pd.DataFrame, points: list[tuple[float, str]], group: str, style: dict) -> go.Scatter:
+    """One group's line through (x, mean over its trials of column) with 95% interval bars, for (x, column) points."""
+    stats_ = [(x, *mean_ci(trials[c].to_numpy(dtype=float))) for x, c in points]
+    xs, means, cis = zip(*stats_) if stats_ else ((), (), ())
+    return go.Scatter(
+        x=xs,
+        y=means,
+        error_y={"type": "data", "array": cis, "visible": True},
+        mode="lines+markers",
+        name=group,
+        line={"color": style["color"], "dash": style["dash"]},
+    )
+
+
 def quality_vs_guidance(runs: pd.DataFrame, metric: str, group_cols: list[str]) -> go.Figure:
     """The metric vs the guidance scale ω at each NFE (one panel per NFE, one line per group, mean ± 95% interval
     over seeds of completed trials at their last evaluation): the FID–ω curve of guided models. Empty when the
@@ -623,22 +637,8 @@ def quality_vs_guidance(runs: pd.DataFrame, metric: str, group_cols: list[str]) 
     fig = make_subplots(rows=1, cols=len(nfes), subplot_titles=[f"NFE {n}" for n in nfes], shared_yaxes=True)
     for col, nfe in enumerate(nfes, 1):
         for group, trials in done.groupby("group", sort=True):
-            stats_ = [(omega, *mean_ci(trials[c].to_numpy(dtype=float))) for omega, c in columns[nfe]]
-            omegas, means, cis = zip(*stats_)
-            fig.add_trace(
-                go.Scatter(
-                    x=omegas,
-                    y=means,
-                    error_y={"type": "data", "array": cis, "visible": True},
-                    mode="lines+markers",
-                    name=group,
-                    legendgroup=group,
-                    showlegend=col == 1,
-                    line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
-                ),
-                row=1,
-                col=col,
-            )
+            trace = seed_mean_trace(trials, columns[nfe], group, styles[group])
+            fig.add_trace(trace.update(legendgroup=group, showlegend=col == 1), row=1, col=col)
         fig.update_xaxes(title_text="guidance scale ω", row=1, col=col)
     fig.update_yaxes(title_text=metric, row=1, col=1)
     fig.update_layout(title=f"{metric} vs guidance scale ω at each NFE (mean ± 95% interval over seeds)", height=420)
@@ -659,19 +659,7 @@ def quality_vs_nfe_at_guidance(runs: pd.DataFrame, metric: str, group_cols: list
     for omega in omegas:
         for group, trials in done.groupby("group", sort=True):
             points = [(nfe, c) for nfe, pairs in columns.items() for w, c in pairs if w == omega]
-            stats_ = [(nfe, *mean_ci(trials[c].to_numpy(dtype=float))) for nfe, c in points]
-            nfes, means, cis = zip(*stats_) if stats_ else ((), (), ())
-            fig.add_trace(
-                go.Scatter(
-                    x=nfes,
-                    y=means,
-                    error_y={"type": "data", "array": cis, "visible": True},
-                    mode="lines+markers",
-                    name=group,
-                    visible=omega == omegas[0],
-                    line={"color": styles[group]["color"], "dash": styles[group]["dash"]},
-                )
-            )
+            fig.add_trace(seed_mean_trace(trials, points, group, styles[group]).update(visible=omega == omegas[0]))
             owner.append(omega)
     buttons = [
         {"label": f"ω = {omega:g}", "method": "update", "args": [{"visible": [o == omega for o in owner]}]}
