@@ -673,3 +673,50 @@ def quality_vs_nfe_at_guidance(runs: pd.DataFrame, metric: str, group_cols: list
         height=420,
     )
     return fig
+
+
+# ---- final evaluations (orch eval) ---------------------------------------------------------------------------
+
+
+def final_runs(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The runs with `orch eval`'s final/<metric>/nfe_<N>[/cfg_<ω>] (means over seed ranges) in place of the
+    in-training eval/<metric>/… values, so that the in-training figures draw them."""
+    out = runs[[c for c in runs.columns if not str(c).startswith(f"eval/{metric}/")]].copy()
+    for column in runs.columns:
+        key = str(column)
+        if key.startswith(f"final/{metric}/") and not key.endswith("/spread") and "/seed_" not in key:
+            out["eval/" + key.removeprefix("final/")] = runs[column]
+    return out
+
+
+def switchable(views: dict[str, go.Figure], shown: str) -> go.Figure:
+    """One figure holding several views' traces, with buttons that switch between them (`shown` first)."""
+    fig, spans, start = go.Figure(), {}, 0
+    for name, view in views.items():
+        fig.add_traces(list(view.data))
+        spans[name] = (start, start + len(view.data))
+        start += len(view.data)
+    fig.update_layout(views[shown].layout)
+    buttons = []
+    for name, (lo, hi) in spans.items():
+        visible = [lo <= i < hi for i in range(start)]
+        title = views[name].layout.title.text
+        buttons.append({"label": name, "method": "update", "args": [{"visible": visible}, {"title.text": title}]})
+    for i, trace in enumerate(fig.data):
+        trace.visible = spans[shown][0] <= i < spans[shown][1]
+    fig.update_layout(updatemenus=[{"type": "buttons", "direction": "right", "x": 0, "y": 1.12, "buttons": buttons}])
+    return fig
+
+
+def paper_table_figure(table: pd.DataFrame, metric: str, title: str) -> go.Figure:
+    """A paper table (dashboards.tables.paper_table) drawn as a Plotly table."""
+    from dashboards.tables import render
+
+    if table.empty:
+        return go.Figure()
+    lines = render(table, metric, "markdown").splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+    cells = [list(column) for column in zip(*rows[1:])]
+    fig = go.Figure(go.Table(header={"values": rows[0], "height": 28}, cells={"values": cells, "height": 24}))
+    fig.update_layout(title=title, height=150 + 24 * len(table), margin={"t": 60, "b": 10})
+    return fig

@@ -16,6 +16,7 @@ from orchestrator.tracking.schema import (
     DEVICE,
     DIRECTION,
     FACTORS,
+    FINAL,
     FINGERPRINT,
     GENERATION,
     GIT_COMMIT,
@@ -29,6 +30,7 @@ from orchestrator.tracking.schema import (
     TRIAL_ID,
 )
 
+FINAL_TAG = f"orch.{FINAL}."
 HISTORY_PREFIXES = ("train/target_std/", "train/loss", "train/grad_norm", "eval/", "cost/device_hours")
 RUN_CHUNK = 500
 
@@ -104,13 +106,13 @@ def study_runs(tracking_uri: str, study: str, role: str) -> tuple[MlflowClient, 
 
 def load_runs(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
     """(runs, history, parent tags). runs: one row per trial with trial_id, status, label, reason, git_commit,
-    device, `fingerprint.<metric>`, `measure.<metric>`, `direction.<metric>`, factor levels, every param and the
-    latest value of every metric. history: trial_id, key, step, value of the training curves, evaluations and
-    device-hours."""
+    device, `fingerprint.<metric>`, `measure.<metric>`, `direction.<metric>`, `final.<metric>` (how `orch eval`
+    measured final/<metric>/…, JSON), factor levels, every param and the latest value of every metric. history:
+    trial_id, key, step, value of the training curves, evaluations and device-hours."""
     _, parents = study_runs(tracking_uri, study, "study")
     client, runs = study_runs(tracking_uri, study, "trial")
     rows, keys, trial_of = [], set(), {}
-    prefixes = {FINGERPRINT: "fingerprint.", MEASURE: "measure.", DIRECTION: "direction."}
+    prefixes = {FINGERPRINT: "fingerprint.", MEASURE: "measure.", DIRECTION: "direction.", FINAL_TAG: "final."}
     for run in runs:
         tags = run.data.tags
         trial_of[run.info.run_id] = tags.get(TRIAL_ID)

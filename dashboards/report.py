@@ -14,6 +14,8 @@ from plotly.offline import get_plotlyjs
 
 from dashboards import figures
 from dashboards.load import FACTOR, load_runs, load_search
+from dashboards.published import reference_markers
+from dashboards.tables import paper_table
 from methods.storage import atomic_write_bytes
 from orchestrator.tracking.schema import AXES, BEST, GENERATION, GIT_COMMIT, HOST, PROFILE, PYTHON, STUDY_YAML, VERSION
 
@@ -89,14 +91,18 @@ def page_blocks(
                 figures.factor_effects(subset, metric, grid, direction),
                 figures.quality_vs_compute(subset, hist, metric, group_cols, direction),
             ]
-            for fig in panel:
+            final, notes = final_blocks(subset, hist, metric, group_cols, direction, panel)
+            for fig in panel + final[:1]:
                 fig.update_layout(title_text=(fig.layout.title.text or "") + suffix)
             name = f"{metric}{suffix.replace(' [fingerprint ', '-').rstrip(']')}"
             tables = {
                 f"ranking_{name}.csv": figures.ranking(subset, hist, metric, group_cols, direction),
                 f"quality_{name}.csv": figures.quality_table(subset, hist, metric, group_cols, direction),
+                f"table_{name}.csv": paper_table(subset, metric, group_cols, direction),
             }
-            blocks += [panel[0], download_links(tables), *panel[1:]]
+            if final:
+                tables[f"final_{name}.csv"] = paper_table(subset, metric, group_cols, direction, "final")
+            blocks += [panel[0], *final, download_links(tables), *panel[1:]] + [note_block(n) for n in notes]
     if trials_dir is not None and len(runs):
         blocks += sample_blocks(runs, group_cols, trials_dir)
     blocks += [
@@ -106,6 +112,42 @@ def page_blocks(
         figures.training_curves(history, runs, group_cols),
     ]
     return [b for b in blocks if isinstance(b, str) or b.data]
+
+
+def final_blocks(
+    runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str, panel: list
+) -> tuple[list[Block], list[str]]:
+    """`orch eval`'s final evaluations of a metric, when the trials have them: their paper table, and the
+    quality-vs-NFE figure (panel[1]) made switchable between the in-training and the final values; published
+    results are drawn on whichever view's protocol they match. Returns (blocks before the downloads, notes)."""
+    methods = set(runs["method.name"].dropna()) if "method.name" in runs else set()
+    views = {"in training": panel[1]}
+    notes: list[str] = []
+    has_final = any(str(c).startswith(f"final/{metric}/") for c in runs.columns)
+    if has_final:
+        final = figures.final_runs(runs, metric)
+        view = figures.quality_vs_nfe(final, history.iloc[0:0], metric, group_cols, direction)
+        measured = {json.loads(v)["measured_as"] for v in runs.get(f"final.{metric}", pd.Series()).dropna()}
+        view.update_layout(
+            title_text=f"{metric.upper()} vs steps — final evaluation (orch eval): " + "; ".join(sorted(measured))
+        )
+        views["final (orch eval)"] = view
+    for name, view in views.items():
+        traces, why = reference_markers(runs, metric, name != "in training", methods)
+        view.add_traces(traces)
+        notes += [f"{name}: {line}" for line in why]
+    if not has_final:
+        return [], notes
+    panel[1] = figures.switchable(views, "final (orch eval)")
+    table = paper_table(runs, metric, group_cols, direction, "final")
+    title = (
+        f"Final evaluation (orch eval) by {metric} — mean ± half-range over seeds of each trial's mean over seed ranges"
+    )
+    return [figures.paper_table_figure(table, metric, title)], notes
+
+
+def note_block(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
 
 
 def download_links(tables: dict[str, pd.DataFrame]) -> str:
@@ -234,14 +276,25 @@ METRIC_NOTES = {
 }
 
 
-def dashboard_html(tracking_uri: str, study: str, trials_dir: Path | None = None) -> str:
-    """The dashboard page of a study, read from its MLflow experiment (and the sample previews from its trial
-    directories, when given)."""
+def study_frames(tracking_uri: str, study: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str], int]:
+    """load_runs of the trials the study's last submitted version planned, and how many others there are."""
     runs, history, parent_tags = load_runs(tracking_uri, study)
     runs, older = current_version(runs, parent_tags.get(GENERATION))
     history = history[history["trial_id"].isin(runs["trial_id"])] if len(runs) else history.iloc[0:0]
+    return runs, history, parent_tags, older
+
+
+def study_groups(runs: pd.DataFrame, parent_tags: dict[str, str]) -> tuple[list[str], dict[str, list[str]]]:
+    """factor_groups of the study's axes (method.name when the trials have no factors)."""
     group_cols, grid = factor_groups(runs, json.loads(parent_tags.get(AXES, "[]")))
-    group_cols = group_cols or (["method.name"] if "method.name" in runs.columns else [])
+    return group_cols or (["method.name"] if "method.name" in runs.columns else []), grid
+
+
+def dashboard_html(tracking_uri: str, study: str, trials_dir: Path | None = None) -> str:
+    """The dashboard page of a study, read from its MLflow experiment (and the sample previews from its trial
+    directories, when given)."""
+    runs, history, parent_tags, older = study_frames(tracking_uri, study)
+    group_cols, grid = study_groups(runs, parent_tags)
     header = {"study": study, "trials": str(len(runs))}
     if older:
         header["trials of earlier versions (not shown)"] = f"{older}: `orch status {study} --all`, `orch prune {study}`"

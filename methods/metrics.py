@@ -1,4 +1,5 @@
-"""Sample-quality metrics (docs/methods.md §3.8): KL for 2-D data with a known density, FID for images.
+"""Sample-quality metrics (docs/methods.md §3.8): KL for 2-D data with a known density; FID, KID, Inception Score
+and precision/recall for images.
 
 Each metric is registered as a MetricSpec: how it is computed (from (samples, dataset, eval config, device) to
 one number), whether lower or higher is better, what its value depends on besides the samples (its
@@ -88,13 +89,52 @@ def kl_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.dev
     return histogram_kl(samples, dataset)
 
 
-@register_metric(
-    "fid", direction="min", title="FID", requires=("images",), options=("fid_reference",), extractor=fid.EXTRACTOR
-)
+IMAGE_METRIC = {"requires": ("images",), "options": ("fid_reference",), "extractor": fid.EXTRACTOR}
+"""What the Inception metrics against the training images share."""
+
+
+def generated_and_real(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device):
+    """Pool3 features of the samples (computed once per sample set) and of the reference images."""
+    reference, _ = fid.reference_features(dataset, evaluation.fid_reference, device)
+    return fid.sample_outputs(samples, device)[0], reference
+
+
+@register_metric("fid", direction="min", title="FID", **IMAGE_METRIC)
 def fid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
     """FID of uint8 samples against the training images (eval.fid_reference of them), torch-fidelity Inception."""
-    reference, _ = fid.reference_features(dataset, evaluation.fid_reference, device)
-    return fid.fid_kid(fid.features(samples, device), reference)["fid"]
+    return fid.fid_kid(*generated_and_real(samples, dataset, evaluation, device))["fid"]
+
+
+@register_metric("kid", direction="min", title="KID (unbiased MMD², cubic polynomial kernel)", **IMAGE_METRIC)
+def kid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
+    """KID of uint8 samples against the training images: torch-fidelity's unbiased MMD² over subsets of ≤ 1000."""
+    return fid.fid_kid(*generated_and_real(samples, dataset, evaluation, device))["kid"]
+
+
+@register_metric("is", direction="max", title="Inception Score (10 splits)", requires=("images",), extractor=fid.LOGITS)
+def is_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
+    """Inception Score of uint8 samples (torch-fidelity, 10 splits); needs the Inception's classifier weights,
+    which orch's offline FID weights lack (a clear error says so)."""
+    fid.require_logits()
+    return fid.inception_score(fid.sample_outputs(samples, device)[1])
+
+
+def prc(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> dict[str, float]:
+    generated, real = generated_and_real(samples, dataset, evaluation, device)
+    return fid.of_samples(samples, "prc", lambda: fid.precision_recall(generated, real))
+
+
+@register_metric("precision", direction="max", title="improved precision (k = 3, Inception pool3)", **IMAGE_METRIC)
+def precision_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
+    """Improved precision: the share of samples inside the k-NN balls (k = 3) of the training images'
+    Inception features (as ADM's evaluation suite measures it)."""
+    return prc(samples, dataset, evaluation, device)["precision"]
+
+
+@register_metric("recall", direction="max", title="improved recall (k = 3, Inception pool3)", **IMAGE_METRIC)
+def recall_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
+    """Improved recall: the share of training images inside the k-NN balls (k = 3) of the samples' features."""
+    return prc(samples, dataset, evaluation, device)["recall"]
 
 
 @register_metric(

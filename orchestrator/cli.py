@@ -391,6 +391,166 @@ def cmd_fid(args) -> int:
     return EXIT_OK
 
 
+def comma_list(text: str, kind: type, option: str) -> list:
+    """`1,2,4` → [1, 2, 4]; exits 2 naming the option when an item is not a `kind`."""
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        print(f"error: {option} {text!r}: a comma-separated list of {kind.__name__} values", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def where_of(pairs: list[str]) -> dict:
+    """--where KEY=VALUE pairs as {dotted key: YAML value}; exits 2 on a malformed one."""
+    from orchestrator.study.problems import StudyError
+
+    try:
+        return parse_overrides(pairs)
+    except StudyError as e:
+        print(e.report().replace("an override is", "--where is"), file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def eval_request(args):
+    from orchestrator.final import Request
+
+    metrics = None
+    if args.metrics is not None:  # prc = precision and recall, as torch-fidelity names the pair
+        names = comma_list(args.metrics, str, "--metrics")
+        metrics = [m for name in names for m in (["precision", "recall"] if name == "prc" else [name])]
+    return Request(
+        checkpoint=args.checkpoint,
+        nfe=comma_list(args.nfe, int, "--nfe") if args.nfe else None,
+        num=args.num,
+        metrics=metrics,
+        guidance=comma_list(args.guidance, float, "--guidance") if args.guidance else None,
+        seeds=args.seeds,
+        device=args.device,
+    )
+
+
+OPTION_OF = {
+    "eval.metrics": "--metrics",
+    "eval.nfe": "--nfe",
+    "eval.num_samples": "--num",
+    "eval.guidance": "--guidance",
+}
+"""Where a post-hoc command's option lands in a trial's eval section."""
+
+
+def refuse_options(command: str, problems: list) -> int:
+    """Report problems with a post-hoc command's options, one line each, under the option's name: exit 2."""
+    for p in problems:
+        option = next((o for key, o in OPTION_OF.items() if p.path == key or p.path.startswith(key + ".")), p.path)
+        print(f"error: orch {command}: {option}: {p.message}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def cmd_eval(args) -> int:
+    from orchestrator.final import evaluate_trial, request_problems, select_trials
+    from orchestrator.trial.build import inception_problems
+
+    study_dir = study_dir_of(args.study, args.workdir)
+    request, where = eval_request(args), where_of(args.where)
+    problems = request_problems(study_dir, request, args.trials, where)
+    if not problems:
+        trials, notes = select_trials(study_dir, args.trials, where)
+        metrics = set(request.metrics or [m for t in trials for m in t.config["eval"]["metrics"]])
+        problems = inception_problems(metrics, "--metrics")
+    if problems:
+        return refuse_options("eval", problems)
+    for note in notes:
+        print(f"note: {note}")
+    if not trials:
+        print("error: no trial matches: nothing to evaluate", file=sys.stderr)
+        return EXIT_INVALID
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    computed = lacking = 0
+    try:
+        for trial in trials:
+            done, missing = evaluate_trial(trial, request, print)
+            computed, lacking = computed + done, lacking + missing
+    except KeyboardInterrupt:
+        print("interrupted: finished evaluations are kept; the same command finishes the rest", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as e:  # MLflow refused the results: they are kept in final.json and logged next time
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    done_before = "" if computed else " (every evaluation was done already)"
+    print(f"{computed} evaluation(s) computed for {len(trials)} trial(s){done_before}; logged as final/<metric>/…")
+    return EXIT_FAILED if lacking else EXIT_OK
+
+
+def cmd_sample(args) -> int:
+    from methods.images import ImageDataset
+    from orchestrator.export import sample_stream, write_samples
+    from orchestrator.final import Unit, Weights, request_problems
+
+    study_dir = study_dir_of(args.study, args.workdir)
+    request = eval_request(argparse.Namespace(**vars(args), metrics=None, seeds=1))
+    problems = request_problems(study_dir, request, [args.trial], {})
+    problems += [Problem(f"--{o}", "one value") for o in ("nfe", "guidance") if len(getattr(request, o) or []) > 1]
+    out = Path(args.out)
+    if out.exists():
+        problems.append(Problem("--out", f"{out} exists: remove it or choose another path"))
+    if not out.parent.is_dir():
+        problems.append(Problem("--out", f"no such directory: {out.parent}"))
+    if problems:
+        return refuse_options("sample", problems)
+    from orchestrator.trial.runner import Trial
+
+    trial = Trial.load(study_dir / "trials" / args.trial)
+    unit = Unit("", request.nfe[0], (request.guidance or [1.0])[0], args.seed_range)
+    weights = Weights(trial, request.checkpoint)
+    if why := weights.missing(unit):
+        return refuse_options("sample", [Problem("--checkpoint", why)])
+    classes = comma_list(args.classes, int, "--class") if args.classes else None
+    chunks, labels, dataset = sample_stream(trial, weights, unit, args.num, classes, args.device)
+    images = isinstance(dataset, ImageDataset)
+    if (out.suffix == ".npy") == images:
+        want = "an .npz file or a folder (no suffix)" if images else "an .npy file"
+        return refuse_options("sample", [Problem("--out", f"{trial.id}'s samples go to {want}")])
+    if classes and (labels is None or max(classes) >= dataset.num_classes or min(classes) < 0):
+        return refuse_options("sample", [Problem("--class", "needs conditional data and valid labels")])
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        write_samples(chunks, labels, dataset, args.num, out)
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"{args.num:,} samples of trial {trial.id} ({trial.label}) at NFE {unit.nfe} written to {out}")
+    return EXIT_OK
+
+
+def cmd_table(args) -> int:
+    from dashboards.report import direction_of, study_frames, study_groups
+    from dashboards.tables import paper_table, render
+    from orchestrator.driver import tracking_uri_of
+
+    study_dir = study_dir_of(args.study, args.workdir)
+    try:
+        runs, _, parent_tags, _ = study_frames(args.tracking_uri or tracking_uri_of(study_dir), study_dir.name)
+    except LookupError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return EXIT_INVALID
+    group_cols, _ = study_groups(runs, parent_tags)
+    metrics = sorted({str(c).split("/")[1] for c in runs.columns if str(c).startswith(f"{args.source}/")})
+    metric = args.metric or (metrics[0] if metrics else None)
+    if metric not in metrics:
+        found = ", ".join(metrics) or "none"
+        print(
+            f"error: no {args.source}/ values of {metric!r} in study {study_dir.name} (metrics: {found})",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    table = paper_table(runs, metric, group_cols, direction_of(runs, metric), args.source, args.guidance, args.spread)
+    if table.empty:
+        print(f"error: no completed trial has {args.source}/{metric} values at ω = {args.guidance:g}", file=sys.stderr)
+        return EXIT_INVALID
+    print(render(table, metric, args.format, args.digits), end="")
+    return EXIT_OK
+
+
 def cmd_describe(args) -> int:
     from orchestrator.study.describe import UnknownSection, describe
 
@@ -482,6 +642,38 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, help="images per side: a fixed random subset (default: all)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.set_defaults(func=cmd_fid)
+    s = submitted_cmd(
+        "eval", "evaluate stored checkpoints after training: final/<metric>/… in each trial's run", cmd_eval
+    )
+    s.add_argument("--trials", nargs="+", metavar="ID", help="these trials only (default: every completed one)")
+    s.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE", help="trials whose config has these values")
+    s.add_argument("--checkpoint", default="best", help="best (per NFE, default), last, or a kept training step")
+    s.add_argument("--nfe", help="step counts, e.g. 1,2,4 (default: each trial's eval.nfe)")
+    s.add_argument("--num", type=int, help="samples per evaluation, e.g. 50000 (default: eval.num_samples)")
+    s.add_argument("--metrics", help="e.g. fid,kid,is,prc (prc = precision and recall; default: eval.metrics)")
+    s.add_argument("--guidance", help="guidance scales, e.g. 1,1.5 (default: eval.guidance)")
+    s.add_argument("--seeds", type=int, default=1, help="seed ranges, each its own noise and labels (default 1)")
+    s.add_argument("--device", help="cpu or cuda (default: each trial's train.device)")
+    s = submitted_cmd("sample", "write a stored checkpoint's samples for external evaluators", cmd_sample)
+    s.add_argument("--trial", required=True, help="the trial id (`orch status` lists them)")
+    s.add_argument("--checkpoint", default="best", help="best (for the NFE, default), last, or a kept training step")
+    s.add_argument("--nfe", required=True, help="network evaluations per sample")
+    s.add_argument("--num", type=int, required=True, help="number of samples")
+    s.add_argument("--guidance", help="guidance scale ω (default 1: unguided)")
+    s.add_argument(
+        "--class", dest="classes", help="labels to cycle through, e.g. 3 or 0,1,2 (default: class frequencies)"
+    )
+    s.add_argument("--seed-range", type=int, default=0, help="which seed range's noise (as orch eval --seeds counts)")
+    s.add_argument("--out", required=True, help="PATH.npz (ADM's layout), a folder for PNGs, or PATH.npy for 2-D data")
+    s.add_argument("--device", help="cpu or cuda (default: the trial's train.device)")
+    s = submitted_cmd("table", "the ranking table for a paper: Markdown, LaTeX or CSV", cmd_table)
+    s.add_argument("--metric", help="which metric (default: the first alphabetically)")
+    s.add_argument("--source", choices=["eval", "final"], default="eval", help="in-training (default) or orch eval's")
+    s.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
+    s.add_argument("--spread", choices=["half-range", "std", "ci95"], default="half-range", help="± over seeds")
+    s.add_argument("--guidance", type=float, default=1.0, help="the guidance scale shown (default 1)")
+    s.add_argument("--digits", type=int, default=3, help="decimals of the metric (default 3)")
+    s.add_argument("--tracking-uri", help="read another MLflow store (default: the study's own)")
     s = sub.add_parser("describe", help="every option of a study file with its default and meaning")
     s.add_argument("target", nargs="?", help="a section (method, train, …) or one entry (method.lsd, train.lr)")
     s.set_defaults(func=cmd_describe)

@@ -49,6 +49,10 @@ EVAL = "eval/{metric}/nfe_{nfe}"
 """An evaluation: a metric at a number of network evaluations per sample, with the EMA weights (unguided, ω = 1)."""
 EVAL_GUIDED = "eval/{metric}/nfe_{nfe}/cfg_{omega}"
 """The same at classifier-free guidance scale ω ≠ 1, ω as written (cfg_1.5, cfg_2)."""
+FINAL = "final"
+"""Namespace of `orch eval`'s evaluations of stored checkpoints: final/<metric>/nfe_<N>[/cfg_<ω>] (mean over seed
+ranges), …/seed_<k> and …/spread (half the range over seed ranges); how they were measured in the tag
+orch.final.<metric> (JSON: fingerprint, measured_as, num_samples, checkpoint, seeds, dataset)."""
 TRAIN_LOSS, GRAD_NORM, LR = "train/loss", "train/grad_norm", "train/lr"
 COST = ("sec_per_kimg", "samples_per_sec", "peak_mem_mb", "fwd_per_sample", "jvp_per_sample", "device_hours")
 """cost/<name> keys."""

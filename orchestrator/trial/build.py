@@ -84,11 +84,21 @@ def check_data(configs: list[dict]) -> list[Problem]:
             build_section(config, "dataset")
         except DatasetFilesError as e:
             problems.append(Problem("dataset", str(e)))
-    if any("fid" in config["eval"]["metrics"] for config in configs):
-        from methods.fid import FIDUnavailable, inception_weights
+    return problems + inception_problems({m for config in configs for m in config["eval"]["metrics"]})
 
-        try:
-            inception_weights()
-        except FIDUnavailable as e:
-            problems.append(Problem("eval.metrics", f"fid: {e}"))
-    return problems
+
+def inception_problems(metrics: set[str], where: str = "eval.metrics") -> list[Problem]:
+    """The Inception weights that these metrics need, when missing (the Inception Score also needs the
+    classifier layer, which the offline weights lack)."""
+    from methods.fid import FIDUnavailable, inception_weights, require_logits
+    from methods.metrics import METRICS
+
+    if not any(m in METRICS and METRICS.get(m).build.extractor for m in metrics):
+        return []
+    try:
+        inception_weights()
+        if "is" in metrics:
+            require_logits()
+    except FIDUnavailable as e:
+        return [Problem(where, str(e))]
+    return []

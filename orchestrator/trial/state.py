@@ -116,6 +116,12 @@ def load_latest_checkpoint(trial_dir: Path) -> dict | None:
     return None
 
 
+def load_checkpoint_at(trial_dir: Path, step: int) -> dict | None:
+    """The checkpoint of `step` (kept by train.keep_checkpoints), or None when it is not kept."""
+    path = trial_dir / "checkpoints" / f"step_{step:09d}.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
 def append_metrics(trial_dir: Path, rows: list[tuple[str, float, int]]) -> None:
     with open(trial_dir / METRICS_LOG, "a") as f:
         f.writelines(json.dumps({"key": k, "value": v, "step": s}) + "\n" for k, v, s in rows)

@@ -1,0 +1,114 @@
+"""`orch table`: a study's ranking as a paper table — one row per group (method × ablation level), the metric at
+each NFE (mean ± spread over completed seeds) and the measured cost — in Markdown, LaTeX or CSV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dashboards import figures
+from methods.guidance import eval_suffix
+
+SPREADS = ("half-range", "std", "ci95")
+FORMATS = ("markdown", "latex", "csv")
+COSTS = {
+    "cost/sec_per_kimg": ("sec/kimg", 4),
+    "cost/fwd_per_sample": ("fwd/sample", 2),
+    "cost/jvp_per_sample": ("JVP/sample", 2),
+}
+NAMES = {"kl": "KL", "kl_cond": "class KL", "fid": "FID", "kid": "KID", "is": "IS"}
+
+
+def column_title(group_col: str) -> str:
+    """factor.method.stopgrad → stopgrad, factor.method.name → method."""
+    parts = figures.shown(group_col).split(".")
+    return parts[0] if parts[-1] == "name" else parts[-1]
+
+
+def spread_of(values: np.ndarray, how: str) -> float:
+    """Half the range, the sample standard deviation, or the 95% Student-t half-width over seeds (NaN below two
+    values: nothing to spread)."""
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan")
+    if how == "half-range":
+        return float((values.max() - values.min()) / 2)
+    if how == "std":
+        return float(values.std(ddof=1))
+    return figures.mean_ci(values)[1]
+
+
+def nfe_values(runs: pd.DataFrame, metric: str, source: str, omega: float) -> list[tuple[int, str]]:
+    """(NFE, column) of `source/<metric>/nfe_<N>[/cfg_<ω>]` present in the runs, by NFE."""
+    pattern = f"{source}/{metric}/"
+    found = []
+    for column in runs.columns:
+        text = str(column)
+        if text.startswith(pattern) and text.removeprefix(pattern).startswith("nfe_"):
+            nfe = text.removeprefix(pattern).split("/")[0].removeprefix("nfe_")
+            if nfe.isdigit() and text == f"{source}/{metric}/{eval_suffix(int(nfe), omega)}":
+                found.append((int(nfe), text))
+    return sorted(found)
+
+
+def paper_table(
+    runs: pd.DataFrame,
+    metric: str,
+    group_cols: list[str],
+    direction: str = "min",
+    source: str = "eval",
+    omega: float = 1.0,
+    spread: str = "half-range",
+) -> pd.DataFrame:
+    """One row per group of completed trials, best at the fewest NFE first: the group's factor levels, then per
+    NFE `<metric>@<N>` (mean over seeds) and `<metric>@<N> spread`, `seeds`, and the mean cost per sample.
+    source "eval": the last in-training evaluation; "final": `orch eval`'s (the mean over its seed ranges)."""
+    columns = nfe_values(runs, metric, source, omega)
+    done = runs[runs["status"] == "completed"]
+    if not columns or done.empty:
+        return pd.DataFrame()
+    rows = []
+    keys = [c for c in group_cols if c in done]
+    for levels, trials in done.groupby(keys, sort=False, dropna=False) if keys else [((), done)]:
+        levels = levels if isinstance(levels, tuple) else (levels,)
+        row = {column_title(c): ("–" if pd.isna(v) else v) for c, v in zip(keys, levels)}
+        row["seeds"] = int(trials[[c for _, c in columns]].notna().any(axis=1).sum())
+        for nfe, column in columns:
+            values = trials[column].to_numpy(dtype=float)
+            row[f"{metric}@{nfe}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+            row[f"{metric}@{nfe} spread"] = spread_of(values, spread)
+        row |= {title: float(trials[c].mean()) for c, (title, _) in COSTS.items() if c in trials}
+        if any(np.isfinite(row[f"{metric}@{nfe}"]) for nfe, _ in columns):  # groups without values are left out
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    first = f"{metric}@{columns[0][0]}"
+    return pd.DataFrame(rows).sort_values(first, ascending=direction == "min", kind="stable").reset_index(drop=True)
+
+
+def render(table: pd.DataFrame, metric: str, fmt: str, digits: int = 3) -> str:
+    """The table as Markdown (the README's layout), LaTeX (booktabs) or CSV (every number unrounded)."""
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    nfes = [c.split("@")[1] for c in table.columns if "@" in c and not c.endswith("spread")]
+    levels = [c for c in table.columns if "@" not in c and c != "seeds" and c not in {t for t, _ in COSTS.values()}]
+    costs = [(t, d) for t, d in COSTS.values() if t in table]
+    name = NAMES.get(metric, metric)
+    header = levels + [f"{name} @{nfes[0]}", *(f"@{n}" for n in nfes[1:])] + [t for t, _ in costs]
+    body = []
+    for row in table.to_dict("records"):
+        cells = [str(row[c]) for c in levels]
+        for n in nfes:
+            mean, spread = row[f"{metric}@{n}"], row[f"{metric}@{n} spread"]
+            shown = f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if np.isfinite(spread) else "")
+            cells.append(shown if np.isfinite(mean) else "–")
+        cells += [f"{row[t]:.{d}f}" for t, d in costs]
+        body.append(cells)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+    escape = lambda text: text.replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
+    lines = [r"\begin{tabular}{" + "l" * len(levels) + "r" * (len(header) - len(levels)) + "}", r"\toprule"]
+    lines += [" & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(escape(c) for c in cells) + r" \\" for cells in body]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"

@@ -1,0 +1,307 @@
+"""`orch eval`: the papers' protocol after training. Each selected trial's stored weights (the best checkpoint per
+step count, the last checkpoint or a given step) are sampled again at a chosen sample count, NFE, guidance scale
+and number of seed ranges, scored by the registered metrics and logged into the trial's MLflow run as
+`final/<metric>/nfe_<N>[/cfg_<ω>]` (the mean over seed ranges), `…/seed_<k>` and `…/spread` (half the range).
+
+Every (metric, NFE, ω, seed range) is one unit of work, recorded atomically in <trial>/final.json with the
+fingerprint of what it measured: a unit already done under the same fingerprint is never redone, so a run
+again does nothing and a killed run finishes the rest."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from methods.evaluation import EvalConfig, eval_labels, generate
+from methods.guidance import eval_suffix
+from methods.metrics import metric as metric_spec
+from methods.storage import exclusive
+from methods.training import resolve_device
+from orchestrator.study.problems import Problem
+from orchestrator.tracking.schema import COMPLETED, FINAL, STOPPED
+from orchestrator.tracking.store import TRACKING_ERRORS, log_batch
+from orchestrator.trial.build import build_trainer
+from orchestrator.trial.config import digest, flatten, metric_description, metric_fingerprint, resolve_trial_config
+from orchestrator.trial.runner import Trial
+from orchestrator.trial.state import TrialState, load_checkpoint_at, load_latest_checkpoint, read_json, write_json
+
+SEED_RANGE = 10_000_019
+"""Offset of train.seed between seed ranges: range 0 draws the noise and labels of the trial's own evaluations
+(so it reproduces them at the same sample count), range k those of train.seed + k·SEED_RANGE."""
+RESULTS = "final.json"
+EVALUABLE = (COMPLETED, STOPPED)
+"""Trials whose weights are final: completed, or stopped early by a search scheduler."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `orch eval` measures; None keeps each trial's own eval option."""
+
+    checkpoint: str = "best"
+    """best (per NFE and guidance scale, as selected during training) | last | a training step."""
+    nfe: list[int] | None = None
+    num: int | None = None
+    metrics: list[str] | None = None
+    guidance: list[float] | None = None
+    seeds: int = 1
+    device: str | None = None
+
+    def eval_section(self, trial: Trial) -> dict:
+        """The trial's eval section with this request's options in place."""
+        section = dict(trial.config["eval"])
+        updates = {"nfe": self.nfe, "num_samples": self.num, "metrics": self.metrics, "guidance": self.guidance}
+        return section | {k: v for k, v in updates.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Unit:
+    metric: str
+    nfe: int
+    omega: float
+    seed_range: int
+
+    @property
+    def suffix(self) -> str:
+        return eval_suffix(self.nfe, self.omega)
+
+    @property
+    def key(self) -> str:
+        return f"{FINAL}/{self.metric}/{self.suffix}/seed_{self.seed_range}"
+
+
+def select_trials(study_dir: Path, ids: list[str] | None, where: dict[str, object]) -> tuple[list[Trial], list[str]]:
+    """The study's trials named by `ids` (all when None) whose resolved config has every `where` value (dotted
+    keys, e.g. method.name = lsd), and a note for each one left out because its weights are not final."""
+    trials_dir = study_dir / "trials"
+    names = ids if ids else sorted(p.name for p in trials_dir.iterdir() if (p / "trial.json").is_file())
+    chosen, notes = [], []
+    for name in names:
+        trial = Trial.load(trials_dir / name)
+        flat = flatten(trial.config)
+        if any(flat.get(key) != value for key, value in where.items()):
+            continue
+        status = TrialState.load(trials_dir / name).status
+        if status not in EVALUABLE:
+            notes.append(f"trial {name} ({trial.label}) is {status}: only completed or stopped trials are evaluated")
+            continue
+        chosen.append(trial)
+    return chosen, notes
+
+
+def request_problems(study_dir: Path, request: Request, ids: list[str] | None, where: dict) -> list[Problem]:
+    """Problems with a request, found before anything is evaluated: unknown trials or options, and eval options
+    that the study's own validation refuses for a trial (an unknown metric, one the data cannot give, an
+    unreachable NFE)."""
+    trials_dir = study_dir / "trials"
+    problems = [
+        Problem(f"--trials {i}", f"no trial {i!r} in {trials_dir}")
+        for i in ids or []
+        if not (trials_dir / i / "trial.json").is_file()
+    ]
+    if problems:
+        return problems
+    trials, _ = select_trials(study_dir, ids, {})
+    known = set().union(*(flatten(t.config) for t in trials)) if trials else set()
+    problems += [Problem(f"--where {k}", "no trial has this option") for k in where if k not in known]
+    if request.checkpoint not in ("best", "last") and not request.checkpoint.isdigit():
+        problems.append(Problem("--checkpoint", f"{request.checkpoint!r} is not best, last or a step number"))
+    if request.seeds < 1:
+        problems.append(Problem("--seeds", "at least 1 seed range"))
+    seen = set()
+    for trial in trials:
+        _, found = resolve_trial_config(trial.config | {"eval": request.eval_section(trial)})
+        for p in found:
+            if (p.path, p.message) not in seen:
+                seen.add((p.path, p.message))
+                problems.append(Problem(p.path, f"{p.message} (trial {trial.id})"))
+    return problems
+
+
+def units_of(evaluation: EvalConfig, seeds: int) -> list[Unit]:
+    return [
+        Unit(m, n, w, k)
+        for w in evaluation.guidance
+        for n in evaluation.nfe
+        for k in range(seeds)
+        for m in evaluation.metrics
+    ]
+
+
+class Weights:
+    """The EMA weights a unit is sampled from: the best checkpoint of its NFE and scale (selected on the trial's
+    first eval metric during training), or the last or a given step's checkpoint. Returns (state dict, step)."""
+
+    def __init__(self, trial: Trial, checkpoint: str):
+        self.dir, self.checkpoint, self.trial = Path(trial.dir), checkpoint, trial
+        self.selection = trial.config["eval"]["metrics"][0]
+        self.index = read_json(self.dir / "best" / "best.json")
+        self.loaded: dict[str, tuple[dict, int]] = {}
+
+    def source(self, unit: Unit) -> str:
+        """Which file holds the unit's weights (the cache key and part of its fingerprint)."""
+        if self.checkpoint == "best":
+            return f"best/{self.selection}_{unit.suffix.replace('/', '_')}.pt"
+        return self.checkpoint
+
+    def missing(self, unit: Unit) -> str | None:
+        """Why the unit has no weights, or None."""
+        if self.checkpoint == "best":
+            key = f"eval/{self.selection}/{unit.suffix}"
+            if key not in self.index or not (self.dir / self.source(unit)).is_file():
+                return f"no best checkpoint for {key} (training did not evaluate it): use --checkpoint last"
+        return None
+
+    def load(self, unit: Unit, ema: float) -> tuple[dict, int]:
+        source = self.source(unit)
+        if source not in self.loaded:
+            if self.checkpoint == "best":
+                saved = torch.load(self.dir / source, map_location="cpu", weights_only=True)
+                self.loaded[source] = saved["net"], int(saved["step"])
+            else:
+                saved = (
+                    load_latest_checkpoint(self.dir)
+                    if self.checkpoint == "last"
+                    else load_checkpoint_at(self.dir, int(self.checkpoint))
+                )
+                if saved is None:
+                    raise FileNotFoundError(f"trial {self.trial.id}: no readable checkpoint {self.checkpoint}")
+                self.loaded[source] = saved["trainer"]["ema"][str(ema)], saved["trainer"]["step"]
+        return self.loaded[source]
+
+
+def unit_fingerprint(unit: Unit, config: dict, source: str, step: int) -> str:
+    """What a unit's value depends on: the metric's fingerprint (data, sample count, EMA copy, reference,
+    extractor), the NFE and scale, the weights (file and training step) and the seed range."""
+    basis = {"metric": metric_fingerprint(unit.metric, config), "suffix": unit.suffix, "weights": source}
+    return digest(basis | {"step": step, "seed_range": unit.seed_range})
+
+
+def protocol_tags(config: dict, request: Request, metrics: list[str]) -> dict[str, str]:
+    """orch.final.<metric>: how the final values were measured, for the dashboard's comparisons."""
+    where = "best checkpoint per NFE" if request.checkpoint == "best" else f"checkpoint {request.checkpoint}"
+    tags = {}
+    for m in metrics:
+        words = f"{metric_description(m, config)}, {where}, {request.seeds} seed range(s)"
+        protocol = {
+            "fingerprint": digest({"metric": metric_fingerprint(m, config), "checkpoint": request.checkpoint})[:8],
+            "measured_as": words,
+            "num_samples": config["eval"]["num_samples"],
+            "checkpoint": request.checkpoint,
+            "seeds": request.seeds,
+            "dataset": config["dataset"]["name"],
+        }
+        tags[f"orch.{FINAL}.{m}"] = json.dumps(protocol, sort_keys=True)
+    return tags
+
+
+def evaluate_trial(trial: Trial, request: Request, say: Callable[[str], None]) -> tuple[int, int]:
+    """Evaluate one trial's pending units (see the module docstring); returns (units done now, units skipped for
+    want of weights). Holds <trial>/final.lock, so two `orch eval` processes never work on one trial at once."""
+    trial_dir = Path(trial.dir)
+    with exclusive(trial_dir / "final.lock"):
+        return evaluate_locked(trial, request, say)
+
+
+def evaluate_locked(trial: Trial, request: Request, say: Callable[[str], None]) -> tuple[int, int]:
+    trial_dir = Path(trial.dir)
+    config = trial.config | {"eval": request.eval_section(trial)}
+    evaluation = EvalConfig.model_validate(config["eval"])
+    ema = evaluation.ema if evaluation.ema is not None else config["train"]["ema"][0]
+    weights, units = Weights(trial, request.checkpoint), units_of(evaluation, request.seeds)
+    record = read_json(trial_dir / RESULTS)
+    done: dict[str, dict] = record.get("units", {})
+    client = MlflowClient(trial.tracking_uri)
+    trainer, computed, lacking = None, 0, 0
+
+    def pending(unit: Unit) -> tuple[str, int] | None:
+        """(fingerprint, step) of a unit that needs computing, None when it is done."""
+        _, step = weights.load(unit, ema)
+        fingerprint = unit_fingerprint(unit, config, weights.source(unit), step)
+        return None if done.get(unit.key, {}).get("fingerprint") == fingerprint else (fingerprint, step)
+
+    groups: dict[tuple[int, float, int], list[Unit]] = {}
+    for unit in units:
+        if why := weights.missing(unit):
+            say(f"trial {trial.id}: {unit.key}: {why}")
+            lacking += 1
+            continue
+        groups.setdefault((unit.nfe, unit.omega, unit.seed_range), []).append(unit)
+    for (nfe, omega, k), group in groups.items():
+        todo = [(u, p) for u in group if (p := pending(u)) is not None]
+        if not todo:
+            continue
+        if trainer is None:
+            device = resolve_device(request.device or config["train"]["device"])
+            trainer = build_trainer(config, device)  # sampling needs no teacher
+        state, step = weights.load(group[0], ema)
+        net = trainer.ema_net(ema)
+        net.load_state_dict(state)
+        seed = config["train"]["seed"] + k * SEED_RANGE
+        started = time.perf_counter()
+        labels = eval_labels(trainer.dataset, evaluation.num_samples, seed)
+        samples = generate(
+            trainer.method,
+            net,
+            trainer.interpolant,
+            trainer.dataset,
+            evaluation,
+            nfe,
+            seed,
+            trainer.device,
+            omega,
+            labels,
+        )
+        for unit, (fingerprint, step) in todo:
+            value = float(metric_spec(unit.metric)(samples, trainer.dataset, evaluation, trainer.device, labels))
+            done[unit.key] = {"value": value, "fingerprint": fingerprint, "step": step, "logged": False}
+            write_json(trial_dir / RESULTS, {"units": done})
+            computed += 1
+            say(
+                f"trial {trial.id} ({trial.label}): {unit.metric} {unit.suffix} seed range {k}: {value:.5g} "
+                f"({evaluation.num_samples:,} samples, step {step}, {time.perf_counter() - started:.0f} s)"
+            )
+    log_results(client, trial, units, done, request, config, evaluation.metrics)
+    write_json(trial_dir / RESULTS, {"units": done})
+    return computed, lacking
+
+
+def log_results(client, trial, units, done, request, config, metrics) -> None:
+    """Log the units not yet in MLflow, and the mean and spread over seed ranges of each complete (metric,
+    suffix) unless the run has them: a unit is marked logged only after MLflow took it."""
+    rows = [
+        (u.key, done[u.key]["value"], done[u.key]["step"])
+        for u in units
+        if not done.get(u.key, {"logged": True})["logged"]
+    ]
+    by_series: dict[str, list[dict]] = {}
+    for u in units:
+        by_series.setdefault(f"{FINAL}/{u.metric}/{u.suffix}", []).append(done.get(u.key))
+    for series, results in by_series.items():
+        if any(r is None for r in results):
+            continue
+        values = [r["value"] for r in results]
+        step = max(r["step"] for r in results)
+        rows += [(series, sum(values) / len(values), step), (f"{series}/spread", (max(values) - min(values)) / 2, step)]
+    rows = [row for row in rows if not logged_already(client, trial.run_id, row)]
+    if not rows:
+        return
+    try:
+        log_batch(client, trial.run_id, metrics=rows, tags=protocol_tags(config, request, metrics))
+    except TRACKING_ERRORS as e:
+        raise RuntimeError(f"trial {trial.id}: MLflow did not take the final metrics ({type(e).__name__}: {e})") from e
+    for u in units:
+        if u.key in done:
+            done[u.key]["logged"] = True
+
+
+def logged_already(client: MlflowClient, run_id: str, row: tuple[str, float, int]) -> bool:
+    """Whether the run has this value at this step (a run killed after MLflow took a unit but before final.json
+    said so logs it once, not twice)."""
+    key, value, step = row
+    return any(m.step == step and m.value == value for m in client.get_metric_history(run_id, key))

@@ -1,0 +1,279 @@
+"""Evaluation after training (`orch eval`), sample export (`orch sample`), paper tables (`orch table`) and the
+published numbers, on real submissions (local backend, sqlite MLflow) and torch-fidelity run directly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dashboards.published import not_comparable, published
+from dashboards.report import dashboard_html
+from methods import fid
+from methods.metrics import histogram_kl
+from orchestrator.cli import main
+from orchestrator.trial.build import build_section
+from orchestrator.trial.runner import Trial
+
+STUDIES = Path(__file__).resolve().parent / "studies"
+
+
+@pytest.fixture(scope="module")
+def checker_study(tmp_path_factory):
+    """(workdir, study_dir) of final_tiny (4 checkerboard trials) after `orch submit --backend local`."""
+    workdir = tmp_path_factory.mktemp("final")
+    assert main(["submit", str(STUDIES / "final_tiny.yaml"), "--workdir", str(workdir)]) == 0
+    return workdir, workdir / "final_tiny"
+
+
+def runs_by_trial(study_dir: Path) -> dict:
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study_dir.name)
+    runs = client.search_runs([experiment.experiment_id], "tags.`orch.role` = 'trial'")
+    return client, {r.data.tags["orch.trial_id"]: r for r in runs}
+
+
+def orch_eval(workdir: Path, *args: str) -> int:
+    """`orch eval final_tiny …`'s exit code (argument errors exit through SystemExit, as from the command line)."""
+    try:
+        return main(["eval", "final_tiny", "--workdir", str(workdir), *args])
+    except SystemExit as e:
+        return e.code
+
+
+def trial_ids(study_dir: Path) -> list[str]:
+    return sorted(p.name for p in (study_dir / "trials").iterdir())
+
+
+def test_last_checkpoint_at_seed_range_0_reproduces_the_trials_own_final_evaluation(checker_study):
+    workdir, study_dir = checker_study
+    first = trial_ids(study_dir)[0]
+    assert orch_eval(workdir, "--trials", first, "--checkpoint", "last") == 0
+    client, runs = runs_by_trial(study_dir)
+    run = client.get_run(runs[first].info.run_id)
+    for nfe in (1, 2):  # same weights, noise, labels and sample count: the very same number
+        assert run.data.metrics[f"final/kl/nfe_{nfe}"] == run.data.metrics[f"eval/kl/nfe_{nfe}"]
+        assert run.data.metrics[f"final/kl/nfe_{nfe}/seed_0"] == run.data.metrics[f"eval/kl/nfe_{nfe}"]
+        assert run.data.metrics[f"final/kl/nfe_{nfe}/spread"] == 0.0
+    protocol = json.loads(run.data.tags["orch.final.kl"])
+    assert protocol["num_samples"] == 2000 and protocol["checkpoint"] == "last" and protocol["seeds"] == 1
+    assert "KL" in protocol["measured_as"] and "checkpoint last" in protocol["measured_as"]
+
+
+def test_best_checkpoint_per_nfe_and_seed_ranges_mean_and_spread(checker_study):
+    workdir, study_dir = checker_study
+    trial = trial_ids(study_dir)[1]
+    assert orch_eval(workdir, "--trials", trial, "--seeds", "3", "--nfe", "1") == 0
+    client, runs = runs_by_trial(study_dir)
+    metrics = client.get_run(runs[trial].info.run_id).data.metrics
+    best = json.loads((study_dir / "trials" / trial / "best" / "best.json").read_text())
+    assert metrics["final/kl/nfe_1/seed_0"] == best["eval/kl/nfe_1"]["value"]  # the best checkpoint, its own noise
+    seeds = [metrics[f"final/kl/nfe_1/seed_{k}"] for k in range(3)]
+    assert len(set(seeds)) == 3  # each seed range draws its own noise
+    assert metrics["final/kl/nfe_1"] == pytest.approx(sum(seeds) / 3, rel=1e-12)
+    assert metrics["final/kl/nfe_1/spread"] == pytest.approx((max(seeds) - min(seeds)) / 2, rel=1e-12)
+    history = client.get_metric_history(runs[trial].info.run_id, "final/kl/nfe_1/seed_0")
+    assert [m.step for m in history] == [best["eval/kl/nfe_1"]["step"]]
+
+
+def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_study, tmp_path):
+    workdir, study_dir = checker_study
+    trial = trial_ids(study_dir)[2]
+    args = ["eval", "final_tiny", "--workdir", str(workdir), "--trials", trial, "--checkpoint", "last"]
+    args += ["--num", "400000", "--seeds", "4", "--nfe", "1,2"]  # 8 units of a few seconds each
+    results = study_dir / "trials" / trial / "final.json"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(json.loads(results.read_text())["units"] if results.exists() else {}) < 2:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    kept = json.loads(results.read_text())["units"]
+    assert 2 <= len(kept) < 8, "the kill came after the end: make the units slower"
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{8 - len(kept)} evaluation(s) computed" in out.stdout
+    again = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True)
+    assert "0 evaluation(s) computed" in again.stdout and "done already" in again.stdout
+    client, runs = runs_by_trial(study_dir)
+    units = json.loads(results.read_text())["units"]
+    assert len(units) == 8 and all(u["logged"] for u in units.values())
+    for key, unit in units.items():  # each value logged exactly once, the kept ones not recomputed
+        history = client.get_metric_history(runs[trial].info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(unit["step"], unit["value"])]
+        if key in kept:
+            assert unit["value"] == kept[key]["value"]
+    mean = client.get_metric_history(runs[trial].info.run_id, "final/kl/nfe_2")
+    assert len(mean) == 1 and mean[0].value == pytest.approx(
+        np.mean([units[f"final/kl/nfe_2/seed_{k}"]["value"] for k in range(4)])
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--trials", "nope"], "--trials nope: no trial 'nope'"),
+        (["--metrics", "fid"], "--metrics: fid needs a dataset with images"),
+        (["--checkpoint", "newest"], "--checkpoint: 'newest' is not best, last or a step number"),
+        (["--where", "method.widht=3"], "--where method.widht: no trial has this option"),
+        (["--nfe", "1,x"], "--nfe '1,x': a comma-separated list of int values"),
+        (["--guidance", "2"], "--guidance: guidance needs class-conditional data"),
+    ],
+)
+def test_bad_requests_exit_2_with_one_line_and_change_nothing(checker_study, capsys, args, expected):
+    workdir, study_dir = checker_study
+    before = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*") if p.is_file()}
+    assert orch_eval(workdir, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("*") if p.is_file()} == before
+
+
+def test_orch_sample_writes_the_points_orch_eval_scores(checker_study, capsys):
+    workdir, study_dir = checker_study
+    trial = trial_ids(study_dir)[3]
+    out = study_dir.parent / "points.npy"
+    args = ["sample", "final_tiny", "--workdir", str(workdir), "--trial", trial, "--nfe", "2", "--num", "2000"]
+    assert main([*args, "--out", str(out)]) == 0
+    points = torch.from_numpy(np.load(out))
+    assert points.shape == (2000, 2) and points.dtype == torch.float32
+    state = json.loads((study_dir / "trials" / trial / "best" / "best.json").read_text())
+    dataset = build_section(Trial.load(study_dir / "trials" / trial).config, "dataset")
+    assert histogram_kl(points, dataset) == pytest.approx(state["eval/kl/nfe_2"]["value"], abs=1e-6)
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2  # never overwrites
+    assert "exists: remove it or choose another path" in capsys.readouterr().err
+    assert main([*args, "--out", str(study_dir.parent / "points.npz")]) == 2  # 2-D data: .npy only
+    assert "samples go to an .npy file" in capsys.readouterr().err
+    assert not (study_dir.parent / "points.npz").exists()
+
+
+def test_orch_table_is_the_ranking_of_the_trials_results(checker_study, capsys):
+    workdir, study_dir = checker_study
+    capsys.readouterr()
+    assert main(["table", "final_tiny", "--workdir", str(workdir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| method | KL @1 | @2 | sec/kimg | fwd/sample | JVP/sample |"
+    results = {}
+    for trial in trial_ids(study_dir):
+        config = Trial.load(study_dir / "trials" / trial).config
+        state = json.loads((study_dir / "trials" / trial / "state.json").read_text())
+        results.setdefault(config["method"]["name"], []).append(state["result"])
+    expected = {}
+    for method, rows in results.items():
+        cells = []
+        for nfe in (1, 2):
+            values = [r[f"eval/kl/nfe_{nfe}"] for r in rows]
+            cells.append(f"{np.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}")
+        expected[method] = cells
+    shown = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:3] for line in lines[2:]}
+    assert shown == expected
+    ordered = sorted(expected, key=lambda m: np.mean([r["eval/kl/nfe_1"] for r in results[m]]))
+    assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == ordered
+    assert main(["table", "final_tiny", "--workdir", str(workdir), "--format", "csv"]) == 0
+    csv = capsys.readouterr().out.splitlines()
+    assert csv[0].startswith("method,seeds,kl@1,kl@1 spread,kl@2,kl@2 spread") and len(csv) == 3
+    assert main(["table", "final_tiny", "--workdir", str(workdir), "--format", "latex"]) == 0
+    latex = capsys.readouterr().out
+    assert latex.startswith(r"\begin{tabular}{lrrrrr}") and r"$\pm$" in latex and latex.count(r" \\") == 3
+    assert main(["table", "final_tiny", "--workdir", str(workdir), "--metric", "fid"]) == 2
+
+
+def test_dashboard_switches_to_final_values_and_says_published_ones_are_not_comparable(checker_study):
+    workdir, study_dir = checker_study
+    assert orch_eval(workdir, "--checkpoint", "last", "--nfe", "1") == 0  # every trial: one final protocol
+    page = dashboard_html(f"sqlite:///{study_dir / 'mlflow.db'}", "final_tiny", study_dir / "trials")
+    assert "final (orch eval)" in page and "in training" in page  # the switch of the quality-vs-NFE figure
+    assert "Final evaluation (orch eval) by kl" in page and "final_kl.csv" in page and "table_kl.csv" in page
+    # paper A's checker KLs are of 64,000 samples; these trials measured 2,000, in training and after
+    assert "in training: Published kl of lsd, psd_mid" in page
+    assert "final (orch eval): Published kl of lsd, psd_mid" in page
+    assert page.count("not comparable (64,000 samples there, 2,000 here)") == 2
+
+
+def test_published_numbers_parse_and_protocols_are_compared():
+    table = published()
+    assert table.version >= 1 and len(table.entries) >= 5
+    checker = next(e for e in table.entries if e.dataset == "checkerboard")
+    assert checker.results["lsd"][1] == 0.086 and checker.num_samples == 64000
+    assert not_comparable(checker, "checkerboard", "kl", 64000, False) is None
+    assert "20,000 here" in not_comparable(checker, "checkerboard", "kl", 20000, False)
+    assert "unconditional there" in not_comparable(checker, "checkerboard", "kl", 64000, True)
+
+
+@pytest.fixture(scope="module")
+def mnist_study(tmp_path_factory):
+    """(workdir, study_dir) of mnist_final (one tiny MNIST trial with a best checkpoint at NFE 1)."""
+    workdir = tmp_path_factory.mktemp("mnist_final")
+    assert main(["submit", str(STUDIES / "mnist_final.yaml"), "--workdir", str(workdir)]) == 0
+    return workdir, workdir / "mnist_final"
+
+
+def test_inception_score_through_torch_fidelity_and_its_offline_refusal(capsys, mnist_study):
+    # 10 classes, each sample certain of its own: p(y|x) one-hot, p(y) uniform ⇒ IS = exp(log 10) = 10
+    logits = torch.full((1000, 1008), -40.0, dtype=torch.float64)
+    logits[torch.arange(1000), torch.arange(1000) % 10] = 0.0
+    assert fid.inception_score(logits, splits=1) == pytest.approx(10.0, rel=1e-9)
+    logits[:, :10] = 0.0  # every sample unsure among the 10: IS = 1
+    assert fid.inception_score(logits, splits=1) == pytest.approx(1.0, rel=1e-9)
+    workdir, study_dir = mnist_study
+    capsys.readouterr()
+    code = main(["eval", "mnist_final", "--workdir", str(workdir), "--metrics", "is", "--num", "20"])
+    if fid.has_logits():  # torch-fidelity's downloaded weights: a real Inception Score
+        client, runs = runs_by_trial(study_dir)
+        (run,) = runs.values()
+        assert code == 0 and client.get_run(run.info.run_id).data.metrics["final/is/nfe_1"] >= 1.0
+        return
+    err = capsys.readouterr().err.strip().splitlines()  # the offline weights have no classifier
+    assert code == 2 and len(err) == 1 and "classifier layer" in err[0] and fid.WEIGHTS_FILE in err[0]
+
+
+def test_orch_sample_npz_is_adm_layout_and_torch_fidelity_gives_orch_evals_fid(tmp_path, mnist_study):
+    import torch_fidelity
+
+    workdir, study_dir = mnist_study
+    trial = trial_ids(study_dir)[0]
+    common = ["--workdir", str(workdir), "--nfe", "1", "--num", "96"]
+    assert main(["eval", "mnist_final", *common, "--metrics", "fid,kid,prc"]) == 0
+    out = tmp_path / "s.npz"
+    assert main(["sample", "mnist_final", *common, "--trial", trial, "--out", str(out)]) == 0
+    with zipfile.ZipFile(out) as archive:
+        assert archive.namelist() == ["arr_0.npy"]  # unconditional: no labels
+    images = np.load(out)["arr_0"]
+    assert images.shape == (96, 28, 28, 3) and images.dtype == np.uint8
+    assert (images[..., 0] == images[..., 2]).all()  # grey repeated to RGB, as ADM's evaluator reads it
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, pixels):
+            self.pixels = pixels
+
+        def __len__(self):
+            return len(self.pixels)
+
+        def __getitem__(self, i):
+            return self.pixels[i]
+
+    config = Trial.load(study_dir / "trials" / trial).config
+    reference = fid.subset(build_section(config, "dataset").images, 48)
+    scores = torch_fidelity.calculate_metrics(
+        input1=Images(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()),
+        input2=Images(reference.expand(-1, 3, -1, -1).contiguous()),
+        fid=True,
+        feature_extractor_weights_path=str(fid.inception_weights()),
+        verbose=False,
+        cuda=False,
+    )
+    client, runs = runs_by_trial(study_dir)
+    metrics = client.get_run(runs[trial].info.run_id).data.metrics
+    assert abs(metrics["final/fid/nfe_1"] - scores["frechet_inception_distance"]) < 1e-3
+    assert 0 <= metrics["final/precision/nfe_1"] <= 1 and 0 <= metrics["final/recall/nfe_1"] <= 1
+    assert np.isfinite(metrics["final/kid/nfe_1"])
