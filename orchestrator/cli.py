@@ -4,6 +4,7 @@ their options and exit codes)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -446,8 +447,26 @@ def refuse_options(command: str, problems: list) -> int:
     return EXIT_INVALID
 
 
+def eval_backend(study_dir: Path, name: str):
+    """(backend, problems) for `orch eval --backend NAME`: the study's own backend options when it was submitted to
+    that backend, else the backend's defaults."""
+    from orchestrator.backends import backend_of, backend_params
+    from orchestrator.driver import backend_of_submission
+
+    submitted = backend_of_submission(study_dir)
+    if submitted is not None and submitted.params.name == name:
+        backend = submitted
+    else:
+        params, problems = backend_params({"name": name}, "--backend")
+        if problems:
+            return None, problems
+        backend = backend_of(params)
+    return backend, backend.preflight(from_cli=False)
+
+
 def cmd_eval(args) -> int:
-    from orchestrator.final import evaluate_trial, request_problems, select_trials
+    from orchestrator.backends import BackendError
+    from orchestrator.final import evaluate_dir, request_problems, select_trials
     from orchestrator.trial.build import inception_problems
 
     study_dir = study_dir_of(args.study, args.workdir)
@@ -464,27 +483,33 @@ def cmd_eval(args) -> int:
     if not trials:
         print("error: no trial matches: nothing to evaluate", file=sys.stderr)
         return EXIT_INVALID
+    backend, problems = eval_backend(study_dir, args.backend)
+    if problems:
+        return refuse_options("eval", problems)
     signal.signal(signal.SIGTERM, raise_interrupt)
-    computed = lacking = 0
+    here = backend.params.name == "local"  # in this process: its lines are printed as they come
+    task = functools.partial(evaluate_dir, request=request, say=print if here else None)
     try:
-        for trial in trials:
-            done, missing = evaluate_trial(trial, request, print)
-            computed, lacking = computed + done, lacking + missing
+        results = backend.map(task, [t.dir for t in trials], study_dir, study_dir.name)
     except KeyboardInterrupt:
         print("interrupted: finished evaluations are kept; the same command finishes the rest", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except RuntimeError as e:  # MLflow refused the results: they are kept in final.json and logged next time
+    except BackendError as e:  # e.g. a Slurm job that died without a result: done evaluations are kept
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    for _, _, lines in results if not here else []:
+        print("\n".join(lines))
+    computed, lacking = sum(r[0] for r in results), sum(r[1] for r in results)
     done_before = "" if computed else " (every evaluation was done already)"
     print(f"{computed} evaluation(s) computed for {len(trials)} trial(s){done_before}; logged as final/<metric>/…")
-    return EXIT_FAILED if lacking else EXIT_OK
+    return EXIT_FAILED if lacking else EXIT_OK  # some evaluation lacked weights or failed
 
 
 def cmd_sample(args) -> int:
     from methods.images import ImageDataset
     from orchestrator.export import sample_stream, write_samples
     from orchestrator.final import Unit, Weights, request_problems
+    from orchestrator.trial.config import eval_ema
 
     study_dir = study_dir_of(args.study, args.workdir)
     request = eval_request(argparse.Namespace(**vars(args), metrics=None, seeds=1))
@@ -501,7 +526,7 @@ def cmd_sample(args) -> int:
 
     trial = Trial.load(study_dir / "trials" / args.trial)
     unit = Unit("", request.nfe[0], (request.guidance or [1.0])[0], args.seed_range)
-    weights = Weights(trial, request.checkpoint)
+    weights = Weights(trial, request.checkpoint, eval_ema(trial.config))
     if why := weights.missing(unit):
         return refuse_options("sample", [Problem("--checkpoint", why)])
     classes = comma_list(args.classes, int, "--class") if args.classes else None
@@ -654,6 +679,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", help="guidance scales, e.g. 1,1.5 (default: eval.guidance)")
     s.add_argument("--seeds", type=int, default=1, help="seed ranges, each its own noise and labels (default 1)")
     s.add_argument("--device", help="cpu or cuda (default: each trial's train.device)")
+    s.add_argument(
+        "--backend",
+        default="local",
+        help="local: in this process (default); ray or slurm: one task or job per trial, with the study's "
+        "backend options when it was submitted there",
+    )
     s = submitted_cmd("sample", "write a stored checkpoint's samples for external evaluators", cmd_sample)
     s.add_argument("--trial", required=True, help="the trial id (`orch status` lists them)")
     s.add_argument("--checkpoint", default="best", help="best (for the NFE, default), last, or a kept training step")

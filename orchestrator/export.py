@@ -45,11 +45,9 @@ def sample_stream(
     and seed range. `classes`: the labels cycle through these instead of following the class frequencies."""
     config = trial.config | {"eval": trial.config["eval"] | {"num_samples": num}}
     evaluation = EvalConfig.model_validate(config["eval"])
-    ema = evaluation.ema if evaluation.ema is not None else config["train"]["ema"][0]
     trainer = build_trainer(config, resolve_device(device or config["train"]["device"]))
-    state, _ = weights.load(unit, ema)
-    net = trainer.ema_net(ema)
-    net.load_state_dict(state)
+    net = trainer.ema_net(evaluation.ema)
+    net.load_state_dict(weights.load(unit)[0])
     seed = config["train"]["seed"] + unit.seed_range * SEED_RANGE
     labels = eval_labels(trainer.dataset, num, seed)
     if labels is not None and classes:

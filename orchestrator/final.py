@@ -27,7 +27,14 @@ from orchestrator.study.problems import Problem
 from orchestrator.tracking.schema import COMPLETED, FINAL, STOPPED
 from orchestrator.tracking.store import TRACKING_ERRORS, log_batch
 from orchestrator.trial.build import build_trainer
-from orchestrator.trial.config import digest, flatten, metric_description, metric_fingerprint, resolve_trial_config
+from orchestrator.trial.config import (
+    digest,
+    eval_ema,
+    flatten,
+    metric_description,
+    metric_fingerprint,
+    resolve_trial_config,
+)
 from orchestrator.trial.runner import Trial
 from orchestrator.trial.state import TrialState, load_checkpoint_at, load_latest_checkpoint, read_json, write_json
 
@@ -135,10 +142,10 @@ def units_of(evaluation: EvalConfig, seeds: int) -> list[Unit]:
 
 class Weights:
     """The EMA weights a unit is sampled from: the best checkpoint of its NFE and scale (selected on the trial's
-    first eval metric during training), or the last or a given step's checkpoint. Returns (state dict, step)."""
+    first eval metric during training), or the last or a given step's checkpoint, of the EMA copy `ema`."""
 
-    def __init__(self, trial: Trial, checkpoint: str):
-        self.dir, self.checkpoint, self.trial = Path(trial.dir), checkpoint, trial
+    def __init__(self, trial: Trial, checkpoint: str, ema: float):
+        self.dir, self.checkpoint, self.ema, self.trial_id = Path(trial.dir), checkpoint, ema, trial.id
         self.selection = trial.config["eval"]["metrics"][0]
         self.index = read_json(self.dir / "best" / "best.json")
         self.loaded: dict[str, tuple[dict, int]] = {}
@@ -157,21 +164,19 @@ class Weights:
                 return f"no best checkpoint for {key} (training did not evaluate it): use --checkpoint last"
         return None
 
-    def load(self, unit: Unit, ema: float) -> tuple[dict, int]:
+    def load(self, unit: Unit) -> tuple[dict, int]:
+        """(the network's state dict, the training step it is from)."""
         source = self.source(unit)
         if source not in self.loaded:
             if self.checkpoint == "best":
                 saved = torch.load(self.dir / source, map_location="cpu", weights_only=True)
                 self.loaded[source] = saved["net"], int(saved["step"])
             else:
-                saved = (
-                    load_latest_checkpoint(self.dir)
-                    if self.checkpoint == "last"
-                    else load_checkpoint_at(self.dir, int(self.checkpoint))
-                )
+                step = None if self.checkpoint == "last" else int(self.checkpoint)
+                saved = load_latest_checkpoint(self.dir) if step is None else load_checkpoint_at(self.dir, step)
                 if saved is None:
-                    raise FileNotFoundError(f"trial {self.trial.id}: no readable checkpoint {self.checkpoint}")
-                self.loaded[source] = saved["trainer"]["ema"][str(ema)], saved["trainer"]["step"]
+                    raise FileNotFoundError(f"trial {self.trial_id}: no readable checkpoint {self.checkpoint}")
+                self.loaded[source] = saved["trainer"]["ema"][str(self.ema)], saved["trainer"]["step"]
         return self.loaded[source]
 
 
@@ -208,70 +213,82 @@ def evaluate_trial(trial: Trial, request: Request, say: Callable[[str], None]) -
         return evaluate_locked(trial, request, say)
 
 
+def evaluate_dir(
+    trial_dir: str, request: Request, say: Callable[[str], None] | None = None
+) -> tuple[int, int, list[str]]:
+    """evaluate_trial of a trial directory, as a backend task runs it: (units done now, units not done: lacking
+    weights, or all of a trial whose evaluation failed, the lines it said). The lines are also returned because
+    a Ray worker's or a Slurm job's output is not the user's terminal; a failure is one line, and the other
+    trials go on."""
+    lines: list[str] = []
+
+    def record(line: str) -> None:
+        lines.append(line)
+        if say is not None:
+            say(line)
+
+    trial = Trial.load(trial_dir)
+    try:
+        computed, lacking = evaluate_trial(trial, request, record)
+    except Exception as e:  # e.g. out of memory, MLflow refusing the results (they stay in final.json)
+        record(
+            f"trial {trial.id}: the evaluation failed ({type(e).__name__}: {str(e).strip()[:300]}); done ones are kept"
+        )
+        return 0, 1, lines
+    return computed, lacking, lines
+
+
 def evaluate_locked(trial: Trial, request: Request, say: Callable[[str], None]) -> tuple[int, int]:
     trial_dir = Path(trial.dir)
     config = trial.config | {"eval": request.eval_section(trial)}
     evaluation = EvalConfig.model_validate(config["eval"])
-    ema = evaluation.ema if evaluation.ema is not None else config["train"]["ema"][0]
-    weights, units = Weights(trial, request.checkpoint), units_of(evaluation, request.seeds)
-    record = read_json(trial_dir / RESULTS)
-    done: dict[str, dict] = record.get("units", {})
-    client = MlflowClient(trial.tracking_uri)
-    trainer, computed, lacking = None, 0, 0
-
-    def pending(unit: Unit) -> tuple[str, int] | None:
-        """(fingerprint, step) of a unit that needs computing, None when it is done."""
-        _, step = weights.load(unit, ema)
-        fingerprint = unit_fingerprint(unit, config, weights.source(unit), step)
-        return None if done.get(unit.key, {}).get("fingerprint") == fingerprint else (fingerprint, step)
-
-    groups: dict[tuple[int, float, int], list[Unit]] = {}
-    for unit in units:
+    weights = Weights(trial, request.checkpoint, eval_ema(config))
+    units, groups = units_of(evaluation, request.seeds), {}
+    for unit in units:  # the units of one NFE, scale and seed range share their samples
         if why := weights.missing(unit):
             say(f"trial {trial.id}: {unit.key}: {why}")
-            lacking += 1
-            continue
-        groups.setdefault((unit.nfe, unit.omega, unit.seed_range), []).append(unit)
-    for (nfe, omega, k), group in groups.items():
-        todo = [(u, p) for u in group if (p := pending(u)) is not None]
-        if not todo:
-            continue
-        if trainer is None:
-            device = resolve_device(request.device or config["train"]["device"])
-            trainer = build_trainer(config, device)  # sampling needs no teacher
-        state, step = weights.load(group[0], ema)
-        net = trainer.ema_net(ema)
-        net.load_state_dict(state)
-        seed = config["train"]["seed"] + k * SEED_RANGE
-        started = time.perf_counter()
-        labels = eval_labels(trainer.dataset, evaluation.num_samples, seed)
-        samples = generate(
-            trainer.method,
-            net,
-            trainer.interpolant,
-            trainer.dataset,
-            evaluation,
-            nfe,
-            seed,
-            trainer.device,
-            omega,
-            labels,
-        )
-        for unit, (fingerprint, step) in todo:
-            value = float(metric_spec(unit.metric)(samples, trainer.dataset, evaluation, trainer.device, labels))
-            done[unit.key] = {"value": value, "fingerprint": fingerprint, "step": step, "logged": False}
-            write_json(trial_dir / RESULTS, {"units": done})
-            computed += 1
-            say(
-                f"trial {trial.id} ({trial.label}): {unit.metric} {unit.suffix} seed range {k}: {value:.5g} "
-                f"({evaluation.num_samples:,} samples, step {step}, {time.perf_counter() - started:.0f} s)"
-            )
-    log_results(client, trial, units, done, request, config, evaluation.metrics)
-    write_json(trial_dir / RESULTS, {"units": done})
-    return computed, lacking
+        else:
+            groups.setdefault((unit.nfe, unit.omega, unit.seed_range), []).append(unit)
+    done: dict[str, dict] = read_json(trial_dir / RESULTS).get("units", {})
+    client, trainer, computed = MlflowClient(trial.tracking_uri), None, 0
+    for group in groups.values():
+        state, step = weights.load(group[0])  # one weights file per NFE and scale
+        fingerprints = {u: unit_fingerprint(u, config, weights.source(u), step) for u in group}
+        todo = [(u, f) for u, f in fingerprints.items() if done.get(u.key, {}).get("fingerprint") != f]
+        if todo:
+            if trainer is None:  # sampling needs no teacher
+                trainer = build_trainer(config, resolve_device(request.device or config["train"]["device"]))
+            trainer.ema_net(weights.ema).load_state_dict(state)
+            for unit, value, seconds in score(trainer, evaluation, config, todo):
+                done[unit.key] = {"value": value, "fingerprint": fingerprints[unit], "step": step, "logged": False}
+                write_json(trial_dir / RESULTS, {"units": done})
+                computed += 1
+                say(
+                    f"trial {trial.id} ({trial.label}): {unit.metric} {unit.suffix} seed range {unit.seed_range}: "
+                    f"{value:.5g} ({evaluation.num_samples:,} samples, step {step}, {seconds:.0f} s)"
+                )
+        log_results(client, trial, units, done, request, config)
+        write_json(trial_dir / RESULTS, {"units": done})
+    return computed, len(units) - sum(map(len, groups.values()))
 
 
-def log_results(client, trial, units, done, request, config, metrics) -> None:
+def score(trainer, evaluation: EvalConfig, config: dict, todo: list[tuple[Unit, str]]):
+    """Sample once for units of one NFE, scale and seed range with the trainer's loaded EMA copy, then yield
+    (unit, value, seconds since sampling began) for each unit's metric."""
+    first, started = todo[0][0], time.perf_counter()
+    seed = config["train"]["seed"] + first.seed_range * SEED_RANGE
+    labels = eval_labels(trainer.dataset, evaluation.num_samples, seed)
+    net, data, device = trainer.ema_net(evaluation.ema), trainer.dataset, trainer.device
+    args = (trainer.method, net, trainer.interpolant, data, evaluation, first.nfe, seed, device, first.omega, labels)
+    samples = generate(*args)
+    for unit, _ in todo:
+        value = float(metric_spec(unit.metric)(samples, data, evaluation, device, labels))
+        yield unit, value, time.perf_counter() - started
+
+
+def log_results(
+    client: MlflowClient, trial: Trial, units: list[Unit], done: dict[str, dict], request: Request, config: dict
+) -> None:
     """Log the units not yet in MLflow, and the mean and spread over seed ranges of each complete (metric,
     suffix) unless the run has them: a unit is marked logged only after MLflow took it."""
     rows = [
@@ -292,9 +309,9 @@ def log_results(client, trial, units, done, request, config, metrics) -> None:
     if not rows:
         return
     try:
-        log_batch(client, trial.run_id, metrics=rows, tags=protocol_tags(config, request, metrics))
+        log_batch(client, trial.run_id, metrics=rows, tags=protocol_tags(config, request, config["eval"]["metrics"]))
     except TRACKING_ERRORS as e:
-        raise RuntimeError(f"trial {trial.id}: MLflow did not take the final metrics ({type(e).__name__}: {e})") from e
+        raise RuntimeError(f"MLflow did not take the final metrics ({type(e).__name__}: {e})") from e
     for u in units:
         if u.key in done:
             done[u.key]["logged"] = True

@@ -188,6 +188,19 @@ def test_orch_table_is_the_ranking_of_the_trials_results(checker_study, capsys):
     assert main(["table", "final_tiny", "--workdir", str(workdir), "--metric", "fid"]) == 2
 
 
+def test_eval_on_the_embedded_ray_runs_a_task_per_trial(checker_study, capsys):
+    workdir, study_dir = checker_study
+    trials = [trial_ids(study_dir)[i] for i in (1, 3)]
+    capsys.readouterr()
+    assert orch_eval(workdir, "--trials", *trials, "--backend", "ray", "--checkpoint", "last", "--nfe", "2") == 0
+    out = capsys.readouterr().out  # the workers' lines, printed by the driver
+    assert "2 evaluation(s) computed for 2 trial(s)" in out and out.count("kl nfe_2 seed range 0") == 2
+    client, runs = runs_by_trial(study_dir)
+    for trial in trials:
+        metrics = client.get_run(runs[trial].info.run_id).data.metrics
+        assert metrics["final/kl/nfe_2/seed_0"] == metrics["eval/kl/nfe_2"]
+
+
 def test_dashboard_switches_to_final_values_and_says_published_ones_are_not_comparable(checker_study):
     workdir, study_dir = checker_study
     assert orch_eval(workdir, "--checkpoint", "last", "--nfe", "1") == 0  # every trial: one final protocol

@@ -110,6 +110,19 @@ def test_a_study_runs_as_a_job_array(slurm, tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", "slurm_tiny", "--workdir", str(tmp_path)]) == 0
     assert "[slurm " in capsys.readouterr().out
+    # orch eval through the study's backend: a job per trial; the last checkpoint at the trials' own sample
+    # count and seed range 0 reproduces their last evaluation exactly
+    assert main(["eval", "slurm_tiny", "--workdir", str(tmp_path), "--backend", "slurm", "--checkpoint", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "4 evaluation(s) computed for 2 trial(s)" in out and out.count("seed range 0") == 4
+    arrays = {f.name.split("_")[0] for f in (study_dir / "slurm").iterdir() if not f.name.startswith(".")}
+    assert len(arrays) == 2  # the submission's job array and the evaluation's
+    for trial_dir in (study_dir / "trials").iterdir():
+        result = TrialState.load(trial_dir).result
+        units = json.loads((trial_dir / "final.json").read_text())["units"]
+        assert {k: u["value"] for k, u in units.items()} == {
+            f"final/kl/nfe_{n}/seed_0": result[f"eval/kl/nfe_{n}"] for n in (1, 2)
+        }
 
 
 def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):

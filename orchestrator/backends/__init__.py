@@ -72,6 +72,12 @@ class Backend:
         backend itself could not run."""
         raise NotImplementedError
 
+    def map(self, fn: Callable[[str], Any], items: list[str], study_dir: Path, study: str) -> list[Any]:
+        """fn(item) for each item where this backend runs work, one task each with a trial's resources (`orch
+        eval` evaluates trial directories so); the results in order. fn must pickle (a module-level function or
+        a partial of one). Default: one after the other in this process."""
+        return [fn(item) for item in items]
+
     def job_states(self, job_ids: list[str]) -> dict[str, str]:
         """Live states of this backend's jobs by id (for `orch status`); {} when it has none. Raises BackendError
         when they cannot be asked."""

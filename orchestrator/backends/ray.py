@@ -8,7 +8,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import psutil
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
@@ -90,6 +90,13 @@ class Ray(Backend):
         from orchestrator.backends.search import run_search
 
         return run_search(study, study_dir, uri, experiment_id, parent_id, self.params, teachers, say)
+
+    def map(self, fn: Callable[[str], Any], items: list[str], study_dir: Path, study: str) -> list[Any]:
+        """One Ray task per item with backend.resources (max_concurrent aside: Ray packs them by resources)."""
+        ray_environment()
+        from orchestrator.backends.ray_tune import map_tasks
+
+        return map_tasks(fn, items, study_dir, self.params)
 
     @classmethod
     def recover(cls, record: dict) -> None:

@@ -10,7 +10,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import tune
@@ -108,6 +110,20 @@ def stop_ray() -> None:
     ray.shutdown()
     embedded_environment(False)
     shutil.rmtree(ray_temp_dir(), ignore_errors=True)
+
+
+def call(fn: Callable[[str], Any], item: str) -> Any:
+    return fn(item)
+
+
+def map_tasks(fn: Callable[[str], Any], items: list[str], study_dir: Path, backend) -> list[Any]:
+    """fn(item) as Ray tasks, each with the backend's per-trial resources; the results in order."""
+    start_ray(backend.address, study_dir)
+    try:
+        task = ray.remote(num_cpus=backend.resources.cpu, num_gpus=backend.resources.gpu, max_retries=0)(call)
+        return ray.get([task.remote(fn, item) for item in items])
+    finally:
+        stop_ray()
 
 
 def run_grid(trials: list[Trial], study_dir: Path, backend, progress: Progress) -> None:

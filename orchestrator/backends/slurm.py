@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import submitit
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
@@ -188,6 +188,16 @@ class Slurm(Backend):
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
         run_slurm(trials, study_dir, study, self.params, progress, say)
+
+    def map(self, fn: Callable[[str], Any], items: list[str], study_dir: Path, study: str) -> list[Any]:
+        """One job per item, as a job array with the backend's options; waits for their results. An interrupted
+        wait leaves the jobs running."""
+        executor = make_executor(study_dir, study, self.params)
+        jobs = executor.map_array(fn, items)
+        try:
+            return [job.result() for job in jobs]
+        except submitit.core.utils.UncompletedJobError as e:
+            raise SlurmError(f"a Slurm job ended without a result: {str(e).strip().splitlines()[0][:300]}") from None
 
     def job_states(self, job_ids: list[str]) -> dict[str, str]:
         return queue_states() if job_ids else {}

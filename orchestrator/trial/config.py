@@ -260,14 +260,19 @@ def digest(data: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+def eval_ema(config: dict) -> float:
+    """The decay of the EMA copy that samples at evaluation: eval.ema, else the first of train.ema."""
+    ema = config["eval"]["ema"]
+    return ema if ema is not None else config["train"]["ema"][0]
+
+
 def metric_fingerprint(metric: str, config: dict) -> str:
     """What makes two values of an eval metric comparable: the metric, the data it is measured against (training
     augmentation aside), the sample count, the EMA copy that samples, and for FID the reference size and the
     feature extractor. Values with different fingerprints are never plotted as one series."""
     spec, evaluation = METRICS.get(metric).build, config["eval"]
     data = {k: v for k, v in without_inert(config)["dataset"].items() if k != "hflip"}
-    ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
-    basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": ema}
+    basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": eval_ema(config)}
     basis |= {option: evaluation[option] for option in spec.options}
     if config["dataset"].get("conditional"):  # which classes the samples were asked for, and how guided
         basis["labels"] = f"class frequencies, seed train.seed + {LABEL_SEED}"
@@ -282,9 +287,8 @@ def metric_description(metric: str, config: dict) -> str:
     """What a metric's fingerprint stands for, in words: "FID of 10,000 samples vs 50,000 training images of
     cifar10 (EMA 0.9999)"."""
     spec, evaluation, dataset = METRICS.get(metric).build, config["eval"], config["dataset"]["name"]
-    ema = evaluation["ema"] if evaluation["ema"] is not None else config["train"]["ema"][0]
     options = "".join(f", {option} {evaluation[option]}" for option in spec.options)
-    return f"{spec.title} of {evaluation['num_samples']:,} samples of {dataset} (EMA {ema}{options})"
+    return f"{spec.title} of {evaluation['num_samples']:,} samples of {dataset} (EMA {eval_ema(config)}{options})"
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
