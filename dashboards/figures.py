@@ -19,6 +19,7 @@ from scipy import stats
 SEED = "factor.train.seed"
 """The seed axis's column (dashboards/load.py names factor columns factor.<axis>): averaged, never a group."""
 NFE_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
+FINAL_KEY = re.compile(r"^final/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
 GUIDED_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)(/cfg_(?P<omega>[0-9.e+-]+))?$")
 """Unguided keys (ω = 1) and keys at any guidance scale."""
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -54,27 +53,24 @@ def entries_for(dataset: str, metric: str) -> list[Published]:
     return [e for e in published().entries if e.dataset == dataset and e.metric == metric]
 
 
-def study_protocol(runs, metric: str, final: bool) -> tuple[str, int, bool] | None:
-    """(dataset, sample count, conditional) of the runs' values of `metric` (in training, or `orch eval`'s
-    final ones), or None when the trials disagree (then nothing published is comparable)."""
-    if final:
-        column = f"final.{metric}"
-        counts = {json.loads(v)["num_samples"] for v in runs[column].dropna()} if column in runs else set()
-    else:
-        counts = set(runs["eval.num_samples"].dropna()) if "eval.num_samples" in runs else set()
+def training_protocol(runs) -> tuple[str, int, bool] | None:
+    """(dataset, sample count, conditional) of the runs' in-training evaluations, or None when the trials
+    disagree (then nothing published is comparable)."""
+    counts = set(runs["eval.num_samples"].dropna()) if "eval.num_samples" in runs else set()
     datasets = set(runs["dataset.name"].dropna()) if "dataset.name" in runs else set()
-    conditional = (
-        {bool(v) for v in runs["dataset.conditional"].fillna(False)} if "dataset.conditional" in runs else {False}
-    )
-    if len(counts) != 1 or len(datasets) != 1 or len(conditional) != 1:
+    if len(counts) != 1 or len(datasets) != 1:
         return None
-    return next(iter(datasets)), int(next(iter(counts))), next(iter(conditional))
+    return next(iter(datasets)), int(next(iter(counts))), conditional_of(runs)
 
 
-def reference_markers(runs, metric: str, final: bool, methods: set[str]):
-    """Scatter traces of the published values comparable with the runs' (one per entry and method the study
-    runs), and a line for each entry of the same dataset and metric that is not comparable, saying why."""
-    protocol = study_protocol(runs, metric, final)
+def conditional_of(runs) -> bool:
+    return "dataset.conditional" in runs and bool(runs["dataset.conditional"].fillna(False).astype(bool).any())
+
+
+def reference_markers(protocol: tuple[str, int, bool] | None, metric: str, methods: set[str]):
+    """Scatter traces of the published values comparable with values measured under `protocol` (dataset, sample
+    count, conditional), one per entry and method the study runs, and a line for each entry of the same dataset
+    and metric that is not comparable, saying why."""
     if protocol is None:
         return [], []
     dataset, num, conditional = protocol

@@ -14,8 +14,8 @@ from plotly.offline import get_plotlyjs
 
 from dashboards import figures
 from dashboards.load import FACTOR, load_runs, load_search
-from dashboards.published import reference_markers
-from dashboards.tables import paper_table
+from dashboards.published import conditional_of, reference_markers, training_protocol
+from dashboards.tables import final_values, paper_table
 from methods.storage import atomic_write_bytes
 from orchestrator.tracking.schema import AXES, BEST, GENERATION, GIT_COMMIT, HOST, PROFILE, PYTHON, STUDY_YAML, VERSION
 
@@ -31,7 +31,9 @@ HEADER_TAGS = {  # parent-run tag → header label
 
 
 def quality_metrics(columns) -> list[str]:
-    return sorted({m["metric"] for c in columns if (m := figures.NFE_KEY.match(str(c)))})
+    """The metrics evaluated at some NFE, in training (eval/…) or after it (final/…)."""
+    keys = (figures.NFE_KEY.match(str(c)) or figures.FINAL_KEY.match(str(c)) for c in columns)
+    return sorted({m["metric"] for m in keys if m})
 
 
 def direction_of(runs: pd.DataFrame, metric: str) -> str:
@@ -101,7 +103,9 @@ def page_blocks(
                 f"table_{name}.csv": paper_table(subset, metric, group_cols, direction),
             }
             if final:
-                tables[f"final_{name}.csv"] = paper_table(subset, metric, group_cols, direction, "final")
+                tables[f"final_{name}.csv"] = paper_table(
+                    final_values(subset, metric)[0], metric, group_cols, direction, "final"
+                )
             blocks += [panel[0], *final, download_links(tables), *panel[1:]] + [note_block(n) for n in notes]
     if trials_dir is not None and len(runs):
         blocks += sample_blocks(runs, group_cols, trials_dir)
@@ -121,27 +125,27 @@ def final_blocks(
     quality-vs-NFE figure (panel[1]) made switchable between the in-training and the final values; published
     results are drawn on whichever view's protocol they match. Returns (blocks before the downloads, notes)."""
     methods = set(runs["method.name"].dropna()) if "method.name" in runs else set()
-    views = {"in training": panel[1]}
-    notes: list[str] = []
-    has_final = any(str(c).startswith(f"final/{metric}/") for c in runs.columns)
-    if has_final:
-        final = figures.final_runs(runs, metric)
-        view = figures.quality_vs_nfe(final, history.iloc[0:0], metric, group_cols, direction)
-        measured = {json.loads(v)["measured_as"] for v in runs.get(f"final.{metric}", pd.Series()).dropna()}
-        view.update_layout(
-            title_text=f"{metric.upper()} vs steps — final evaluation (orch eval): " + "; ".join(sorted(measured))
+    final, protocol, notes = final_values(runs, metric)
+    views = {"in training": (panel[1], training_protocol(runs))}
+    if protocol is not None:
+        view = figures.quality_vs_nfe(
+            figures.final_runs(final, metric), history.iloc[0:0], metric, group_cols, direction
         )
-        views["final (orch eval)"] = view
-    for name, view in views.items():
-        traces, why = reference_markers(runs, metric, name != "in training", methods)
+        view.update_layout(
+            title_text=f"{metric.upper()} vs steps — final evaluation (orch eval): {protocol['measured_as']}"
+        )
+        views["final (orch eval)"] = (view, (protocol["dataset"], protocol["num_samples"], conditional_of(runs)))
+    for name, (view, measured) in views.items():
+        traces, why = reference_markers(measured, metric, methods)
         view.add_traces(traces)
         notes += [f"{name}: {line}" for line in why]
-    if not has_final:
+    if protocol is None:
         return [], notes
-    panel[1] = figures.switchable(views, "final (orch eval)")
-    table = paper_table(runs, metric, group_cols, direction, "final")
+    figs = {name: view for name, (view, _) in views.items()}
+    panel[1] = figures.switchable(figs, "final (orch eval)") if panel[1].data else figs["final (orch eval)"]
+    table = paper_table(final, metric, group_cols, direction, "final")
     title = (
-        f"Final evaluation (orch eval) by {metric} — mean ± half-range over seeds of each trial's mean over seed ranges"
+        f"Final evaluation (orch eval) by {metric}: mean ± half-range over seeds of each trial's mean over seed ranges"
     )
     return [figures.paper_table_figure(table, metric, title)], notes
 

@@ -3,14 +3,15 @@ each NFE (mean ± spread over completed seeds) and the measured cost — in Mark
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 
 from dashboards import figures
 from methods.guidance import eval_suffix
 
-SPREADS = ("half-range", "std", "ci95")
-FORMATS = ("markdown", "latex", "csv")
 COSTS = {
     "cost/sec_per_kimg": ("sec/kimg", 4),
     "cost/fwd_per_sample": ("fwd/sample", 2),
@@ -49,6 +50,31 @@ def nfe_values(runs: pd.DataFrame, metric: str, source: str, omega: float) -> li
             if nfe.isdigit() and text == f"{source}/{metric}/{eval_suffix(int(nfe), omega)}":
                 found.append((int(nfe), text))
     return sorted(found)
+
+
+def final_values(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, dict | None, list[str]]:
+    """The runs with only those `final/<metric>/…` values measured under the commonest protocol (each trial's
+    tag orch.final.<metric> says which protocol each series was measured under; values measured differently are
+    never shown together), that protocol (measured_as, num_samples, checkpoint, seeds, dataset) or None, and a
+    note for each other protocol. Trials without such a value are left out."""
+    column = f"final.{metric}"
+    records = runs[column].map(lambda v: json.loads(v) if isinstance(v, str) else {}) if column in runs else None
+    counts = Counter(fp for r in records for fp in r.get("series", {}).values()) if records is not None else None
+    if not counts:
+        return runs.iloc[0:0], None, []
+    chosen = counts.most_common(1)[0][0]
+    protocols = {fp: p for r in records for fp, p in r.get("protocols", {}).items()}
+    notes = [
+        f"final {metric}: {n} value(s) not shown, measured as {protocols[fp]['measured_as']}"
+        for fp, n in counts.most_common()[1:]
+    ]
+    out = runs.copy()
+    for row, record in records.items():
+        for suffix, fp in record.get("series", {}).items():
+            if fp != chosen and f"final/{metric}/{suffix}" in out:
+                out.loc[row, f"final/{metric}/{suffix}"] = np.nan
+    keep = [c for c in out.columns if str(c).startswith(f"final/{metric}/nfe_") and "/seed_" not in str(c)]
+    return out[out[keep].notna().any(axis=1)], protocols[chosen], notes
 
 
 def paper_table(

@@ -32,7 +32,8 @@ class EvalConfig(Params):
     nfe: Annotated[list[Annotated[int, Field(gt=0, le=MAX_NFE)]], Field(min_length=1)] = [1, 2, 4, 8, 16]
     """Sampling step counts evaluated (network evaluations per sample)."""
     metrics: Annotated[list[str], Field(min_length=1)] = ["kl"]
-    """Registered metrics: `kl` (2-D data with a known density), `fid` (images), or an installed one."""
+    """Registered metrics: `kl` (2-D data with a known density), `kl_cond` (its classes), `fid`, `kid`, `is`,
+    `precision`, `recall` (images), or an installed one."""
     num_samples: Samples = 20000
     """Samples generated per step count and evaluation."""
     ema: Decay | None = None

@@ -471,12 +471,11 @@ def cmd_eval(args) -> int:
 
     study_dir = study_dir_of(args.study, args.workdir)
     request, where = eval_request(args), where_of(args.where)
-    problems = request_problems(study_dir, request, args.trials, where)
-    if not problems:
-        trials, notes = select_trials(study_dir, args.trials, where)
-        metrics = set(request.metrics or [m for t in trials for m in t.config["eval"]["metrics"]])
-        problems = inception_problems(metrics, "--metrics")
-    if problems:
+    if problems := request_problems(study_dir, request, args.trials, where):
+        return refuse_options("eval", problems)
+    trials, notes = select_trials(study_dir, args.trials, where)
+    metrics = set(request.metrics or [m for t in trials for m in t.config["eval"]["metrics"]])
+    if problems := inception_problems(metrics, "--metrics"):
         return refuse_options("eval", problems)
     for note in notes:
         print(f"note: {note}")
@@ -505,27 +504,35 @@ def cmd_eval(args) -> int:
     return EXIT_FAILED if lacking else EXIT_OK  # some evaluation lacked weights or failed
 
 
-def cmd_sample(args) -> int:
-    from methods.images import ImageDataset
-    from orchestrator.export import sample_stream, write_samples
-    from orchestrator.final import Unit, Weights, request_problems
-    from orchestrator.trial.config import eval_ema
+def sample_problems(study_dir: Path, args, request) -> list[Problem]:
+    """What is wrong with `orch sample`'s options before anything is built."""
+    from orchestrator.final import request_problems
 
-    study_dir = study_dir_of(args.study, args.workdir)
-    request = eval_request(argparse.Namespace(**vars(args), metrics=None, seeds=1))
     problems = request_problems(study_dir, request, [args.trial], {})
     problems += [Problem(f"--{o}", "one value") for o in ("nfe", "guidance") if len(getattr(request, o) or []) > 1]
+    if args.seed_range < 0:
+        problems.append(Problem("--seed-range", "a seed range is 0 or more"))
     out = Path(args.out)
     if out.exists():
         problems.append(Problem("--out", f"{out} exists: remove it or choose another path"))
     if not out.parent.is_dir():
         problems.append(Problem("--out", f"no such directory: {out.parent}"))
-    if problems:
-        return refuse_options("sample", problems)
+    return problems
+
+
+def cmd_sample(args) -> int:
+    from methods.images import ImageDataset
+    from orchestrator.export import sample_stream, write_samples
+    from orchestrator.final import Unit, Weights
+    from orchestrator.trial.config import eval_ema
     from orchestrator.trial.runner import Trial
 
-    trial = Trial.load(study_dir / "trials" / args.trial)
-    unit = Unit("", request.nfe[0], (request.guidance or [1.0])[0], args.seed_range)
+    study_dir = study_dir_of(args.study, args.workdir)
+    request = eval_request(argparse.Namespace(**vars(args), metrics=None, seeds=1))
+    if problems := sample_problems(study_dir, args, request):
+        return refuse_options("sample", problems)
+    trial, out = Trial.load(study_dir / "trials" / args.trial), Path(args.out)
+    unit = Unit("", request.nfe[0], (request.guidance or [1.0])[0], args.seed_range)  # weights need no metric
     weights = Weights(trial, request.checkpoint, eval_ema(trial.config))
     if why := weights.missing(unit):
         return refuse_options("sample", [Problem("--checkpoint", why)])
@@ -536,7 +543,8 @@ def cmd_sample(args) -> int:
         want = "an .npz file or a folder (no suffix)" if images else "an .npy file"
         return refuse_options("sample", [Problem("--out", f"{trial.id}'s samples go to {want}")])
     if classes and (labels is None or max(classes) >= dataset.num_classes or min(classes) < 0):
-        return refuse_options("sample", [Problem("--class", "needs conditional data and valid labels")])
+        known = f"0 … {dataset.num_classes - 1}" if labels is not None else "none: the trial is unconditional"
+        return refuse_options("sample", [Problem("--class", f"labels of the trial's classes ({known})")])
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         write_samples(chunks, labels, dataset, args.num, out)
@@ -549,10 +557,13 @@ def cmd_sample(args) -> int:
 
 def cmd_table(args) -> int:
     from dashboards.report import direction_of, study_frames, study_groups
-    from dashboards.tables import paper_table, render
+    from dashboards.tables import final_values, paper_table, render
     from orchestrator.driver import tracking_uri_of
 
     study_dir = study_dir_of(args.study, args.workdir)
+    if args.digits < 0 or args.digits > 12:
+        print("error: orch table: --digits: 0 to 12 decimals", file=sys.stderr)
+        return EXIT_INVALID
     try:
         runs, _, parent_tags, _ = study_frames(args.tracking_uri or tracking_uri_of(study_dir), study_dir.name)
     except LookupError as e:
@@ -568,6 +579,10 @@ def cmd_table(args) -> int:
             file=sys.stderr,
         )
         return EXIT_INVALID
+    if args.source == "final":  # only the values measured under one protocol, and the others said
+        runs, _, notes = final_values(runs, metric)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     table = paper_table(runs, metric, group_cols, direction_of(runs, metric), args.source, args.guidance, args.spread)
     if table.empty:
         print(f"error: no completed trial has {args.source}/{metric} values at ω = {args.guidance:g}", file=sys.stderr)
@@ -701,7 +716,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", help="which metric (default: the first alphabetically)")
     s.add_argument("--source", choices=["eval", "final"], default="eval", help="in-training (default) or orch eval's")
     s.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
-    s.add_argument("--spread", choices=["half-range", "std", "ci95"], default="half-range", help="± over seeds")
+    s.add_argument(
+        "--spread",
+        choices=["half-range", "std", "ci95"],
+        default="half-range",
+        help="± over seeds (default half the range)",
+    )
     s.add_argument("--guidance", type=float, default=1.0, help="the guidance scale shown (default 1)")
     s.add_argument("--digits", type=int, default=3, help="decimals of the metric (default 3)")
     s.add_argument("--tracking-uri", help="read another MLflow store (default: the study's own)")

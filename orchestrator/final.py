@@ -24,7 +24,7 @@ from methods.metrics import metric as metric_spec
 from methods.storage import exclusive
 from methods.training import resolve_device
 from orchestrator.study.problems import Problem
-from orchestrator.tracking.schema import COMPLETED, FINAL, STOPPED
+from orchestrator.tracking.schema import COMPLETED, DIRECTION, FINAL, STOPPED
 from orchestrator.tracking.store import TRACKING_ERRORS, log_batch
 from orchestrator.trial.build import build_trainer
 from orchestrator.trial.config import (
@@ -187,22 +187,31 @@ def unit_fingerprint(unit: Unit, config: dict, source: str, step: int) -> str:
     return digest(basis | {"step": step, "seed_range": unit.seed_range})
 
 
-def protocol_tags(config: dict, request: Request, metrics: list[str]) -> dict[str, str]:
-    """orch.final.<metric>: how the final values were measured, for the dashboard's comparisons."""
+def protocol_tags(config: dict, request: Request, series: dict[str, list[str]], tags: dict[str, str]) -> dict[str, str]:
+    """The run's tag orch.final.<metric> updated with this request's series (metric → suffixes logged now):
+    JSON {"series": {suffix: protocol fingerprint}, "protocols": {fingerprint: {measured_as, num_samples,
+    checkpoint, seeds, dataset}}}, so that every final value says how it was measured even when one trial's NFEs
+    were evaluated by different requests; and orch.direction.<metric>, which way is better (a metric measured
+    only after training has no other record)."""
     where = "best checkpoint per NFE" if request.checkpoint == "best" else f"checkpoint {request.checkpoint}"
-    tags = {}
-    for m in metrics:
-        words = f"{metric_description(m, config)}, {where}, {request.seeds} seed range(s)"
-        protocol = {
-            "fingerprint": digest({"metric": metric_fingerprint(m, config), "checkpoint": request.checkpoint})[:8],
-            "measured_as": words,
+    updated = {}
+    for m, suffixes in series.items():
+        record = json.loads(tags.get(f"orch.{FINAL}.{m}", "{}"))
+        basis = {"metric": metric_fingerprint(m, config), "checkpoint": request.checkpoint, "seeds": request.seeds}
+        fingerprint = digest(basis)[:8]
+        record.setdefault("series", {}).update(dict.fromkeys(suffixes, fingerprint))
+        record.setdefault("protocols", {})[fingerprint] = {
+            "measured_as": f"{metric_description(m, config)}, {where}, {request.seeds} seed range(s)",
             "num_samples": config["eval"]["num_samples"],
             "checkpoint": request.checkpoint,
             "seeds": request.seeds,
             "dataset": config["dataset"]["name"],
         }
-        tags[f"orch.{FINAL}.{m}"] = json.dumps(protocol, sort_keys=True)
-    return tags
+        used = set(record["series"].values())
+        record["protocols"] = {fp: p for fp, p in record["protocols"].items() if fp in used}
+        updated[f"orch.{FINAL}.{m}"] = json.dumps(record, sort_keys=True)
+        updated[f"{DIRECTION}{m}"] = metric_spec(m).direction
+    return updated
 
 
 def evaluate_trial(trial: Trial, request: Request, say: Callable[[str], None]) -> tuple[int, int]:
@@ -296,20 +305,23 @@ def log_results(
         for u in units
         if not done.get(u.key, {"logged": True})["logged"]
     ]
-    by_series: dict[str, list[dict]] = {}
+    by_series: dict[tuple[str, str], list[dict]] = {}
     for u in units:
-        by_series.setdefault(f"{FINAL}/{u.metric}/{u.suffix}", []).append(done.get(u.key))
-    for series, results in by_series.items():
+        by_series.setdefault((u.metric, u.suffix), []).append(done.get(u.key))
+    complete: dict[str, list[str]] = {}
+    for (metric, suffix), results in by_series.items():
         if any(r is None for r in results):
             continue
-        values = [r["value"] for r in results]
+        values, series = [r["value"] for r in results], f"{FINAL}/{metric}/{suffix}"
         step = max(r["step"] for r in results)
         rows += [(series, sum(values) / len(values), step), (f"{series}/spread", (max(values) - min(values)) / 2, step)]
-    rows = [row for row in rows if not logged_already(client, trial.run_id, row)]
-    if not rows:
-        return
+        complete.setdefault(metric, []).append(suffix)
     try:
-        log_batch(client, trial.run_id, metrics=rows, tags=protocol_tags(config, request, config["eval"]["metrics"]))
+        rows = [row for row in rows if not logged_already(client, trial.run_id, row)]
+        before = client.get_run(trial.run_id).data.tags
+        tags = {k: v for k, v in protocol_tags(config, request, complete, before).items() if before.get(k) != v}
+        if rows or tags:
+            log_batch(client, trial.run_id, metrics=rows, tags=tags)
     except TRACKING_ERRORS as e:
         raise RuntimeError(f"MLflow did not take the final metrics ({type(e).__name__}: {e})") from e
     for u in units:

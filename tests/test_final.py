@@ -63,9 +63,12 @@ def test_last_checkpoint_at_seed_range_0_reproduces_the_trials_own_final_evaluat
         assert run.data.metrics[f"final/kl/nfe_{nfe}"] == run.data.metrics[f"eval/kl/nfe_{nfe}"]
         assert run.data.metrics[f"final/kl/nfe_{nfe}/seed_0"] == run.data.metrics[f"eval/kl/nfe_{nfe}"]
         assert run.data.metrics[f"final/kl/nfe_{nfe}/spread"] == 0.0
-    protocol = json.loads(run.data.tags["orch.final.kl"])
+    record = json.loads(run.data.tags["orch.final.kl"])  # each series says how it was measured
+    assert record["series"]["nfe_1"] == record["series"]["nfe_2"]
+    protocol = record["protocols"][record["series"]["nfe_1"]]
     assert protocol["num_samples"] == 2000 and protocol["checkpoint"] == "last" and protocol["seeds"] == 1
     assert "KL" in protocol["measured_as"] and "checkpoint last" in protocol["measured_as"]
+    assert run.data.tags["orch.direction.kl"] == "min"
 
 
 def test_best_checkpoint_per_nfe_and_seed_ranges_mean_and_spread(checker_study):
@@ -201,7 +204,7 @@ def test_eval_on_the_embedded_ray_runs_a_task_per_trial(checker_study, capsys):
         assert metrics["final/kl/nfe_2/seed_0"] == metrics["eval/kl/nfe_2"]
 
 
-def test_dashboard_switches_to_final_values_and_says_published_ones_are_not_comparable(checker_study):
+def test_dashboard_switches_to_final_values_and_says_published_ones_are_not_comparable(checker_study, capsys):
     workdir, study_dir = checker_study
     assert orch_eval(workdir, "--checkpoint", "last", "--nfe", "1") == 0  # every trial: one final protocol
     page = dashboard_html(f"sqlite:///{study_dir / 'mlflow.db'}", "final_tiny", study_dir / "trials")
@@ -211,6 +214,20 @@ def test_dashboard_switches_to_final_values_and_says_published_ones_are_not_comp
     assert "in training: Published kl of lsd, psd_mid" in page
     assert "final (orch eval): Published kl of lsd, psd_mid" in page
     assert page.count("not comparable (64,000 samples there, 2,000 here)") == 2
+    # one trial's NFE 2 was measured from 400,000 samples: left out of the final view and table, and said so
+    assert "final kl: 1 value(s) not shown, measured as KL(data ‖ model), 50×50 histogram of 400,000" in page
+    capsys.readouterr()
+    assert main(["table", "final_tiny", "--workdir", str(workdir), "--source", "final", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 value(s) not shown" in err
+    rows = [line.split(",") for line in out.splitlines()]
+    header = rows[0]
+    by_method = {r[0]: dict(zip(header, r)) for r in rows[1:]}
+    assert header[:6] == ["method", "seeds", "kl@1", "kl@1 spread", "kl@2", "kl@2 spread"]
+    assert {m: r["seeds"] for m, r in by_method.items()} == {"lsd": "2", "psd_mid": "2"}
+    lsd_seed0 = trial_ids(study_dir)[2]  # the trial evaluated from 400,000 samples
+    assert Trial.load(study_dir / "trials" / lsd_seed0).config["method"]["name"] == "lsd"
+    assert by_method["lsd"]["kl@2 spread"] == "" and float(by_method["psd_mid"]["kl@2 spread"]) >= 0
 
 
 def test_published_numbers_parse_and_protocols_are_compared():
