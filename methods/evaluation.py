@@ -130,7 +130,11 @@ def generate_chunks(
     omega: float = 1.0,
     labels: Tensor | None = None,
 ) -> Iterator[Tensor]:
-    """The samples of `generate`, one chunk of eval.batch_size at a time (for writing them out as they come)."""
+    """eval.num_samples samples of `net` with the method's sampler at `nfe` evaluations per sample and guidance
+    scale ω, one chunk of eval.batch_size at a time, from the same base noise at every NFE, scale and evaluation
+    (a sampler that re-noises draws from a generator of its own, so the base noise stays the same); conditional
+    samples have the classes `labels` (num_samples,). Image samples come as uint8 pixels on the CPU.
+    Shape of each chunk: (≤ batch_size, *data_shape)."""
     base = torch.Generator(device).manual_seed(seed + BASE_SEED)
     renoise = torch.Generator(device).manual_seed(seed + RENOISE_SEED)
     calls = sampler_calls(method, nfe, omega, evaluation.guidance_interval, num_classes_of(dataset))
@@ -144,25 +148,9 @@ def generate_chunks(
         yield to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x
 
 
-def generate(
-    method: Method,
-    net: nn.Module,
-    interpolant: LinearInterpolant,
-    dataset,
-    evaluation: EvalConfig,
-    nfe: int,
-    seed: int,
-    device: torch.device,
-    omega: float = 1.0,
-    labels: Tensor | None = None,
-) -> Tensor:
-    """eval.num_samples samples of `net` with the method's sampler at `nfe` evaluations per sample and guidance
-    scale ω, in chunks of eval.batch_size, from the same base noise at every NFE, scale and evaluation (a
-    sampler that re-noises draws from a generator of its own, so the base noise stays the same); conditional
-    samples have the classes `labels` (num_samples,). Image samples come back as uint8 pixels on the CPU.
-    Shape: (num_samples, *data_shape)."""
-    args = (method, net, interpolant, dataset, evaluation, nfe, seed, device, omega, labels)
-    return torch.cat(list(generate_chunks(*args)))
+def generate(*args, **kwargs) -> Tensor:
+    """All of generate_chunks(*args, **kwargs) at once. Shape: (num_samples, *data_shape)."""
+    return torch.cat(list(generate_chunks(*args, **kwargs)))
 
 
 def class_grid_labels(num_classes: int, grid: int) -> Tensor:
