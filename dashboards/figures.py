@@ -705,7 +705,8 @@ def switchable(views: dict[str, go.Figure], shown: str) -> go.Figure:
         buttons.append({"label": name, "method": "update", "args": [{"visible": visible}, {"title.text": title}]})
     for i, trace in enumerate(fig.data):
         trace.visible = spans[shown][0] <= i < spans[shown][1]
-    fig.update_layout(updatemenus=[{"type": "buttons", "direction": "right", "x": 0, "y": 1.12, "buttons": buttons}])
+    menu = {"type": "buttons", "direction": "right", "x": 0, "y": 1.01, "yanchor": "bottom", "buttons": buttons}
+    fig.update_layout(updatemenus=[menu], margin={"t": 120})  # the buttons sit between the title and the plot
     return fig
 
 
