@@ -712,13 +712,12 @@ def switchable(views: dict[str, go.Figure], shown: str) -> go.Figure:
 
 def paper_table_figure(table: pd.DataFrame, metric: str, title: str) -> go.Figure:
     """A paper table (dashboards.tables.paper_table) drawn as a Plotly table."""
-    from dashboards.tables import render
+    from dashboards.tables import formatted
 
     if table.empty:
         return go.Figure()
-    lines = render(table, metric, "markdown").splitlines()
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
-    cells = [list(column) for column in zip(*rows[1:])]
-    fig = go.Figure(go.Table(header={"values": rows[0], "height": 28}, cells={"values": cells, "height": 24}))
+    header, body, _ = formatted(table, metric)
+    cells = [list(column) for column in zip(*body)]
+    fig = go.Figure(go.Table(header={"values": header, "height": 28}, cells={"values": cells, "height": 24}))
     fig.update_layout(title=title, height=150 + 24 * len(table), margin={"t": 60, "b": 10})
     return fig

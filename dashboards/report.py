@@ -93,7 +93,7 @@ def page_blocks(
                 figures.factor_effects(subset, metric, grid, direction),
                 figures.quality_vs_compute(subset, hist, metric, group_cols, direction),
             ]
-            final, notes = final_blocks(subset, hist, metric, group_cols, direction, panel)
+            final, notes, final_table = final_blocks(subset, hist, metric, group_cols, direction, panel)
             for fig in panel + final[:1]:
                 fig.update_layout(title_text=(fig.layout.title.text or "") + suffix)
             name = f"{metric}{suffix.replace(' [fingerprint ', '-').rstrip(']')}"
@@ -103,9 +103,7 @@ def page_blocks(
                 f"table_{name}.csv": paper_table(subset, metric, group_cols, direction),
             }
             if final:
-                tables[f"final_{name}.csv"] = paper_table(
-                    final_values(subset, metric)[0], metric, group_cols, direction, "final"
-                )
+                tables[f"final_{name}.csv"] = final_table
             blocks += [panel[0], *final, download_links(tables), *panel[1:]] + [note_block(n) for n in notes]
     if trials_dir is not None and len(runs):
         blocks += sample_blocks(runs, group_cols, trials_dir)
@@ -120,10 +118,11 @@ def page_blocks(
 
 def final_blocks(
     runs: pd.DataFrame, history: pd.DataFrame, metric: str, group_cols: list[str], direction: str, panel: list
-) -> tuple[list[Block], list[str]]:
+) -> tuple[list[Block], list[str], pd.DataFrame]:
     """`orch eval`'s final evaluations of a metric, when the trials have them: their paper table, and the
     quality-vs-NFE figure (panel[1]) made switchable between the in-training and the final values; published
-    results are drawn on whichever view's protocol they match. Returns (blocks before the downloads, notes)."""
+    results are drawn on whichever view's protocol they match. Returns (blocks before the downloads, notes,
+    the final table)."""
     methods = set(runs["method.name"].dropna()) if "method.name" in runs else set()
     final, protocol, notes = final_values(runs, metric)
     views = {"in training": (panel[1], training_protocol(runs))}
@@ -140,14 +139,14 @@ def final_blocks(
         view.add_traces(traces)
         notes += [f"{name}: {line}" for line in why]
     if protocol is None:
-        return [], notes
+        return [], notes, pd.DataFrame()
     figs = {name: view for name, (view, _) in views.items()}
     panel[1] = figures.switchable(figs, "final (orch eval)") if panel[1].data else figs["final (orch eval)"]
     table = paper_table(final, metric, group_cols, direction, "final")
     title = (
         f"Final evaluation (orch eval) by {metric}: mean ± half-range over seeds of each trial's mean over seed ranges"
     )
-    return [figures.paper_table_figure(table, metric, title)], notes
+    return [figures.paper_table_figure(table, metric, title)], notes, table
 
 
 def note_block(text: str) -> str:

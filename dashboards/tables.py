@@ -112,10 +112,9 @@ def paper_table(
     return pd.DataFrame(rows).sort_values(first, ascending=direction == "min", kind="stable").reset_index(drop=True)
 
 
-def render(table: pd.DataFrame, metric: str, fmt: str, digits: int = 3) -> str:
-    """The table as Markdown (the README's layout), LaTeX (booktabs) or CSV (every number unrounded)."""
-    if fmt == "csv":
-        return table.to_csv(index=False)
+def formatted(table: pd.DataFrame, metric: str, digits: int = 3) -> tuple[list[str], list[list[str]], int]:
+    """(header, rows of cells, how many leading columns are factor levels) of a paper table as printed: the
+    metric as `mean ± spread` per NFE (no ± below two seeds), then the cost per sample."""
     nfes = [c.split("@")[1] for c in table.columns if "@" in c and not c.endswith("spread")]
     levels = [c for c in table.columns if "@" not in c and c != "seeds" and c not in {t for t, _ in COSTS.values()}]
     costs = [(t, d) for t, d in COSTS.values() if t in table]
@@ -130,11 +129,19 @@ def render(table: pd.DataFrame, metric: str, fmt: str, digits: int = 3) -> str:
             cells.append(shown if np.isfinite(mean) else "–")
         cells += [f"{row[t]:.{d}f}" for t, d in costs]
         body.append(cells)
+    return header, body, len(levels)
+
+
+def render(table: pd.DataFrame, metric: str, fmt: str, digits: int = 3) -> str:
+    """The table as Markdown (the README's layout), LaTeX (booktabs) or CSV (every number unrounded)."""
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    header, body, levels = formatted(table, metric, digits)
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
     escape = lambda text: text.replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
-    lines = [r"\begin{tabular}{" + "l" * len(levels) + "r" * (len(header) - len(levels)) + "}", r"\toprule"]
+    lines = [r"\begin{tabular}{" + "l" * levels + "r" * (len(header) - levels) + "}", r"\toprule"]
     lines += [" & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(escape(c) for c in cells) + r" \\" for cells in body]
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"

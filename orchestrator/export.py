@@ -21,7 +21,7 @@ from tqdm import tqdm
 from methods.evaluation import EvalConfig, eval_labels, generate_chunks
 from methods.images import ImageDataset
 from methods.training import resolve_device
-from orchestrator.final import SEED_RANGE, Unit, Weights
+from orchestrator.final import Unit, Weights
 from orchestrator.trial.build import build_trainer
 from orchestrator.trial.runner import Trial
 
@@ -48,7 +48,7 @@ def sample_stream(
     trainer = build_trainer(config, resolve_device(device or config["train"]["device"]))
     net = trainer.ema_net(evaluation.ema)
     net.load_state_dict(weights.load(unit)[0])
-    seed = config["train"]["seed"] + unit.seed_range * SEED_RANGE
+    seed = unit.seed(config)
     labels = eval_labels(trainer.dataset, num, seed)
     if labels is not None and classes:
         labels = torch.tensor(classes).repeat(-(-num // len(classes)))[:num]

@@ -81,6 +81,10 @@ class Unit:
     def key(self) -> str:
         return f"{FINAL}/{self.metric}/{self.suffix}/seed_{self.seed_range}"
 
+    def seed(self, config: dict) -> int:
+        """The seed its samples are drawn with (see SEED_RANGE)."""
+        return config["train"]["seed"] + self.seed_range * SEED_RANGE
+
 
 def select_trials(study_dir: Path, ids: list[str] | None, where: dict[str, object]) -> tuple[list[Trial], list[str]]:
     """The study's trials named by `ids` (all when None) whose resolved config has every `where` value (dotted
@@ -285,7 +289,7 @@ def score(trainer, evaluation: EvalConfig, config: dict, todo: list[tuple[Unit, 
     """Sample once for units of one NFE, scale and seed range with the trainer's loaded EMA copy, then yield
     (unit, value, seconds since sampling began) for each unit's metric."""
     first, started = todo[0][0], time.perf_counter()
-    seed = config["train"]["seed"] + first.seed_range * SEED_RANGE
+    seed = first.seed(config)
     labels = eval_labels(trainer.dataset, evaluation.num_samples, seed)
     net, data, device = trainer.ema_net(evaluation.ema), trainer.dataset, trainer.device
     args = (trainer.method, net, trainer.interpolant, data, evaluation, first.nfe, seed, device, first.omega, labels)
