@@ -4,7 +4,7 @@ trainer's periodic evaluations and by the evaluation of stored checkpoints)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
@@ -15,6 +15,7 @@ from methods.guidance import Condition, GuidedNet, eval_suffix, normalised_omega
 from methods.images import ImageDataset, to_uint8
 from methods.interpolants import LinearInterpolant
 from methods.metrics import metric
+from methods.precision import autocast
 from methods.registry import MAX_NFE, Batch, Params, Samples
 from methods.terms import Method
 
@@ -53,6 +54,9 @@ class EvalConfig(Params):
     ) = None
     """[τ_lo, τ_hi]: guide only steps whose start time τ lies inside (orch's time, 0 = noise, 1 = data); null:
     every step."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Numerics of the sampling passes (autocast; the metrics' own networks, e.g. Inception, stay fp32). fp32 by
+    default: the papers' numbers are fp32 samples, and bf16 samples move FID (docs/performance.md)."""
 
 
 PREVIEW_POINTS = 1000
@@ -144,7 +148,8 @@ def generate_chunks(
         n = min(evaluation.batch_size, evaluation.num_samples - start)
         chunk_labels = None if labels is None else labels[start : start + n].to(device)
         sampler_net = sampling_net(method, net, dataset, chunk_labels, omega, evaluation.guidance_interval)
-        x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise)
+        with autocast(evaluation.precision, device):
+            x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise).float()
         yield to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x
 
 

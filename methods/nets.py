@@ -9,6 +9,7 @@ from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from methods.guidance import ClassConditioning
+from methods.precision import full_precision
 from methods.registry import Params, Registry
 
 MODELS = Registry("model")
@@ -76,11 +77,12 @@ class FlowMapMLP(nn.Module):
     def forward(
         self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
     ) -> Tensor:
-        h = self.layers[0](torch.cat([a[:, None], b[:, None], x / self.data_std], dim=1))
-        if self.classes is not None:
-            h = h + self.classes(labels, omega)
-        else:
-            unconditional(labels, omega)
+        with full_precision(x):  # the raw times a, b enter here: fp32 under autocast (methods/precision.py)
+            h = self.layers[0](torch.cat([a[:, None], b[:, None], x.float() / self.data_std], dim=1))
+            if self.classes is not None:
+                h = h + self.classes(labels, omega)
+            else:
+                unconditional(labels, omega)
         return self.layers[1:](h) * self.data_std
 
 
@@ -95,7 +97,8 @@ def build_mlp(
 
 
 def positional_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of raw times t ∈ [0, 1], shape (n, dim)."""
+    """Sinusoidal embedding of raw times t ∈ [0, 1], shape (n, dim), always in fp32."""
+    t = t.float()
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1) * math.sqrt(2)

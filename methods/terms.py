@@ -61,13 +61,14 @@ class Term:
     measured: Tensor | None = None
 
     def sq_error(self) -> Tensor:
-        """Per-sample squared error summed over all data dimensions (not averaged), shape (n,)."""
-        return (self.pred - self.target).pow(2).flatten(1).sum(1)
+        """Per-sample squared error summed over all data dimensions (not averaged), shape (n,); in fp32 whatever
+        the precision of the passes (methods/precision.py)."""
+        return (self.pred.float() - self.target.float()).pow(2).flatten(1).sum(1)
 
     def target_norms(self) -> Tensor:
         """Per-sample L2 norm of the (detached) target: paper B's loss-target variance is their batch std."""
         measured = self.target if self.measured is None else self.measured
-        return measured.detach().flatten(1).norm(dim=1)
+        return measured.detach().float().flatten(1).norm(dim=1)
 
 
 DimReduction = Literal["sum", "mean", "mean_div_d"]

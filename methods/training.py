@@ -21,6 +21,7 @@ from methods.ema import EMA
 from methods.evaluation import Decay, EvalConfig, evaluate
 from methods.guidance import Condition, drop_labels, num_classes_of
 from methods.nets import LogVarWeight
+from methods.precision import Precision, autocast, grad_scaler, resolve_precision, set_matmul_precision
 from methods.registry import Batch, Params, Steps
 from methods.terms import Method, Setting, Term
 
@@ -76,6 +77,17 @@ class TrainConfig(Params):
     """`auto`: cuda when available, else cpu."""
     threads: PositiveInt | None = 1
     """CPU threads per trial (torch.set_num_threads); null leaves torch's default."""
+    precision: Precision = "auto"
+    """Numerics of the network passes: `fp32`; `tf32` (fp32 with TF32 matrix products on Ampere or newer GPUs);
+    `bf16` or `fp16` autocast (master weights, optimiser state, EMA, time embeddings and the loss stay fp32; fp16
+    adds a dynamic loss scaler whose skipped steps are logged as train/amp_skipped_steps); `auto`: bf16 on a GPU,
+    fp32 on CPU (docs/performance.md)."""
+    compile: bool = False
+    """torch.compile the networks (student, teacher, EMA target); JVP passes run the uncompiled network, since
+    forward-mode AD does not pass through compiled graphs."""
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """Layout of image tensors: `auto` is channels_last for image networks on a GPU (faster convolutions in
+    half precision), contiguous otherwise."""
 
 
 class Diverged(Exception):
@@ -134,9 +146,29 @@ def dim_scale(reduction: str, dims: int) -> float:
     return {"sum": 1.0, "mean": 1 / dims, "mean_div_d": 1 / dims**2}[reduction]
 
 
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+MIN_LOSS_SCALE = 2.0**-10
+"""fp16: a dynamic loss scale that has halved below this found non-finite gradients at every scale: divergence."""
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser; on a GPU the fused kernel where torch has one (Adam, AdamW), else its multi-tensor one."""
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    fast = {"fused": True} if device.type == "cuda" and cls is not torch.optim.RAdam else {}
+    return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, **fast)
+
+
+def uses_channels_last(cfg: TrainConfig, data_shape: tuple[int, ...], device: torch.device) -> bool:
+    if cfg.memory_format == "auto":
+        return len(data_shape) == 3 and device.type == "cuda"
+    return cfg.memory_format == "channels_last"
+
+
+def compiled(net: nn.Module, enabled: bool) -> nn.Module:
+    """`net` with its module call compiled in place (parameters and state-dict keys unchanged); `net.forward`
+    stays the eager function, which is what forward-mode AD passes take (methods/counting.py)."""
+    if enabled:
+        net.compile()
+    return net
 
 
 class Trainer:
@@ -158,16 +190,23 @@ class Trainer:
         device: torch.device,
     ):
         self.cfg, self.device, self.dataset, self.interpolant = cfg, device, dataset, setting.interpolant
+        self.precision = resolve_precision(cfg.precision, device)
+        set_matmul_precision(self.precision)
+        self.memory_format = torch.channels_last if uses_channels_last(cfg, dataset.shape, device) else None
         self.counts, self.condition = Counts(), Condition()
-        self.net = CountingNet(net, self.counts, self.condition).to(device)
+        self.net = CountingNet(self.placed(net), self.counts, self.condition)
         self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
         trainable = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
-        self.optimizer = make_optimizer(cfg, trainable)
+        self.optimizer = make_optimizer(cfg, trainable, device)
+        self.scaler = grad_scaler(self.precision, device)
+        self.amp_skipped_steps = 0
         self.ema = EMA(self.net.net, cfg.ema)
         teacher = setting.teacher
         if teacher is not None:
-            teacher = CountingNet(teacher.to(device).requires_grad_(False).eval(), self.counts, self.condition)
-        ema_target = CountingNet(self.ema.nets[cfg.ema[0]], self.counts, self.condition)
+            teacher = self.placed(teacher).requires_grad_(False).eval()
+            teacher = CountingNet(compiled(teacher, cfg.compile), self.counts, self.condition)
+        ema_target = CountingNet(compiled(self.ema.nets[cfg.ema[0]], cfg.compile), self.counts, self.condition)
+        compiled(self.net.net, cfg.compile)
         self.method = make_method(replace(setting, teacher=teacher, ema_target=ema_target))
         # the student and its EMA copy embed the guidance scale under online CFG; the teacher never does
         self.net.takes_omega = ema_target.takes_omega = self.method.embedded_guidance is not None
@@ -175,6 +214,10 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.train_seconds = 0.0
+
+    def placed(self, net: nn.Module) -> nn.Module:
+        """`net` on the trainer's device, in its memory format."""
+        return net.to(self.device, memory_format=self.memory_format or torch.preserve_format)
 
     def lr_at(self, step: int) -> float:
         if self.cfg.lr_decay_steps is None:
@@ -203,8 +246,12 @@ class Trainer:
         return total, errors
 
     def train_step(self, with_stats: bool = False) -> dict[str, float]:
-        """One optimiser step over train.batch_size samples, in train.micro_batches parts. Raises Diverged on a
-        non-finite (or too large) loss or gradient."""
+        """One optimiser step over train.batch_size samples, in train.micro_batches parts; returns the training
+        statistics when `with_stats` (a log tick), else {}.
+
+        Values are read from the device only at log ticks (one host sync per tick, not per step), so a
+        non-finite loss or gradient between ticks is caught at the next tick as non-finite parameters (raised
+        as Diverged). train.max_loss and train.max_target_norm check every step, at one sync each."""
         start = time.perf_counter()
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -212,43 +259,72 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         x1, labels = self.draw_batch()
         parts = self.cfg.micro_batches
-        loss_value, logged = 0.0, {}
+        checked = with_stats or self.cfg.max_loss is not None or self.cfg.max_target_norm is not None
+        loss_sum, logged = torch.zeros((), device=self.device), {}
         for i, x1_part in enumerate(x1.chunk(parts)):
             self.condition.labels = None if labels is None else labels.chunk(parts)[i]
             self.condition.omega = None
-            terms = self.method.terms(self.net, x1_part, self.step, self.gen)
-            loss, errors = self.loss(terms)
-            self.check_loss(part_loss := loss.item(), terms)
-            (loss / parts).backward()  # the mean of the parts' losses: the whole batch's loss for equal parts
-            loss_value += part_loss / parts
+            with autocast(self.precision, self.device):
+                terms = self.method.terms(self.net, x1_part, self.step, self.gen)
+            loss, errors = self.loss(terms)  # outside autocast: fp32 (Term.sq_error)
+            if checked:
+                self.check_loss(loss.item(), terms)
+            self.scaler.scale(loss / parts).backward()  # the mean of equal parts' losses: the whole batch's loss
+            loss_sum += loss.detach() / parts
             for term, err in zip(terms, errors) if with_stats else ():  # the whole batch's statistics
                 logged.setdefault(term.name, []).append((err.detach(), term.target_norms(), term.a.detach()))
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")).item()
-        if not torch.isfinite(torch.tensor(grad_norm)):
-            raise Diverged(self.step, f"non-finite gradient norm ({grad_norm})")
-        self.optimizer.step()
-        if with_stats and not all(torch.isfinite(p).all() for p in params):
-            raise Diverged(self.step, "non-finite parameters after the optimiser step")
+        grad_norm, skipped = self.optimizer_step()
         self.ema.update(self.net.net, self.step)
         self.step += 1
         self.samples_seen += self.cfg.batch_size
         self.train_seconds += time.perf_counter() - start
-        stats = {"train/loss": loss_value}
-        if with_stats:
-            stats |= {"train/grad_norm": grad_norm, "train/lr": lr}
-            for name, pieces in logged.items():
-                errors, norms, a = (torch.cat(piece) for piece in zip(*pieces))
-                stats[f"train/loss/{name}"] = errors.mean().item()
-                stats |= target_std_stats(name, norms, a)
+        if not with_stats:
+            return {}
+        grad_norm = grad_norm.item()
+        if not skipped and not math.isfinite(grad_norm):
+            raise Diverged(self.step - 1, f"non-finite gradient norm ({grad_norm})")
+        self.check_finite()
+        stats = {"train/loss": loss_sum.item(), "train/grad_norm": grad_norm, "train/lr": lr}
+        if self.scaler.is_enabled():
+            stats |= {"train/amp_skipped_steps": self.amp_skipped_steps, "train/loss_scale": self.scaler.get_scale()}
+        for name, pieces in logged.items():
+            errors, norms, a = (torch.cat(piece) for piece in zip(*pieces))
+            stats[f"train/loss/{name}"] = errors.mean().item()
+            stats |= target_std_stats(name, norms, a)
         return stats
+
+    def optimizer_step(self) -> tuple[Tensor, bool]:
+        """Unscale (fp16), clip and apply the gradient; returns the gradient norm before clipping (a device
+        tensor) and whether the fp16 loss scaler skipped the step for non-finite gradients (counted, not
+        divergence, unless the scale collapses below MIN_LOSS_SCALE)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return grad_norm, False
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < scale  # the scale only shrinks when the step was skipped
+        self.amp_skipped_steps += skipped
+        if self.scaler.get_scale() < MIN_LOSS_SCALE:
+            raise Diverged(self.step, f"fp16 loss scale below {MIN_LOSS_SCALE:g}: non-finite gradients at every scale")
+        return grad_norm, skipped
+
+    def check_finite(self) -> None:
+        """Raise Diverged when a parameter is inf or NaN (one host sync)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise Diverged(self.step, "non-finite parameters after the optimiser step")
 
     def draw_batch(self) -> tuple[Tensor, Tensor | None]:
         """train.batch_size data samples and, for conditional data, their labels with train.label_dropout of them
         replaced by the null class (not for a method that embeds guidance: its teacher target is guided)."""
         if num_classes_of(self.dataset) is None:
-            return self.dataset.sample(self.cfg.batch_size, self.gen), None
+            return self.placed(self.dataset.sample(self.cfg.batch_size, self.gen)), None
         x1, labels = self.dataset.sample_labelled(self.cfg.batch_size, self.gen)
+        x1 = self.placed(x1)
         if self.method.embedded_guidance is None and self.cfg.label_dropout > 0:
             labels = drop_labels(labels, self.cfg.label_dropout, self.dataset.num_classes, self.gen)
         return x1, labels
@@ -285,6 +361,7 @@ class Trainer:
     def evaluate(self, evaluation: EvalConfig) -> tuple[dict[str, float], dict[int, Tensor]]:
         """methods.evaluation.evaluate of this trainer's method with its EMA copy eval.ema, seeded by train.seed."""
         net = self.ema_net(evaluation.ema)
+        self.check_finite()
         return evaluate(self.method, net, self.interpolant, self.dataset, evaluation, self.cfg.seed, self.device)
 
     def state_dict(self) -> dict:
@@ -299,6 +376,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "forwards": self.counts.forwards,
             "jvps": self.counts.jvps,
+            "scaler": self.scaler.state_dict(),
+            "amp_skipped_steps": self.amp_skipped_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -312,3 +391,6 @@ class Trainer:
         self.samples_seen = state["samples_seen"]
         self.train_seconds = state["train_seconds"]
         self.counts.forwards, self.counts.jvps = state["forwards"], state["jvps"]
+        if state.get("scaler"):  # absent from checkpoints written before train.precision existed
+            self.scaler.load_state_dict(state["scaler"])
+        self.amp_skipped_steps = state.get("amp_skipped_steps", 0)

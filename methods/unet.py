@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
+from methods.attention import attention
 from methods.guidance import ClassConditioning
 from methods.nets import MODELS, ClassEmbedding, positional_embedding, unconditional
+from methods.precision import full_precision
 from methods.registry import Params
 
 
@@ -88,10 +90,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).unbind(1)
-        # explicit softmax attention (not F.scaled_dot_product_attention): forward-mode AD (JVPs) must work
-        weights = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(c // self.heads), dim=-1)
-        out = (v @ weights.transpose(-1, -2)).reshape(n, c, h, w)
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = attention(q, k, v).transpose(-1, -2).reshape(n, c, h, w)
         return (x + self.proj(out)) / math.sqrt(2)
 
 
@@ -156,16 +156,18 @@ class FlowMapUNet(nn.Module):
     def embed(self, a: Tensor, b: Tensor) -> Tensor:
         """Paper A's conditioning: PosEmb(a) and PosEmb(b − a), each through its own linear map, averaged."""
         ch = self.emb_a.in_features
-        ea = self.emb_a(positional_embedding(a * self.time_scale, ch))
-        el = self.emb_len(positional_embedding((b - a) * self.time_scale, ch))
-        return self.emb_out(F.silu((ea + el) / 2))
+        with full_precision(a):  # fp32 under autocast (methods/precision.py)
+            ea = self.emb_a(positional_embedding(a * self.time_scale, ch))
+            el = self.emb_len(positional_embedding((b - a) * self.time_scale, ch))
+            return self.emb_out(F.silu((ea + el) / 2))
 
     def forward(
         self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
     ) -> Tensor:
         emb = self.embed(a, b)
         if self.classes is not None:  # the class (and guidance) embedding is added to the time embedding
-            emb = emb + self.classes(labels, omega)
+            with full_precision(emb):
+                emb = emb + self.classes(labels, omega)
         else:
             unconditional(labels, omega)
         emb = F.silu(emb)

@@ -42,6 +42,8 @@ FINGERPRINT, MEASURE, DIRECTION = "orch.fingerprint.", "orch.measure.", "orch.di
 """Prefixes, + a metric's name: what makes its values comparable, how it was measured in words, min or max."""
 TEACHER, TRIAL_DIR = "orch.teacher", "orch.trial_dir"
 CLASSES = "orch.classes"
+PRECISION = "orch.precision"
+"""The resolved train.precision of the run ("bf16", "fp32", …; "+compile" when train.compile)."""
 """A class-conditional trial's class names, JSON [name of label 0, name of label 1, …] (image datasets)."""
 
 # ---- metric keys ---------------------------------------------------------------------------------------------------

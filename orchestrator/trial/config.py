@@ -212,7 +212,7 @@ def unreachable_nfe(config: dict) -> list[Problem]:
     return problems
 
 
-EXECUTION_ONLY = ("log_every", "checkpoint_every", "keep_checkpoints", "device", "threads")
+EXECUTION_ONLY = ("log_every", "checkpoint_every", "keep_checkpoints", "device", "threads", "compile", "memory_format")
 """train.* keys that say how a trial runs, not what it trains."""
 INERT = {
     ("dataset", "conditional"): False,
@@ -221,6 +221,8 @@ INERT = {
     ("method", "cfg_kappa"): 0.0,
     ("method", "cfg_interval"): None,
     ("method", "teacher_guidance"): 1.0,
+    ("train", "precision"): "auto",
+    ("eval", "precision"): "fp32",
 }
 """Options added after trial ids were first issued, at the values that train exactly as before they existed:
 left out of identities and fingerprints, so that every earlier trial keeps its id and its results."""
@@ -274,6 +276,8 @@ def metric_fingerprint(metric: str, config: dict) -> str:
     data = {k: v for k, v in without_inert(config)["dataset"].items() if k != "hflip"}
     basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": eval_ema(config)}
     basis |= {option: evaluation[option] for option in spec.options}
+    if evaluation.get("precision", "fp32") != "fp32":  # samples drawn in half precision are another series
+        basis["precision"] = evaluation["precision"]
     if config["dataset"].get("conditional"):  # which classes the samples were asked for, and how guided
         basis["labels"] = f"class frequencies, seed train.seed + {LABEL_SEED}"
         if evaluation["guidance_interval"] is not None:

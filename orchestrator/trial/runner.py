@@ -32,6 +32,7 @@ from orchestrator.tracking.schema import (
     FINISHED_STATES,
     GENERATION,
     PENDING,
+    PRECISION,
     REASON,
     RUNNING,
     STATUS,
@@ -272,6 +273,7 @@ def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[s
         teacher, _ = load_teacher(trial.teacher)
         tags[TEACHER] = trial.teacher_name
     trainer = build_trainer(trial.config, device, teacher)
+    tags[PRECISION] = trainer.precision + ("+compile" if trainer.cfg.compile else "")
     if (classes := getattr(trainer.dataset, "classes", None)) is not None:  # the class list of the run's labels
         tags[CLASSES] = json.dumps(classes)
     checkpoint = load_latest_checkpoint(Path(trial.dir))
@@ -340,7 +342,7 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
             last = trainer.step + 1 == train.steps
             stats = trainer.train_step(with_stats=(trainer.step + 1) % train.log_every == 0 or last)
             step = trainer.step
-            if len(stats) > 1:
+            if stats:
                 tracker.add(stats | trainer.cost() | {"cost/device_hours": elapsed() / 3600}, step, state)
                 if progress:
                     progress(step, {"train/loss": stats["train/loss"]})
@@ -353,6 +355,7 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
                 if progress:
                     progress(step, scores)
             if step % train.checkpoint_every == 0 or last:
+                trainer.check_finite()  # never checkpoint weights that diverged since the last log tick
                 tracker.flush(state)  # metrics first: a resumed trial never lacks steps its checkpoint covers
                 save_checkpoint(
                     trial_dir,
