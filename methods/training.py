@@ -196,8 +196,8 @@ class Trainer:
         self.counts, self.condition = Counts(), Condition()
         self.net = CountingNet(self.placed(net), self.counts, self.condition)
         self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
-        trainable = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
-        self.optimizer = make_optimizer(cfg, trainable, device)
+        self.params = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
+        self.optimizer = make_optimizer(cfg, self.params, device)
         self.scaler = grad_scaler(self.precision, device)
         self.amp_skipped_steps = 0
         self.ema = EMA(self.net.net, cfg.ema)
@@ -297,9 +297,8 @@ class Trainer:
         """Unscale (fp16), clip and apply the gradient; returns the gradient norm before clipping (a device
         tensor) and whether the fp16 loss scaler skipped the step for non-finite gradients (counted, not
         divergence, unless the scale collapses below MIN_LOSS_SCALE)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
         if not self.scaler.is_enabled():
             self.optimizer.step()
             return grad_norm, False
@@ -314,8 +313,7 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Raise Diverged when a parameter is inf or NaN (one host sync)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        if not torch.stack([torch.isfinite(p).all() for p in self.params]).all():
             raise Diverged(self.step, "non-finite parameters after the optimiser step")
 
     def draw_batch(self) -> tuple[Tensor, Tensor | None]:
