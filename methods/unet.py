@@ -49,8 +49,18 @@ class UNetParams(Params):
     A's code does; larger values (e.g. 1000, DDPM's scale) resolve nearby times better in short trainings."""
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 under autocast, by an explicit cast. Autocast's own fp32 cast of group_norm
+    does not carry a forward-mode tangent along consistently (the next convolution then meets an fp32 tangent
+    and bf16 weights, a dtype error in every JVP method), an explicit `.float()` does. Output (N, C, H, W) fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with full_precision(x):
+            return super().forward(x.float())
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    return GroupNorm32(math.gcd(32, channels), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
