@@ -52,6 +52,7 @@ bench: install
 	$(VENV)/bin/python bench/method_cost.py --model unet
 	$(VENV)/bin/python bench/sampling.py
 	$(VENV)/bin/python bench/guidance_exact.py
+	$(VENV)/bin/python bench/gpu_efficiency.py studies/mnist_smoke.yaml --steps 5 --variants fp32,bf16 --fid-images 400
 
 # The README's option reference is generated from the code (tests/test_describe.py checks it is current).
 docs: install

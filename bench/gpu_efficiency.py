@@ -73,15 +73,22 @@ def build(config: dict, device: torch.device):
     return build_trainer(config, device, teacher)
 
 
+FLOP_BATCH = 64
+"""Batch of the FLOP count: FLOPs are linear in the batch, and the methods' batch fractions (e.g. LSD's 3/4 on
+the diagonal) split 64 exactly, so a per-sample count at 64 is the count at any larger batch, without its memory."""
+
+
 def flops_per_sample(config: dict, device: torch.device, steps: int = 3) -> float:
     """FLOPs of one training sample: counted over `steps` eager fp32 training steps (after one uncounted step)
     and divided by the samples they trained on. Precision and compilation change the time, not the count."""
+    batch = min(config["train"]["batch_size"], FLOP_BATCH)
+    config = config | {"train": config["train"] | {"batch_size": batch, "micro_batches": 1}}
     trainer = build(with_variant(config, "fp32", False, device), device)
     trainer.train_step()
     with FlopCounterMode(display=False) as counter:
         for _ in range(steps):
             trainer.train_step()
-    return counter.get_total_flops() / (steps * config["train"]["batch_size"])
+    return counter.get_total_flops() / (steps * batch)
 
 
 def step_cost(config: dict, device: torch.device, steps: int, warmup: int) -> tuple[dict, object]:

@@ -56,7 +56,7 @@ class EvalConfig(Params):
     every step."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Numerics of the sampling passes (autocast; the metrics' own networks, e.g. Inception, stay fp32). fp32 by
-    default: the papers' numbers are fp32 samples, and bf16 samples move FID (docs/performance.md)."""
+    default: the papers' numbers are fp32 samples (bf16's effect on FID: docs/performance.md)."""
 
 
 PREVIEW_POINTS = 1000

@@ -163,7 +163,7 @@ def require_logits() -> None:
 def inception_outputs(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> tuple[Tensor, Tensor]:
     """Pool3 features (N, 2048) and unbiased logits (N, 1008) of uint8 images (N, C, H, W); grey images are
     repeated to RGB. torch-fidelity resizes to 299×299 with TF1's bilinear interpolation, as the reference
-    implementation does."""
+    implementation does. The outputs stay on the device until the last batch (one transfer, no sync per batch)."""
     model = extractor(device)
     pools, logits = [], []
     for chunk in images.split(batch):
@@ -171,9 +171,9 @@ def inception_outputs(images: Tensor, device: torch.device, batch: int = FEATURE
         if chunk.shape[1] == 1:
             chunk = chunk.expand(-1, 3, -1, -1)
         pool, logit = model(chunk)
-        pools.append(pool.double().cpu())
-        logits.append(logit.double().cpu())
-    return torch.cat(pools), torch.cat(logits)
+        pools.append(pool)
+        logits.append(logit)
+    return torch.cat(pools).double().cpu(), torch.cat(logits).double().cpu()
 
 
 def features(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> Tensor:

@@ -60,7 +60,7 @@ def test_image_study_reports_inception_throughput_and_the_fid_difference_of_bf16
             "eval": {"metrics": ["fid"], "batch_size": 6},
         },
     }
-    # fp32 only: bf16 convolutions on this CPU are slower than fp32 ones (docs/performance.md)
+    # fp32 only: bf16 steps of this tiny UNet are slow on CPU (about 5 s against 0.2 s, docs/performance.md)
     figures = run_bench(tmp_path, study, "--steps", "2", "--warmup", "1", "--variants", "fp32", "--fid-images", "24")
     (trial,) = figures["trials"].values()
     assert set(trial["variants"]) == {"fp32"}
