@@ -30,14 +30,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.image_cost import inception, synchronize, synthetic_cifar  # noqa: E402
+from bench.image_cost import build, inception, synchronize, synthetic_cifar, timed_steps  # noqa: E402
 from methods import fid  # noqa: E402
 from methods.evaluation import EvalConfig, generate  # noqa: E402
 from methods.images import ImageDataset  # noqa: E402
 from methods.precision import autocast  # noqa: E402
-from methods.training import peak_memory_mb, reset_peak_memory  # noqa: E402
+from methods.training import peak_memory_mb  # noqa: E402
 from orchestrator.study.load import load_study  # noqa: E402
-from orchestrator.trial.build import build_network, build_section, build_trainer, needs_teacher  # noqa: E402
+from orchestrator.trial.build import build_section  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
 """Variant name: (train.precision, train.compile)."""
@@ -68,11 +68,6 @@ def with_variant(config: dict, precision: str, compile_: bool, device: torch.dev
     return config | {"train": config["train"] | {"precision": precision, "compile": compile_, "device": device.type}}
 
 
-def build(config: dict, device: torch.device):
-    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen net costs the same
-    return build_trainer(config, device, teacher)
-
-
 FLOP_BATCH = 64
 """Batch of the FLOP count: FLOPs are linear in the batch, and the methods' batch fractions (e.g. LSD's 3/4 on
 the diagonal) split 64 exactly, so a per-sample count at 64 is the count at any larger batch, without its memory."""
@@ -94,18 +89,7 @@ def flops_per_sample(config: dict, device: torch.device, steps: int = 3) -> floa
 def step_cost(config: dict, device: torch.device, steps: int, warmup: int) -> tuple[dict, object]:
     """Median step time, throughput and peak memory of one trainer; returns the trainer for the sampling test."""
     trainer = build(config, device)
-    for _ in range(warmup):
-        trainer.train_step()
-    synchronize(device)
-    gc.collect()
-    reset_peak_memory(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        trainer.train_step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times)
+    step = statistics.median(timed_steps(trainer, device, steps, warmup))
     batch = config["train"]["batch_size"]
     return {"step_s": step, "sec_per_kimg": step / (batch / 1000), "samples_per_s": batch / step,
             "mem_mb": peak_memory_mb(device)}, trainer  # fmt: skip

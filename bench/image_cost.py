@@ -48,12 +48,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_cost(config: dict, device: torch.device, steps: int, warmup: int = 5) -> dict:
-    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen net costs the same
-    trainer = build_trainer(config, device, teacher)
+def build(config: dict, device: torch.device):
+    """The trial's trainer, as run_trial builds it; a distillation method gets an untrained teacher of the
+    configured network (any frozen net costs the same)."""
+    teacher = build_network(config) if needs_teacher(config["method"]) else None
+    return build_trainer(config, device, teacher)
+
+
+def timed_steps(trainer, device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` untimed ones; peak memory is reset in between."""
     for _ in range(warmup):
         trainer.train_step()
     synchronize(device)
+    gc.collect()
     reset_peak_memory(device)
     times = []
     for _ in range(steps):
@@ -61,6 +68,12 @@ def train_cost(config: dict, device: torch.device, steps: int, warmup: int = 5) 
         trainer.train_step()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def train_cost(config: dict, device: torch.device, steps: int, warmup: int = 5) -> dict:
+    trainer = build(config, device)
+    times = timed_steps(trainer, device, steps, warmup)
     step = statistics.median(times)
     cost = trainer.cost()
     batch = config["train"]["batch_size"]
@@ -84,7 +97,7 @@ def train_cost(config: dict, device: torch.device, steps: int, warmup: int = 5) 
         generate(*args)
         synchronize(device)
         row[f"img_per_s_nfe{nfe}"] = n / (time.perf_counter() - start)
-    del trainer, teacher
+    del trainer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
