@@ -21,6 +21,7 @@ from methods.counting import CountingNet
 from methods.flow_map import jump, sample_consistency
 from methods.guidance import cfg_velocity, labels_of
 from methods.interpolants import expand_time
+from methods.parallel import Gen, multinomial
 from methods.terms import DimReduction, Distance, Method, MethodParams, Setting, TeacherSpec, Term, register_method
 from methods.time_samplers import LogNormal, LogNormalParams
 
@@ -110,7 +111,7 @@ class ContinuousConsistency(Method):
         """dx_t/dt in TrigFlow time. Shapes: x_t, x0, x1 (n, *data_shape); t broadcast against them; tau (n,)."""
         raise NotImplementedError
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         n, p = x1.shape[0], self.params
         x0 = self.setting.interpolant.sample_base(n, x1.shape[1:], gen)
         tau = self.time_sampler.diagonal(n, gen)
@@ -121,7 +122,7 @@ class ContinuousConsistency(Method):
         sigma_data = self.setting.sigma_data
         return [scm_term(self.term, net, x_t, dxdt, tau, warmup, p.tangent_norm, p.prior_weighting, sigma_data)]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         tau_min = sigma_max_time(self.params.sigma_max, self.setting.sigma_data)
         return sample_consistency(net, x0, nfe, tau_min, self.setting.interpolant.base_std, gen)
 
@@ -213,11 +214,11 @@ class ImprovedConsistencyTraining(Method):
         p = self.params
         return min(p.s0 * 2 ** (step // p.doubling_steps), p.s1) + 1
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         p, n = self.params, x1.shape[0]
         sigmas = karras_sigmas(self.grid_points(step), p.sigma_min, p.sigma_max, p.rho)
         cdf = torch.erf((sigmas.log() - p.p_mean) / (math.sqrt(2) * p.p_std))
-        i = torch.multinomial((cdf[1:] - cdf[:-1]).float(), n, replacement=True, generator=gen).to(x1.device)
+        i = multinomial(gen, (cdf[1:] - cdf[:-1]).float(), n).to(x1.device)
         sigmas = sigmas.float().to(x1.device)
         lo, hi = sigmas[i], sigmas[i + 1]
         tau_lo, tau_hi = edm_to_canonical(lo, self.sigma_data), edm_to_canonical(hi, self.sigma_data)
@@ -231,6 +232,6 @@ class ImprovedConsistencyTraining(Method):
         c = p.huber_c if p.huber_c is not None else 0.00054 * math.sqrt(x1[0].numel())
         return [Term("ict", pred, target, tau_hi, ones, 1 / (hi - lo), Distance("pseudo_huber", c), measured)]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         tau_min = sigma_max_time(self.params.sigma_max, self.sigma_data)
         return sample_consistency(net, x0, nfe, tau_min, self.interpolant.base_std, gen)

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
+from methods.parallel import Gen, rand, randint, randn
 from methods.registry import Params, Registry
 
 DATASETS = Registry("dataset")
@@ -33,10 +34,10 @@ class Density2D:
     std: Tensor
     num_classes: int | None = None
 
-    def sample(self, n: int, gen: torch.Generator) -> Tensor:
+    def sample(self, n: int, gen: Gen) -> Tensor:
         return self.sample_labelled(n, gen)[0]
 
-    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def sample_labelled(self, n: int, gen: Gen) -> tuple[Tensor, Tensor]:
         """n samples (n, 2) and their classes (n,) (all 0 for a dataset without classes)."""
         raise NotImplementedError
 
@@ -75,9 +76,8 @@ class Checkerboard(Density2D):
         self.cells = torch.tensor([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=torch.float32)
         self.std = torch.full((2,), 1 / math.sqrt(3))
 
-    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(self.cells), (n,), generator=gen, device=gen.device)
-        u = torch.rand(n, 2, generator=gen, device=gen.device)
+    def sample_labelled(self, n: int, gen: Gen) -> tuple[Tensor, Tensor]:
+        idx, u = randint(gen, len(self.cells), n), rand(gen, n, 2)
         return -1 + 0.5 * (self.cells.to(gen.device)[idx] + u), torch.zeros_like(idx)
 
     def density(self, xy: Tensor) -> Tensor:
@@ -109,9 +109,8 @@ class GaussianMixture(Density2D):
         var = self.means.pow(2).mean(0) + params.scale**2 - self.means.mean(0).pow(2)
         self.std = var.sqrt().float()
 
-    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(self.means), (n,), generator=gen, device=gen.device)
-        noise = torch.randn(n, 2, generator=gen, device=gen.device)
+    def sample_labelled(self, n: int, gen: Gen) -> tuple[Tensor, Tensor]:
+        idx, noise = randint(gen, len(self.means), n), randn(gen, n, 2)
         return self.means.float().to(gen.device)[idx] + self.scale * noise, idx
 
     def class_frequencies(self) -> Tensor:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from methods.flow_map import sample_euler, sample_heun
 from methods.interpolants import LinearInterpolant
+from methods.parallel import Gen
 from methods.terms import Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import TimeSamplerParams, Uniform
 
@@ -41,10 +41,10 @@ class FlowMatching(Method):
         self.sampler = {"euler": sample_euler, "heun": sample_heun}[params.sampler]
         self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
-    def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: nn.Module, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         interpolant = self.setting.interpolant
         x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         return [diagonal_term(net, interpolant, x0, x1, self.time_sampler.diagonal(x1.shape[0], gen))]
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         return self.sampler(net, x0, nfe)

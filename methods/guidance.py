@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.interpolants import expand_time
+from methods.parallel import Gen, rand
 
 
 @dataclass
@@ -60,9 +61,9 @@ class ClassConditioning:
     omega: bool = False
 
 
-def drop_labels(labels: Tensor, p: float, num_classes: int, gen: torch.Generator) -> Tensor:
+def drop_labels(labels: Tensor, p: float, num_classes: int, gen: Gen) -> Tensor:
     """Replace each label by the null class with probability p (classifier-free guidance training). Shape (n,)."""
-    dropped = torch.rand(labels.shape, generator=gen, device=gen.device) < p
+    dropped = rand(gen, len(labels)) < p
     return torch.where(dropped, torch.full_like(labels, num_classes), labels)
 
 

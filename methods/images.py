@@ -23,6 +23,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from methods.datasets import DATASETS, LabelledParams
+from methods.parallel import Gen, rand, randint
 from methods.storage import atomic_write_bytes, cache_dir
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -62,20 +63,20 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def sample(self, n: int, gen: torch.Generator) -> Tensor:
+    def sample(self, n: int, gen: Gen) -> Tensor:
         return self.sample_labelled(n, gen)[0]
 
-    def sample_labelled(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    def sample_labelled(self, n: int, gen: Gen) -> tuple[Tensor, Tensor | None]:
         """n images in [−1, 1] (n, C, H, W) and their classes (n,) (None without labels)."""
         device = gen.device
         if device not in self._on_device:  # one copy per device: indexing a host tensor per batch is slow on GPU
             labels = None if self.labels is None else self.labels.to(device)
             self._on_device[device] = self.images.to(device), labels
         images, labels = self._on_device[device]
-        idx = torch.randint(len(images), (n,), generator=gen, device=device)
+        idx = randint(gen, len(images), n)
         x = images[idx].float() / 127.5 - 1
         if self.hflip:
-            flip = torch.rand(n, generator=gen, device=device) < 0.5
+            flip = rand(gen, n) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, None if labels is None else labels[idx]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from methods.parallel import Gen, randn
+
 
 def expand_time(t: Tensor, x: Tensor) -> Tensor:
     """Shape a per-sample time (batch,) so that it broadcasts against x (batch, ...)."""
@@ -24,9 +26,11 @@ class LinearInterpolant:
     def __init__(self, base_std: Tensor, sigma_min: float = 0.0):
         self.base_std, self.sigma_min = base_std, sigma_min
 
-    def sample_base(self, n: int, shape: tuple[int, ...], gen: torch.Generator | None = None) -> Tensor:
-        std = self.base_std.to(gen.device if gen is not None else "cpu")
-        return torch.randn((n, *shape), generator=gen, device=std.device) * std
+    def sample_base(self, n: int, shape: tuple[int, ...], gen: Gen | None = None) -> Tensor:
+        """n base samples x0 (n, *shape); without `gen`, from torch's global generator on the CPU."""
+        if gen is None:
+            return torch.randn((n, *shape)) * self.base_std
+        return randn(gen, n, *shape) * self.base_std.to(gen.device)
 
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         t = expand_time(t, x0)

@@ -19,6 +19,7 @@ from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.guidance import cond_and_null, in_interval, labels_of
 from methods.interpolants import expand_time
+from methods.parallel import Gen, rand
 from methods.terms import Distance, Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import LogitNormal, LogitNormalParams
 
@@ -73,11 +74,11 @@ class MeanFlow(Method):
         self.distance = Distance("adaptive", params.adaptive_c, params.adaptive_p)
         self.time_sampler = setting.time_sampler or LogitNormal(LogitNormalParams())
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         n, interpolant = x1.shape[0], self.setting.interpolant
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
         a, b = self.time_sampler.offdiagonal(n, step, gen)
-        b = torch.where(torch.rand(n, generator=gen, device=gen.device) < self.params.ratio, b, a)
+        b = torch.where(rand(gen, n) < self.params.ratio, b, a)
         x_a = interpolant.interpolate(x0, x1, a)
         velocity = self.guided_velocity(net, x_a, a, interpolant.velocity(x0, x1))
         return [meanflow_term(net, x_a, a, b, velocity, self.distance)]
@@ -96,5 +97,5 @@ class MeanFlow(Method):
         guided = in_interval(a, p.cfg_interval) & (labels != num_classes)
         return torch.where(expand_time(guided, v), v_g, v)
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         return sample_flow_map(net, x0, nfe)

@@ -26,6 +26,7 @@ from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
 from methods.guidance import cfg_velocity, normalised_omega
 from methods.interpolants import expand_time
+from methods.parallel import Gen, rand
 from methods.terms import DimReduction, Method, MethodParams, Setting, TeacherSpec, Term, register_method
 from methods.time_samplers import TimeSampler, TimeSamplerParams, Uniform
 
@@ -43,14 +44,14 @@ def dropout_rewind(device: torch.device):
 
 
 def secant_jumps(
-    sampler: TimeSampler, n: int, num_steps: int | None, snap: bool, step: int, gen: torch.Generator
+    sampler: TimeSampler, n: int, num_steps: int | None, snap: bool, step: int, gen: Gen
 ) -> tuple[Tensor, Tensor]:
     """Paper B's intervals (§4.2): length d ~ U[0, 1/N], start a = m·(1 − d) with m from the time sampler's law
     (uniform: exactly the released code), optionally snapped down to the N-grid; b = a + d.
     With num_steps null, (a, b) are the time sampler's ordered pairs."""
     if num_steps is None:
         return sampler.offdiagonal(n, step, gen)
-    d = torch.rand(n, generator=gen, device=gen.device) / num_steps
+    d = rand(gen, n) / num_steps
     a = sampler.marginal(n, gen) * (1 - d)
     if snap:
         a = torch.floor(a * num_steps) / num_steps
@@ -143,28 +144,28 @@ class Secant(Method):
         self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
     def jumps(
-        self, n: int, step: int, gen: torch.Generator, snap: bool = False, backward_fraction: float = 0.0
+        self, n: int, step: int, gen: Gen, snap: bool = False, backward_fraction: float = 0.0
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(a, b, r): paper B's jumps (§4.3), starts snapped to the N-grid if `snap`, a `backward_fraction` of them
         backwards (the end-point estimates), and the interior time r ~ U(a, b)."""
         a, b = secant_jumps(self.time_sampler, n, self.params.num_steps, snap, step, gen)
         if backward_fraction:
-            backward = torch.rand(n, generator=gen, device=gen.device) < backward_fraction
+            backward = rand(gen, n) < backward_fraction
             a, b = torch.where(backward, b, a), torch.where(backward, a, b)
-        return a, b, a + torch.rand(n, generator=gen, device=gen.device) * (b - a)
+        return a, b, a + rand(gen, n) * (b - a)
 
     @property
     def embedded_guidance(self) -> tuple[float, float] | None:
         cfg_range = getattr(self.params, "online_cfg", None)  # STEE has no online CFG: it samples two-pass
         return None if cfg_range is None else (cfg_range[0], cfg_range[1])
 
-    def online_omega(self, net: CountingNet, n: int, gen: torch.Generator) -> Tensor | None:
+    def online_omega(self, net: CountingNet, n: int, gen: Gen) -> Tensor | None:
         """Online CFG: ω ~ U[ω_lo, ω_hi] per sample (n,), set as the student's normalised guidance input; None
         without online CFG."""
         if (cfg_range := self.embedded_guidance) is None:
             return None
         lo, hi = cfg_range
-        omega = lo + (hi - lo) * torch.rand(n, generator=gen, device=gen.device)
+        omega = lo + (hi - lo) * rand(gen, n)
         net.condition.omega = normalised_omega(omega, cfg_range)
         return omega
 
@@ -175,7 +176,7 @@ class Secant(Method):
             return teacher(x, t, t)
         return cfg_velocity(teacher, teacher.condition, self.setting.num_classes, x, t, t, omega)
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 
@@ -185,7 +186,7 @@ class InteriorEstimate(Secant):
     def velocity(self, net: CountingNet, omega: Tensor | None):
         return lambda x, t: self.teacher_velocity(x, t, omega)
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         interpolant = self.setting.interpolant
         x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         a, b, r = self.jumps(x1.shape[0], step, gen, snap=self.params.snap_to_grid)
@@ -194,7 +195,7 @@ class InteriorEstimate(Secant):
         term = interior_estimate_term(self.term, net, self.velocity(net, omega), x_a, a, b, r)
         return [term] + self.extra(net, x0, x1, gen)
 
-    def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: torch.Generator) -> list[Term]:
+    def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: Gen) -> list[Term]:
         return []
 
 
@@ -204,7 +205,7 @@ class EndpointEstimate(Secant):
     def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor, omega: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         interpolant = self.setting.interpolant
         x0 = interpolant.sample_base(x1.shape[0], x1.shape[1:], gen)
         a, b, r = self.jumps(x1.shape[0], step, gen, backward_fraction=self.params.backward_fraction)
@@ -246,7 +247,7 @@ class STEI(InteriorEstimate):
     def velocity(self, net: CountingNet, omega: Tensor | None):
         return (lambda x, t: net(x, t, t)) if self.params.target == "self" else super().velocity(net, omega)
 
-    def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: torch.Generator) -> list[Term]:
+    def extra(self, net: CountingNet, x0: Tensor, x1: Tensor, gen: Gen) -> list[Term]:
         """λ·flow matching on the diagonal at a fresh time (paper B's diffusion term). Its target is the
         conditional (unguided) velocity, so under online CFG the student sees the guidance input of ω = 1."""
         t = self.time_sampler.diagonal(x1.shape[0], gen)

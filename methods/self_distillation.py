@@ -19,6 +19,7 @@ from methods.flow_map import sample_flow_map
 from methods.flow_matching import diagonal_term
 from methods.guidance import rows_of
 from methods.interpolants import expand_time
+from methods.parallel import Gen, rand, split_count
 from methods.terms import Method, MethodParams, Setting, Term, register_method
 from methods.time_samplers import TimeSamplerParams, Uniform
 
@@ -113,9 +114,10 @@ class SelfDistillation(Method):
         super().__init__(params, setting)
         self.time_sampler = setting.time_sampler or Uniform(TimeSamplerParams())
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         n, interpolant = x1.shape[0], self.setting.interpolant
-        n_diag = n if self.time_sampler.diagonal_only(step) else min(n, max(1, int(n * self.params.diag_fraction)))
+        fraction = 1.0 if self.time_sampler.diagonal_only(step) else self.params.diag_fraction
+        n_diag = split_count(gen, n, lambda m: min(m, max(1, int(m * fraction))))
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
         with rows_of(net, slice(None, n_diag)):
             terms = [diagonal_term(net, interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))]
@@ -126,11 +128,11 @@ class SelfDistillation(Method):
                 terms.append(self.offdiagonal(net, x_a, a, b, gen))
         return terms
 
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         """The method's residual on jumps (a, b) from x_a = I_a. Shapes: x_a (n, *data_shape); a, b (n,)."""
         raise NotImplementedError
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         return sample_flow_map(net, x0, nfe)
 
 
@@ -141,7 +143,7 @@ class LSD(SelfDistillation):
     {PAPER_A}
     """
 
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         return lsd_term(net, x_a, a, b, self.params.stopgrad)
 
 
@@ -154,7 +156,7 @@ class ESD(SelfDistillation):
 
     Params = ESDParams
 
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         return esd_term(net, x_a, a, b, self.params.stopgrad)
 
 
@@ -167,7 +169,7 @@ class PSDMid(SelfDistillation):
 
     Params = PSDParams
 
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         return psd_term(net, x_a, a, b, torch.full_like(a, 0.5), self.params.stopgrad)
 
 
@@ -180,6 +182,6 @@ class PSDUniform(SelfDistillation):
 
     Params = PSDParams
 
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: torch.Generator) -> Term:
-        gamma = torch.rand(a.shape, generator=gen, device=a.device)
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
+        gamma = rand(gen, len(a), device=a.device)
         return psd_term(net, x_a, a, b, gamma, self.params.stopgrad)

@@ -19,6 +19,7 @@ from methods.counting import CountingNet
 from methods.flow_map import sample_flow_map
 from methods.guidance import rows_of
 from methods.interpolants import LinearInterpolant, expand_time
+from methods.parallel import Gen, positions, rand, randint, split_count
 from methods.terms import DimReduction, Method, MethodParams, Setting, Term, register_method
 
 
@@ -73,25 +74,24 @@ class Shortcut(Method):
         super().__init__(params, setting)
         self.interpolant = LinearInterpolant(setting.interpolant.base_std, params.sigma_min)
 
-    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         p, n = self.params, x1.shape[0]
-        n_boot = n // p.bootstrap_every
+        n_boot = split_count(gen, n, lambda m: m // p.bootstrap_every)
         x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)
-        rand = lambda high, size: torch.randint(high, (size,), generator=gen, device=gen.device)  # noqa: E731
-        t_fm = rand(2**p.levels, n - n_boot) / 2**p.levels
+        t_fm = randint(gen, 2**p.levels, n - n_boot) / 2**p.levels
         fm_x = self.interpolant.interpolate(x0[n_boot:], x1[n_boot:], t_fm)
         with rows_of(net, slice(n_boot, None)):
             pred = net(fm_x, t_fm, t_fm)
         terms = [Term("diag", pred, self.interpolant.velocity(x0[n_boot:], x1[n_boot:]), t_fm, t_fm)]
         if n_boot:
-            k = torch.arange(n_boot, device=x1.device) % p.levels  # equal numbers of each step size
+            k = positions(gen, n_boot, x1.device) % p.levels  # equal numbers of each step size
             d = 0.5 ** k.float()
-            t = torch.floor(torch.rand(n_boot, generator=gen, device=gen.device) / d) * d  # t ∈ {0, d, …, 1 − d}
+            t = torch.floor(rand(gen, n_boot) / d) * d  # t ∈ {0, d, …, 1 − d}
             x = self.interpolant.interpolate(x0[:n_boot], x1[:n_boot], t)
             target_net = self.setting.ema_target if p.bootstrap_target == "ema" else net
             with rows_of(net, slice(None, n_boot)):
                 terms.append(bootstrap_term(target_net, net, x, t, d, 0.5**p.levels, p.target_clip))
         return terms
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         return sample_flow_map(net, x0, nfe)

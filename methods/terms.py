@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
-import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from methods.interpolants import LinearInterpolant
+from methods.parallel import Gen
 from methods.registry import Batch, Params, Registry, Steps
 
 
@@ -157,11 +157,11 @@ class Method:
         trains without label dropout and samples with one evaluation per step; None: two-pass CFG."""
         return None
 
-    def terms(self, net: nn.Module, x1: Tensor, step: int, gen: torch.Generator) -> list[Term]:
+    def terms(self, net: nn.Module, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         """The batch's regression terms. Shapes: x1 (n, *data_shape) data; net is the counted student."""
         raise NotImplementedError
 
-    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
+    def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         """Samples (n, *data_shape) from base noise x0 with `nfe` network evaluations; `gen` draws any fresh
         noise a sampler needs."""
         raise NotImplementedError

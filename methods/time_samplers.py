@@ -12,6 +12,7 @@ from pydantic import NonNegativeInt, PositiveFloat
 from torch import Tensor
 
 from methods.conventions import edm_to_canonical
+from methods.parallel import Gen, rand, randn
 from methods.registry import Params, Registry
 
 TIME_SAMPLERS = Registry("time sampler")
@@ -32,16 +33,16 @@ class TimeSampler:
         self.fm_steps = params.fm_steps
         self.anneal_steps = params.anneal_steps
 
-    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
+    def marginal(self, n: int, gen: Gen) -> Tensor:
         raise NotImplementedError
 
     def diagonal_only(self, step: int) -> bool:
         return step < self.fm_steps
 
-    def diagonal(self, n: int, gen: torch.Generator) -> Tensor:
+    def diagonal(self, n: int, gen: Gen) -> Tensor:
         return self.marginal(n, gen)
 
-    def offdiagonal(self, n: int, step: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def offdiagonal(self, n: int, step: int, gen: Gen) -> tuple[Tensor, Tensor]:
         u = torch.stack([self.marginal(n, gen), self.marginal(n, gen)])
         a, b = u.min(0).values, u.max(0).values
         if self.anneal_steps:
@@ -53,8 +54,8 @@ class TimeSampler:
 class Uniform(TimeSampler):
     """τ ~ U[0, 1]; jumps uniform on the triangle 0 ≤ a < b ≤ 1 (density 2): paper A's sampler."""
 
-    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
-        return torch.rand(n, generator=gen, device=gen.device)
+    def marginal(self, n: int, gen: Gen) -> Tensor:
+        return rand(gen, n)
 
 
 class LogitNormalParams(TimeSamplerParams):
@@ -72,8 +73,8 @@ class LogitNormal(TimeSampler):
         super().__init__(params)
         self.mean, self.std = params.mean, params.std
 
-    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
-        noise = torch.randn(n, generator=gen, device=gen.device)
+    def marginal(self, n: int, gen: Gen) -> Tensor:
+        noise = randn(gen, n)
         return torch.sigmoid(-(self.mean + self.std * noise))
 
 
@@ -96,9 +97,9 @@ class LogNormal(TimeSampler):
         super().__init__(params)
         self.params, self.sigma_data = params, sigma_data
 
-    def marginal(self, n: int, gen: torch.Generator) -> Tensor:
+    def marginal(self, n: int, gen: Gen) -> Tensor:
         p = self.params
-        sigma = (p.p_mean + p.p_std * torch.randn(n, generator=gen, device=gen.device)).exp()
+        sigma = (p.p_mean + p.p_std * randn(gen, n)).exp()
         return edm_to_canonical(sigma.clamp(p.sigma_min, p.sigma_max), self.sigma_data)
 
 

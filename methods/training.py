@@ -21,6 +21,15 @@ from methods.ema import EMA
 from methods.evaluation import Decay, EvalConfig, evaluate
 from methods.guidance import Condition, drop_labels, num_classes_of
 from methods.nets import LogVarWeight
+from methods.parallel import (
+    Gen,
+    ShardedGenerator,
+    average_gradients,
+    gather_rows,
+    max_over_ranks,
+    mean_over_ranks,
+    world_of,
+)
 from methods.precision import Precision, autocast, grad_scaler, resolve_precision, set_matmul_precision
 from methods.registry import Batch, Params, Steps
 from methods.terms import Method, Setting, Term
@@ -157,6 +166,16 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.d
     return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, **fast)
 
 
+def local_batch_size(cfg: TrainConfig, world: int) -> int:
+    """This rank's share of train.batch_size; it must split into train.micro_batches equal parts."""
+    if cfg.batch_size % (world * cfg.micro_batches):
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} does not split into {world} worker(s) × {cfg.micro_batches} "
+            "micro-batch(es) of equal size"
+        )
+    return cfg.batch_size // world
+
+
 def uses_channels_last(cfg: TrainConfig, data_shape: tuple[int, ...], device: torch.device) -> bool:
     if cfg.memory_format == "auto":
         return len(data_shape) == 3 and device.type == "cuda"
@@ -190,6 +209,8 @@ class Trainer:
         device: torch.device,
     ):
         self.cfg, self.device, self.dataset, self.interpolant = cfg, device, dataset, setting.interpolant
+        self.rank, self.world = world_of()
+        self.local_batch = local_batch_size(cfg, self.world)
         self.precision = resolve_precision(cfg.precision, device)
         set_matmul_precision(self.precision)
         self.memory_format = torch.channels_last if uses_channels_last(cfg, dataset.shape, device) else None
@@ -210,7 +231,11 @@ class Trainer:
         self.method = make_method(replace(setting, teacher=teacher, ema_target=ema_target))
         # the student and its EMA copy embed the guidance scale under online CFG; the teacher never does
         self.net.takes_omega = ema_target.takes_omega = self.method.embedded_guidance is not None
-        self.gen = torch.Generator(device).manual_seed(cfg.seed)
+        # The same generator state on every data-parallel rank: each draws the whole batch, keeps its rows. One
+        # process gets torch's own generator (a plugin that calls torch.rand(…, generator=gen) keeps working).
+        self.gen: Gen = torch.Generator(device).manual_seed(cfg.seed)
+        if self.world > 1:
+            self.gen = ShardedGenerator(self.gen, self.rank, self.world)
         self.step = 0
         self.samples_seen = 0
         self.train_seconds = 0.0
@@ -251,7 +276,11 @@ class Trainer:
 
         Values are read from the device only at log ticks (one host sync per tick, not per step), so a
         non-finite loss or gradient between ticks is caught at the next tick as non-finite parameters (raised
-        as Diverged). train.max_loss and train.max_target_norm check every step, at one sync each."""
+        as Diverged). train.max_loss and train.max_target_norm check every step, at one sync each.
+
+        Data-parallel (methods/parallel.py): this rank's rows of the batch; gradients are averaged over the
+        ranks before the optimiser step, and every check and statistic is of the whole batch, so that all
+        ranks take the same decisions."""
         start = time.perf_counter()
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -268,11 +297,12 @@ class Trainer:
                 terms = self.method.terms(self.net, x1_part, self.step, self.gen)
             loss, errors = self.loss(terms)  # outside autocast: fp32 (Term.sq_error)
             if checked:
-                self.check_loss(loss.item(), terms)
+                self.check_loss(loss.detach(), terms)
             self.scaler.scale(loss / parts).backward()  # the mean of equal parts' losses: the whole batch's loss
             loss_sum += loss.detach() / parts
             for term, err in zip(terms, errors) if with_stats else ():  # the whole batch's statistics
                 logged.setdefault(term.name, []).append((err.detach(), term.target_norms(), term.a.detach()))
+        average_gradients(self.params, self.world)
         grad_norm, skipped = self.optimizer_step()
         self.ema.update(self.net.net, self.step)
         self.step += 1
@@ -284,11 +314,12 @@ class Trainer:
         if not skipped and not math.isfinite(grad_norm):
             raise Diverged(self.step - 1, f"non-finite gradient norm ({grad_norm})")
         self.check_finite()
-        stats = {"train/loss": loss_sum.item(), "train/grad_norm": grad_norm, "train/lr": lr}
+        loss_mean = mean_over_ranks(loss_sum, self.world).item()
+        stats = {"train/loss": loss_mean, "train/grad_norm": grad_norm, "train/lr": lr}
         if self.scaler.is_enabled():
             stats |= {"train/amp_skipped_steps": self.amp_skipped_steps, "train/loss_scale": self.scaler.get_scale()}
         for name, pieces in logged.items():
-            errors, norms, a = (torch.cat(piece) for piece in zip(*pieces))
+            errors, norms, a = (gather_rows(torch.cat(piece), self.world) for piece in zip(*pieces))
             stats[f"train/loss/{name}"] = errors.mean().item()
             stats |= target_std_stats(name, norms, a)
         return stats
@@ -320,22 +351,25 @@ class Trainer:
         """train.batch_size data samples and, for conditional data, their labels with train.label_dropout of them
         replaced by the null class (not for a method that embeds guidance: its teacher target is guided)."""
         if num_classes_of(self.dataset) is None:
-            return self.placed(self.dataset.sample(self.cfg.batch_size, self.gen)), None
-        x1, labels = self.dataset.sample_labelled(self.cfg.batch_size, self.gen)
+            return self.placed(self.dataset.sample(self.local_batch, self.gen)), None
+        x1, labels = self.dataset.sample_labelled(self.local_batch, self.gen)
         x1 = self.placed(x1)
         if self.method.embedded_guidance is None and self.cfg.label_dropout > 0:
             labels = drop_labels(labels, self.cfg.label_dropout, self.dataset.num_classes, self.gen)
         return x1, labels
 
-    def check_loss(self, loss: float, terms: list[Term]) -> None:
-        """Divergence before the backward pass: a non-finite or too large loss, or a target blowing up."""
+    def check_loss(self, loss: Tensor, terms: list[Term]) -> None:
+        """Divergence before the backward pass: a non-finite or too large loss (of the whole batch), or a target
+        blowing up (anywhere in it)."""
+        loss = mean_over_ranks(loss, self.world).item()
         if not math.isfinite(loss):
             raise Diverged(self.step, f"non-finite loss ({loss})")
         if self.cfg.max_loss is not None and loss > self.cfg.max_loss:
             raise Diverged(self.step, f"loss {loss:.4g} above train.max_loss {self.cfg.max_loss:g}")
         if self.cfg.max_target_norm is not None:
             for term in terms:
-                if (peak := term.target_norms().max().item()) > self.cfg.max_target_norm:
+                peak = max_over_ranks(term.target_norms().max(), self.world).item()
+                if peak > self.cfg.max_target_norm:
                     limit = self.cfg.max_target_norm
                     raise Diverged(
                         self.step, f"{term.name} target norm {peak:.4g} above train.max_target_norm {limit:g}"
@@ -344,11 +378,12 @@ class Trainer:
     def cost(self) -> dict[str, float]:
         """Measured cost so far: time per 1000 training samples and network evaluations per training sample."""
         n = max(self.samples_seen, 1)
+        local = n / self.world  # the counts are this rank's evaluations, of its share of the samples
         return {
             "cost/sec_per_kimg": self.train_seconds / (n / 1000),
             "cost/samples_per_sec": n / max(self.train_seconds, 1e-9),
-            "cost/fwd_per_sample": self.counts.forwards / n,
-            "cost/jvp_per_sample": self.counts.jvps / n,
+            "cost/fwd_per_sample": self.counts.forwards / local,
+            "cost/jvp_per_sample": self.counts.jvps / local,
             "cost/peak_mem_mb": peak_memory_mb(self.device),
         }
 

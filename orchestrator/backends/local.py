@@ -1,4 +1,5 @@
-"""The local backend: trials one after the other in the orch process (for debugging, or where no Ray is wanted)."""
+"""The local backend: trials one after the other in the orch process (for debugging, or where no Ray is wanted);
+a data-parallel trial as that many processes on this machine."""
 
 from __future__ import annotations
 
@@ -6,24 +7,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from pydantic import PositiveInt
+
 from orchestrator.backends import Backend, BackendParams, register_backend
 from orchestrator.progress import Progress
+from orchestrator.trial.distributed import run_local_ranks
 from orchestrator.trial.runner import Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState
 
 
 class LocalParams(BackendParams):
     name: Literal["local"] = "local"
+    workers_per_trial: PositiveInt = 1
+    """Data-parallel processes per trial (docs/parallel.md): each takes train.batch_size / workers of every
+    batch; more than 1 runs the trial in that many new processes (gloo on CPU, NCCL and one GPU each on GPUs),
+    whose progress shows when the trial ends."""
+
+
+def run_trial_rank(trial_dir: str) -> None:
+    """One rank of a data-parallel trial (a module-level function: the new processes import it)."""
+    run_trial(Trial.load(trial_dir))
 
 
 @register_backend("local")
 class Local(Backend):
-    """Sequentially, in this process."""
+    """Sequentially, in this process (a data-parallel trial in workers_per_trial processes)."""
 
     Params = LocalParams
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
+        workers = self.params.workers_per_trial
         for trial in trials:
             progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
-            run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
+            if workers > 1:
+                run_local_ranks(run_trial_rank, workers, trial.config["train"]["device"], trial.dir)
+            else:
+                run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
             progress.finished(trial.id, *finish_detail(trial))

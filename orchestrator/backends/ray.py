@@ -28,6 +28,7 @@ ENVIRONMENT = {
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C interrupts orch, as SIGTERM does (exit 130)
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60",  # with reuse_actors, a finished trial's last MLflow writes
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # progress results carry no searched metric
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400",  # a data-parallel trial queues for its workers like any
 }
 """Ray's and Tune's settings orch runs with (a user's own environment wins), set before Ray is imported."""
 
@@ -44,7 +45,11 @@ class RayParams(BackendParams):
     max_concurrent: PositiveInt | None = None
     """Trials at once; null = as many as the resources allow."""
     resources: Resources = Resources()
-    """Ray resources per trial."""
+    """Ray resources per trial (per worker of a data-parallel trial)."""
+    workers_per_trial: PositiveInt = 1
+    """Data-parallel workers per trial (docs/parallel.md): more than 1 runs each trial as a Ray Train
+    TorchTrainer inside the study's Tune run, each worker taking train.batch_size / workers of every batch and
+    `resources` (gloo on CPU, NCCL on GPUs)."""
     address: str | None = None
     """An existing Ray cluster (e.g. "ray://head:10001", "head:6379" or "auto"); null starts an embedded local Ray
     on 127.0.0.1."""

@@ -21,6 +21,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from orchestrator.lock import note_in_record
 from orchestrator.progress import Progress
+from orchestrator.trial.distributed import TIMEOUT
 from orchestrator.trial.runner import Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState
 
@@ -41,7 +42,37 @@ def ray_trainable(config: dict) -> None:
             last[0] = time.monotonic()
             tune.report({"step": step, "orch_metrics": json.dumps(metrics)})
 
-    tune.report({"orch_status": run_trial(trial, progress=report)})
+    workers = config.get("workers", 1)
+    if workers == 1:
+        tune.report({"orch_status": run_trial(trial, progress=report)})
+        return
+    train_data_parallel(trial, workers, config["gpu"], config["cpu"])
+    tune.report({"orch_status": finish_detail(trial)[0]})
+
+
+def ray_train_worker(config: dict) -> None:
+    """A Ray Train worker of a data-parallel trial: Ray Train has joined it to the trial's process group."""
+    run_trial(Trial.load(config["trial_dir"]))
+
+
+def train_data_parallel(trial: Trial, workers: int, gpu: float, cpu: float) -> None:
+    """The trial as a Ray Train TorchTrainer run of `workers` workers with these resources each; rank 0 records
+    it in the trial directory and its MLflow run as a one-worker trial does (its progress shows at the end)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cpu} | ({"GPU": gpu} if gpu else {})
+    TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"trial_dir": trial.dir},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(TIMEOUT.total_seconds())),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpu), resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"train-{trial.id}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(trial.dir, "ray_train").resolve()),
+            failure_config=FailureConfig(max_failures=0),  # Tune's max_failures retries the whole trial
+        ),
+    ).fit()
 
 
 def start_ray(address: str | None, study_dir: Path) -> None:
@@ -131,11 +162,20 @@ def run_grid(trials: list[Trial], study_dir: Path, backend, progress: Progress) 
     start_ray(backend.address, study_dir)
     max_concurrent, resources = backend.max_concurrent, backend.resources
     try:
-        trainable = tune.with_resources(ray_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
+        workers = backend.workers_per_trial
+        # A data-parallel trial's Tune trial only waits for its Ray Train workers, which hold the resources: it
+        # takes no CPU (any share would keep a worker group that needs every CPU from ever fitting).
+        own = {"cpu": resources.cpu, "gpu": resources.gpu} if workers == 1 else {"cpu": 0, "memory": 2**20}
+        trainable = tune.with_resources(ray_trainable, own)
         by_dir = {t.dir: t for t in trials}
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial_dir": tune.grid_search([t.dir for t in trials])},
+            param_space={
+                "trial_dir": tune.grid_search([t.dir for t in trials]),
+                "workers": workers,
+                "cpu": resources.cpu,
+                "gpu": resources.gpu,
+            },
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",

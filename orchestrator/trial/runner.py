@@ -21,6 +21,7 @@ from PIL import Image
 
 from methods.guidance import eval_suffix, num_classes_of
 from methods.metrics import metric as metric_spec
+from methods.parallel import world_of
 from methods.training import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
 from orchestrator.study.expand import TrialSpec
 from orchestrator.tracking.schema import (
@@ -56,6 +57,7 @@ from orchestrator.tracking.store import (
 )
 from orchestrator.trial.build import build_trainer
 from orchestrator.trial.config import metric_fingerprint
+from orchestrator.trial.distributed import lead_says_stop
 from orchestrator.trial.state import (
     TrialState,
     append_metrics,
@@ -302,6 +304,8 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
         for handler in handlers:
             logger.addHandler(handler)
     try:
+        if world_of()[0] != 0:  # a data-parallel rank other than 0 trains in step with rank 0 and records nothing
+            return follow_trial(trial, state)
         if state.status in FINISHED_STATES:
             return evaluate_final(trial, state, progress)
         return train_trial(trial, state, progress)
@@ -312,15 +316,43 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
                 logger.removeHandler(handler)
 
 
-def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> str:
-    trial_dir = Path(trial.dir)
-    train, evaluation = (
-        TrainConfig.model_validate(trial.config["train"]),
-        EvalConfig.model_validate(trial.config["eval"]),
-    )
+def trial_configs(trial: Trial) -> tuple[TrainConfig, EvalConfig, torch.device]:
+    """The trial's train and eval sections and its device (on which torch's threads are set)."""
+    train = TrainConfig.model_validate(trial.config["train"])
     if train.threads is not None:
         torch.set_num_threads(train.threads)
-    device = resolve_device(train.device)
+    return train, EvalConfig.model_validate(trial.config["eval"]), resolve_device(train.device)
+
+
+def ticks(step: int, last: bool, train: TrainConfig, evaluation: EvalConfig) -> tuple[bool, bool, bool]:
+    """Whether `step` logs statistics, evaluates, checkpoints (every rank computes the same)."""
+    return (
+        step % train.log_every == 0 or last,
+        step % evaluation.every == 0 or last,
+        step % train.checkpoint_every == 0 or last,
+    )
+
+
+def follow_trial(trial: Trial, state: TrialState) -> str:
+    """A data-parallel rank other than 0: the same training steps as rank 0 from the same checkpoint, without
+    tracking, evaluating or checkpointing; at every tick rank 0 says whether the trial goes on (it stops on a
+    result or failure only rank 0 sees, e.g. in an evaluation)."""
+    if state.status in FINISHED_STATES:
+        return state.status
+    train, evaluation, device = trial_configs(trial)
+    trainer, _, _ = prepare_trainer(trial, device)
+    while trainer.step < train.steps:
+        last = trainer.step + 1 == train.steps
+        logs, _, _ = ticks(trainer.step + 1, last, train, evaluation)
+        trainer.train_step(with_stats=logs)
+        if any(ticks(trainer.step, last, train, evaluation)) and lead_says_stop(False, device):
+            break
+    return TrialState.load(Path(trial.dir)).status
+
+
+def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> str:
+    trial_dir = Path(trial.dir)
+    train, evaluation, device = trial_configs(trial)
     client = MlflowClient(trial.tracking_uri)
     tracker = TrialTracker(client, trial, log.warning)
     try:
@@ -340,31 +372,40 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
     try:
         while trainer.step < train.steps:
             last = trainer.step + 1 == train.steps
-            stats = trainer.train_step(with_stats=(trainer.step + 1) % train.log_every == 0 or last)
+            logs, evaluates, checkpoints = ticks(trainer.step + 1, last, train, evaluation)
+            stats = trainer.train_step(with_stats=logs)
             step = trainer.step
-            if stats:
-                tracker.add(stats | trainer.cost() | {"cost/device_hours": elapsed() / 3600}, step, state)
-                if progress:
-                    progress(step, {"train/loss": stats["train/loss"]})
-            if step % evaluation.every == 0 or last:
-                scores, previews = trainer.evaluate(evaluation)
-                tracker.add(scores, step, state)
-                keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
-                record_previews(tracker, step, previews, num_classes_of(trainer.dataset))
-                state.result = scores
-                if progress:
-                    progress(step, scores)
-            if step % train.checkpoint_every == 0 or last:
-                trainer.check_finite()  # never checkpoint weights that diverged since the last log tick
-                tracker.flush(state)  # metrics first: a resumed trial never lacks steps its checkpoint covers
-                save_checkpoint(
-                    trial_dir,
-                    step,
-                    {"trainer": trainer.state_dict(), "wall_seconds": elapsed()},
-                    train.keep_checkpoints,
-                )
-                state.step = step
-                state.save(trial_dir)
+            try:
+                if stats:
+                    cost = trainer.cost() | {"cost/device_hours": elapsed() * trainer.world / 3600}
+                    tracker.add(stats | cost, step, state)
+                    if progress:
+                        progress(step, {"train/loss": stats["train/loss"]})
+                if evaluates:
+                    scores, previews = trainer.evaluate(evaluation)
+                    tracker.add(scores, step, state)
+                    keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
+                    record_previews(tracker, step, previews, num_classes_of(trainer.dataset))
+                    state.result = scores
+                    if progress:
+                        progress(step, scores)
+                if checkpoints:
+                    trainer.check_finite()  # never checkpoint weights that diverged since the last log tick
+                    tracker.flush(state)  # metrics first: a resumed trial never lacks steps its checkpoint covers
+                    save_checkpoint(
+                        trial_dir,
+                        step,
+                        {"trainer": trainer.state_dict(), "wall_seconds": elapsed()},
+                        train.keep_checkpoints,
+                    )
+                    state.step = step
+                    state.save(trial_dir)
+            except BaseException:
+                if trainer.world > 1 and (logs or evaluates or checkpoints):
+                    lead_says_stop(True, device)
+                raise
+            if trainer.world > 1 and (logs or evaluates or checkpoints):
+                lead_says_stop(False, device)
         state.fingerprints = {m: metric_fingerprint(m, trial.config) for m in evaluation.metrics}
         return finish(tracker, state, COMPLETED, None)
     except Diverged as e:
@@ -449,7 +490,7 @@ def evaluate_final(trial: Trial, state: TrialState, progress: Progress | None) -
     """Evaluate a completed trial's final checkpoint where its eval config asks for more than it measured (a new
     metric or step count): the new values are logged at the final step; nothing trains."""
     trial_dir, missing = Path(trial.dir), missing_evaluations(trial.config, state)
-    device = resolve_device(TrainConfig.model_validate(trial.config["train"]).device)
+    _, _, device = trial_configs(trial)
     tracker = TrialTracker(MlflowClient(trial.tracking_uri), trial, log.warning)
     checkpoint = load_latest_checkpoint(trial_dir)
     if checkpoint is None:

@@ -1,0 +1,145 @@
+"""Data-parallel trials reproduce one device: W ranks × B/W samples train the parameters that 1 rank × B does
+(gloo process groups of real processes on this CPU), through Ray Train workers inside the study's Tune run too,
+and a killed driver of a data-parallel trial resumes it from its checkpoint."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from methods.parallel import ShardedGenerator, gather_rows, positions, rand, randint, randn, split_count
+from orchestrator.backends.ray import session_processes
+from orchestrator.cli import main
+from orchestrator.trial.build import build_network, build_trainer, needs_teacher
+from orchestrator.trial.config import resolve_trial_config
+from orchestrator.trial.distributed import run_local_ranks
+from tests.conftest import STUDIES
+from tests.test_fault_tolerance import ROOT, states, trial_runs
+
+STEPS = 20
+
+
+def config_for(method: dict, batch_size: int = 64, **train) -> dict:
+    config, problems = resolve_trial_config(
+        {
+            "method": method,
+            "model": {"width": 32, "depth": 2},
+            "train": {"batch_size": batch_size, "device": "cpu", "ema": [0.9], "lr": 1e-3, **train},
+        }
+    )
+    assert not problems, problems
+    return config
+
+
+def teacher_for(config: dict) -> torch.nn.Module | None:
+    """A frozen network (any will do for an equivalence), the same in every process: built from a fixed seed."""
+    if not needs_teacher(config["method"]):
+        return None
+    return build_network(config | {"train": config["train"] | {"seed": 123}})
+
+
+def train_and_save(config: dict, out: str) -> None:
+    """STEPS training steps of `config` in this process (one rank of a group, or alone); rank 0 saves the
+    student's and the EMA copy's parameters and the last logged statistics to `out`."""
+    trainer = build_trainer(config, torch.device("cpu"), teacher_for(config))
+    stats = {}
+    for step in range(STEPS):
+        stats = trainer.train_step(with_stats=step % 5 == 4) or stats
+    if trainer.rank == 0:
+        torch.save({"net": trainer.net.net.state_dict(), "ema": trainer.ema_net().state_dict(), "stats": stats}, out)
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in b)
+
+
+@pytest.mark.parametrize(
+    "method, train",
+    [
+        ({"name": "lsd"}, {}),
+        ({"name": "meanflow"}, {}),
+        ({"name": "sdei"}, {}),
+        ({"name": "lsd"}, {"micro_batches": 2}),
+    ],
+    ids=["lsd", "meanflow-jvp", "sdei-teacher", "lsd-micro-batches"],
+)
+def test_two_workers_with_half_batches_train_what_one_worker_with_the_whole_batch_does(tmp_path, method, train):
+    config = config_for(method, **train)
+    train_and_save(config, str(tmp_path / "one.pt"))
+    run_local_ranks(train_and_save, 2, "cpu", config, str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert relative_difference(two["net"], one["net"]) < 1e-5
+    assert relative_difference(two["ema"], one["ema"]) < 1e-5
+    assert two["stats"].keys() == one["stats"].keys()
+    for key, value in one["stats"].items():  # statistics of the whole batch, gathered over the ranks
+        assert two["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    assert one["stats"]["train/loss"] > 0  # a real loss was trained on
+
+
+def test_each_rank_holds_its_strided_rows_of_the_draws_one_process_makes():
+    def draws(gen, n):
+        return [rand(gen, n, 2), randn(gen, n), randint(gen, 10, n), positions(gen, n)]
+
+    whole = draws(torch.Generator().manual_seed(0), 18)  # one process, a batch of 18
+    for r in range(3):  # rank r of 3, 6 rows each: rows r, r + 3, … of every one of those draws
+        for mine, full in zip(draws(ShardedGenerator(torch.Generator().manual_seed(0), r, 3), 6), whole):
+            assert torch.equal(mine, full[r::3])
+    assert torch.equal(gather_rows(whole[0], 1), whole[0])
+
+
+def test_a_batch_split_that_workers_cannot_share_equally_is_refused():
+    three_quarters = lambda m: int(0.75 * m)  # noqa: E731 — LSD's diagonal share
+    assert split_count(ShardedGenerator(torch.Generator(), 1, 2), 32, three_quarters) == 24
+    with pytest.raises(ValueError, match="cannot share equally"):
+        split_count(ShardedGenerator(torch.Generator(), 1, 2), 5, three_quarters)
+
+
+def results(study_dir) -> dict[str, dict[str, float]]:
+    return {trial: state.result for trial, state in states(study_dir).items()}
+
+
+def test_two_worker_trials_on_ray_train_inside_tune_equal_their_one_worker_runs(tmp_path):
+    parallel = STUDIES / "parallel.yaml"  # two trials of two workers each: Ray Train inside one Tune run
+    assert main(["submit", str(parallel), "--workdir", str(tmp_path / "two")]) == 0
+    assert main(["submit", str(parallel), "backend.workers_per_trial=1", "--workdir", str(tmp_path / "one")]) == 0
+    two, one = tmp_path / "two" / "parallel", tmp_path / "one" / "parallel"
+    assert {s.status for s in states(two).values()} == {"completed"} and len(states(two)) == 2
+    assert len(trial_runs(two, "parallel")) == 2  # one MLflow child run per trial, not per worker
+    for trial, scores in results(one).items():  # the same trial ids: the workers are not part of a trial
+        assert scores.keys() == results(two)[trial].keys() and scores
+        for key, value in scores.items():
+            assert results(two)[trial][key] == pytest.approx(value, rel=1e-4), (trial, key)
+    losses = [json.loads(line) for line in next((two / "trials").glob("*/metrics.jsonl")).read_text().splitlines()]
+    assert len({(row["key"], row["step"]) for row in losses}) == len(losses)  # each metric once per step
+
+
+def test_a_killed_driver_of_a_data_parallel_trial_resumes_from_its_checkpoint(tmp_path):
+    study_dir = tmp_path / "parallel_long"
+    command = [sys.executable, "-m", "orchestrator.cli", "submit", str(STUDIES / "parallel_long.yaml")]
+    driver = subprocess.Popen(
+        [*command, "--workdir", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not any(s.status == "running" and 100 <= s.step < 400 for s in states(study_dir).values()):
+        assert driver.poll() is None and time.time() < deadline, "the trial ended before it could be killed"
+        time.sleep(0.1)
+    temp_dir = json.loads((study_dir / "driver.json").read_text())["ray_temp_dir"]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    (before,) = states(study_dir).values()
+
+    assert main(["resume", "parallel_long", "--workdir", str(tmp_path)]) == 0
+    assert not session_processes(temp_dir), "workers of the killed driver's Ray were left running"
+    (after,) = states(study_dir).values()
+    assert after.status == "completed" and after.run_id == before.run_id
+    assert len(trial_runs(study_dir, "parallel_long")) == 1
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(after.run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(20, 401, 20))
+    replayed = {s for s in steps if steps.count(s) > 1}
+    assert all(s > before.step for s in replayed), (before.step, replayed)  # only steps after its checkpoint
