@@ -143,3 +143,15 @@ def test_a_killed_driver_of_a_data_parallel_trial_resumes_from_its_checkpoint(tm
     assert sorted(set(steps)) == list(range(20, 401, 20))
     replayed = {s for s in steps if steps.count(s) > 1}
     assert all(s > before.step for s in replayed), (before.step, replayed)  # only steps after its checkpoint
+
+
+def test_a_batch_the_workers_cannot_share_and_a_data_parallel_search_are_refused_before_anything_runs(tmp_path, capsys):
+    uneven = ["submit", str(STUDIES / "parallel.yaml"), "train.batch_size=255", "--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit) as refused:
+        main(uneven)
+    assert refused.value.code == 2 and not list(tmp_path.iterdir())  # nothing created
+    assert "batch_size 255 does not split into 2 data-parallel worker(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", str(STUDIES / "search_tiny.yaml"), "backend.workers_per_trial=2"])
+    assert refused.value.code == 2
+    assert "data-parallel trials cannot be searched yet" in capsys.readouterr().err

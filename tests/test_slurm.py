@@ -191,3 +191,18 @@ def test_a_job_that_dies_without_an_outcome_is_retried(slurm, tmp_path):
     state = TrialState.load(trial_dir)
     assert state.status == "completed"
     assert sorted(history(study_dir, state.run_id)) == list(range(20, 1501, 20))  # resumed, not restarted
+
+
+def test_a_two_task_job_trains_a_data_parallel_trial_equal_to_one_process(slurm, tmp_path):
+    study = str(STUDIES / "slurm_tiny.yaml")
+    assert main(["submit", study, "backend.tasks_per_node=2", "--workdir", str(tmp_path / "two")]) == 0
+    assert main(["submit", study, "--backend", "local", "--workdir", str(tmp_path / "one")]) == 0
+    two, one = (tmp_path / name / "slurm_tiny" / "trials" for name in ("two", "one"))
+    for trial_dir in one.iterdir():  # the same trial ids: where and on how many tasks a trial runs is not in its id
+        state, parallel = TrialState.load(trial_dir), TrialState.load(two / trial_dir.name)
+        assert parallel.status == state.status == "completed" and parallel.job_id is not None
+        assert parallel.result.keys() == state.result.keys() and state.result
+        for key, value in state.result.items():
+            assert parallel.result[key] == pytest.approx(value, rel=1e-4), key
+    logs = [f.read_text() for f in (tmp_path / "two" / "slurm_tiny" / "slurm").glob("*/*_1_log.out")]
+    assert logs, "no output of a second task: the jobs did not run two tasks"

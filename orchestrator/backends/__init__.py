@@ -34,6 +34,10 @@ class BackendParams(Params):
     """Retries of a trial after an infrastructure failure (a Ray worker or a Slurm job that died without
     recording an outcome). An exception in the trial itself is a `failed` result and is not retried."""
 
+    def workers(self) -> int:
+        """Data-parallel workers per trial (docs/parallel.md)."""
+        return getattr(self, "workers_per_trial", 1)
+
 
 class BackendError(Exception):
     """The backend's own tools (a scheduler's commands) are missing or failing."""
@@ -118,12 +122,30 @@ def backend_params(raw: dict[str, Any], where: str = "backend") -> tuple[Backend
         return None, pydantic_problems(e, where, entry.params, f"backend {name!r}")
 
 
+def batch_refused(params: BackendParams, configs: list[dict], where: str) -> list[Problem]:
+    """Each trial's batch must split equally into the backend's workers × its micro-batches."""
+    problems = []
+    for config in configs:
+        train = config["train"]
+        parts = params.workers() * train.get("micro_batches", 1)
+        if train["batch_size"] % parts:
+            message = (
+                f"batch_size {train['batch_size']} does not split into {params.workers()} data-parallel worker(s) × "
+                f"{train.get('micro_batches', 1)} micro-batch(es) of equal size"
+            )
+            if (problem := Problem(where, message)) not in problems:
+                problems.append(problem)
+    return problems
+
+
 def backend_of(params: BackendParams) -> Backend:
     return BACKENDS.get(params.name).build(params)
 
 
 def search_refused(params: BackendParams, where: str) -> list[Problem]:
-    """A study with a search block needs a backend that hosts searches."""
+    """A study with a search block needs a backend that hosts searches, with one worker per trial."""
+    if params.workers() > 1:
+        return [Problem(where, "a search runs one worker per trial: data-parallel trials cannot be searched yet")]
     if BACKENDS.get(params.name).build.hosts_search:
         return []
     hosts = ", ".join(name for name in BACKENDS.names() if BACKENDS.get(name).build.hosts_search)

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
+import torch.distributed
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from orchestrator.backends import JOB_FILE, Backend, BackendError, BackendParams, register_backend
 from orchestrator.progress import Progress
 from orchestrator.tracking.schema import CANCELLED, FAILED, FINISHED_STATES, RUNNING
+from orchestrator.trial.distributed import join_group, leave_group
 from orchestrator.trial.runner import Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState, read_json, write_json
 
@@ -33,14 +35,22 @@ class SlurmParams(BackendParams):
     """The Slurm partition (null: the cluster's default)."""
     timeout_min: PositiveInt = 240
     """Minutes a job may run; a job that reaches it is requeued and resumes from its checkpoint."""
+    nodes: PositiveInt = 1
+    """Nodes per job: more than 1 (or tasks_per_node above 1) makes each trial data-parallel over
+    nodes × tasks_per_node tasks (docs/parallel.md), each taking train.batch_size / tasks of every batch."""
+    tasks_per_node: PositiveInt = 1
+    """Tasks per node, one data-parallel worker each (one per GPU on GPU nodes)."""
     cpus_per_task: PositiveInt = 1
-    """CPUs per job."""
+    """CPUs per task."""
     gpus_per_node: NonNegativeInt = 0
-    """GPUs per job."""
+    """GPUs per node."""
     mem_gb: PositiveFloat | None = None
     """Memory per job (null: the partition's default)."""
     array_parallelism: PositiveInt = 64
     """At most this many of the array's jobs run at once."""
+
+    def workers(self) -> int:
+        return self.nodes * self.tasks_per_node
 
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -57,7 +67,27 @@ class SlurmTrial(submitit.helpers.Checkpointable):
     and requeues the job; run_trial then resumes from the directory's newest checkpoint."""
 
     def __call__(self, trial_dir: str) -> str:
-        return run_trial(Trial.load(trial_dir))  # a failed trial is a result, not an infrastructure error
+        if submitit.JobEnvironment().num_tasks == 1:
+            return run_trial(Trial.load(trial_dir))  # a failed trial is a result, not an infrastructure error
+        return run_task_rank(trial_dir)
+
+
+def run_task_rank(trial_dir: str) -> str:
+    """One task of a data-parallel job: it joins the trial's process group from the Slurm environment (through
+    submitit's torch.distributed helper: rank 0's node is the rendezvous, on loopback when the job has one node;
+    each task sees only its own GPU) and runs the trial as that rank."""
+    environment = submitit.helpers.TorchDistributedEnvironment()
+    if submitit.JobEnvironment().num_nodes == 1:
+        environment.master_addr = "127.0.0.1"
+    environment.export(set_cuda_visible_devices=True)
+    trial = Trial.load(trial_dir)
+    join_group(environment.rank, environment.world_size, "env://", trial.config["train"]["device"])
+    try:
+        status = run_trial(trial)
+        torch.distributed.barrier()
+        return status
+    finally:
+        leave_group()
 
 
 def slurm_command(*args: str) -> str:
@@ -87,6 +117,8 @@ def make_executor(study_dir: Path, study: str, backend: SlurmParams) -> submitit
     params = {
         "name": f"orch-{study}",
         "timeout_min": backend.timeout_min,
+        "nodes": backend.nodes,
+        "tasks_per_node": backend.tasks_per_node,
         "cpus_per_task": backend.cpus_per_task,
         "gpus_per_node": backend.gpus_per_node,
         "slurm_array_parallelism": backend.array_parallelism,
