@@ -155,3 +155,19 @@ def test_a_batch_the_workers_cannot_share_and_a_data_parallel_search_are_refused
         main(["plan", str(STUDIES / "search_tiny.yaml"), "backend.workers_per_trial=2"])
     assert refused.value.code == 2
     assert "data-parallel trials cannot be searched yet" in capsys.readouterr().err
+
+
+def test_local_data_parallel_trials_complete_or_fail_with_the_split_they_cannot_share(tmp_path):
+    # 36 rows: MeanFlow shares them 18 + 18; LSD's diagonal share 27 cannot be halved, so its trial fails
+    study = ["submit", str(STUDIES / "parallel.yaml"), "train.batch_size=36", "backend.name=local"]
+    assert main([*study, "--workdir", str(tmp_path)]) == 1  # a failed trial: exit 1
+    trials = tmp_path / "parallel" / "trials"
+    method = {
+        t: json.loads((trials / t / "trial.json").read_text())["config"]["method"]["name"]
+        for t in states(trials.parent)
+    }
+    by_method = {method[t]: s for t, s in states(trials.parent).items()}
+    assert by_method["meanflow"].status == "completed" and by_method["meanflow"].result
+    assert by_method["lsd"].status == "failed"
+    assert "36 splits into 27 + 9 rows, which 2 data-parallel workers cannot share" in by_method["lsd"].reason
+    assert len(trial_runs(tmp_path / "parallel", "parallel")) == 2

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import PositiveInt
+from torch.multiprocessing.spawn import ProcessException
 
 from orchestrator.backends import Backend, BackendParams, register_backend
 from orchestrator.progress import Progress
+from orchestrator.tracking.schema import FAILED, FINISHED_STATES
 from orchestrator.trial.distributed import run_local_ranks
-from orchestrator.trial.runner import Trial, finish_detail, run_trial
+from orchestrator.trial.runner import Trial, finish_detail, finish_unrun, run_trial
 from orchestrator.trial.state import TrialState
 
 
@@ -29,6 +31,17 @@ def run_trial_rank(trial_dir: str) -> None:
     run_trial(Trial.load(trial_dir))
 
 
+def run_ranks(trial: Trial, workers: int) -> None:
+    """The trial in `workers` processes. A rank that raised ends them all: rank 0 has recorded the trial's own
+    failure by then, and a failure it could not record (a rank that died) is recorded here."""
+    try:
+        run_local_ranks(run_trial_rank, workers, trial.config["train"]["device"], trial.dir)
+    except ProcessException as e:
+        state = TrialState.load(Path(trial.dir))
+        if state.status not in (*FINISHED_STATES, FAILED):
+            finish_unrun(trial, state, f"a data-parallel worker failed: {str(e).strip().splitlines()[-1][:300]}")
+
+
 @register_backend("local")
 class Local(Backend):
     """Sequentially, in this process (a data-parallel trial in workers_per_trial processes)."""
@@ -40,7 +53,7 @@ class Local(Backend):
         for trial in trials:
             progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
             if workers > 1:
-                run_local_ranks(run_trial_rank, workers, trial.config["train"]["device"], trial.dir)
+                run_ranks(trial, workers)
             else:
                 run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
             progress.finished(trial.id, *finish_detail(trial))

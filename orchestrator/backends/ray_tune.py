@@ -21,6 +21,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from orchestrator.lock import note_in_record
 from orchestrator.progress import Progress
+from orchestrator.tracking.schema import FAILED, FINISHED_STATES
 from orchestrator.trial.distributed import TIMEOUT
 from orchestrator.trial.runner import Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState
@@ -46,7 +47,11 @@ def ray_trainable(config: dict) -> None:
     if workers == 1:
         tune.report({"orch_status": run_trial(trial, progress=report)})
         return
-    train_data_parallel(trial, workers, config["gpu"], config["cpu"])
+    try:
+        train_data_parallel(trial, workers, config["gpu"], config["cpu"])
+    except Exception:  # a worker raised: an outcome rank 0 recorded is the trial's result, else Tune retries
+        if finish_detail(trial)[0] not in (*FINISHED_STATES, FAILED):
+            raise
     tune.report({"orch_status": finish_detail(trial)[0]})
 
 
