@@ -15,6 +15,7 @@ from methods.guidance import Condition, GuidedNet, eval_suffix, normalised_omega
 from methods.images import ImageDataset, to_uint8
 from methods.interpolants import LinearInterpolant
 from methods.metrics import metric
+from methods.parallel import Gen, ShardedGenerator, gather_rows, world_of
 from methods.precision import autocast
 from methods.registry import MAX_NFE, Batch, Params, Samples
 from methods.terms import Method
@@ -138,24 +139,45 @@ def generate_chunks(
     scale ω, one chunk of eval.batch_size at a time, from the same base noise at every NFE, scale and evaluation
     (a sampler that re-noises draws from a generator of its own, so the base noise stays the same); conditional
     samples have the classes `labels` (num_samples,). Image samples come as uint8 pixels on the CPU.
-    Shape of each chunk: (≤ batch_size, *data_shape)."""
-    base = torch.Generator(device).manual_seed(seed + BASE_SEED)
-    renoise = torch.Generator(device).manual_seed(seed + RENOISE_SEED)
+    Shape of each chunk: (≤ batch_size, *data_shape).
+
+    Data-parallel (every rank calls it): each rank samples its strided rows of every chunk, from its rows of
+    the same noise (methods/parallel.py), and every rank gets the gathered chunk; when eval.batch_size or
+    eval.num_samples does not split equally over the ranks, rank 0 samples alone and the others get nothing."""
+    rank, world = world_of()
+    shard = sharded_evaluation(evaluation, world)
+    if world > 1 and not shard and rank != 0:
+        return
+    base: Gen = torch.Generator(device).manual_seed(seed + BASE_SEED)
+    renoise: Gen = torch.Generator(device).manual_seed(seed + RENOISE_SEED)
+    if shard:
+        base, renoise = ShardedGenerator(base, rank, world), ShardedGenerator(renoise, rank, world)
     calls = sampler_calls(method, nfe, omega, evaluation.guidance_interval, num_classes_of(dataset))
     if calls is None:
         raise ValueError(f"NFE {nfe} is not reachable by this sampler with two-pass guidance at ω = {omega:g}")
+    mine = slice(rank, None, world) if shard else slice(None)
     for start in range(0, evaluation.num_samples, evaluation.batch_size):
-        n = min(evaluation.batch_size, evaluation.num_samples - start)
-        chunk_labels = None if labels is None else labels[start : start + n].to(device)
+        count = min(evaluation.batch_size, evaluation.num_samples - start)
+        n = count // world if shard else count
+        chunk_labels = None if labels is None else labels[start : start + count][mine].to(device)
         sampler_net = sampling_net(method, net, dataset, chunk_labels, omega, evaluation.guidance_interval)
         with autocast(evaluation.precision, device):
             x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise).float()
+        if shard:
+            x = gather_rows(x, world)
         yield to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x
 
 
-def generate(*args, **kwargs) -> Tensor:
-    """All of generate_chunks(*args, **kwargs) at once. Shape: (num_samples, *data_shape)."""
-    return torch.cat(list(generate_chunks(*args, **kwargs)))
+def sharded_evaluation(evaluation: EvalConfig, world: int) -> bool:
+    """Whether data-parallel ranks share the sampling: every chunk must split equally over them."""
+    return world > 1 and evaluation.batch_size % world == 0 and evaluation.num_samples % world == 0
+
+
+def generate(*args, **kwargs) -> Tensor | None:
+    """All of generate_chunks(*args, **kwargs) at once (None on a data-parallel rank that gets no samples).
+    Shape: (num_samples, *data_shape)."""
+    chunks = list(generate_chunks(*args, **kwargs))
+    return torch.cat(chunks) if chunks else None
 
 
 def class_grid_labels(num_classes: int, grid: int) -> Tensor:
@@ -175,15 +197,19 @@ def evaluate(
     """Each metric at each NFE and guidance scale (`eval/<metric>/<suffix>`, suffix `nfe_<N>` at ω = 1 and
     `nfe_<N>/cfg_<ω>` otherwise), and a preview of the samples per suffix: the first eval.grid images (uint8,
     (n, C, H, W)) of an image dataset, one row per class for conditional images, the first PREVIEW_POINTS
-    points otherwise."""
+    points otherwise.
+
+    Data-parallel: every rank calls it and shares the sampling (generate_chunks); rank 0 alone scores the
+    samples and keeps the previews (the others return two empty dicts)."""
     results, previews = {}, {}
+    lead = world_of()[0] == 0
     labels = eval_labels(dataset, evaluation.num_samples, seed)
     images = isinstance(dataset, ImageDataset)
     for omega in evaluation.guidance:
         for nfe in evaluation.nfe:
             suffix = eval_suffix(nfe, omega)
             samples = generate(method, net, interpolant, dataset, evaluation, nfe, seed, device, omega, labels)
-            for name in evaluation.metrics:
+            for name in evaluation.metrics if lead else ():
                 results[f"eval/{name}/{suffix}"] = metric(name)(samples, dataset, evaluation, device, labels)
             if images and evaluation.grid and labels is not None:
                 grid_labels = class_grid_labels(dataset.num_classes, evaluation.grid)
@@ -191,6 +217,8 @@ def evaluate(
                 previews[suffix] = generate(
                     method, net, interpolant, dataset, grid, nfe, seed, device, omega, grid_labels
                 )
+            elif not lead:
+                continue
             elif count := evaluation.grid if images else PREVIEW_POINTS:
                 previews[suffix] = samples[:count].detach().cpu()
-    return results, previews
+    return (results, previews) if lead else ({}, {})

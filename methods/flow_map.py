@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.interpolants import expand_time
+from methods.parallel import Gen, randn
 
 
 def jump(net: nn.Module, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -58,9 +59,7 @@ def sample_heun(net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
 
 
 @torch.no_grad()
-def sample_consistency(
-    net: nn.Module, x0: Tensor, n_steps: int, tau_min: float, base_std: Tensor, gen: torch.Generator
-) -> Tensor:
+def sample_consistency(net: nn.Module, x0: Tensor, n_steps: int, tau_min: float, base_std: Tensor, gen: Gen) -> Tensor:
     """Multistep consistency sampling (sCT, sCD, iCT) with the flow map to data, f(I_τ) = X_{τ,1}(I_τ).
 
     Starts at the largest noise level τ_min with I = (1 − τ_min)·x0 (the data part is negligible there), jumps
@@ -74,6 +73,6 @@ def sample_consistency(
     for k in range(n_steps):
         data = jump(net, x, taus[k], ones)
         if k + 1 < n_steps:
-            noise = torch.randn(x0.shape, generator=gen, device=x0.device) * base_std.to(x0.device)
+            noise = randn(gen, len(x0), *x0.shape[1:], device=x0.device) * base_std.to(x0.device)
             x = (1 - expand_time(taus[k + 1], x)) * noise + expand_time(taus[k + 1], x) * data
     return data

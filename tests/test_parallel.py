@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from methods.evaluation import EvalConfig, eval_labels, generate
 from methods.parallel import ShardedGenerator, gather_rows, positions, rand, randint, randn, split_count
 from orchestrator.backends.ray import session_processes
 from orchestrator.cli import main
@@ -79,6 +80,56 @@ def test_two_workers_with_half_batches_train_what_one_worker_with_the_whole_batc
     for key, value in one["stats"].items():  # statistics of the whole batch, gathered over the ranks
         assert two["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     assert one["stats"]["train/loss"] > 0  # a real loss was trained on
+
+
+def evaluate_and_save(config: dict, out: str) -> None:
+    """A few training steps, then the trial's evaluation and its samples at every NFE and guidance scale, with
+    this process's share of the sampling; each rank saves both to `out`.<rank>."""
+    trainer = build_trainer(config, torch.device("cpu"), teacher_for(config))
+    for _ in range(3):
+        trainer.train_step()
+    evaluation = EvalConfig.model_validate(config["eval"])
+    scores, _ = trainer.evaluate(evaluation)
+    labels = eval_labels(trainer.dataset, evaluation.num_samples, trainer.cfg.seed)
+    samples = {
+        (nfe, omega): generate(trainer.method, trainer.ema_net(), trainer.interpolant, trainer.dataset, evaluation,
+                               nfe, trainer.cfg.seed, trainer.device, omega, labels)
+        for nfe in evaluation.nfe for omega in evaluation.guidance
+    }  # fmt: skip
+    torch.save({"scores": scores, "samples": samples}, f"{out}.{trainer.rank}")
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"method": {"name": "sct"}},  # a sampler that re-noises from the evaluation's own generator
+        {"method": {"name": "meanflow"}, "dataset": {"name": "gmm", "conditional": True}, "eval": {
+            "metrics": ["kl_cond"], "nfe": [2, 4], "guidance": [1.0, 2.0]}},  # labels and two-pass guidance
+    ],
+    ids=["sct-renoise", "meanflow-guided"],
+)  # fmt: skip
+def test_two_workers_share_the_sampling_of_an_evaluation_and_score_what_one_worker_does(tmp_path, section):
+    config, problems = resolve_trial_config(
+        {
+            "model": {"width": 32, "depth": 2},
+            "train": {"batch_size": 64, "device": "cpu", "ema": [0.9]},
+            "eval": {"nfe": [1, 2], "num_samples": 2000, "batch_size": 500} | section.get("eval", {}),
+        }
+        | {k: v for k, v in section.items() if k != "eval"}
+    )
+    assert not problems, problems
+    evaluate_and_save(config, str(tmp_path / "one"))
+    run_local_ranks(evaluate_and_save, 2, "cpu", config, str(tmp_path / "two"))
+    one, two, other = (torch.load(tmp_path / name) for name in ("one.0", "two.0", "two.1"))
+    assert one["samples"].keys() == two["samples"].keys()
+    for key, samples in one["samples"].items():
+        assert samples.shape == two["samples"][key].shape == (2000, 2)
+        torch.testing.assert_close(two["samples"][key], samples, rtol=1e-5, atol=1e-5)
+        assert torch.equal(other["samples"][key], two["samples"][key])  # rank 1 sampled its share, got them all
+    assert other["scores"] == {}  # rank 0 alone scores
+    assert one["scores"].keys() == two["scores"].keys() and one["scores"]
+    for key, value in one["scores"].items():
+        assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
 
 
 def test_each_rank_holds_its_strided_rows_of_the_draws_one_process_makes():

@@ -334,18 +334,20 @@ def ticks(step: int, last: bool, train: TrainConfig, evaluation: EvalConfig) -> 
 
 
 def follow_trial(trial: Trial, state: TrialState) -> str:
-    """A data-parallel rank other than 0: the same training steps as rank 0 from the same checkpoint, without
-    tracking, evaluating or checkpointing; at every tick rank 0 says whether the trial goes on (it stops on a
-    result or failure only rank 0 sees, e.g. in an evaluation)."""
+    """A data-parallel rank other than 0: the same training steps as rank 0 from the same checkpoint and its
+    share of each evaluation's sampling, without tracking, scoring or checkpointing; at every tick rank 0 says
+    whether the trial goes on (it stops on a result or failure only rank 0 sees, e.g. in a metric)."""
     if state.status in FINISHED_STATES:
         return state.status
     train, evaluation, device = trial_configs(trial)
     trainer, _, _ = prepare_trainer(trial, device)
     while trainer.step < train.steps:
         last = trainer.step + 1 == train.steps
-        logs, _, _ = ticks(trainer.step + 1, last, train, evaluation)
+        logs, evaluates, checkpoints = ticks(trainer.step + 1, last, train, evaluation)
         trainer.train_step(with_stats=logs)
-        if any(ticks(trainer.step, last, train, evaluation)) and lead_says_stop(False, device):
+        if evaluates:
+            trainer.evaluate(evaluation)  # its share of the sampling; rank 0 scores
+        if (logs or evaluates or checkpoints) and lead_says_stop(False, device):
             break
     return TrialState.load(Path(trial.dir)).status
 
