@@ -15,11 +15,15 @@ forward-mode passes per step, outside DDP's one-forward-one-backward contract (d
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,15 +92,24 @@ def positions(gen: Gen, n: int, device: torch.device | None = None) -> Tensor:
 
 def split_count(gen: Gen, n: int, count) -> int:
     """A method's split of its batch into a first part and the rest: `count(global_n)` rows of the global batch,
-    of which this rank holds 1/W (the first rows of its n). Raises ValueError when W does not divide it."""
+    of which this rank holds 1/W (the first rows of its n). When W does not divide that count, it is rounded
+    down to a multiple of W (fewer than W rows move to the rest, which one process would not do), with a
+    warning."""
     _, _, world = unsharded(gen)
     total = count(n * world)
     if total % world:
-        raise ValueError(
-            f"a batch of {n * world} splits into {total} + {n * world - total} rows, which {world} data-parallel "
-            f"workers cannot share equally: choose train.batch_size so that both parts are multiples of {world}"
-        )
+        warn_uneven_split(n * world, total, world)
     return total // world
+
+
+@functools.cache
+def warn_uneven_split(batch: int, total: int, world: int) -> None:
+    log.warning(
+        "a batch of %d splits into %d + %d rows, which %d data-parallel workers cannot share equally: the first "
+        "part is rounded down to %d rows (one worker would use %d); choose the batch size or the fraction so "
+        "that both parts are multiples of %d for results equal to one worker's",
+        batch, total, batch - total, world, total - total % world, total, world,
+    )  # fmt: skip
 
 
 def world_of() -> tuple[int, int]:

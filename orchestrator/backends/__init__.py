@@ -143,9 +143,7 @@ def backend_of(params: BackendParams) -> Backend:
 
 
 def search_refused(params: BackendParams, where: str) -> list[Problem]:
-    """A study with a search block needs a backend that hosts searches, with one worker per trial."""
-    if params.workers() > 1:
-        return [Problem(where, "a search runs one worker per trial: data-parallel trials cannot be searched yet")]
+    """A study with a search block needs a backend that hosts searches."""
     if BACKENDS.get(params.name).build.hosts_search:
         return []
     hosts = ", ".join(name for name in BACKENDS.names() if BACKENDS.get(name).build.hosts_search)

@@ -19,11 +19,12 @@ from ray import tune
 from ray._private import ray_constants
 from ray.tune.logger import JsonLoggerCallback
 
+from methods.parallel import world_of
 from orchestrator.lock import note_in_record
 from orchestrator.progress import Progress
 from orchestrator.tracking.schema import FAILED, FINISHED_STATES
 from orchestrator.trial.distributed import TIMEOUT
-from orchestrator.trial.runner import Trial, finish_detail, run_trial
+from orchestrator.trial.runner import EarlyStopped, Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState
 
 REPORT_SECONDS = 2.0
@@ -43,26 +44,84 @@ def ray_trainable(config: dict) -> None:
             last[0] = time.monotonic()
             tune.report({"step": step, "orch_metrics": json.dumps(metrics)})
 
+    tune.report({"orch_status": run_on_workers(trial, config, report)})
+
+
+def run_on_workers(trial: Trial, config: dict, progress: Callable[[int, dict], None]) -> str:
+    """run_trial of the trial, here or, with config["workers"] above 1, on a Ray Train worker group; returns
+    its status. `progress` gets the trial's progress either way; when it raises EarlyStopped (a search's
+    scheduler stopped the trial), a data-parallel trial is told to stop at its next tick and waited for."""
     workers = config.get("workers", 1)
     if workers == 1:
-        tune.report({"orch_status": run_trial(trial, progress=report)})
-        return
+        return run_trial(trial, progress=progress)
+    channel = Path(trial.dir, PROGRESS_LOG)
+    channel.unlink(missing_ok=True)
+    Path(trial.dir, STOP_REQUEST).unlink(missing_ok=True)
+    failure: list[BaseException] = []
+    fit = threading.Thread(
+        target=lambda: capture(failure, train_data_parallel, trial, workers, config["gpu"], config["cpu"]),
+        daemon=True,
+    )
+    fit.start()
+    read = 0
+    while fit.is_alive():
+        fit.join(REPORT_SECONDS)
+        try:
+            read = forward_progress(channel, read, progress)
+        except EarlyStopped:
+            Path(trial.dir, STOP_REQUEST).touch()
+            fit.join()
+            break
+    status = finish_detail(trial)[0]
+    if failure and status not in (*FINISHED_STATES, FAILED):  # rank 0 recorded no outcome: Tune retries
+        raise failure[0]
+    return status
+
+
+PROGRESS_LOG, STOP_REQUEST = "progress.jsonl", "stop_requested"
+"""In a data-parallel trial's directory: rank 0's progress reports, one JSON line each, for its Tune trial
+(which cannot take them from a Ray Train worker directly); and the Tune trial's request that it stop."""
+
+
+def capture(failure: list[BaseException], fn: Callable, *args) -> None:
     try:
-        train_data_parallel(trial, workers, config["gpu"], config["cpu"])
-    except Exception:  # a worker raised: an outcome rank 0 recorded is the trial's result, else Tune retries
-        if finish_detail(trial)[0] not in (*FINISHED_STATES, FAILED):
-            raise
-    tune.report({"orch_status": finish_detail(trial)[0]})
+        fn(*args)
+    except BaseException as e:  # handed to the thread that waits for it
+        failure.append(e)
+
+
+def forward_progress(channel: Path, read: int, progress: Callable[[int, dict], None]) -> int:
+    """Pass the complete lines of the progress log after byte `read` to `progress`; returns the new offset."""
+    if not channel.exists():
+        return read
+    with channel.open("rb") as f:
+        f.seek(read)
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    for line in complete.splitlines():
+        report = json.loads(line)
+        progress(report["step"], report["metrics"])
+    return read + len(complete)
 
 
 def ray_train_worker(config: dict) -> None:
-    """A Ray Train worker of a data-parallel trial: Ray Train has joined it to the trial's process group."""
-    run_trial(Trial.load(config["trial_dir"]))
+    """A Ray Train worker of a data-parallel trial (Ray Train has joined it to the trial's process group):
+    rank 0 writes its progress to the trial's progress log and stops early when its Tune trial asks."""
+    trial = Trial.load(config["trial_dir"])
+    channel, stop = Path(trial.dir, PROGRESS_LOG), Path(trial.dir, STOP_REQUEST)
+
+    def progress(step: int, metrics: dict) -> None:
+        with channel.open("a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+        if stop.exists():
+            raise EarlyStopped(f"stopped early by the scheduler after step {step}")
+
+    run_trial(trial, progress=progress if world_of()[0] == 0 else None)
 
 
 def train_data_parallel(trial: Trial, workers: int, gpu: float, cpu: float) -> None:
     """The trial as a Ray Train TorchTrainer run of `workers` workers with these resources each; rank 0 records
-    it in the trial directory and its MLflow run as a one-worker trial does (its progress shows at the end)."""
+    it in the trial directory and its MLflow run as a one-worker trial does."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -162,25 +221,30 @@ def map_tasks(fn: Callable[[str], Any], items: list[str], study_dir: Path, backe
         stop_ray()
 
 
+def tune_trial_resources(backend) -> dict[str, float]:
+    """What a Tune trial reserves: the trial's resources, or for a data-parallel trial, which only waits for its
+    Ray Train workers (they hold the resources), no CPU: any share would keep a worker group that needs every
+    CPU from ever fitting."""
+    if backend.workers_per_trial == 1:
+        return {"cpu": backend.resources.cpu, "gpu": backend.resources.gpu}
+    return {"cpu": 0, "memory": 2**20}
+
+
+def worker_options(backend) -> dict[str, float]:
+    """The part of a Tune trial's config that says how run_on_workers runs it."""
+    return {"workers": backend.workers_per_trial, "cpu": backend.resources.cpu, "gpu": backend.resources.gpu}
+
+
 def run_grid(trials: list[Trial], study_dir: Path, backend, progress: Progress) -> None:
     """All trials as one Ray Tune run: a grid over trial directories, `reuse_actors` to avoid re-importing torch."""
     start_ray(backend.address, study_dir)
-    max_concurrent, resources = backend.max_concurrent, backend.resources
+    max_concurrent = backend.max_concurrent
     try:
-        workers = backend.workers_per_trial
-        # A data-parallel trial's Tune trial only waits for its Ray Train workers, which hold the resources: it
-        # takes no CPU (any share would keep a worker group that needs every CPU from ever fitting).
-        own = {"cpu": resources.cpu, "gpu": resources.gpu} if workers == 1 else {"cpu": 0, "memory": 2**20}
-        trainable = tune.with_resources(ray_trainable, own)
+        trainable = tune.with_resources(ray_trainable, tune_trial_resources(backend))
         by_dir = {t.dir: t for t in trials}
         tuner = tune.Tuner(
             trainable,
-            param_space={
-                "trial_dir": tune.grid_search([t.dir for t in trials]),
-                "workers": workers,
-                "cpu": resources.cpu,
-                "gpu": resources.gpu,
-            },
+            param_space={"trial_dir": tune.grid_search([t.dir for t in trials])} | worker_options(backend),
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -16,12 +16,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.backends.ray_tune import start_ray, stop_ray
+from orchestrator.backends.ray_tune import run_on_workers, start_ray, stop_ray, tune_trial_resources, worker_options
 from orchestrator.study.expand import TrialSpec, level_label, set_dotted
 from orchestrator.study.schema import Search, SpaceEntry
 from orchestrator.tracking.schema import FINISHED_STATES, STOPPED
 from orchestrator.trial.config import resolve_trial_config, trial_id
-from orchestrator.trial.runner import EarlyStopped, Trial, open_trial, record_outcome, run_trial
+from orchestrator.trial.runner import EarlyStopped, Trial, open_trial, record_outcome
 from orchestrator.trial.state import TrialState
 
 
@@ -87,7 +87,7 @@ def report_result(cell: SearchCell, trial: Trial) -> None:
         tune.report({"step": state.step, cell.metric: state.result[cell.metric], "orch_trial_id": trial.id})
 
 
-def search_trainable(config: dict, cell: SearchCell) -> None:
+def search_trainable(config: dict, cell: SearchCell, workers: dict) -> None:
     """Ray Tune function trainable of one sample: run (or resume) its orch trial, reporting the searched metric at
     every evaluation so the searcher and the scheduler see it, and its final value once the outcome is recorded.
 
@@ -107,7 +107,7 @@ def search_trainable(config: dict, cell: SearchCell) -> None:
             except SystemExit:
                 raise EarlyStopped(f"stopped early by the scheduler after step {step}") from None
 
-    if run_trial(trial, progress=report) == STOPPED:
+    if run_on_workers(trial, workers, report) == STOPPED:
         raise SystemExit(0)  # end the thread as Tune's stop intends (it must not report again), outcome recorded
     report_result(cell, trial)
 
@@ -220,7 +220,8 @@ def run_search(
                 teachers,
             )
             trainable = tune.with_resources(
-                tune.with_parameters(search_trainable, cell=cell), backend.resources.model_dump()
+                tune.with_parameters(search_trainable, cell=cell, workers=worker_options(backend)),
+                tune_trial_resources(backend),
             )
             path = (study_dir / "ray" / f"search-cell{index}").resolve()
             label = f"cell {index + 1}/{len(study.trials)}" + (f" {spec.label}" if spec.factors else "")
