@@ -214,10 +214,12 @@ def test_a_search_of_data_parallel_trials_is_scheduled_and_stopped_early_by_asha
     assert stopped and all(s.step < 150 for s in stopped)  # ASHA's stop reached the workers at an evaluation
 
 
-def test_local_data_parallel_trials_complete_and_warn_of_a_split_they_cannot_share(tmp_path):
+def test_local_data_parallel_trials_complete_and_warn_of_a_split_they_cannot_share(tmp_path, capsys):
     # 36 rows: MeanFlow shares them 18 + 18; LSD's diagonal share 27 cannot be halved: it trains on 26, saying so
     study = ["submit", str(STUDIES / "parallel.yaml"), "train.batch_size=36", "backend.name=local"]
     assert main([*study, "--workdir", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out  # rank 0's progress, forwarded from its process to the progress view
+    assert "name=meanflow: step 30/60 kl/nfe_1=" in shown and "name=lsd: step 60/60 kl/nfe_1=" in shown
     trials = tmp_path / "parallel" / "trials"
     method = {
         t: json.loads((trials / t / "trial.json").read_text())["config"]["method"]["name"]

@@ -3,6 +3,7 @@ a data-parallel trial as that many processes on this machine."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,7 @@ from orchestrator.backends import Backend, BackendParams, register_backend
 from orchestrator.progress import Progress
 from orchestrator.tracking.schema import FAILED, FINISHED_STATES
 from orchestrator.trial.distributed import run_local_ranks
+from orchestrator.trial.ranks import ProgressReader, reset_channel, run_rank
 from orchestrator.trial.runner import Trial, finish_detail, finish_unrun, run_trial
 from orchestrator.trial.state import TrialState
 
@@ -22,20 +24,18 @@ class LocalParams(BackendParams):
     name: Literal["local"] = "local"
     workers_per_trial: PositiveInt = 1
     """Data-parallel processes per trial (docs/parallel.md): each takes train.batch_size / workers of every
-    batch; more than 1 runs the trial in that many new processes (gloo on CPU, NCCL and one GPU each on GPUs),
-    whose progress shows when the trial ends."""
+    batch; more than 1 runs the trial in that many new processes (gloo on CPU, NCCL and one GPU each on GPUs)."""
 
 
-def run_trial_rank(trial_dir: str) -> None:
-    """One rank of a data-parallel trial (a module-level function: the new processes import it)."""
-    run_trial(Trial.load(trial_dir))
-
-
-def run_ranks(trial: Trial, workers: int) -> None:
-    """The trial in `workers` processes. A rank that raised ends them all: rank 0 has recorded the trial's own
-    failure by then, and a failure it could not record (a rank that died) is recorded here."""
+def run_ranks(trial: Trial, workers: int, progress: Callable[[int, dict], None]) -> None:
+    """The trial in `workers` processes, rank 0's progress forwarded to `progress`. A rank that raised ends them
+    all: rank 0 has recorded the trial's own failure by then, and one it could not record (a rank that died) is
+    recorded here."""
+    reset_channel(trial.dir)
+    forward = ProgressReader(trial.dir, progress)
     try:
-        run_local_ranks(run_trial_rank, workers, trial.config["train"]["device"], trial.dir)
+        run_local_ranks(run_rank, workers, trial.config["train"]["device"], trial.dir, poll=forward)
+        forward()
     except ProcessException as e:
         state = TrialState.load(Path(trial.dir))
         if state.status not in (*FINISHED_STATES, FAILED):
@@ -52,8 +52,9 @@ class Local(Backend):
         workers = self.params.workers_per_trial
         for trial in trials:
             progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
+            update = functools.partial(progress.update, trial.id)
             if workers > 1:
-                run_ranks(trial, workers)
+                run_ranks(trial, workers, update)
             else:
-                run_trial(trial, progress=lambda step, metrics, t=trial: progress.update(t.id, step, metrics))
+                run_trial(trial, progress=update)
             progress.finished(trial.id, *finish_detail(trial))

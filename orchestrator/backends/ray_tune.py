@@ -19,15 +19,17 @@ from ray import tune
 from ray._private import ray_constants
 from ray.tune.logger import JsonLoggerCallback
 
-from methods.parallel import world_of
 from orchestrator.lock import note_in_record
 from orchestrator.progress import Progress
-from orchestrator.tracking.schema import FAILED, FINISHED_STATES
+from orchestrator.tracking.schema import FAILED, FINISHED_STATES, STOPPED
 from orchestrator.trial.distributed import TIMEOUT
+from orchestrator.trial.ranks import ProgressReader, request_stop, reset_channel, run_rank
 from orchestrator.trial.runner import EarlyStopped, Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState
 
 REPORT_SECONDS = 2.0
+POLL_SECONDS = 0.5
+"""How often the Tune trial of a data-parallel trial reads rank 0's progress log."""
 
 
 def ray_trainable(config: dict) -> None:
@@ -50,37 +52,32 @@ def ray_trainable(config: dict) -> None:
 def run_on_workers(trial: Trial, config: dict, progress: Callable[[int, dict], None]) -> str:
     """run_trial of the trial, here or, with config["workers"] above 1, on a Ray Train worker group; returns
     its status. `progress` gets the trial's progress either way; when it raises EarlyStopped (a search's
-    scheduler stopped the trial), a data-parallel trial is told to stop at its next tick and waited for."""
+    scheduler stopped the trial), a data-parallel trial is told to stop at its next tick and waited for, and
+    the status is `stopped` even if it completed before the request reached it (the caller must then not
+    report again; the trial directory records what happened)."""
     workers = config.get("workers", 1)
     if workers == 1:
         return run_trial(trial, progress=progress)
-    channel = Path(trial.dir, PROGRESS_LOG)
-    channel.unlink(missing_ok=True)
-    Path(trial.dir, STOP_REQUEST).unlink(missing_ok=True)
+    reset_channel(trial.dir)
     failure: list[BaseException] = []
     fit = threading.Thread(
         target=lambda: capture(failure, train_data_parallel, trial, workers, config["gpu"], config["cpu"]),
         daemon=True,
     )
     fit.start()
-    read = 0
+    forward = ProgressReader(trial.dir, progress)
     while fit.is_alive():
-        fit.join(REPORT_SECONDS)
+        fit.join(POLL_SECONDS)  # a search's stop reaches rank 0 within a second
         try:
-            read = forward_progress(channel, read, progress)
+            forward()
         except EarlyStopped:
-            Path(trial.dir, STOP_REQUEST).touch()
+            request_stop(trial.dir)
             fit.join()
-            break
+            return STOPPED
     status = finish_detail(trial)[0]
     if failure and status not in (*FINISHED_STATES, FAILED):  # rank 0 recorded no outcome: Tune retries
         raise failure[0]
     return status
-
-
-PROGRESS_LOG, STOP_REQUEST = "progress.jsonl", "stop_requested"
-"""In a data-parallel trial's directory: rank 0's progress reports, one JSON line each, for its Tune trial
-(which cannot take them from a Ray Train worker directly); and the Tune trial's request that it stop."""
 
 
 def capture(failure: list[BaseException], fn: Callable, *args) -> None:
@@ -90,33 +87,9 @@ def capture(failure: list[BaseException], fn: Callable, *args) -> None:
         failure.append(e)
 
 
-def forward_progress(channel: Path, read: int, progress: Callable[[int, dict], None]) -> int:
-    """Pass the complete lines of the progress log after byte `read` to `progress`; returns the new offset."""
-    if not channel.exists():
-        return read
-    with channel.open("rb") as f:
-        f.seek(read)
-        data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    for line in complete.splitlines():
-        report = json.loads(line)
-        progress(report["step"], report["metrics"])
-    return read + len(complete)
-
-
 def ray_train_worker(config: dict) -> None:
-    """A Ray Train worker of a data-parallel trial (Ray Train has joined it to the trial's process group):
-    rank 0 writes its progress to the trial's progress log and stops early when its Tune trial asks."""
-    trial = Trial.load(config["trial_dir"])
-    channel, stop = Path(trial.dir, PROGRESS_LOG), Path(trial.dir, STOP_REQUEST)
-
-    def progress(step: int, metrics: dict) -> None:
-        with channel.open("a") as f:
-            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-        if stop.exists():
-            raise EarlyStopped(f"stopped early by the scheduler after step {step}")
-
-    run_trial(trial, progress=progress if world_of()[0] == 0 else None)
+    """A Ray Train worker of a data-parallel trial (Ray Train has joined it to the trial's process group)."""
+    run_rank(config["trial_dir"])
 
 
 def train_data_parallel(trial: Trial, workers: int, gpu: float, cpu: float) -> None:

@@ -62,11 +62,22 @@ def local_rank_main(rank: int, fn: Callable, world: int, init_method: str, devic
     os._exit(0)
 
 
-def run_local_ranks(fn: Callable, world: int, device: str, *args) -> None:
+def run_local_ranks(fn: Callable, world: int, device: str, *args, poll: Callable[[], None] | None = None) -> None:
     """fn(*args) in `world` new processes on this machine, one rank each of a fresh process group (a file
-    rendezvous: no port is opened); raises when a rank fails. fn must be importable (module level)."""
+    rendezvous: no port is opened), calling poll() every POLL_SECONDS while they run; raises when a rank
+    fails. fn must be importable (module level)."""
     with tempfile.TemporaryDirectory(prefix="orch-ranks-") as tmp:
         init_method = Path(tmp, "rendezvous").as_uri()
-        mp.start_processes(
-            local_rank_main, args=(fn, world, init_method, device, args), nprocs=world, start_method="spawn"
+        ranks = mp.start_processes(
+            local_rank_main,
+            args=(fn, world, init_method, device, args),
+            nprocs=world,
+            start_method="spawn",
+            join=False,
         )
+        while not ranks.join(timeout=POLL_SECONDS):
+            if poll is not None:
+                poll()
+
+
+POLL_SECONDS = 2.0
