@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TIMEOUT = timedelta(hours=2)
-"""How long a rank waits in a collective: rank 0 alone evaluates (FID on a CPU takes minutes) while the others
-wait at the next step's all-reduce."""
+"""How long a rank waits in a collective: rank 0 alone scores an evaluation (FID on a CPU takes minutes) while
+the others wait for its word at the end of the tick."""
 
 
 def backend_for(device: str) -> str:
