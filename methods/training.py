@@ -84,6 +84,10 @@ class TrainConfig(Params):
     """A per-sample target norm above this (a target blowing up) also counts as divergence (null: off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: cuda when available, else cpu."""
+    workers: PositiveInt | None = None
+    """Data-parallel workers of this trial (docs/parallel.md), each taking batch_size / workers of every batch;
+    null: the backend's (`workers_per_trial`; on Slurm nodes × tasks_per_node). How a trial runs, not what it
+    trains: W workers × B/W train as one worker × B, so the trial keeps its id."""
     threads: PositiveInt | None = 1
     """CPU threads per trial (torch.set_num_threads); null leaves torch's default."""
     precision: Precision = "auto"

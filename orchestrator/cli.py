@@ -106,7 +106,7 @@ def submitted_backend(study, args):
     """The backend options of a submission: the study's backend section, switched to --backend if given (the
     file's options then apply only when they are that backend's), with --ray-address / --max-concurrent on top.
     Returns (params, problems)."""
-    from orchestrator.backends import backend_params, batch_refused, search_refused
+    from orchestrator.backends import backend_params, search_refused, workers_refused
 
     raw = study.backend.model_dump()
     if args.backend is not None and args.backend != raw["name"]:
@@ -119,7 +119,7 @@ def submitted_backend(study, args):
     if params is not None and study.search is not None:
         problems += search_refused(params, "--backend" if args.backend else "backend.name")
     if params is not None:
-        problems += batch_refused(params, [t.config for t in study.trials], "train.batch_size")
+        problems += workers_refused(params, [t.config for t in [*study.teachers, *study.trials]], "train")
     return params, problems
 
 

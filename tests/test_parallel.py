@@ -156,18 +156,23 @@ def results(study_dir) -> dict[str, dict[str, float]]:
     return {trial: state.result for trial, state in states(study_dir).items()}
 
 
-def test_two_worker_trials_on_ray_train_inside_tune_equal_their_one_worker_runs(tmp_path):
-    parallel = STUDIES / "parallel.yaml"  # two trials of two workers each: Ray Train inside one Tune run
-    assert main(["submit", str(parallel), "--workdir", str(tmp_path / "two")]) == 0
-    assert main(["submit", str(parallel), "backend.workers_per_trial=1", "--workdir", str(tmp_path / "one")]) == 0
-    two, one = tmp_path / "two" / "parallel", tmp_path / "one" / "parallel"
+def test_a_two_worker_trial_next_to_a_one_worker_trial_in_one_tune_run_equals_one_worker_runs(tmp_path):
+    mixed = STUDIES / "parallel_mixed.yaml"  # lsd on two Ray Train workers, meanflow on one, in one Tune run
+    assert main(["submit", str(mixed), "--workdir", str(tmp_path / "mixed")]) == 0
+    one = ["submit", str(STUDIES / "parallel.yaml"), "backend.workers_per_trial=1", "--workdir", str(tmp_path / "one")]
+    assert main(one) == 0
+    two, one = tmp_path / "mixed" / "parallel_mixed", tmp_path / "one" / "parallel"
     assert {s.status for s in states(two).values()} == {"completed"} and len(states(two)) == 2
-    assert len(trial_runs(two, "parallel")) == 2  # one MLflow child run per trial, not per worker
-    for trial, scores in results(one).items():  # the same trial ids: the workers are not part of a trial
+    assert len(trial_runs(two, "parallel_mixed")) == 2  # one MLflow child run per trial, not per worker
+    workers = {t: json.loads((two / "trials" / t / "trial.json").read_text())["config"]["train"] for t in states(two)}
+    assert sorted(train["workers"] for train in workers.values()) == [1, 2]
+    assert results(one).keys() == results(two).keys()  # the same trial ids: the workers are not part of a trial
+    for trial, scores in results(one).items():
         assert scores.keys() == results(two)[trial].keys() and scores
         for key, value in scores.items():
             assert results(two)[trial][key] == pytest.approx(value, rel=1e-4), (trial, key)
-    losses = [json.loads(line) for line in next((two / "trials").glob("*/metrics.jsonl")).read_text().splitlines()]
+    (lsd,) = [t for t, train in workers.items() if train["workers"] == 2]
+    losses = [json.loads(line) for line in (two / "trials" / lsd / "metrics.jsonl").read_text().splitlines()]
     assert len({(row["key"], row["step"]) for row in losses}) == len(losses)  # each metric once per step
 
 
@@ -203,7 +208,7 @@ def test_a_batch_the_workers_cannot_share_is_refused_before_anything_runs(tmp_pa
     with pytest.raises(SystemExit) as refused:
         main(uneven)
     assert refused.value.code == 2 and not list(tmp_path.iterdir())  # nothing created
-    assert "batch_size 255 does not split into 2 data-parallel worker(s)" in capsys.readouterr().err
+    assert "train.batch_size: 255 does not split into 2 data-parallel worker(s)" in capsys.readouterr().err
 
 
 def test_a_search_of_data_parallel_trials_is_scheduled_and_stopped_early_by_asha(tmp_path):
@@ -231,3 +236,15 @@ def test_local_data_parallel_trials_complete_and_warn_of_a_split_they_cannot_sha
     (warning,) = by_method["lsd"].warnings  # once, from rank 0, kept with the trial and shown by the driver
     assert "a batch of 36 splits into 27 + 9 rows" in warning and "rounded down to 26 rows" in warning
     assert len(trial_runs(tmp_path / "parallel", "parallel")) == 2
+
+
+def test_worker_counts_a_backend_cannot_place_or_a_search_would_vary_are_refused(capsys):
+    mixed = ["plan", str(STUDIES / "parallel_mixed.yaml")]
+    with pytest.raises(SystemExit) as refused:
+        main([*mixed, "backend.name=slurm", "backend.nodes=3"])  # lsd's 2 workers over 3 nodes
+    assert refused.value.code == 2
+    assert "train.workers (line 7): 2 worker(s) do not spread equally over backend.nodes 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", str(STUDIES / "search_tiny.yaml"), "search.space={train.workers: {choice: [1, 2]}}"])
+    assert refused.value.code == 2
+    assert "search.space.train.workers" in (err := capsys.readouterr().err) and "every sample would be the same" in err

@@ -193,16 +193,17 @@ def test_a_job_that_dies_without_an_outcome_is_retried(slurm, tmp_path):
     assert sorted(history(study_dir, state.run_id)) == list(range(20, 1501, 20))  # resumed, not restarted
 
 
-def test_a_two_task_job_trains_a_data_parallel_trial_equal_to_one_process(slurm, tmp_path):
-    study = str(STUDIES / "slurm_tiny.yaml")
-    assert main(["submit", study, "backend.tasks_per_node=2", "--workdir", str(tmp_path / "two")]) == 0
-    assert main(["submit", study, "--backend", "local", "--workdir", str(tmp_path / "one")]) == 0
-    two, one = (tmp_path / name / "slurm_tiny" / "trials" for name in ("two", "one"))
+def test_a_two_task_job_next_to_a_one_task_job_trains_what_one_process_does(slurm, tmp_path):
+    mixed = ["submit", str(STUDIES / "parallel_mixed.yaml"), "backend.name=slurm", "backend.timeout_min=10"]
+    assert main([*mixed, "--workdir", str(tmp_path / "two")]) == 0  # lsd as a 2-task job, meanflow as a 1-task one
+    one = ["submit", str(STUDIES / "parallel.yaml"), "--backend", "local", "--workdir", str(tmp_path / "one")]
+    assert main(one) == 0
+    two, one = tmp_path / "two" / "parallel_mixed" / "trials", tmp_path / "one" / "parallel" / "trials"
     for trial_dir in one.iterdir():  # the same trial ids: where and on how many tasks a trial runs is not in its id
         state, parallel = TrialState.load(trial_dir), TrialState.load(two / trial_dir.name)
         assert parallel.status == state.status == "completed" and parallel.job_id is not None
         assert parallel.result.keys() == state.result.keys() and state.result
         for key, value in state.result.items():
             assert parallel.result[key] == pytest.approx(value, rel=1e-4), key
-    logs = [f.read_text() for f in (tmp_path / "two" / "slurm_tiny" / "slurm").glob("*/*_1_log.out")]
-    assert logs, "no output of a second task: the jobs did not run two tasks"
+    logs = [f.name for f in (tmp_path / "two" / "parallel_mixed" / "slurm").glob("*/*_log.out")]
+    assert len(logs) == 3, logs  # three tasks in all: two of lsd's job, one of meanflow's

@@ -35,8 +35,16 @@ class BackendParams(Params):
     recording an outcome). An exception in the trial itself is a `failed` result and is not retried."""
 
     def workers(self) -> int:
-        """Data-parallel workers per trial (docs/parallel.md)."""
+        """Data-parallel workers of a trial that does not set train.workers (docs/parallel.md)."""
         return getattr(self, "workers_per_trial", 1)
+
+    def trial_workers(self, config: dict) -> int:
+        """Data-parallel workers of the trial with this resolved config: its train.workers, else the backend's."""
+        return config["train"].get("workers") or self.workers()
+
+    def workers_refused(self, workers: int) -> str | None:
+        """Why this backend cannot run a trial on `workers` workers (None: it can)."""
+        return None
 
 
 class BackendError(Exception):
@@ -122,19 +130,24 @@ def backend_params(raw: dict[str, Any], where: str = "backend") -> tuple[Backend
         return None, pydantic_problems(e, where, entry.params, f"backend {name!r}")
 
 
-def batch_refused(params: BackendParams, configs: list[dict], where: str) -> list[Problem]:
-    """Each trial's batch must split equally into the backend's workers × its micro-batches."""
+def workers_refused(params: BackendParams, configs: list[dict], where: str) -> list[Problem]:
+    """Each trial's worker count must suit the backend, and its batch must split equally into its workers × its
+    micro-batches."""
     problems = []
     for config in configs:
-        train = config["train"]
-        parts = params.workers() * train.get("micro_batches", 1)
-        if train["batch_size"] % parts:
-            message = (
-                f"batch_size {train['batch_size']} does not split into {params.workers()} data-parallel worker(s) × "
-                f"{train.get('micro_batches', 1)} micro-batch(es) of equal size"
+        train, workers = config["train"], params.trial_workers(config)
+        if (reason := params.workers_refused(workers)) is not None:
+            problem = Problem(f"{where}.workers", reason)
+        elif train["batch_size"] % (workers * train.get("micro_batches", 1)):
+            problem = Problem(
+                f"{where}.batch_size",
+                f"{train['batch_size']} does not split into {workers} data-parallel worker(s) × "
+                f"{train.get('micro_batches', 1)} micro-batch(es) of equal size",
             )
-            if (problem := Problem(where, message)) not in problems:
-                problems.append(problem)
+        else:
+            continue
+        if problem not in problems:
+            problems.append(problem)
     return problems
 
 

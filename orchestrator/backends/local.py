@@ -23,8 +23,9 @@ from orchestrator.trial.state import TrialState
 class LocalParams(BackendParams):
     name: Literal["local"] = "local"
     workers_per_trial: PositiveInt = 1
-    """Data-parallel processes per trial (docs/parallel.md): each takes train.batch_size / workers of every
-    batch; more than 1 runs the trial in that many new processes (gloo on CPU, NCCL and one GPU each on GPUs)."""
+    """Data-parallel processes per trial (docs/parallel.md; a trial's train.workers overrides it): each takes
+    train.batch_size / workers of every batch; more than 1 runs the trial in that many new processes (gloo on
+    CPU, NCCL and one GPU each on GPUs)."""
 
 
 def run_ranks(trial: Trial, workers: int, progress: Callable[[int, dict], None]) -> None:
@@ -44,15 +45,15 @@ def run_ranks(trial: Trial, workers: int, progress: Callable[[int, dict], None])
 
 @register_backend("local")
 class Local(Backend):
-    """Sequentially, in this process (a data-parallel trial in workers_per_trial processes)."""
+    """Sequentially, in this process (a data-parallel trial in that many processes)."""
 
     Params = LocalParams
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
-        workers = self.params.workers_per_trial
         for trial in trials:
             progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
             update = functools.partial(progress.update, trial.id)
+            workers = self.params.trial_workers(trial.config)
             if workers > 1:
                 run_ranks(trial, workers, update)
             else:

@@ -47,7 +47,8 @@ class RayParams(BackendParams):
     resources: Resources = Resources()
     """Ray resources per trial (per worker of a data-parallel trial)."""
     workers_per_trial: PositiveInt = 1
-    """Data-parallel workers per trial (docs/parallel.md): more than 1 runs each trial as a Ray Train
+    """Data-parallel workers per trial (docs/parallel.md; a trial's train.workers overrides it): more than 1 runs
+    each trial as a Ray Train
     TorchTrainer inside the study's Tune run, each worker taking train.batch_size / workers of every batch and
     `resources` (gloo on CPU, NCCL on GPUs)."""
     address: str | None = None

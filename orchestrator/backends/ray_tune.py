@@ -3,6 +3,7 @@ one Tune run, and progress from Tune's trial events. Imported only when the ray 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -50,12 +51,13 @@ def ray_trainable(config: dict) -> None:
 
 
 def run_on_workers(trial: Trial, config: dict, progress: Callable[[int, dict], None]) -> str:
-    """run_trial of the trial, here or, with config["workers"] above 1, on a Ray Train worker group; returns
+    """run_trial of the trial, here or, with more than one worker (its train.workers, else config["workers"]),
+    on a Ray Train worker group; returns
     its status. `progress` gets the trial's progress either way; when it raises EarlyStopped (a search's
     scheduler stopped the trial), a data-parallel trial is told to stop at its next tick and waited for, and
     the status is `stopped` even if it completed before the request reached it (the caller must then not
     report again; the trial directory records what happened)."""
-    workers = config.get("workers", 1)
+    workers = trial.config["train"].get("workers") or config["workers"]
     if workers == 1:
         return run_trial(trial, progress=progress)
     reset_channel(trial.dir)
@@ -194,18 +196,23 @@ def map_tasks(fn: Callable[[str], Any], items: list[str], study_dir: Path, backe
         stop_ray()
 
 
-def tune_trial_resources(backend) -> dict[str, float]:
-    """What a Tune trial reserves: the trial's resources, or for a data-parallel trial, which only waits for its
-    Ray Train workers (they hold the resources), no CPU: any share would keep a worker group that needs every
-    CPU from ever fitting."""
-    if backend.workers_per_trial == 1:
-        return {"cpu": backend.resources.cpu, "gpu": backend.resources.gpu}
-    return {"cpu": 0, "memory": 2**20}
+def tune_trial_resources(backend, workers: int) -> tune.PlacementGroupFactory:
+    """What the Tune trial of a trial with `workers` workers reserves: the trial's resources, or for a
+    data-parallel trial, which only waits for its Ray Train workers (they hold the resources), no CPU: any share
+    would keep a worker group that needs every CPU from ever fitting."""
+    if workers == 1:
+        return tune.PlacementGroupFactory([{"CPU": backend.resources.cpu, "GPU": backend.resources.gpu}])
+    return tune.PlacementGroupFactory([{"CPU": 0, "memory": 2**20}])
+
+
+def grid_trial_resources(backend, workers: dict[str, int], config: dict) -> tune.PlacementGroupFactory:
+    """tune_trial_resources of the grid trial `config` runs (`workers`: trial directory → its worker count)."""
+    return tune_trial_resources(backend, workers[config["trial_dir"]])
 
 
 def worker_options(backend) -> dict[str, float]:
-    """The part of a Tune trial's config that says how run_on_workers runs it."""
-    return {"workers": backend.workers_per_trial, "cpu": backend.resources.cpu, "gpu": backend.resources.gpu}
+    """The part of a Tune trial's config that says how run_on_workers runs it (a trial's train.workers aside)."""
+    return {"workers": backend.workers(), "cpu": backend.resources.cpu, "gpu": backend.resources.gpu}
 
 
 def run_grid(trials: list[Trial], study_dir: Path, backend, progress: Progress) -> None:
@@ -213,8 +220,9 @@ def run_grid(trials: list[Trial], study_dir: Path, backend, progress: Progress) 
     start_ray(backend.address, study_dir)
     max_concurrent = backend.max_concurrent
     try:
-        trainable = tune.with_resources(ray_trainable, tune_trial_resources(backend))
         by_dir = {t.dir: t for t in trials}
+        workers = {t.dir: backend.trial_workers(t.config) for t in trials}
+        trainable = tune.with_resources(ray_trainable, functools.partial(grid_trial_resources, backend, workers))
         tuner = tune.Tuner(
             trainable,
             param_space={"trial_dir": tune.grid_search([t.dir for t in trials])} | worker_options(backend),

@@ -221,7 +221,7 @@ def run_search(
             )
             trainable = tune.with_resources(
                 tune.with_parameters(search_trainable, cell=cell, workers=worker_options(backend)),
-                tune_trial_resources(backend),
+                tune_trial_resources(backend, backend.trial_workers(spec.config)),
             )
             path = (study_dir / "ray" / f"search-cell{index}").resolve()
             label = f"cell {index + 1}/{len(study.trials)}" + (f" {spec.label}" if spec.factors else "")

@@ -9,6 +9,7 @@ outcome (up to backend.max_failures times), and stops watching on Ctrl-C while t
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,7 +38,8 @@ class SlurmParams(BackendParams):
     """Minutes a job may run; a job that reaches it is requeued and resumes from its checkpoint."""
     nodes: PositiveInt = 1
     """Nodes per job: more than 1 (or tasks_per_node above 1) makes each trial data-parallel over
-    nodes × tasks_per_node tasks (docs/parallel.md), each taking train.batch_size / tasks of every batch."""
+    nodes × tasks_per_node tasks (docs/parallel.md), each taking train.batch_size / tasks of every batch. A
+    trial's train.workers overrides the count: its job has that many tasks over these nodes (one node for 1)."""
     tasks_per_node: PositiveInt = 1
     """Tasks per node, one data-parallel worker each (one per GPU on GPU nodes)."""
     cpus_per_task: PositiveInt = 1
@@ -51,6 +53,15 @@ class SlurmParams(BackendParams):
 
     def workers(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    def workers_refused(self, workers: int) -> str | None:
+        if workers > 1 and workers % self.nodes:
+            return f"{workers} worker(s) do not spread equally over backend.nodes {self.nodes}"
+        return None
+
+    def job_shape(self, workers: int) -> tuple[int, int]:
+        """(nodes, tasks per node) of a trial's job: one task for one worker, else `workers` over `nodes`."""
+        return (1, 1) if workers == 1 else (self.nodes, workers // self.nodes)
 
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -111,14 +122,16 @@ def read_job(trial_dir: str | Path) -> dict | None:
     return read_json(Path(trial_dir) / JOB_FILE) or None
 
 
-def make_executor(study_dir: Path, study: str, backend: SlurmParams) -> submitit.AutoExecutor:
+def make_executor(study_dir: Path, study: str, backend: SlurmParams, workers: int) -> submitit.AutoExecutor:
+    """An executor of jobs for trials of `workers` data-parallel workers."""
     # cluster named explicitly: AutoExecutor would otherwise pick Slurm or not by whether srun is on PATH
     executor = submitit.AutoExecutor(folder=study_dir / "slurm" / "%j", cluster="slurm")
+    nodes, tasks_per_node = backend.job_shape(workers)
     params = {
         "name": f"orch-{study}",
         "timeout_min": backend.timeout_min,
-        "nodes": backend.nodes,
-        "tasks_per_node": backend.tasks_per_node,
+        "nodes": nodes,
+        "tasks_per_node": tasks_per_node,
         "cpus_per_task": backend.cpus_per_task,
         "gpus_per_node": backend.gpus_per_node,
         "slurm_array_parallelism": backend.array_parallelism,
@@ -131,12 +144,20 @@ def make_executor(study_dir: Path, study: str, backend: SlurmParams) -> submitit
     return executor
 
 
-def submit_jobs(executor: submitit.AutoExecutor, trials: list[Trial]) -> None:
-    """One job array for all the trials; each trial directory records its job."""
-    if not trials:
-        return
-    with executor.batch():
-        jobs = [executor.submit(SlurmTrial(), t.dir) for t in trials]
+def submit_jobs(executors: Callable[[int], submitit.AutoExecutor], backend: SlurmParams, trials: list[Trial]) -> None:
+    """One job array for the trials of each worker count (`executors`: worker count → its executor); each trial
+    directory records its job."""
+    by_workers: dict[int, list[Trial]] = {}
+    for trial in trials:
+        by_workers.setdefault(backend.trial_workers(trial.config), []).append(trial)
+    for workers, group in by_workers.items():
+        executor = executors(workers)
+        with executor.batch():
+            jobs = [executor.submit(SlurmTrial(), t.dir) for t in group]
+        record_jobs(group, jobs)
+
+
+def record_jobs(trials: list[Trial], jobs: list) -> None:
     for trial, job in zip(trials, jobs):
         previous = read_job(trial.dir)
         attempt = previous["attempt"] + 1 if previous else 1
@@ -146,20 +167,20 @@ def submit_jobs(executor: submitit.AutoExecutor, trials: list[Trial]) -> None:
 def run_slurm(trials: list[Trial], study_dir: Path, study: str, backend: SlurmParams, progress: Progress, say) -> None:
     """Submit the trials that have no live job (others, from an interrupted driver, are watched again) and watch
     until every trial has an outcome."""
-    executor = make_executor(study_dir, study, backend)
+    executors = functools.cache(functools.partial(make_executor, study_dir, study, backend))
     states = queue_states()
     live = [t for t in trials if (job := read_job(t.dir)) and states.get(job["job_id"]) in ACTIVE]
     if live:
         say(f"{len(live)} trial(s) still queued or running on Slurm from an earlier submission: watching them")
-    submit_jobs(executor, [t for t in trials if t not in live])
+    submit_jobs(executors, backend, [t for t in trials if t not in live])
     try:
-        watch(trials, executor, backend.max_failures, progress, say)
+        watch(trials, executors, backend, progress, say)
     except KeyboardInterrupt:
         say("stopped watching; the Slurm jobs keep running (`orch status` shows them, `orch cancel` stops them)")
         raise
 
 
-def watch(trials: list[Trial], executor, max_failures: int, progress: Progress, say) -> None:
+def watch(trials: list[Trial], executors, backend: SlurmParams, progress: Progress, say) -> None:
     waiting = {t.id: t for t in trials}
     steps: dict[str, int] = {}
     while waiting:
@@ -180,10 +201,10 @@ def watch(trials: list[Trial], executor, max_failures: int, progress: Progress, 
             if state.status in (*FINISHED_STATES, FAILED, CANCELLED):
                 progress.finished(trial.id, *finish_detail(trial))
                 del waiting[trial.id]
-            elif job["attempt"] <= max_failures:
+            elif job["attempt"] <= backend.max_failures:
                 say(f"{trial.label}: Slurm job {job['job_id']} ended ({slurm_state or 'gone'}) without an outcome; "
                     f"resubmitting (attempt {job['attempt'] + 1})")  # fmt: skip
-                submit_jobs(executor, [trial])
+                submit_jobs(executors, backend, [trial])
             else:
                 state.status = FAILED
                 state.reason = (
@@ -224,7 +245,7 @@ class Slurm(Backend):
     def map(self, fn: Callable[[str], Any], items: list[str], study_dir: Path, study: str) -> list[Any]:
         """One job per item, as a job array with the backend's options; waits for their results. An interrupted
         wait leaves the jobs running."""
-        executor = make_executor(study_dir, study, self.params)
+        executor = make_executor(study_dir, study, self.params, workers=1)  # fn runs once per item
         jobs = executor.map_array(fn, items)
         try:
             return [job.result() for job in jobs]

@@ -12,7 +12,7 @@ from typing import Any
 from methods.guidance import eval_suffix
 from orchestrator.study.problems import Problem, did_you_mean
 from orchestrator.study.schema import MAX_TRIALS, Search
-from orchestrator.trial.config import resolve_trial_config, takes_a_list, trial_id
+from orchestrator.trial.config import EXECUTION_ONLY, resolve_trial_config, takes_a_list, trial_id
 from orchestrator.trial.teachers import planned_teacher
 
 
@@ -208,6 +208,10 @@ def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:
         for key, entry in search.space.items():
             if key in cell.factors:
                 problems.setdefault(key, Problem(f"search.space.{key}", "is also a grid axis: search it or grid it"))
+                continue
+            if key.startswith("train.") and key.split(".", 1)[1] in EXECUTION_ONLY:
+                message = "says how a trial runs, not what it trains: every sample would be the same trial"
+                problems.setdefault(key, Problem(f"search.space.{key}", message))
                 continue
             if search.algorithm == "grid" and entry.choice is None:
                 problems.setdefault(key, Problem(f"search.space.{key}", "algorithm grid needs `choice` values"))

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.backends import BackendParams, backend_params, batch_refused, search_refused
+from orchestrator.backends import BackendParams, backend_params, search_refused, workers_refused
 from orchestrator.study.expand import (
     COMMAND_LINE,
     TrialSpec,
@@ -137,8 +137,10 @@ def parse_study(text: str, source: str, profile: str | None = None, overrides: d
     problems += too_big
     trials, found = expand(study | {"exclude": valid_rules}) if not too_big else ([], [])
     problems += [relocate(p, origins) for p in found]
+    teachers = plan_teachers(trials)
     if backend is not None:
-        problems += [relocate(p, origins) for p in batch_refused(backend, [t.config for t in trials], "base.train")]
+        configs = [t.config for t in [*teachers, *trials]]
+        problems += [relocate(p, origins) for p in workers_refused(backend, configs, "base.train")]
     if study["search"] is not None and trials:
         problems += [relocate(p, origins) for p in check_search(Search.model_validate(study["search"]), trials)]
     problems += check_other_profiles(study, profile, problems)
@@ -153,7 +155,7 @@ def parse_study(text: str, source: str, profile: str | None = None, overrides: d
         backend=backend,
         trials=trials,
         search=Search.model_validate(study["search"]) if study["search"] is not None else None,
-        teachers=plan_teachers(trials),
+        teachers=teachers,
     )
 
 

@@ -212,7 +212,8 @@ def unreachable_nfe(config: dict) -> list[Problem]:
     return problems
 
 
-EXECUTION_ONLY = ("log_every", "checkpoint_every", "keep_checkpoints", "device", "threads", "compile", "memory_format")
+EXECUTION_ONLY = ("log_every", "checkpoint_every", "keep_checkpoints", "device", "workers", "threads", "compile",
+                  "memory_format")  # fmt: skip
 """train.* keys that say how a trial runs, not what it trains."""
 INERT = {
     ("dataset", "conditional"): False,
