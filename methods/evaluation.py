@@ -14,7 +14,7 @@ from methods.counting import CountingNet, Counts
 from methods.guidance import Condition, GuidedNet, eval_suffix, normalised_omega, num_classes_of
 from methods.images import ImageDataset, to_uint8
 from methods.interpolants import LinearInterpolant
-from methods.metrics import metric
+from methods.metrics import metric, share_feature_passes
 from methods.parallel import Gen, ShardedGenerator, gather_rows, world_of
 from methods.precision import autocast
 from methods.registry import MAX_NFE, Batch, Params, Samples
@@ -199,16 +199,19 @@ def evaluate(
     (n, C, H, W)) of an image dataset, one row per class for conditional images, the first PREVIEW_POINTS
     points otherwise.
 
-    Data-parallel: every rank calls it and shares the sampling (generate_chunks); rank 0 alone scores the
-    samples and keeps the previews (the others return two empty dicts)."""
+    Data-parallel: every rank calls it and shares the sampling (generate_chunks) and the Inception pass of the
+    image metrics; rank 0 alone scores the samples and keeps the previews (the others return two empty dicts)."""
     results, previews = {}, {}
-    lead = world_of()[0] == 0
+    rank, world = world_of()
+    lead, shared = rank == 0, sharded_evaluation(evaluation, world)
     labels = eval_labels(dataset, evaluation.num_samples, seed)
     images = isinstance(dataset, ImageDataset)
     for omega in evaluation.guidance:
         for nfe in evaluation.nfe:
             suffix = eval_suffix(nfe, omega)
             samples = generate(method, net, interpolant, dataset, evaluation, nfe, seed, device, omega, labels)
+            if shared:
+                share_feature_passes(evaluation.metrics, samples, device)
             for name in evaluation.metrics if lead else ():
                 results[f"eval/{name}/{suffix}"] = metric(name)(samples, dataset, evaluation, device, labels)
             if images and evaluation.grid and labels is not None:

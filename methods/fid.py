@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from methods.images import ImageDataset
+from methods.parallel import gather_rows, world_of
 from methods.storage import atomic_write_bytes, cache_dir, exclusive
 
 log = logging.getLogger(__name__)
@@ -160,20 +161,30 @@ def require_logits() -> None:
 
 
 @torch.no_grad()
-def inception_outputs(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> tuple[Tensor, Tensor]:
+def inception_outputs(
+    images: Tensor, device: torch.device, batch: int = FEATURE_BATCH, shard: bool = False
+) -> tuple[Tensor, Tensor]:
     """Pool3 features (N, 2048) and unbiased logits (N, 1008) of uint8 images (N, C, H, W); grey images are
     repeated to RGB. torch-fidelity resizes to 299×299 with TF1's bilinear interpolation, as the reference
-    implementation does. The outputs stay on the device until the last batch (one transfer, no sync per batch)."""
+    implementation does. The outputs stay on the device until the last batch (one transfer, no sync per batch).
+
+    With `shard`, every rank of a data-parallel group calls it with the same images: each passes its strided
+    rows (r, r + W, …; the last ones padded to equal counts) and all get every output, in order."""
+    rank, world = world_of() if shard else (0, 1)
+    mine, per = images[rank::world], -(-len(images) // world)
+    if len(mine) < per:
+        mine = torch.cat([mine, images[:1].expand(per - len(mine), *images.shape[1:])])
     model = extractor(device)
     pools, logits = [], []
-    for chunk in images.split(batch):
+    for chunk in mine.split(batch):
         chunk = chunk.to(device)
         if chunk.shape[1] == 1:
             chunk = chunk.expand(-1, 3, -1, -1)
         pool, logit = model(chunk)
         pools.append(pool)
         logits.append(logit)
-    return torch.cat(pools).double().cpu(), torch.cat(logits).double().cpu()
+    pool, logit = (gather_rows(torch.cat(out), world)[: len(images)] for out in (pools, logits))
+    return pool.double().cpu(), logit.double().cpu()
 
 
 def features(images: Tensor, device: torch.device, batch: int = FEATURE_BATCH) -> Tensor:
@@ -196,9 +207,9 @@ def of_samples(samples: Tensor, what: str, compute: Callable[[], object]):
     return value
 
 
-def sample_outputs(samples: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    """inception_outputs of a sample set, computed once per set."""
-    return of_samples(samples, "inception", lambda: inception_outputs(samples, device))
+def sample_outputs(samples: Tensor, device: torch.device, shard: bool = False) -> tuple[Tensor, Tensor]:
+    """inception_outputs of a sample set, computed once per set (shared over data-parallel ranks with `shard`)."""
+    return of_samples(samples, "inception", lambda: inception_outputs(samples, device, shard=shard))
 
 
 def subset(images: Tensor, count: int | None) -> Tensor:

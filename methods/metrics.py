@@ -83,6 +83,13 @@ def metric(name: str) -> MetricSpec:
     return METRICS.get(name).build
 
 
+def share_feature_passes(names: list[str], samples: Tensor, device: torch.device) -> None:
+    """The Inception pass the metrics `names` share, split over data-parallel ranks: every rank calls it with the
+    same samples and passes its rows; rank 0's metrics then find the pass done (fid.sample_outputs)."""
+    if any(metric(name).extractor in (fid.EXTRACTOR, fid.LOGITS) for name in names):
+        fid.sample_outputs(samples, device, shard=True)
+
+
 @register_metric("kl", direction="min", title="KL(data ‖ model), 50×50 histogram", requires=("density",))
 def kl_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.device) -> float:
     """KL(target ‖ model) on a 50 × 50 histogram (2-D data with a known density)."""

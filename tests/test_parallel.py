@@ -12,8 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from methods import fid
 from methods.evaluation import EvalConfig, eval_labels, generate
-from methods.parallel import ShardedGenerator, gather_rows, positions, rand, randint, randn, split_count
+from methods.parallel import ShardedGenerator, gather_rows, positions, rand, randint, randn, split_count, world_of
 from orchestrator.backends.ray import session_processes
 from orchestrator.cli import main
 from orchestrator.trial.build import build_network, build_trainer, needs_teacher
@@ -97,7 +98,8 @@ def evaluate_and_save(config: dict, out: str) -> None:
                                nfe, trainer.cfg.seed, trainer.device, omega, labels)
         for nfe in evaluation.nfe for omega in evaluation.guidance
     }  # fmt: skip
-    torch.save({"scores": scores, "samples": samples}, f"{out}.{trainer.rank}")
+    inception = "inception" in fid.MEMO  # this process passed samples through the Inception
+    torch.save({"scores": scores, "samples": samples, "inception": inception}, f"{out}.{trainer.rank}")
 
 
 @pytest.mark.parametrize(
@@ -131,6 +133,42 @@ def test_two_workers_share_the_sampling_of_an_evaluation_and_score_what_one_work
     assert one["scores"].keys() == two["scores"].keys() and one["scores"]
     for key, value in one["scores"].items():
         assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
+
+
+def inception_and_save(images: torch.Tensor, out: str) -> None:
+    pool, logits = fid.inception_outputs(images, torch.device("cpu"), batch=2, shard=True)
+    torch.save({"pool": pool, "logits": logits}, f"{out}.{world_of()[0]}")
+
+
+def test_two_workers_share_the_inception_pass_and_each_gets_every_feature_in_order(tmp_path):
+    images = torch.randint(0, 256, (7, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    alone = fid.inception_outputs(images, torch.device("cpu"))
+    run_local_ranks(inception_and_save, 2, "cpu", images, str(tmp_path / "two"))  # 4 + 3 rows, one padded
+    for rank in (0, 1):
+        shared = torch.load(tmp_path / f"two.{rank}")
+        assert shared["pool"].shape == (7, 2048) and shared["pool"].abs().max() > 0.1
+        torch.testing.assert_close(shared["pool"], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared["logits"], alone[1], rtol=1e-5, atol=1e-5)
+
+
+def test_two_workers_score_fid_as_one_worker_does(tmp_path):
+    config, problems = resolve_trial_config(
+        {
+            "dataset": {"name": "mnist", "limit": 200},
+            "model": {"name": "unet", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "time_scale": 1000.0},
+            "method": {"name": "fm"},
+            "train": {"batch_size": 8, "device": "cpu", "ema": [0.9]},
+            "eval": {"nfe": [1], "metrics": ["fid", "kid"], "num_samples": 20, "batch_size": 10, "fid_reference": 40},
+        }
+    )
+    assert not problems, problems
+    evaluate_and_save(config, str(tmp_path / "one"))
+    run_local_ranks(evaluate_and_save, 2, "cpu", config, str(tmp_path / "two"))
+    assert torch.load(tmp_path / "two.1")["inception"]  # rank 1 passed its share of the samples
+    one, two = (torch.load(tmp_path / name)["scores"] for name in ("one.0", "two.0"))
+    assert one.keys() == two.keys() == {"eval/fid/nfe_1", "eval/kid/nfe_1"} and one["eval/fid/nfe_1"] > 0
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_each_rank_holds_its_strided_rows_of_the_draws_one_process_makes():

@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TIMEOUT = timedelta(hours=2)
-"""How long a rank waits in a collective: rank 0 alone scores an evaluation (FID on a CPU takes minutes) while
-the others wait for its word at the end of the tick."""
+"""How long a rank waits in a collective: rank 0 alone computes an evaluation's metrics, and on first use the
+reference images' Inception features (minutes on a CPU), while the others wait for its word at the end of the
+tick."""
 
 
 def backend_for(device: str) -> str:
