@@ -13,7 +13,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from orchestrator.backends import Backend, BackendParams, register_backend
 from orchestrator.progress import Progress
-from orchestrator.tracking.schema import FAILED, FINISHED_STATES
+from orchestrator.tracking.schema import OUTCOMES
 from orchestrator.trial.distributed import run_local_ranks
 from orchestrator.trial.ranks import ProgressReader, reset_channel, run_rank
 from orchestrator.trial.runner import Trial, finish_detail, finish_unrun, run_trial
@@ -39,7 +39,7 @@ def run_ranks(trial: Trial, workers: int, progress: Callable[[int, dict], None])
         forward()
     except ProcessException as e:
         state = TrialState.load(Path(trial.dir))
-        if state.status not in (*FINISHED_STATES, FAILED):
+        if state.status not in OUTCOMES:
             finish_unrun(trial, state, f"a data-parallel worker failed: {str(e).strip().splitlines()[-1][:300]}")
 
 

@@ -22,7 +22,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from orchestrator.lock import note_in_record
 from orchestrator.progress import Progress
-from orchestrator.tracking.schema import FAILED, FINISHED_STATES, STOPPED
+from orchestrator.tracking.schema import OUTCOMES, STOPPED
 from orchestrator.trial.distributed import TIMEOUT
 from orchestrator.trial.ranks import ProgressReader, request_stop, reset_channel, run_rank
 from orchestrator.trial.runner import EarlyStopped, Trial, finish_detail, run_trial
@@ -77,7 +77,7 @@ def run_on_workers(trial: Trial, config: dict, progress: Callable[[int, dict], N
             fit.join()
             return STOPPED
     status = finish_detail(trial)[0]
-    if failure and status not in (*FINISHED_STATES, FAILED):  # rank 0 recorded no outcome: Tune retries
+    if failure and status not in OUTCOMES:  # rank 0 recorded no outcome: Tune retries
         raise failure[0]
     return status
 

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
-import torch.distributed
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from orchestrator.backends import JOB_FILE, Backend, BackendError, BackendParams, register_backend
 from orchestrator.progress import Progress
-from orchestrator.tracking.schema import CANCELLED, FAILED, FINISHED_STATES, RUNNING
-from orchestrator.trial.distributed import join_group, leave_group
+from orchestrator.tracking.schema import CANCELLED, FAILED, OUTCOMES, RUNNING
+from orchestrator.trial.distributed import process_group
 from orchestrator.trial.runner import Trial, finish_detail, run_trial
 from orchestrator.trial.state import TrialState, read_json, write_json
 
@@ -92,13 +91,8 @@ def run_task_rank(trial_dir: str) -> str:
         environment.master_addr = "127.0.0.1"
     environment.export(set_cuda_visible_devices=True)
     trial = Trial.load(trial_dir)
-    join_group(environment.rank, environment.world_size, "env://", trial.config["train"]["device"])
-    try:
-        status = run_trial(trial)
-        torch.distributed.barrier()
-        return status
-    finally:
-        leave_group()
+    with process_group(environment.rank, environment.world_size, "env://", trial.config["train"]["device"]):
+        return run_trial(trial)
 
 
 def slurm_command(*args: str) -> str:
@@ -195,10 +189,10 @@ def watch(trials: list[Trial], executors, backend: SlurmParams, progress: Progre
             slurm_state = states.get(job["job_id"])
             if slurm_state in ACTIVE:
                 continue
-            if slurm_state == "CANCELLED" and state.status not in (*FINISHED_STATES, FAILED):
+            if slurm_state == "CANCELLED" and state.status not in OUTCOMES:
                 state.status, state.reason = CANCELLED, f"Slurm job {job['job_id']} was cancelled"
                 state.save(Path(trial.dir))
-            if state.status in (*FINISHED_STATES, FAILED, CANCELLED):
+            if state.status in (*OUTCOMES, CANCELLED):
                 progress.finished(trial.id, *finish_detail(trial))
                 del waiting[trial.id]
             elif job["attempt"] <= backend.max_failures:

@@ -14,6 +14,9 @@ UNREADABLE = "unreadable"
 STATUSES = (PENDING, RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, CANCELLED)
 FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
 """Trials in these states are results: never run again."""
+OUTCOMES = (*FINISHED_STATES, FAILED)
+"""What a trial's own run records when it ends: a result, or its own failure (not retried). A trial whose
+process ended without one of these died (infrastructure), and its backend retries or records that."""
 RUN_STATUS = {FAILED: "FAILED", CANCELLED: "KILLED"}
 """MLflow's run status of an ended trial by its orch status (FINISHED otherwise)."""
 

@@ -4,10 +4,11 @@ NCCL on GPUs, gloo on CPUs; the training step itself is in methods/parallel.py."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -48,14 +49,22 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def local_rank_main(rank: int, fn: Callable, world: int, init_method: str, device: str, args: tuple) -> None:
-    torch.set_num_threads(1)
+@contextlib.contextmanager
+def process_group(rank: int, world: int, init_method: str, device: str) -> Iterator[None]:
+    """The trial's process group, joined for the body as `rank` of `world`; after a body that ended normally,
+    every rank waits for the others (no rank tears its connections down while another still uses them)."""
     join_group(rank, world, init_method, device)
     try:
-        fn(*args)
-        dist.barrier()  # no rank tears its connections down while another still uses them
+        yield
+        dist.barrier()
     finally:
         leave_group()
+
+
+def local_rank_main(rank: int, fn: Callable, world: int, init_method: str, device: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    with process_group(rank, world, init_method, device):
+        fn(*args)
     # A finished rank exits without the interpreter's teardown: gloo's threads, destroyed there, abort the
     # process now and then ("terminate called without an active exception") after all the work is done.
     sys.stdout.flush()
