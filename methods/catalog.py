@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 
 from methods import (  # noqa: F401 — importing registers
     consistency,
+    dit,
     flow_matching,
     images,
     meanflow,

@@ -1,0 +1,130 @@
+"""The DiT/SiT flow-map network: DiT's sizes and layout, adaLN-Zero, exact forward-mode derivatives through
+attention, both time embeddings, and training with the JVP, teacher and MeanFlow methods."""
+
+import pytest
+import torch
+
+from methods.attention import exact_attention
+from methods.dit import SIZES, DiTParams, build_dit
+from methods.guidance import ClassConditioning
+from orchestrator.trial.build import build_trainer
+from orchestrator.trial.config import resolve_trial_config
+
+LATENTS = (4, 32, 32)
+PUBLISHED_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}
+"""DiT's parameter counts at patch 2 (its paper's table: class-conditional ImageNet-256 latents, with the
+learned-variance output half)."""
+
+
+def tiny(patch: int = 2, shape=(1, 8, 8), conditioning=None, **options):
+    options = {"depth": 2, "hidden": 32, "heads": 2} | options
+    return build_dit(DiTParams(patch=patch, **options), shape, torch.ones(1), conditioning)
+
+
+def randomise_zero_layers(net) -> None:
+    """Give the zero-initialised adaLN and output layers weights, so every path of the network shows."""
+    for name, p in net.named_parameters():
+        if "adaLN_modulation" in name or "final_layer.linear" in name:
+            torch.nn.init.normal_(p, std=0.2)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_each_size_has_dits_parameter_count_and_token_grid(size):
+    with torch.device("meta"):  # the shapes without the memory: XL has 675M parameters
+        net = build_dit(DiTParams(size=size), LATENTS, torch.ones(1), ClassConditioning(1000))
+    depth, hidden, heads = SIZES[size]
+    count = sum(p.numel() for p in net.parameters())
+    # paper B's end-time embedder is the flow map's addition; DiT also outputs a variance half per pixel
+    second_time = sum(p.numel() for p in net.s_embedder.parameters())
+    variance_half = 2 * 2 * LATENTS[0] * (hidden + 1)
+    assert round((count - second_time + variance_half) / 1e6) == PUBLISHED_MILLIONS[size]
+    assert len(net.blocks) == depth and net.blocks[0].attn.heads == heads
+    assert net.pos_embed.shape == (1, 256, hidden)  # 32 × 32 latents in 2 × 2 patches
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_each_patch_maps_images_to_images_and_adaln_zero_starts_at_zero(patch):
+    torch.manual_seed(0)
+    net = tiny(patch, shape=(3, 16, 16))
+    x, a, b = torch.randn(2, 3, 16, 16), torch.rand(2), torch.rand(2)
+    assert net.pos_embed.shape == (1, (16 // patch) ** 2, 32)
+    assert torch.equal(net(x, a, b), torch.zeros_like(x))  # adaLN-Zero: every block the identity, output 0
+    randomise_zero_layers(net)
+    v = net(x, a, b)
+    assert v.shape == x.shape and v.abs().mean() > 0.01
+
+
+def test_a_pixel_lands_where_its_patch_token_put_it():
+    net = tiny(4, shape=(2, 8, 8))
+    tokens = torch.arange(4 * 16 * 2, dtype=torch.float32).reshape(1, 4, 32)  # (n, L, p²·C), C last
+    image = net.unpatchify(tokens)
+    # token 1 is the top row's second patch: its first value is channel 0 of pixel (0, 4)
+    assert image.shape == (1, 2, 8, 8) and image[0, 0, 0, 4] == tokens[0, 1, 0] and image[0, 1, 0, 4] == 33
+
+
+@pytest.mark.parametrize("time_embedding", ["secant", "meanflow"])
+def test_forward_mode_derivatives_through_attention_equal_finite_differences(time_embedding):
+    torch.manual_seed(0)
+    net = tiny(2, time_embedding=time_embedding, conditioning=ClassConditioning(3)).double()
+    randomise_zero_layers(net)
+    x, a, b = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2).double(), torch.rand(2).double()
+    labels = torch.tensor([0, 3])  # a class and the null class
+    dx, da, db = torch.randn_like(x), torch.ones(2).double(), torch.ones(2).double()
+
+    def v(x, a, b):
+        return net(x, a, b, labels)
+
+    with exact_attention():  # what CountingNet.jvp does for the JVP methods
+        _, tangent = torch.func.jvp(v, (x, a, b), (dx, da, db))
+    eps = 1e-6
+    fd = (v(x + eps * dx, a + eps * da, b + eps * db) - v(x - eps * dx, a - eps * da, b - eps * db)) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
+    assert tangent.abs().max() > 1e-3
+    with exact_attention():
+        exact = v(x, a, b)
+    torch.testing.assert_close(v(x, a, b), exact)  # the fused kernel and the explicit path agree
+
+
+def test_the_two_time_embeddings_condition_on_what_their_papers_embed():
+    torch.manual_seed(0)
+    secant, meanflow = tiny(time_embedding="secant"), tiny(time_embedding="meanflow")
+    a, b = torch.tensor([0.2, 0.5]), torch.tensor([0.7, 0.5])
+    t_e, s_e = secant.t_embedder, secant.s_embedder
+    torch.testing.assert_close(secant.condition(a, b, None, None), (t_e(a) + s_e(b)) / 2)
+    # MeanFlow's time runs the other way (1 = noise): t = 1 − a, and h = t − r = b − a
+    t_m, h_m = meanflow.t_embedder, meanflow.h_embedder
+    torch.testing.assert_close(meanflow.condition(a, b, None, None), t_m(1 - a) + h_m(b - a))
+    s_e.load_state_dict(t_e.state_dict())  # paper B's transfer: the end-time embedder a copy of the start's
+    torch.testing.assert_close(secant.condition(a, a, None, None), t_e(a))
+
+
+def test_bad_shapes_and_widths_are_refused_naming_the_problem():
+    with pytest.raises(ValueError, match="sides divisible by patch 4"):
+        tiny(4, shape=(1, 10, 10))
+    with pytest.raises(ValueError, match="multiple of 4 and of the 3 heads"):
+        DiTParams(hidden=32, heads=3)
+    _, problems = resolve_trial_config({"model": {"name": "dit", "patch": 3}})
+    assert problems and problems[0].path == "model.patch"
+
+
+@pytest.mark.parametrize("method", ["lsd", "meanflow", "sdei"])
+def test_a_tiny_conditional_dit_trains_on_mnist(method):
+    config, problems = resolve_trial_config(
+        {
+            "dataset": {"name": "mnist", "limit": 64, "conditional": True},
+            "model": {"name": "dit", "patch": 4, "depth": 2, "hidden": 32, "heads": 2},
+            "method": {"name": method},
+            "train": {"batch_size": 8, "device": "cpu", "ema": [0.9], "lr": 1e-3},
+            "eval": {"metrics": ["fid"]},
+        }
+    )
+    assert not problems, problems
+    teacher = build_dit(DiTParams(patch=4, depth=2, hidden=32, heads=2), (1, 28, 28), torch.ones(1),
+                        ClassConditioning(10)) if method == "sdei" else None  # fmt: skip
+    if teacher is not None:
+        randomise_zero_layers(teacher)  # a teacher whose velocity is not 0
+    trainer = build_trainer(config, torch.device("cpu"), teacher)
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    losses = [trainer.train_step(with_stats=True)["train/loss"] for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[0] > 0
+    assert any(not torch.equal(p, q) for p, q in zip(before, trainer.net.parameters()))
