@@ -60,6 +60,11 @@ class DiTParams(Params):
     t − r)."""
     time_scale: float = Field(1.0, gt=0.0)
     """Times are multiplied by this before their sinusoidal features; 1 is SiT's (and paper B's) raw τ ∈ [0, 1]."""
+    init_from: str | None = None
+    """A checkpoint of the DiT or SiT repositories (e.g. SiT-XL-2-256.pt: a state dict, or one under "ema" or
+    "model") the network starts from, of this size, patch and class count: a learned-variance output half is
+    dropped, and the end-time embedder E_s is a copy of E_t (paper B's transfer, so v(x; t, t) starts as the
+    checkpoint's velocity). null: DiT's initialisation."""
 
     @model_validator(mode="after")
     def width_splits(self) -> DiTParams:
@@ -244,6 +249,10 @@ class FlowMapDiT(nn.Module):
         self.y_embedder = LabelEmbedder(conditioning.num_classes, hidden) if conditioning else None
         self.cfg_embedder = TimestepEmbedder(hidden) if conditioning and conditioning.omega else None
 
+    def load_pretrained(self, saved: dict, source: str) -> None:
+        """Take the weights of a DiT/SiT repository checkpoint (model.init_from, or a teacher's file)."""
+        load_official(self, saved, source)
+
     def condition(self, a: Tensor, b: Tensor, labels: Tensor | None, omega: Tensor | None) -> Tensor:
         """The conditioning vector c (n, hidden) of the jump a → b, the class and the guidance scale."""
         a, b = a * self.time_scale, b * self.time_scale
@@ -280,6 +289,44 @@ class FlowMapDiT(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
+
+
+OFFICIAL_CONTAINERS = ("ema", "model")
+"""Where a training checkpoint of the DiT/SiT repositories keeps its state dict (released files are the dict)."""
+
+
+def official_state(saved: dict, net: FlowMapDiT) -> dict[str, Tensor]:
+    """A DiT/SiT repository state dict in `net`'s layout: the names are DiT's already; the final layer's rows of
+    a learned-variance output (per pixel, C mean channels then C variance channels) are cut to the mean's, and
+    a checkpoint with one time embedder gets E_s = E_t (paper B's transfer) for a secant network."""
+    state = next((saved[k] for k in OFFICIAL_CONTAINERS if isinstance(saved.get(k), dict)), saved)
+    state = dict(state)
+    rows = net.patch**2 * net.channels
+    means = torch.arange(2 * rows).reshape(net.patch**2, 2 * net.channels)[:, : net.channels].flatten()
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        if name in state and state[name].shape[0] == 2 * rows:
+            state[name] = state[name][means]
+    if not net.meanflow and not any(k.startswith("s_embedder.") for k in state):
+        state |= {"s_embedder." + k[len("t_embedder.") :]: v for k, v in state.items() if k.startswith("t_embedder.")}
+    return state
+
+
+def load_official(net: FlowMapDiT, saved: dict, source: str) -> None:
+    """Load a DiT/SiT repository checkpoint (read from `source`) into `net` (official_state); a guidance embedder
+    the checkpoint has none of keeps its initialisation. Raises ValueError naming the file and the missing,
+    unexpected or mis-shaped parameters."""
+    state = official_state(saved, net)
+    own = net.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (this network: {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]  # fmt: skip
+    missing = [k for k in own if k not in state and not k.startswith("cfg_embedder.")]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        raise ValueError(
+            f"{source} is not a checkpoint of this DiT: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}, other shapes {wrong or 'none'}"
+        )
+    net.load_state_dict(state, strict=False)
 
 
 @MODELS.register("dit", DiTParams)

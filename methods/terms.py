@@ -87,10 +87,11 @@ class TeacherSpec(Params):
     """The frozen flow-matching teacher of a distillation method (v_T(x, τ) = teacher(x; τ, τ))."""
 
     path: str | None = None
-    """A trained teacher: a teacher file written by orch (`teacher.pt`) or a trial directory of any study (its
-    newest checkpoint's first EMA copy). null: orch plans a flow-matching teacher trial for this dataset and
-    model with the budget below, trains it first (`orch plan` lists it) once per work directory, under
-    <workdir>/teachers/trials/<id>, and every study there reuses it."""
+    """A trained teacher: a teacher file written by orch (`teacher.pt`), a trial directory of any study (its
+    newest checkpoint's first EMA copy), or for model dit a checkpoint of the DiT/SiT repositories (e.g.
+    SiT-XL-2-256.pt, loaded into the trial's network as model.init_from is). null: orch plans a flow-matching
+    teacher trial for this dataset and model with the budget below, trains it first (`orch plan` lists it) once
+    per work directory, under <workdir>/teachers/trials/<id>, and every study there reuses it."""
     steps: Steps = 3000
     """Training steps of the teacher orch trains."""
     batch_size: Batch = 512

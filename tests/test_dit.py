@@ -9,6 +9,7 @@ from methods.dit import SIZES, DiTParams, build_dit
 from methods.guidance import ClassConditioning
 from orchestrator.trial.build import build_trainer
 from orchestrator.trial.config import resolve_trial_config
+from orchestrator.trial.teachers import load_teacher
 
 LATENTS = (4, 32, 32)
 PUBLISHED_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}
@@ -128,3 +129,104 @@ def test_a_tiny_conditional_dit_trains_on_mnist(method):
     losses = [trainer.train_step(with_stats=True)["train/loss"] for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[0] > 0
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.net.parameters()))
+
+
+def official_layout(depth, hidden, patch, channels, side, classes, learn_sigma=True, seed=0) -> dict:
+    """Random tensors under the DiT/SiT repositories' parameter names and shapes (their models.py: timm's
+    patch embedding and MLP, a fixed position embedding saved with the weights, adaLN as SiLU → Linear, a
+    learned-variance output half)."""
+    d, tokens, out = hidden, (side // patch) ** 2, patch * patch * channels * (2 if learn_sigma else 1)
+    shapes = {
+        "x_embedder.proj.weight": (d, channels, patch, patch), "x_embedder.proj.bias": (d,),
+        "pos_embed": (1, tokens, d),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (classes + 1, d),
+        "final_layer.linear.weight": (out, d), "final_layer.linear.bias": (out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }  # fmt: skip
+    for i in range(depth):
+        shapes |= {
+            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
+            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
+            f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
+            f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+        }  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    return {name: 0.1 * torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+
+
+TINY_MNIST = {"name": "dit", "patch": 4, "depth": 2, "hidden": 32, "heads": 2}
+
+
+def distillation_config(model: dict, method: dict) -> dict:
+    config, problems = resolve_trial_config(
+        {
+            "dataset": {"name": "mnist", "limit": 64, "conditional": True},
+            "model": model,
+            "method": method,
+            "train": {"batch_size": 8, "device": "cpu", "ema": [0.9]},
+            "eval": {"metrics": ["fid"]},
+        }
+    )
+    assert not problems, problems
+    return config
+
+
+@pytest.mark.parametrize("container", [None, "ema"], ids=["released-file", "training-checkpoint"])
+@pytest.mark.parametrize("online_cfg", [None, [1.0, 2.5]], ids=["plain", "online-cfg"])
+def test_official_checkpoints_load_as_teacher_and_init_and_the_diagonal_starts_as_the_teacher(
+    tmp_path, container, online_cfg
+):
+    official = official_layout(depth=2, hidden=32, patch=4, channels=1, side=28, classes=10)
+    path = tmp_path / "SiT-tiny.pt"
+    torch.save(official if container is None else {container: official, "args": {"model": "SiT-tiny"}}, path)
+    method = {"name": "sdei", "teacher": {"path": str(path)}, "online_cfg": online_cfg}
+    config = distillation_config(TINY_MNIST | {"init_from": str(path)}, method)
+    teacher, _ = load_teacher(path, config)
+    assert torch.equal(teacher.x_embedder.proj.weight, official["x_embedder.proj.weight"])
+    assert torch.equal(teacher.s_embedder.mlp[2].weight, official["t_embedder.mlp.2.weight"])  # paper B's transfer
+    student = build_trainer(config, torch.device("cpu"), teacher).net.net  # the network inside its counter
+    x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
+    labels, omega = torch.tensor([0, 3, 9, 10]), None if online_cfg is None else torch.zeros(4)
+    with torch.no_grad():
+        # f(x; t, t) of the student at step 0 is exactly the teacher's velocity (for ω's embedder: see below)
+        diagonal, velocity = student(x, t, t, labels, omega), teacher(x, t, t, labels)
+    if online_cfg is None:
+        assert torch.equal(diagonal, velocity) and velocity.abs().max() > 0.01
+    else:  # the student's own guidance embedder is new: only it differs from the teacher
+        assert student.cfg_embedder is not None and teacher.cfg_embedder is None
+        shared = {k: v for k, v in student.state_dict().items() if not k.startswith("cfg_embedder.")}
+        assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in shared.items())
+
+
+def test_a_learned_variance_half_is_dropped_and_the_mean_lands_on_its_pixels(tmp_path):
+    official = official_layout(depth=1, hidden=32, patch=4, channels=2, side=8, classes=3)
+    official["final_layer.linear.weight"].zero_()  # the output is then the bias, arranged per patch pixel
+    official["final_layer.adaLN_modulation.1.weight"].zero_()
+    official["final_layer.adaLN_modulation.1.bias"].zero_()
+    net = tiny(4, shape=(2, 8, 8), conditioning=ClassConditioning(3), depth=1)
+    net.load_pretrained(official, "official.pt")
+    out = net(torch.randn(1, 2, 8, 8), torch.rand(1), torch.rand(1), torch.tensor([1]))
+    bias = official["final_layer.linear.bias"].reshape(4, 4, 4)  # (patch row, patch column, 2C), C = 2 means
+    for c in range(2):
+        for row in range(8):
+            for col in range(8):
+                assert out[0, c, row, col] == bias[row % 4, col % 4, c], (c, row, col)
+
+
+def test_a_checkpoint_of_another_network_names_what_does_not_match(tmp_path):
+    net = tiny(4, shape=(1, 28, 28), conditioning=ClassConditioning(10))
+    deeper = official_layout(depth=3, hidden=32, patch=4, channels=1, side=28, classes=10)
+    with pytest.raises(ValueError, match=r"unexpected \['blocks\.2\.attn\.qkv\.weight'"):
+        net.load_pretrained(deeper, "deeper.pt")
+    wider = official_layout(depth=2, hidden=64, patch=4, channels=1, side=28, classes=10)
+    with pytest.raises(ValueError, match=r"other shapes \['x_embedder\.proj\.weight \(64, 1, 4, 4\) \(this network"):
+        net.load_pretrained(wider, "wider.pt")
+    meanflow = tiny(4, shape=(1, 28, 28), conditioning=ClassConditioning(10), time_embedding="meanflow")
+    sit = official_layout(depth=2, hidden=32, patch=4, channels=1, side=28, classes=10)
+    with pytest.raises(ValueError, match=r"sit\.pt is not a checkpoint of this DiT: missing \['h_embedder"):
+        meanflow.load_pretrained(sit, "sit.pt")  # SiT has no jump-length embedder to start MeanFlow's from
+    _, problems = resolve_trial_config({"model": {"name": "dit", "init_from": str(tmp_path / "absent.pt")}})
+    assert [p.path for p in problems] == ["model.init_from"] and "no such file" in problems[0].message

@@ -3,6 +3,8 @@ importable wherever torch and pydantic are, e.g. on a bare GPU machine for bench
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from methods.catalog import METHODS
@@ -49,16 +51,33 @@ def needs_teacher(method_config: dict) -> bool:
     )
 
 
+GUIDANCE_EMBEDDERS = ("classes.omega.", "cfg_embedder.")
+"""Parameter names of the networks' online-CFG embedders E_ω (MLP and UNet; DiT): a teacher has none."""
+
+
+def read_weights(path: str | Path) -> dict:
+    """A checkpoint's tensors (weights_only: a file's pickled code never runs). Raises ValueError naming it."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a state dict (got {type(saved).__name__})")
+    return saved
+
+
 def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
     """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher,
     and its student starts from the teacher's weights when the method says so."""
     train = TrainConfig.model_validate(config["train"])
     dataset = build_section(config, "dataset")
     net = build_network(config)
+    if (path := config["model"].get("init_from")) is not None:  # a network with this option can load it
+        net.load_pretrained(read_weights(path), path)
     if teacher is not None and config["method"].get("init_from_teacher"):
         # strict, except that a student with online CFG keeps its own guidance embedder (the teacher has none)
         missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
-        missing = [k for k in missing if not k.startswith("classes.omega.")]
+        missing = [k for k in missing if not k.startswith(GUIDANCE_EMBEDDERS)]
         if missing or unexpected:
             raise ValueError(
                 "method.init_from_teacher: the teacher's network differs from model: "

@@ -120,6 +120,9 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
             problems.append(
                 Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
             )
+    init = config["model"].get("init_from") if "model" in valid else None
+    if init is not None and not Path(init).is_file():
+        problems.append(Problem("model.init_from", f"no such file: {init}"))
     teacher = config["method"].get("teacher") if "method" in valid else None
     if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
         problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))

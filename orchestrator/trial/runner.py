@@ -272,7 +272,7 @@ def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[s
     tags = environment_tags(device_name(device)) | {TRIAL_DIR: trial.dir}
     teacher = None
     if trial.teacher is not None:  # planned and trained first by the driver, or named by the study
-        teacher, _ = load_teacher(trial.teacher)
+        teacher, _ = load_teacher(trial.teacher, trial.config)
         tags[TEACHER] = trial.teacher_name
     trainer = build_trainer(trial.config, device, teacher)
     tags[PRECISION] = trainer.precision + ("+compile" if trainer.cfg.compile else "")

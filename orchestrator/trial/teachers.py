@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator.trial.build import build_network, needs_teacher
+from orchestrator.trial.build import build_network, needs_teacher, read_weights
 from orchestrator.trial.config import resolve_trial_config
 from orchestrator.trial.state import atomic_write_bytes, load_latest_checkpoint
 
@@ -53,30 +53,42 @@ def teacher_config(config: dict) -> dict:
     return resolved
 
 
-def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
-    """A teacher network and its config from a teacher file or from a trial directory (newest checkpoint, first
-    EMA copy). Raises TeacherError naming the path and the expected format."""
+def load_teacher(path: str | Path, student: dict | None = None) -> tuple[nn.Module, dict]:
+    """A teacher network and its config from a teacher file, a trial directory (newest checkpoint, first EMA
+    copy), or, for a `student` config whose network loads them (model dit), a DiT/SiT repository checkpoint:
+    the teacher is then the student's network as a flow-matching model with those weights. Raises TeacherError
+    naming the path and the expected format."""
     path = Path(path)
-    expected = f"expected an orch teacher file ({TEACHER_FILE}) or a trial directory with trial.json and checkpoints/"
+    expected = (
+        f"expected an orch teacher file ({TEACHER_FILE}), a trial directory with trial.json and checkpoints/, or "
+        "for model dit a checkpoint of the DiT/SiT repositories"
+    )
     try:
         if path.is_dir():
             config = json.loads((path / "trial.json").read_text())["config"]
             checkpoint = load_latest_checkpoint(path)
             if checkpoint is None:
                 raise TeacherError(f"teacher {path}: no readable checkpoint in {path / 'checkpoints'}")
-            ema = checkpoint["trainer"]["ema"]
-            state = ema[str(config["train"]["ema"][0])]
-        else:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            state = checkpoint["trainer"]["ema"][str(config["train"]["ema"][0])]
+        elif "config" in (saved := read_weights(path)):
             config, state = saved["config"], saved["net"]
+        elif student is not None:  # another code base's checkpoint, for the student's own network
+            config = teacher_config(student)
+            net = build_network(config)
+            if not hasattr(net, "load_pretrained"):
+                raise TeacherError(f"teacher {path}: a state dict without orch's config; {expected}")
+            net.load_pretrained(saved, str(path))
+            return net, config
+        else:
+            raise TeacherError(f"teacher {path}: a state dict without orch's config; {expected}")
         net = build_network(config)
         net.load_state_dict(state)
+        return net, config
     except TeacherError:
         raise
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
         raise TeacherError(f"teacher {path}: cannot load ({type(e).__name__}: {first_line}); {expected}") from None
-    return net, config
 
 
 def planned_teacher(config: dict) -> dict | None:
