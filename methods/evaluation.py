@@ -44,6 +44,11 @@ class EvalConfig(Params):
     """Samples generated per network call during evaluation (memory, not results, depends on it)."""
     fid_reference: Samples | None = None
     """FID reference: this many training images (a fixed subset; null: all of them, as the papers do)."""
+    fid_statistics: str | None = None
+    """FID against precomputed reference statistics instead of the training images: ADM's reference batch
+    (`.npz` with `mu`, `sigma`, e.g. VIRTUAL_imagenet256_labeled.npz) or a torch-fidelity statistics file
+    (`.pt`, {"mu", "sigma"}) of pool3 features; the file's SHA-256 is part of FID's fingerprint. KID,
+    precision and recall still compare with the training images."""
     grid: NonNegativeInt = 64
     """Images in the sample grid logged per NFE at each evaluation (image datasets; 0: none). Conditional data:
     one row per class, ⌈grid / classes⌉ images each."""

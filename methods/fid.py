@@ -244,6 +244,52 @@ def reference_features(dataset: ImageDataset, count: int | None, device: torch.d
     return torch.from_numpy(np.load(path)), key
 
 
+FEATURES = 2048
+
+
+@functools.cache
+def read_statistics(path: str) -> dict[str, np.ndarray]:
+    """Reference statistics {"mu": (2048,), "sigma": (2048, 2048)} from ADM's reference batch (.npz: its `mu`,
+    `sigma`; the images in it are not read) or torch-fidelity's statistics file (.pt). Nothing in either file
+    runs: the .npz is read without pickles, the .pt with torch's weights-only loader allowing numpy arrays.
+    Raises ValueError naming the file and what is wrong."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as f:
+                stats = {"mu": f["mu"], "sigma": f["sigma"]}
+        else:
+            allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.Float64DType,
+                       np.dtypes.Float32DType]  # fmt: skip
+            with torch.serialization.safe_globals(allowed):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            stats = {"mu": np.asarray(saved["mu"]), "sigma": np.asarray(saved["sigma"])}
+    except Exception as e:
+        message = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{path}: not FID statistics ({type(e).__name__}: {message}); expected ADM's reference batch (.npz "
+            "with mu and sigma) or a torch-fidelity statistics file (.pt)"
+        ) from None
+    if stats["mu"].shape != (FEATURES,) or stats["sigma"].shape != (FEATURES, FEATURES):
+        raise ValueError(
+            f"{path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} are not statistics of Inception's "
+            f"{FEATURES} pool3 features"
+        )
+    return {k: v.astype(np.float64) for k, v in stats.items()}
+
+
+@functools.cache
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fid_against_statistics(feats: Tensor, path: str) -> float:
+    """FID of features (N, 2048) against reference statistics (read_statistics), by torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    fid = fid_statistics_to_metric(fid_features_to_statistics(feats), read_statistics(path), verbose=False)
+    return next(iter(fid.values()))
+
+
 def fid_kid(feats_a: Tensor, feats_b: Tensor) -> dict[str, float]:
     """FID (torch-fidelity's statistics and Fréchet distance) and KID (its unbiased polynomial-kernel MMD over
     random subsets of up to 1000) between two feature sets."""

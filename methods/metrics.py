@@ -106,9 +106,12 @@ def generated_and_real(samples: Tensor, dataset: ImageDataset, evaluation, devic
     return fid.sample_outputs(samples, device)[0], reference
 
 
-@register_metric("fid", direction="min", title="FID", **IMAGE_METRIC)
+@register_metric("fid", direction="min", title="FID", **IMAGE_METRIC | {"options": ("fid_reference", "fid_statistics")})
 def fid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
-    """FID of uint8 samples against the training images (eval.fid_reference of them), torch-fidelity Inception."""
+    """FID of uint8 samples against the training images (eval.fid_reference of them), or against the reference
+    statistics of eval.fid_statistics; torch-fidelity Inception."""
+    if evaluation.fid_statistics is not None:
+        return fid.fid_against_statistics(fid.sample_outputs(samples, device)[0], evaluation.fid_statistics)
     return fid.fid_kid(*generated_and_real(samples, dataset, evaluation, device))["fid"]
 
 

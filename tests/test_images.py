@@ -15,10 +15,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from methods import fid
+from methods.evaluation import EvalConfig
 from methods.images import DatasetFilesError, ImageDataset
+from methods.metrics import metric
 from methods.unet import FlowMapUNet, UNetParams
 from orchestrator.cli import main
 from orchestrator.trial.build import build_section
+from orchestrator.trial.config import metric_fingerprint, resolve_trial_config
 from tests.conftest import STUDIES
 
 
@@ -226,3 +229,37 @@ def test_mnist_study_logs_fid_grids_and_best_checkpoints(tmp_path):
             assert best[f"eval/fid/nfe_{nfe}"] == {"value": values[step], "step": step}
             saved = torch.load(trial_dir / "best" / f"fid_nfe_{nfe}.pt", weights_only=True)
             assert saved["step"] == step and "conv_out.weight" in saved["net"]
+
+
+def test_fid_against_adm_or_torch_fidelity_statistics_equals_fid_against_the_features(tmp_path):
+    def mnist_config(**evaluation):
+        config, problems = resolve_trial_config(
+            {"dataset": {"name": "mnist", "limit": 200}, "model": {"name": "unet"},
+             "eval": {"metrics": ["fid"], "fid_reference": 40} | evaluation}
+        )  # fmt: skip
+        assert not problems, problems
+        return config
+
+    config = mnist_config()
+    dataset, evaluation = build_section(config, "dataset"), EvalConfig.model_validate(config["eval"])
+    reference, _ = fid.reference_features(dataset, 40, torch.device("cpu"))
+    mu, sigma = reference.mean(0).numpy(), np.cov(reference.numpy(), rowvar=False)
+    adm, fidelity = tmp_path / "VIRTUAL_mnist_labeled.npz", tmp_path / "mnist-stat-fid-2048.pt"
+    np.savez(adm, arr_0=np.zeros((2, 28, 28, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu[:8], sigma_s=sigma[:8, :8])
+    torch.save({"mu": mu, "sigma": sigma}, fidelity)  # torch-fidelity's layout: numpy arrays in a dict
+    samples = torch.randint(0, 256, (24, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    direct = metric("fid")(samples, dataset, evaluation, torch.device("cpu"))
+    for path in (adm, fidelity):
+        with_statistics = evaluation.model_copy(update={"fid_statistics": str(path)})
+        assert metric("fid")(samples, dataset, with_statistics, torch.device("cpu")) == pytest.approx(direct, rel=1e-9)
+    assert direct > 1
+    # the statistics file is part of FID's fingerprint, by its content
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(adm.read_bytes())
+    prints = {p: metric_fingerprint("fid", mnist_config(fid_statistics=str(p))) for p in (adm, copy, fidelity)}
+    assert prints[adm] == prints[copy] != prints[fidelity] and prints[adm] != metric_fingerprint("fid", config)
+    # a file that is not statistics is refused at validation, naming it
+    np.savez(tmp_path / "wrong.npz", mu=mu[:10], sigma=sigma[:10, :10])
+    for bad, message in [("wrong.npz", "are not statistics of Inception's 2048"), ("absent.npz", "no such file")]:
+        _, problems = resolve_trial_config({"eval": {"fid_statistics": str(tmp_path / bad)}})
+        assert [p.path for p in problems] == ["eval.fid_statistics"] and message in problems[0].message

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
+from methods import fid
 from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
 from methods.evaluation import LABEL_SEED, sampler_calls
 from methods.interpolants import LinearInterpolant
@@ -126,6 +127,14 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
     teacher = config["method"].get("teacher") if "method" in valid else None
     if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
         problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))
+    statistics = evaluation.get("fid_statistics") if "eval" in valid else None
+    if statistics is not None:
+        try:
+            fid.read_statistics(statistics)
+        except (OSError, ValueError) as e:
+            problems.append(
+                Problem("eval.fid_statistics", str(e) if Path(statistics).is_file() else f"no such file: {statistics}")
+            )
     if not ({"eval"} <= valid and "dataset" in named):
         return problems
     dataset = DATASETS.get(config["dataset"]["name"])
@@ -227,6 +236,7 @@ INERT = {
     ("method", "teacher_guidance"): 1.0,
     ("train", "precision"): "auto",
     ("eval", "precision"): "fp32",
+    ("eval", "fid_statistics"): None,
 }
 """Options added after trial ids were first issued, at the values that train exactly as before they existed:
 left out of identities and fingerprints, so that every earlier trial keeps its id and its results."""
@@ -272,6 +282,10 @@ def eval_ema(config: dict) -> float:
     return ema if ema is not None else config["train"]["ema"][0]
 
 
+FILE_OPTIONS = ("fid_statistics",)
+"""eval options that name a file: a metric's fingerprint holds its SHA-256."""
+
+
 def metric_fingerprint(metric: str, config: dict) -> str:
     """What makes two values of an eval metric comparable: the metric, the data it is measured against (training
     augmentation aside), the sample count, the EMA copy that samples, and for FID the reference size and the
@@ -279,7 +293,13 @@ def metric_fingerprint(metric: str, config: dict) -> str:
     spec, evaluation = METRICS.get(metric).build, config["eval"]
     data = {k: v for k, v in without_inert(config)["dataset"].items() if k != "hflip"}
     basis = {"metric": metric, "dataset": data, "num_samples": evaluation["num_samples"], "ema": eval_ema(config)}
-    basis |= {option: evaluation[option] for option in spec.options}
+    for option in spec.options:
+        value = evaluation.get(option)
+        if option in FILE_OPTIONS:  # a file counts by its content; unset, it leaves earlier fingerprints alone
+            if value is None:
+                continue
+            value = fid.file_sha256(value)
+        basis[option] = value
     if evaluation.get("precision", "fp32") != "fp32":  # samples drawn in half precision are another series
         basis["precision"] = evaluation["precision"]
     if config["dataset"].get("conditional"):  # which classes the samples were asked for, and how guided
@@ -295,7 +315,8 @@ def metric_description(metric: str, config: dict) -> str:
     """What a metric's fingerprint stands for, in words: "FID of 10,000 samples vs 50,000 training images of
     cifar10 (EMA 0.9999)"."""
     spec, evaluation, dataset = METRICS.get(metric).build, config["eval"], config["dataset"]["name"]
-    options = "".join(f", {option} {evaluation[option]}" for option in spec.options)
+    given = [o for o in spec.options if not (o in FILE_OPTIONS and evaluation.get(o) is None)]
+    options = "".join(f", {option} {evaluation[option]}" for option in given)
     return f"{spec.title} of {evaluation['num_samples']:,} samples of {dataset} (EMA {eval_ema(config)}{options})"
 
 
