@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.image_cost import build, inception, synchronize, synthetic_cifar, timed_steps  # noqa: E402
 from methods import fid  # noqa: E402
 from methods.evaluation import EvalConfig, generate  # noqa: E402
-from methods.images import ImageDataset  # noqa: E402
+from methods.images import ImageDataset, subset  # noqa: E402
 from methods.precision import autocast  # noqa: E402
 from methods.training import peak_memory_mb  # noqa: E402
 from orchestrator.study.load import load_study  # noqa: E402
@@ -129,7 +129,7 @@ def inception_precision(dataset: ImageDataset, device: torch.device, count: int,
     """Inception images/s in fp32 and bf16, and the FID between two disjoint halves of `count` dataset images
     with each (their difference is what bf16 features change; skipped with random weights)."""
     model = inception(device, random_weights)
-    images = fid.subset(dataset.images, count)
+    images = subset(dataset.images, count)
     half = len(images) // 2
     out = {}
     for precision in ("fp32", "bf16"):
@@ -147,7 +147,7 @@ def sample_fid_delta(trainer, config: dict, device: torch.device, random_weights
         return {}
     model = inception(device, False)
     count = config["eval"]["batch_size"]
-    reference, _ = inception_features(model, fid.subset(trainer.dataset.images, count), "fp32", device)
+    reference, _ = inception_features(model, subset(trainer.dataset.images, count), "fp32", device)
     out = {}
     for precision in ("fp32", "bf16"):
         feats, _ = inception_features(model, draw(trainer, config, precision, 1, device), "fp32", device)

@@ -15,6 +15,7 @@ from methods import (  # noqa: F401 — importing registers
     dit,
     flow_matching,
     images,
+    latents,
     meanflow,
     secant,
     self_distillation,

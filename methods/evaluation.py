@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from methods.counting import CountingNet, Counts
 from methods.guidance import Condition, GuidedNet, eval_suffix, normalised_omega, num_classes_of
-from methods.images import ImageDataset, to_uint8
+from methods.images import ImageDataset
 from methods.interpolants import LinearInterpolant
 from methods.metrics import metric, share_feature_passes
 from methods.parallel import Gen, ShardedGenerator, gather_rows, world_of
@@ -170,7 +170,7 @@ def generate_chunks(
             x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise).float()
         if shard:
             x = gather_rows(x, world)
-        yield to_uint8(x).cpu() if isinstance(dataset, ImageDataset) else x
+        yield dataset.to_images(x) if isinstance(dataset, ImageDataset) else x
 
 
 def sharded_evaluation(evaluation: EvalConfig, world: int) -> bool:

@@ -212,14 +212,6 @@ def sample_outputs(samples: Tensor, device: torch.device, shard: bool = False) -
     return of_samples(samples, "inception", lambda: inception_outputs(samples, device, shard=shard))
 
 
-def subset(images: Tensor, count: int | None) -> Tensor:
-    """`count` images drawn without replacement by a fixed permutation (all of them when count is null)."""
-    if count is None or count >= len(images):
-        return images
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
-    return images[perm.sort().values]
-
-
 def fingerprint(identity: dict, count: int) -> str:
     basis = json.dumps({"data": identity, "count": count, "weights": weights_sha256()}, sort_keys=True)
     return hashlib.sha256(basis.encode()).hexdigest()[:16]
@@ -227,7 +219,7 @@ def fingerprint(identity: dict, count: int) -> str:
 
 def reference_features(dataset: ImageDataset, count: int | None, device: torch.device) -> tuple[Tensor, str]:
     """Features of (a fixed subset of) the dataset's images, cached by fingerprint; and the fingerprint."""
-    images = subset(dataset.images, count)
+    images = dataset.reference_images(count)
     key = fingerprint(dataset.identity, len(images))
     path = cache_dir() / "fid" / f"reference-{key}.npy"
     with exclusive(path.with_suffix(".lock")):  # concurrent trials compute a reference once, the others wait

@@ -84,6 +84,23 @@ class ImageDataset:
         """Each class's share of the images, shape (num_classes,)."""
         return torch.bincount(self.labels, minlength=self.num_classes).double() / len(self.labels)
 
+    def to_images(self, x: Tensor) -> Tensor:
+        """Samples (n, *shape) as uint8 images (n, C, H, W) on the CPU: what metrics and grids read."""
+        return to_uint8(x).cpu()
+
+    def reference_images(self, count: int | None) -> Tensor:
+        """FID's reference: `count` training images drawn without replacement by a fixed permutation (all of
+        them when count is null). uint8 (n, C, H, W)."""
+        return subset(self.images, count)
+
+
+def subset(images: Tensor, count: int | None) -> Tensor:
+    """`count` images drawn without replacement by a fixed permutation (all of them when count is null)."""
+    if count is None or count >= len(images):
+        return images
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    return images[perm.sort().values]
+
 
 def to_uint8(x: Tensor) -> Tensor:
     """[−1, 1] floats → uint8 pixels (the inverse of ImageDataset's scaling, clamped)."""

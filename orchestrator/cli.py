@@ -394,6 +394,52 @@ def cmd_fid(args) -> int:
     return EXIT_OK
 
 
+def encode_source(spec: str, resolution: int):
+    """`dataset:split` (a registered image dataset, with its classes) or an image folder, as a latents.Source."""
+    from methods.catalog import DATASETS
+    from methods.latents import dataset_source, folder_source
+    from orchestrator.trial.build import build_section
+
+    name, _, split = spec.partition(":")
+    if name in DATASETS and "images" in DATASETS.get(name).provides:
+        section = {"name": name, "split": split or "train"}
+        if "classes" in DATASETS.get(name).provides:
+            section["conditional"] = True
+        return dataset_source(build_section({"dataset": section}, "dataset"), f"{name}:{section['split']}", resolution)
+    if Path(spec).is_dir():
+        return folder_source(Path(spec), resolution, channels=3)
+    raise ValueError(f"{spec!r} is neither an image dataset (dataset:split) nor a directory")
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from methods.latents import encode
+
+    for option in ("resolution", "batch", "shard_size"):
+        if getattr(args, option) < 1:
+            print(f"error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return EXIT_INVALID
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        source = encode_source(args.source, args.resolution)
+        manifest = encode(
+            source, args.vae, Path(args.out), resolution=args.resolution, batch=args.batch, device=device,
+            hflip=args.hflip, posterior=args.posterior, shard_size=args.shard_size, say=lambda m: print(m, flush=True),
+        )  # fmt: skip
+    except ValueError as e:  # missing or unreadable inputs, a VAE that cannot be loaded, another encoding in --out
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished shards in {args.out} are kept; the same command continues", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    shape = "×".join(map(str, manifest["latent_shape"]))
+    print(f"{manifest['count']:,} latents ({shape}) in {args.out}; train on them with dataset: {{name: latents, "
+          f"root: {args.out}}}")  # fmt: skip
+    return EXIT_OK
+
+
 def comma_list(text: str, kind: type, option: str) -> list:
     """`1,2,4` → [1, 2, 4]; exits 2 naming the option when an item is not a `kind`."""
     try:
@@ -684,6 +730,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, help="images per side: a fixed random subset (default: all)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.set_defaults(func=cmd_fid)
+    s = sub.add_parser("encode", help="encode images with a VAE into latents a study trains on (dataset latents)")
+    s.add_argument("source", help="dataset:split (mnist:train, cifar10:train, …) or an image folder of classes")
+    s.add_argument("--vae", required=True, help="a diffusers AutoencoderKL: a save_pretrained directory or a hub id")
+    s.add_argument("--out", required=True, help="the output directory (a killed encode continues in it)")
+    s.add_argument("--resolution", type=int, default=256, help="image side after ADM's centre crop (default 256)")
+    s.add_argument("--batch", type=int, default=64, help="images per VAE call (default 64)")
+    s.add_argument("--shard-size", type=int, default=4096, help="latents per shard file (default 4096)")
+    posterior = "store a draw from the VAE's posterior (default, as DiT/SiT's feature extraction) or its mean"
+    s.add_argument("--posterior", choices=["sample", "mean"], default="sample", help=posterior)
+    s.add_argument("--hflip", action="store_true", help="also encode every image mirrored")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.set_defaults(func=cmd_encode)
     s = submitted_cmd(
         "eval", "evaluate stored checkpoints after training: final/<metric>/… in each trial's run", cmd_eval
     )

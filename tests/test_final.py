@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from dashboards.published import not_comparable, published
 from dashboards.report import dashboard_html
 from methods import fid
+from methods.images import subset
 from methods.metrics import histogram_kl
 from orchestrator.cli import main
 from orchestrator.trial.build import build_section
@@ -293,7 +294,7 @@ def test_orch_sample_npz_is_adm_layout_and_torch_fidelity_gives_orch_evals_fid(t
             return self.pixels[i]
 
     config = Trial.load(study_dir / "trials" / trial).config
-    reference = fid.subset(build_section(config, "dataset").images, 48)
+    reference = subset(build_section(config, "dataset").images, 48)
     scores = torch_fidelity.calculate_metrics(
         input1=Images(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()),
         input2=Images(reference.expand(-1, 3, -1, -1).contiguous()),
