@@ -205,8 +205,10 @@ def evaluate(
     points otherwise.
 
     Data-parallel: every rank calls it and shares the sampling (generate_chunks) and the Inception pass of the
-    image metrics; rank 0 alone scores the samples and keeps the previews (the others return two empty dicts)."""
-    results, previews = {}, {}
+    image metrics; rank 0 alone scores the samples and keeps the previews (the others return two empty dicts).
+    A metric that fails on rank 0 is raised after the last sampling, so that no rank waits in a collective the
+    others never reach."""
+    results, previews, failure = {}, {}, None
     rank, world = world_of()
     lead, shared = rank == 0, sharded_evaluation(evaluation, world)
     labels = eval_labels(dataset, evaluation.num_samples, seed)
@@ -217,8 +219,13 @@ def evaluate(
             samples = generate(method, net, interpolant, dataset, evaluation, nfe, seed, device, omega, labels)
             if shared:
                 share_feature_passes(evaluation.metrics, samples, device)
-            for name in evaluation.metrics if lead else ():
-                results[f"eval/{name}/{suffix}"] = metric(name)(samples, dataset, evaluation, device, labels)
+            for name in evaluation.metrics if lead and failure is None else ():
+                try:
+                    results[f"eval/{name}/{suffix}"] = metric(name)(samples, dataset, evaluation, device, labels)
+                except Exception as e:  # data-parallel: raised once every rank has passed the collectives below
+                    if world == 1:
+                        raise
+                    failure = e
             if images and evaluation.grid and labels is not None:
                 grid_labels = class_grid_labels(dataset.num_classes, evaluation.grid)
                 grid = evaluation.model_copy(update={"num_samples": len(grid_labels)})
@@ -229,4 +236,6 @@ def evaluate(
                 continue
             elif count := evaluation.grid if images else PREVIEW_POINTS:
                 previews[suffix] = samples[:count].detach().cpu()
+    if failure is not None:
+        raise failure
     return (results, previews) if lead else ({}, {})

@@ -286,3 +286,27 @@ def test_worker_counts_a_backend_cannot_place_or_a_search_would_vary_are_refused
         main(["plan", str(STUDIES / "search_tiny.yaml"), "search.space={train.workers: {choice: [1, 2]}}"])
     assert refused.value.code == 2
     assert "search.space.train.workers" in (err := capsys.readouterr().err) and "every sample would be the same" in err
+
+
+def test_a_stop_at_a_log_tick_that_also_evaluates_ends_every_rank(tmp_path):
+    """Rank 0 sees a stop request while logging (as a search scheduler's arrives); when that tick also evaluates,
+    the other ranks must not enter the evaluation's collectives without it."""
+    command = [sys.executable, "-m", "orchestrator.cli", "submit", str(STUDIES / "parallel.yaml"), "backend.name=local",
+               "train.log_every=10", "eval.every=10", "--workdir", str(tmp_path)]  # fmt: skip
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials, asked, deadline = tmp_path / "parallel" / "trials", set(), time.time() + 120
+    while driver.poll() is None and time.time() < deadline:
+        for trial in trials.glob("*/"):  # a stop waiting before rank 0's first report (the backend clears it first)
+            channel, stop = trial / "progress.jsonl", trial / "stop_requested"
+            if not (channel.exists() and channel.stat().st_size) and not stop.exists():
+                stop.touch()
+                asked.add(trial.name)
+        time.sleep(0.01)
+    try:
+        assert driver.wait(timeout=5) == 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the ranks did not stop together: a rank waits in a collective") from None
+    finally:
+        driver.kill()
+    assert asked and {s.status for s in states(tmp_path / "parallel").values()} == {"stopped"}
+    assert all(s.step < 60 for s in states(tmp_path / "parallel").values())

@@ -336,7 +336,9 @@ def ticks(step: int, last: bool, train: TrainConfig, evaluation: EvalConfig) -> 
 def follow_trial(trial: Trial, state: TrialState) -> str:
     """A data-parallel rank other than 0: the same training steps as rank 0 from the same checkpoint and its
     share of each evaluation's sampling, without tracking, scoring or checkpointing; at every tick rank 0 says
-    whether the trial goes on (it stops on a result or failure only rank 0 sees, e.g. in a metric)."""
+    whether the trial goes on (it stops on a result or failure only rank 0 sees, e.g. in a metric), and once
+    more before an evaluation, so that a stop at rank 0's log tick (a search scheduler's) skips the evaluation's
+    collectives on every rank."""
     if state.status in FINISHED_STATES:
         return state.status
     train, evaluation, device = trial_configs(trial)
@@ -346,6 +348,8 @@ def follow_trial(trial: Trial, state: TrialState) -> str:
         logs, evaluates, checkpoints = ticks(trainer.step + 1, last, train, evaluation)
         trainer.train_step(with_stats=logs)
         if evaluates:
+            if lead_says_stop(False, device):  # rank 0 may stop at its log tick, before evaluating
+                break
             trainer.evaluate(evaluation)  # its share of the sampling; rank 0 scores
         if (logs or evaluates or checkpoints) and lead_says_stop(False, device):
             break
@@ -384,6 +388,8 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
                     if progress:
                         progress(step, {"train/loss": stats["train/loss"]})
                 if evaluates:
+                    if trainer.world > 1:  # before the evaluation's collectives: a stop (above) skips them on all
+                        lead_says_stop(False, device)
                     scores, previews = trainer.evaluate(evaluation)
                     tracker.add(scores, step, state)
                     keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
