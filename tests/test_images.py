@@ -20,7 +20,7 @@ from methods.images import DatasetFilesError, ImageDataset
 from methods.metrics import metric
 from methods.unet import FlowMapUNet, UNetParams
 from orchestrator.cli import main
-from orchestrator.trial.build import build_section
+from orchestrator.trial.build import build_section, file_problems
 from orchestrator.trial.config import metric_fingerprint, resolve_trial_config
 from tests.conftest import STUDIES
 
@@ -258,8 +258,8 @@ def test_fid_against_adm_or_torch_fidelity_statistics_equals_fid_against_the_fea
     copy.write_bytes(adm.read_bytes())
     prints = {p: metric_fingerprint("fid", mnist_config(fid_statistics=str(p))) for p in (adm, copy, fidelity)}
     assert prints[adm] == prints[copy] != prints[fidelity] and prints[adm] != metric_fingerprint("fid", config)
-    # a file that is not statistics is refused at validation, naming it
+    # a file that is not statistics is refused before a submission starts, naming it
     np.savez(tmp_path / "wrong.npz", mu=mu[:10], sigma=sigma[:10, :10])
     for bad, message in [("wrong.npz", "are not statistics of Inception's 2048"), ("absent.npz", "no such file")]:
-        _, problems = resolve_trial_config({"eval": {"fid_statistics": str(tmp_path / bad)}})
-        assert [p.path for p in problems] == ["eval.fid_statistics"] and message in problems[0].message
+        (problem,) = file_problems(mnist_config(fid_statistics=str(tmp_path / bad)))
+        assert problem.path == "eval.fid_statistics" and message in problem.message

@@ -91,8 +91,9 @@ def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module |
 
 
 def check_data(configs: list[dict]) -> list[Problem]:
-    """Load every distinct dataset of these trial configs: missing or malformed files are problems naming the
-    path and the expected format (run before anything is started or logged)."""
+    """Load every distinct dataset of these trial configs and check the other files they read (file_problems):
+    missing or malformed files are problems naming the path and the expected format (run before anything is
+    started or logged)."""
     problems, seen = [], set()
     for config in configs:
         key = repr(sorted(config["dataset"].items()))
@@ -103,7 +104,32 @@ def check_data(configs: list[dict]) -> list[Problem]:
             build_section(config, "dataset")
         except DatasetFilesError as e:
             problems.append(Problem("dataset", str(e)))
+    for config in configs:
+        problems += [p for p in file_problems(config) if p not in problems]
     return problems + inception_problems({m for config in configs for m in config["eval"]["metrics"]})
+
+
+def file_problems(config: dict) -> list[Problem]:
+    """The files a trial reads besides its data, when missing or unreadable: a named teacher, a checkpoint to
+    start from, FID reference statistics. Checked on the machine that submits, not at validation: a study for
+    a cluster validates and plans anywhere."""
+    from methods.fid import read_statistics
+
+    problems = []
+    teacher = config["method"].get("teacher")
+    if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
+        problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))
+    if (init := config["model"].get("init_from")) is not None and not Path(init).is_file():
+        problems.append(Problem("model.init_from", f"no such file: {init}"))
+    if (statistics := config["eval"].get("fid_statistics")) is not None:
+        if not Path(statistics).is_file():
+            problems.append(Problem("eval.fid_statistics", f"no such file: {statistics}"))
+        else:
+            try:
+                read_statistics(statistics)
+            except ValueError as e:
+                problems.append(Problem("eval.fid_statistics", str(e)))
+    return problems
 
 
 def inception_problems(metrics: set[str], where: str = "eval.metrics") -> list[Problem]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,20 +119,6 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
         if config["time_sampler"]["name"] != "auto" and method.build.own_times:
             problems.append(
                 Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
-            )
-    init = config["model"].get("init_from") if "model" in valid else None
-    if init is not None and not Path(init).is_file():
-        problems.append(Problem("model.init_from", f"no such file: {init}"))
-    teacher = config["method"].get("teacher") if "method" in valid else None
-    if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
-        problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))
-    statistics = evaluation.get("fid_statistics") if "eval" in valid else None
-    if statistics is not None:
-        try:
-            fid.read_statistics(statistics)
-        except (OSError, ValueError) as e:
-            problems.append(
-                Problem("eval.fid_statistics", str(e) if Path(statistics).is_file() else f"no such file: {statistics}")
             )
     if not ({"eval"} <= valid and "dataset" in named):
         return problems
