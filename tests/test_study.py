@@ -133,3 +133,18 @@ def test_every_shipped_study_and_profile_validates_and_plans(study, profile, cap
     args = ["plan", str(ROOT / "studies" / study)] + (["--profile", profile] if profile else [])
     assert main(args) == 0, capsys.readouterr().err
     assert "trial(s)" in capsys.readouterr().out
+
+
+def test_a_section_valued_level_does_not_take_a_later_axis_of_the_same_section(tmp_path):
+    study = tmp_path / "sections.yaml"
+    study.write_text(
+        "name: sections\n"
+        "grid:\n"
+        "  method: [{name: sdei, teacher: {steps: 10}}, {name: stee}]\n"
+        "  method.num_steps: [1, 2]\n"
+    )
+    trials = load_study(study).trials
+    assert [t.config["method"]["num_steps"] for t in trials] == [1, 2, 1, 2]
+    assert [t.factors["method"] for t in trials] == [{"name": "sdei", "teacher": {"steps": 10}}] * 2 + [
+        {"name": "stee"}
+    ] * 2  # the levels as written: no num_steps carried in from the next axis

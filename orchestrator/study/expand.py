@@ -116,7 +116,8 @@ def expand(study: dict) -> tuple[list[TrialSpec], list[Problem]]:
         config = copy.deepcopy(study["base"])
         for key, value in factors.items():
             try:
-                set_dotted(config, key, value)
+                # a copy: a section-valued level (method: {name: …}) must not take a later axis's key (method.x)
+                set_dotted(config, key, copy.deepcopy(value))
             except KeyError as e:
                 problems.setdefault(key, Problem(f"grid.{key}", f"cannot set this key: {e.args[0]}"))
         resolved, found = resolve_trial_config(config)
