@@ -87,7 +87,7 @@ def test_encode_stores_scaled_posterior_means_and_labels_that_decode_to_images(t
     latents, labels, _ = read_latents(out)
     assert latents.shape == (10, 4, 8, 8) and labels.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]  # cat/ sorts first
     vae = load_vae(rgb_vae)
-    pixels = torch.stack([torch.from_numpy(np.asarray(adm_center_crop(im, 16))).permute(2, 0, 1) for im in pil])
+    pixels = torch.stack([torch.from_numpy(np.array(adm_center_crop(im, 16))).permute(2, 0, 1) for im in pil])
     with torch.no_grad():
         mean = vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean
     torch.testing.assert_close(latents, mean * 0.18215, rtol=1e-4, atol=1e-5)  # the scale factor applied once
