@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
@@ -33,6 +34,8 @@ from methods.datasets import DATASETS, LabelledParams
 from methods.images import DatasetFilesError, ImageDataset, list_images, to_uint8
 from methods.parallel import Gen, randint
 from methods.storage import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARD = "shard-{:05d}.npz"
@@ -154,6 +157,21 @@ def folder_source(root: Path, size: int, channels: int) -> Source:
     return Source(str(root.resolve()), len(files), load, labels, classes)
 
 
+def open_source(spec: str, resolution: int) -> Source:
+    """`dataset:split` (a registered image dataset, with its classes) or an image folder, ADM-cropped to
+    `resolution`. Raises ValueError when it is neither, DatasetFilesError when its files are missing."""
+    name, _, split = spec.partition(":")
+    if name in DATASETS and "images" in DATASETS.get(name).provides:
+        entry = DATASETS.get(name)
+        options = {"split": split or "train"} | ({"conditional": True} if "classes" in entry.provides else {})
+        return dataset_source(
+            entry.build(entry.params.model_validate(options)), f"{name}:{options['split']}", resolution
+        )
+    if Path(spec).is_dir():
+        return folder_source(Path(spec), resolution, channels=3)
+    raise ValueError(f"{spec!r} is neither an image dataset (dataset:split) nor a directory")
+
+
 def encode_batch(vae, images: Tensor, posterior: str, gen: torch.Generator | None) -> Tensor:
     """uint8 images (n, C, H, W) → latents (n, c, h, w) × the VAE's scale factor: the posterior's mean, or a draw
     from it. Grey images are repeated to the VAE's input channels."""
@@ -250,6 +268,53 @@ def encode(
     manifest = settings | {"complete": True}
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def small_vae(channels: int, widths: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4):
+    """A small AutoencoderKL: each width but the last halves the side (32 × 32 images → 4 × 8 × 8 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        block_out_channels=widths,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=16,
+    )
+
+
+def train_small_vae(
+    source: Source, out: Path, *, steps: int, batch: int, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
+    say: Callable[[str], None] = print,
+) -> float:  # fmt: skip
+    """Train small_vae on the source's images (reconstruction MSE + kl_weight · KL to N(0, I), AdamW), set its
+    scale factor to 1 / the std of its latents (as SD's VAE was given 0.18215), and save it with
+    save_pretrained to `out`. For small-scale latent studies (MNIST, CIFAR-10) on machines without a pretrained
+    VAE; returns the final reconstruction MSE (pixels in [−1, 1])."""
+    torch.manual_seed(seed)
+    images = source.load(0, source.count)
+    vae = small_vae(images.shape[1])
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        x = images[torch.randint(len(images), (batch,), generator=gen)].float() / 127.5 - 1
+        posterior = vae.encode(x).latent_dist
+        mse = F.mse_loss(vae.decode(posterior.sample(generator=gen)).sample, x)
+        loss = mse + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % max(1, steps // 10) == 0 or step == steps:
+            say(f"step {step}/{steps}: reconstruction MSE {mse.item():.4f}")
+    with torch.no_grad():
+        sample = images[:1024].float() / 127.5 - 1
+        std = vae.encode(sample).latent_dist.sample(generator=gen).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out)
+    return mse.item()
 
 
 def numbered(folder: Path) -> list[Path]:
@@ -351,6 +416,12 @@ class LatentsParams(LabelledParams):
     (paper B's layout records none: then this must be set)."""
     limit: PositiveInt | None = None
     """Use only the first `limit` latents (smoke runs); null: all."""
+    source: str | None = None
+    """Images to encode into `root` first when it holds no finished encoding (`dataset:split` or an image
+    folder), with `vae` at `resolution`: the submission encodes them before any trial runs, resumably, as
+    `orch encode` does (posterior draws, no flips). null: `root` must hold an encoding."""
+    resolution: PositiveInt = 256
+    """Image side for `source` (ADM's centre crop)."""
     sigma_data: float = Field(1.0, gt=0.0)
     """Scale of the Gaussian base: 1, as SiT (x_0 ~ N(0, I)); the scale factor brings the latents near unit variance."""
 
@@ -358,6 +429,17 @@ class LatentsParams(LabelledParams):
 @DATASETS.register("latents", LatentsParams, provides=("images", "classes"))
 def build_latents(params: LatentsParams) -> LatentDataset:
     """VAE latents written by `orch encode` (or paper B's feature layout), decoded by the VAE for evaluation."""
+    finished = Path(params.root, MANIFEST).exists() and json.loads(Path(params.root, MANIFEST).read_text())["complete"]
+    if params.source is not None and not finished:
+        if params.vae is None:
+            raise DatasetFilesError(f"dataset.source {params.source!r}: set dataset.vae, the VAE that encodes it")
+        try:
+            source = open_source(params.source, params.resolution)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            encode(source, params.vae, Path(params.root), resolution=params.resolution, batch=64, device=device,
+                   say=lambda line: log.info("encoding %s into %s: %s", params.source, params.root, line))  # fmt: skip
+        except (VAEError, ValueError) as e:
+            raise DatasetFilesError(str(e)) from None
     latents, labels, manifest = read_latents(params.root)
     vae = params.vae or manifest.get("vae")
     if vae is None:

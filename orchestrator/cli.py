@@ -394,27 +394,10 @@ def cmd_fid(args) -> int:
     return EXIT_OK
 
 
-def encode_source(spec: str, resolution: int):
-    """`dataset:split` (a registered image dataset, with its classes) or an image folder, as a latents.Source."""
-    from methods.catalog import DATASETS
-    from methods.latents import dataset_source, folder_source
-    from orchestrator.trial.build import build_section
-
-    name, _, split = spec.partition(":")
-    if name in DATASETS and "images" in DATASETS.get(name).provides:
-        section = {"name": name, "split": split or "train"}
-        if "classes" in DATASETS.get(name).provides:
-            section["conditional"] = True
-        return dataset_source(build_section({"dataset": section}, "dataset"), f"{name}:{section['split']}", resolution)
-    if Path(spec).is_dir():
-        return folder_source(Path(spec), resolution, channels=3)
-    raise ValueError(f"{spec!r} is neither an image dataset (dataset:split) nor a directory")
-
-
 def cmd_encode(args) -> int:
     import torch
 
-    from methods.latents import encode
+    from methods.latents import encode, open_source
 
     for option in ("resolution", "batch", "shard_size"):
         if getattr(args, option) < 1:
@@ -423,7 +406,7 @@ def cmd_encode(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        source = encode_source(args.source, args.resolution)
+        source = open_source(args.source, args.resolution)
         manifest = encode(
             source, args.vae, Path(args.out), resolution=args.resolution, batch=args.batch, device=device,
             hflip=args.hflip, posterior=args.posterior, shard_size=args.shard_size, say=lambda m: print(m, flush=True),
@@ -437,6 +420,30 @@ def cmd_encode(args) -> int:
     shape = "×".join(map(str, manifest["latent_shape"]))
     print(f"{manifest['count']:,} latents ({shape}) in {args.out}; train on them with dataset: {{name: latents, "
           f"root: {args.out}}}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_vae(args) -> int:
+    from methods.latents import open_source, train_small_vae
+
+    for option in ("resolution", "steps", "batch", "limit"):
+        if (getattr(args, option) or 1) < 1:
+            print(f"error: --{option} must be at least 1", file=sys.stderr)
+            return EXIT_INVALID
+    if Path(args.out).exists():
+        print(f"error: {args.out} exists; choose a new directory for the VAE", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        source = open_source(args.source, args.resolution)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.limit is not None:
+        source.count = min(source.count, args.limit)
+    mse = train_small_vae(
+        source, Path(args.out), steps=args.steps, batch=args.batch, say=lambda m: print(m, flush=True)
+    )
+    print(f"a small VAE (reconstruction MSE {mse:.4f}) in {args.out}: orch encode … --vae {args.out}")
     return EXIT_OK
 
 
@@ -742,6 +749,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--hflip", action="store_true", help="also encode every image mirrored")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.set_defaults(func=cmd_encode)
+    s = sub.add_parser("vae", help="train a small VAE on an image dataset, for latent studies without a pretrained one")
+    s.add_argument("source", help="dataset:split or an image folder, as for orch encode")
+    s.add_argument("--out", required=True, help="a new directory for the VAE (diffusers' save_pretrained layout)")
+    s.add_argument("--resolution", type=int, default=32, help="image side after ADM's centre crop (default 32)")
+    s.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    s.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    s.add_argument("--limit", type=int, help="train on the first N images only (default: all)")
+    s.set_defaults(func=cmd_vae)
     s = submitted_cmd(
         "eval", "evaluate stored checkpoints after training: final/<metric>/… in each trial's run", cmd_eval
     )

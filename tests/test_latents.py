@@ -142,6 +142,14 @@ def test_paper_bs_feature_layout_is_read_and_needs_its_vae_named(tmp_path, grey_
         build_section({"dataset": {"name": "latents", "root": str(tmp_path), "vae": grey_vae}}, "dataset")
 
 
+def test_orch_vae_trains_a_small_vae_that_encode_loads(tmp_path):
+    out = tmp_path / "vae"
+    assert main(["vae", "mnist:test", "--out", str(out), "--steps", "3", "--batch", "8", "--limit", "64"]) == 0
+    vae = load_vae(str(out))
+    assert vae.config.in_channels == 1 and vae.config.scaling_factor != 0.18215  # its own latents' scale
+    assert main(["vae", "mnist:test", "--out", str(out)]) == 2  # never overwrites a VAE
+
+
 def test_bad_encode_inputs_exit_2_with_one_line(tmp_path, grey_vae, capsys):
     out = str(tmp_path / "out")
     assert main(["encode", str(tmp_path / "absent"), "--vae", grey_vae, "--out", out]) == 2
@@ -160,14 +168,14 @@ def test_bad_encode_inputs_exit_2_with_one_line(tmp_path, grey_vae, capsys):
     assert "holds an encoding with other settings (latent_shape, resolution)" in capsys.readouterr().err
 
 
-def test_a_dit_trial_on_latents_is_evaluated_on_decoded_images(tmp_path, grey_vae):
+def test_a_submission_encodes_its_source_then_a_dit_trial_is_evaluated_on_decoded_images(tmp_path, grey_vae):
     latents = tmp_path / "latents"
-    assert main(["encode", "mnist:test", "--vae", grey_vae, "--out", str(latents), "--resolution", "32"]) == 0
     study = tmp_path / "latent.yaml"
     study.write_text(
         "name: latent\n"
         "base:\n"
-        f"  dataset: {{name: latents, root: {latents}, limit: 512}}\n"
+        f"  dataset: {{name: latents, root: {latents}, source: 'mnist:test', vae: {grey_vae}, resolution: 32,"
+        " limit: 512}\n"
         "  model: {name: dit, patch: 2, depth: 2, hidden: 64, heads: 2}\n"
         "  method: {name: meanflow}\n"
         "  train: {steps: 10, batch_size: 16, ema: [0.9], log_every: 5, checkpoint_every: 10, device: cpu}\n"
@@ -176,6 +184,7 @@ def test_a_dit_trial_on_latents_is_evaluated_on_decoded_images(tmp_path, grey_va
         "backend: {name: local}\n"
     )
     assert main(["submit", str(study), "--workdir", str(tmp_path / "runs")]) == 0
+    assert json.loads((latents / MANIFEST).read_text())["count"] == 10000  # encoded before the trial ran
     (state,) = states(tmp_path / "runs" / "latent").values()
     assert state.status == "completed" and state.result["eval/fid/nfe_1"] > 0 and "eval/fid/nfe_2" in state.result
     (run,) = trial_runs(tmp_path / "runs" / "latent", "latent")
