@@ -81,6 +81,11 @@ def load_vae(source: str, device: torch.device | str = "cpu"):
     return vae.eval().requires_grad_(False).to(device)
 
 
+def vae_name(source: str) -> str:
+    """How a manifest names a VAE: a local directory by its absolute path, a hub id as given."""
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
+
+
 def weights_sha256(vae) -> str:
     """SHA-256 of the VAE's weights (every tensor of its state dict, by name) and config: what its latents mean."""
     digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
@@ -223,7 +228,7 @@ def encode(
         probe = vae.encode(torch.zeros(1, vae.config.in_channels, resolution, resolution, device=device))
     settings = {
         "source": source.name,
-        "vae": str(Path(vae_source).resolve()) if Path(vae_source).is_dir() else vae_source,
+        "vae": vae_name(vae_source),
         "vae_sha256": weights_sha256(vae),
         "scale_factor": vae.config.scaling_factor,
         "resolution": resolution,
@@ -429,8 +434,16 @@ class LatentsParams(LabelledParams):
 @DATASETS.register("latents", LatentsParams, provides=("images", "classes"))
 def build_latents(params: LatentsParams) -> LatentDataset:
     """VAE latents written by `orch encode` (or paper B's feature layout), decoded by the VAE for evaluation."""
-    finished = Path(params.root, MANIFEST).exists() and json.loads(Path(params.root, MANIFEST).read_text())["complete"]
-    if params.source is not None and not finished:
+    manifest_path = Path(params.root, MANIFEST)
+    recorded = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if params.source is not None and recorded.get("complete"):
+        asked = {"resolution": params.resolution, "vae": vae_name(params.vae) if params.vae else None}
+        if differ := [k for k, v in asked.items() if v is not None and recorded.get(k) != v]:
+            raise DatasetFilesError(
+                f"{params.root} holds an encoding with another {' and '.join(differ)} than dataset.source asks for "
+                f"({', '.join(f'{k} {recorded.get(k)}' for k in differ)}): choose another dataset.root"
+            )
+    if params.source is not None and not recorded.get("complete"):
         if params.vae is None:
             raise DatasetFilesError(f"dataset.source {params.source!r}: set dataset.vae, the VAE that encodes it")
         try:
