@@ -82,3 +82,33 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
         time.sleep(0.5)
         assert lock.stat().st_mtime > first
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_trials_that_start_together_log_their_dataset_input_without_a_unique_violation(tmp_path):
+    """MLflow inserts a dataset's row on first use without a lock: eight runs logging the same dataset at once
+    (as concurrent trials do) must all link to it."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.store import log_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("together")
+    runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+    barrier, errors = threading.Barrier(len(runs)), []
+
+    def start(run_id: str) -> None:
+        own = MlflowClient(uri)
+        barrier.wait()
+        try:
+            log_dataset(own, run_id, {"name": "checkerboard"})
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    assert all(len(client.get_run(r).inputs.dataset_inputs) == 1 for r in runs)

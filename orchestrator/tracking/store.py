@@ -146,9 +146,22 @@ def ensure_trial_run(
         run_id,
         params={k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(config).items()},
     )
-    client.log_inputs(run_id, datasets=[dataset_input(config["dataset"])])
+    log_dataset(client, run_id, config["dataset"])
     client.update_run(run_id, status="SCHEDULED")
     return run_id
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: dict) -> None:
+    """The run's dataset as its input. MLflow inserts a dataset's row on its first use without a lock, so two
+    trials starting together can both try: the loser's UNIQUE violation means the row is there now, and the
+    second try links to it."""
+    inputs = [dataset_input(dataset)]
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException as e:
+        if "UNIQUE constraint failed: datasets" not in str(e):
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def dataset_input(dataset: dict) -> DatasetInput:
