@@ -29,6 +29,7 @@ ENVIRONMENT = {
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60",  # with reuse_actors, a finished trial's last MLflow writes
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # progress results carry no searched metric
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400",  # a data-parallel trial queues for its workers like any
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # relative paths of a study (dataset.root, a VAE) mean what they mean to orch
 }
 """Ray's and Tune's settings orch runs with (a user's own environment wins), set before Ray is imported."""
 
