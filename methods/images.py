@@ -60,25 +60,33 @@ class ImageDataset:
         self.num_classes = None if classes is None else len(classes)
         self._on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
 
+    def stored(self) -> Tensor:
+        """What is sampled from, one row per sample: the uint8 images."""
+        return self.images
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.stored())
 
     def sample(self, n: int, gen: Gen) -> Tensor:
         return self.sample_labelled(n, gen)[0]
 
     def sample_labelled(self, n: int, gen: Gen) -> tuple[Tensor, Tensor | None]:
-        """n images in [−1, 1] (n, C, H, W) and their classes (n,) (None without labels)."""
+        """n training samples (n, *shape) and their classes (n,) (None without labels)."""
         device = gen.device
         if device not in self._on_device:  # one copy per device: indexing a host tensor per batch is slow on GPU
             labels = None if self.labels is None else self.labels.to(device)
-            self._on_device[device] = self.images.to(device), labels
-        images, labels = self._on_device[device]
-        idx = randint(gen, len(images), n)
-        x = images[idx].float() / 127.5 - 1
+            self._on_device[device] = self.stored().to(device), labels
+        rows, labels = self._on_device[device]
+        idx = randint(gen, len(rows), n)
+        return self.prepare(rows[idx], gen), None if labels is None else labels[idx]
+
+    def prepare(self, images: Tensor, gen: Gen) -> Tensor:
+        """uint8 images (n, C, H, W) as floats in [−1, 1], flipped left-right at random with hflip."""
+        x = images.float() / 127.5 - 1
         if self.hflip:
-            flip = rand(gen, n) < 0.5
+            flip = rand(gen, len(x)) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, None if labels is None else labels[idx]
+        return x
 
     def class_frequencies(self) -> Tensor:
         """Each class's share of the images, shape (num_classes,)."""

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from methods.datasets import DATASETS, LabelledParams
 from methods.images import DatasetFilesError, ImageDataset, list_images, to_uint8
-from methods.parallel import Gen, randint
+from methods.parallel import Gen
 from methods.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -388,18 +388,12 @@ class LatentDataset(ImageDataset):
         self.num_classes = None if classes is None else len(classes)
         self._on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
 
-    def __len__(self) -> int:
-        return len(self.latents)
+    def stored(self) -> Tensor:
+        return self.latents
 
-    def sample_labelled(self, n: int, gen: Gen) -> tuple[Tensor, Tensor | None]:
-        """n latents (n, c, h, w) and their classes (n,) (None without labels)."""
-        device = gen.device
-        if device not in self._on_device:
-            labels = None if self.labels is None else self.labels.to(device)
-            self._on_device[device] = self.latents.to(device), labels
-        latents, labels = self._on_device[device]
-        idx = randint(gen, len(latents), n)
-        return latents[idx], None if labels is None else labels[idx]
+    def prepare(self, latents: Tensor, gen: Gen) -> Tensor:
+        """Latents are trained on as they are stored."""
+        return latents
 
     def to_images(self, x: Tensor) -> Tensor:
         return decode_batch(cached_vae(self.vae, x.device), x)
