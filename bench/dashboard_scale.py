@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.synthetic_study import synthetic_study  # noqa: E402
-from dashboards.report import build_dashboard  # noqa: E402
+from orch.dashboards.report import build_dashboard  # noqa: E402
 
 
 def main() -> None:

@@ -31,13 +31,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.image_cost import build, inception, synchronize, synthetic_cifar, timed_steps  # noqa: E402
-from methods import fid  # noqa: E402
-from methods.evaluation import EvalConfig, generate  # noqa: E402
-from methods.images import ImageDataset, subset  # noqa: E402
-from methods.precision import autocast  # noqa: E402
-from methods.training import peak_memory_mb  # noqa: E402
-from orchestrator.study.load import load_study  # noqa: E402
-from orchestrator.trial.build import build_section  # noqa: E402
+from orch.execution.build import build_section  # noqa: E402
+from orch.methods.data.images import ImageDataset, subset  # noqa: E402
+from orch.methods.evaluation import fid  # noqa: E402
+from orch.methods.evaluation.generation import EvalConfig, generate  # noqa: E402
+from orch.methods.runtime.precision import autocast  # noqa: E402
+from orch.methods.training.trainer import peak_memory_mb  # noqa: E402
+from orch.study.load import load_study  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
 """Variant name: (train.precision, train.compile)."""

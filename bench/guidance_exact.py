@@ -16,12 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from methods.catalog import METHODS  # noqa: E402
-from methods.datasets import GaussianMixture, GMMParams  # noqa: E402
-from methods.evaluation import EvalConfig, eval_labels, generate  # noqa: E402
-from methods.interpolants import LinearInterpolant  # noqa: E402
-from methods.metrics import metric  # noqa: E402
-from methods.terms import Setting  # noqa: E402
+from orch.methods.catalog import METHODS  # noqa: E402
+from orch.methods.contracts.interpolants import LinearInterpolant  # noqa: E402
+from orch.methods.contracts.method import Setting  # noqa: E402
+from orch.methods.data.toy2d import GaussianMixture, GMMParams  # noqa: E402
+from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate  # noqa: E402
+from orch.methods.evaluation.metric import metric  # noqa: E402
 from tests.gaussian import ExactMixtureVelocity  # noqa: E402
 
 

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from methods.evaluation import generate  # noqa: E402
-from methods.training import EvalConfig, peak_memory_mb, reset_peak_memory  # noqa: E402
-from orchestrator.study.load import load_study  # noqa: E402
-from orchestrator.trial.build import build_network, build_trainer, needs_teacher  # noqa: E402
+from orch.execution.build import build_network, build_trainer, needs_teacher  # noqa: E402
+from orch.methods.evaluation.generation import generate  # noqa: E402
+from orch.methods.training.trainer import EvalConfig, peak_memory_mb, reset_peak_memory  # noqa: E402
+from orch.study.load import load_study  # noqa: E402
 
 
 def synthetic_cifar(root: Path, per_batch: int = 10000) -> None:
@@ -109,7 +109,7 @@ def inception(device: torch.device, random_weights: bool) -> torch.nn.Module:
     is the same; for timing only, when the weights file is not at hand)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from methods import fid
+    from orch.methods.evaluation import fid
 
     if not random_weights:
         return fid.extractor(device)

@@ -54,9 +54,9 @@ def measure(
     """One method's step time (median) and peak memory, in this process."""
     import torch
 
-    from methods.training import peak_memory_mb, reset_peak_memory
-    from orchestrator.trial.build import build_network, build_trainer, needs_teacher
-    from orchestrator.trial.config import resolve_trial_config
+    from orch.execution.build import build_network, build_trainer, needs_teacher
+    from orch.methods.training.trainer import peak_memory_mb, reset_peak_memory
+    from orch.trial.config import resolve_trial_config
 
     torch.set_num_threads(1)
     config, problems = resolve_trial_config(trial_config(method, model, width, depth, channels, batch, device))

@@ -42,9 +42,9 @@ def bare_seconds(config: dict) -> float:
     """The training loop and the final evaluation alone, as run_trial would run them, without orch."""
     import torch
 
-    from methods.training import EvalConfig
-    from orchestrator.trial.build import build_trainer
-    from orchestrator.trial.config import resolve_trial_config
+    from orch.execution.build import build_trainer
+    from orch.methods.training.trainer import EvalConfig
+    from orch.trial.config import resolve_trial_config
 
     torch.set_num_threads(1)
     resolved, _ = resolve_trial_config(config)
@@ -67,7 +67,7 @@ def trial_seconds(study_dir: Path, name: str) -> list[float]:
 
 def submit(path: Path, workdir: Path, backend: str) -> float:
     start = time.perf_counter()
-    orch = [sys.executable, "-m", "orchestrator.cli", "submit", str(path), "--workdir", str(workdir)]
+    orch = [sys.executable, "-m", "orch.cli", "submit", str(path), "--workdir", str(workdir)]
     subprocess.run([*orch, "--backend", backend], check=True, capture_output=True, cwd=ROOT)
     return time.perf_counter() - start
 

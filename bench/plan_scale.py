@@ -15,7 +15,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.study.load import parse_study  # noqa: E402
+from orch.study.load import parse_study  # noqa: E402
 
 
 def main() -> None:

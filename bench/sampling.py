@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from methods.datasets import Checkerboard  # noqa: E402
-from methods.flow_map import sample_flow_map  # noqa: E402
-from methods.metrics import METRICS  # noqa: E402
-from methods.nets import FlowMapMLP  # noqa: E402
+from orch.methods.contracts.flow_map import sample_flow_map  # noqa: E402
+from orch.methods.data.toy2d import Checkerboard  # noqa: E402
+from orch.methods.evaluation.metric import METRICS  # noqa: E402
+from orch.methods.networks.mlp import FlowMapMLP  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:

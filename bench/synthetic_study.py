@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.schema import AXES, FACTORS, FINGERPRINT, PARENT_RUN, ROLE, RUN_NAME, STATUS, TRIAL_ID
-from orchestrator.tracking.store import ensure_experiment, log_batch
+from orch.tracking.schema import AXES, FACTORS, FINGERPRINT, PARENT_RUN, ROLE, RUN_NAME, STATUS, TRIAL_ID
+from orch.tracking.store import ensure_experiment, log_batch
 
 NFES = (1, 2, 4, 8, 16)
 

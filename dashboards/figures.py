@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from scipy import stats
+
+from orch.dashboards.stats import mean_ci, shown
+from orch.dashboards.tables import formatted
 
 SEED = "factor.train.seed"
 """The seed axis's column (dashboards/load.py names factor columns factor.<axis>): averaged, never a group."""
@@ -41,22 +43,6 @@ def with_groups(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
     present = runs[group_cols].astype(object).where(runs[group_cols].notna(), None)
     runs["group"] = [" · ".join(str(v) for v in row if v is not None) or "all" for row in present.itertuples(False)]
     return runs
-
-
-def shown(column: str) -> str:
-    """A column as users know it: factor.method.name → method.name."""
-    return column.removeprefix("factor.")
-
-
-def mean_ci(values: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    if len(values) == 1:
-        return float(values[0]), 0.0
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean()), float(half)
 
 
 def nfe_columns(columns, metric: str) -> list[tuple[int, str]]:
@@ -712,8 +698,6 @@ def switchable(views: dict[str, go.Figure], shown: str) -> go.Figure:
 
 def paper_table_figure(table: pd.DataFrame, metric: str, title: str) -> go.Figure:
     """A paper table (dashboards.tables.paper_table) drawn as a Plotly table."""
-    from dashboards.tables import formatted
-
     if table.empty:
         return go.Figure()
     header, body, _ = formatted(table, metric)

@@ -12,7 +12,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.schema import (
+from orch.tracking.schema import (
     DEVICE,
     DIRECTION,
     FACTORS,

@@ -12,12 +12,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from dashboards import figures
-from dashboards.load import FACTOR, load_runs, load_search
-from dashboards.published import conditional_of, reference_markers, training_protocol
-from dashboards.tables import final_values, paper_table
-from methods.storage import atomic_write_bytes
-from orchestrator.tracking.schema import AXES, BEST, GENERATION, GIT_COMMIT, HOST, PROFILE, PYTHON, STUDY_YAML, VERSION
+from orch.dashboards import figures
+from orch.dashboards.load import FACTOR, load_runs, load_search
+from orch.dashboards.published import conditional_of, reference_markers, training_protocol
+from orch.dashboards.tables import final_values, paper_table
+from orch.methods.runtime.storage import atomic_write_bytes
+from orch.tracking.schema import AXES, BEST, GENERATION, GIT_COMMIT, HOST, PROFILE, PYTHON, STUDY_YAML, VERSION
 
 HEADER_TAGS = {  # parent-run tag → header label
     PROFILE: "profile",

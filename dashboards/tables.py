@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from dashboards import figures
-from methods.guidance import eval_suffix
+from orch.dashboards.stats import mean_ci, shown
+from orch.methods.evaluation.keys import eval_suffix
 
 COSTS = {
     "cost/sec_per_kimg": ("sec/kimg", 4),
@@ -22,7 +22,7 @@ NAMES = {"kl": "KL", "kl_cond": "class KL", "fid": "FID", "kid": "KID", "is": "I
 
 def column_title(group_col: str) -> str:
     """factor.method.stopgrad → stopgrad, factor.method.name → method."""
-    parts = figures.shown(group_col).split(".")
+    parts = shown(group_col).split(".")
     return parts[0] if parts[-1] == "name" else parts[-1]
 
 
@@ -36,7 +36,7 @@ def spread_of(values: np.ndarray, how: str) -> float:
         return float((values.max() - values.min()) / 2)
     if how == "std":
         return float(values.std(ddof=1))
-    return figures.mean_ci(values)[1]
+    return mean_ci(values)[1]
 
 
 def nfe_values(runs: pd.DataFrame, metric: str, source: str, omega: float) -> list[tuple[int, str]]:
@@ -133,7 +133,7 @@ def formatted(table: pd.DataFrame, metric: str, digits: int = 3) -> tuple[list[s
 
 
 def render(table: pd.DataFrame, metric: str, fmt: str, digits: int = 3) -> str:
-    """The table as Markdown (the README's layout), LaTeX (booktabs) or CSV (every number unrounded)."""
+    """The table as Markdown (the layout of the README's table), LaTeX (booktabs) or CSV (every number unrounded)."""
     if fmt == "csv":
         return table.to_csv(index=False)
     header, body, levels = formatted(table, metric, digits)

@@ -1,38 +1,45 @@
 """The complete registries: importing this module registers every dataset, model, method, sampler and metric,
 built in or installed.
 
+Built-in components are found, not listed: every module of the component folders (losses/, networks/, data/,
+evaluation/) is imported once, and importing a module registers what it defines. Adding a method, network,
+dataset or metric is one new file in its folder.
+
 Installed components come from packages that declare an entry point in the group `orch.plugins` (as submitit
 finds executor plugins): each entry point names a module, and importing it registers its components with the
-same decorators the built-in ones use. Which plugins load is decided by what is installed, never by a study
+same decorators the built-in ones use. Which code loads is decided by what is installed, never by a study
 file: a study still only names registered components.
 """
 
+import importlib
 import logging
+import pkgutil
 from importlib.metadata import entry_points
 
-from methods import (  # noqa: F401 — importing registers
-    consistency,
-    dit,
-    flow_matching,
-    images,
-    latents,
-    meanflow,
-    secant,
-    self_distillation,
-    shortcut,
-    unet,
-)
-from methods.datasets import DATASETS
-from methods.metrics import METRICS
-from methods.nets import MODELS
-from methods.terms import METHODS
-from methods.time_samplers import TIME_SAMPLERS
+from orch.methods import data, evaluation, losses, networks
+from orch.methods.contracts.method import METHODS
+from orch.methods.contracts.time_samplers import TIME_SAMPLERS
+from orch.methods.data.base import DATASETS
+from orch.methods.evaluation.metric import METRICS
+from orch.methods.networks.base import MODELS
 
 __all__ = ["DATASETS", "METHODS", "METRICS", "MODELS", "PLUGIN_GROUP", "TIME_SAMPLERS", "load_plugins"]
+
+COMPONENT_FOLDERS = (losses, networks, data, evaluation)
+"""The folders whose every module is imported: each registers its components on import."""
 
 PLUGIN_GROUP = "orch.plugins"
 LOADED: dict[str, str] = {}
 """Entry-point name → its module, for the plugins loaded in this process."""
+
+
+def load_builtins() -> list[str]:
+    """Import every module of the component folders (orch's own files, never a name from a study file)."""
+    names = []
+    for folder in COMPONENT_FOLDERS:
+        for module in sorted(pkgutil.iter_modules(folder.__path__), key=lambda m: m.name):
+            names.append(importlib.import_module(f"{folder.__name__}.{module.name}").__name__)
+    return names
 
 
 def load_plugins() -> dict[str, str]:
@@ -52,4 +59,5 @@ def load_plugins() -> dict[str, str]:
     return LOADED
 
 
+load_builtins()
 load_plugins()

@@ -8,36 +8,34 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
 
-from methods.storage import exclusive
-from orchestrator.backends import BACKENDS, JOB_FILE, Backend, BackendParams, backend_of, backend_params
-from orchestrator.lock import alive, claim_study, live_driver, recorded_driver, release_study
-from orchestrator.progress import Progress, TrialProgress, say_plain
-from orchestrator.study.expand import TrialSpec
-from orchestrator.study.load import Study, load_study
-from orchestrator.study.problems import Problem, StudyError
-from orchestrator.study.schema import Search
-from orchestrator.tracking.schema import (
+from orch.backends.base import JOB_FILE, Backend, BackendParams
+from orch.backends.catalog import BACKENDS, backend_of, backend_params
+from orch.backends.search_space import Search
+from orch.execution.runner import Trial, finish_unrun, missing_evaluations, open_trial
+from orch.execution.teachers import EXPERIMENT, TEACHER_FILE, write_teacher_file
+from orch.lock import alive, claim_study, live_driver, recorded_driver, release_study
+from orch.methods.runtime.storage import exclusive
+from orch.problems import Problem, StudyError
+from orch.progress import Progress, TrialProgress, say_plain
+from orch.study.load import Study, load_study
+from orch.tracking.schema import (
     AXES,
     BEST,
-    CANCELLED,
-    COMPLETED,
     DESCRIPTION,
-    FINISHED_STATES,
     GENERATION,
-    PENDING,
     PROFILE,
-    RUNNING,
     SEARCH_ARTIFACT,
     SEARCH_METRIC,
     SEARCH_MODE,
     STUDY_YAML,
 )
-from orchestrator.tracking.store import (
+from orch.tracking.store import (
     TRACKING_ERRORS,
     default_tracking_uri,
     ensure_experiment,
@@ -46,12 +44,16 @@ from orchestrator.tracking.store import (
     log_batch,
     reconcile,
 )
-from orchestrator.trial.config import metric_fingerprint
-from orchestrator.trial.runner import Trial, finish_unrun, missing_evaluations, open_trial
-from orchestrator.trial.state import TrialState, atomic_write_bytes, read_json, write_json
-from orchestrator.trial.teachers import EXPERIMENT, TEACHER_FILE, write_teacher_file
+from orch.trial.config import metric_fingerprint
+from orch.trial.spec import TrialSpec
+from orch.trial.state import TrialState, atomic_write_bytes, read_json, write_json
+from orch.trial.status import CANCELLED, COMPLETED, FINISHED_STATES, PENDING, RUNNING
 
 EXIT_OK, EXIT_FAILED = 0, 1
+
+
+Report = Callable[[str, str, Path], Path]
+"""Writes a study's page: (tracking URI, study name, output path) → the path written."""
 
 
 def tracking_uri_of(study_dir: Path) -> str:
@@ -219,22 +221,32 @@ def record_best(client: MlflowClient, parent_id: str, study_dir: Path, search: S
     return best
 
 
-def submit_study(study: Study, params: BackendParams, workdir: Path, tracking_uri: str | None, say=say_plain) -> int:
-    """Run the study as its one live driver; exit code per docs/contracts.md. Raises StudyBusy, changing nothing,
-    when another orch process is running it."""
+def submit_study(
+    study: Study,
+    params: BackendParams,
+    workdir: Path,
+    tracking_uri: str | None,
+    report: Report | None = None,
+    say=say_plain,
+) -> int:
+    """Run the study as its one live driver; exit code per docs/contracts.md. `report` writes the study's page at
+    the end (the command layer passes the dashboard's builder). Raises StudyBusy, changing nothing, when another
+    orch process is running it."""
     study_dir = (workdir / study.name).resolve()
     (study_dir / "trials").mkdir(parents=True, exist_ok=True)
     previous = claim_study(study_dir, backend=params.name)
     if (name := previous.get("backend", "ray" if "ray_temp_dir" in previous else None)) in BACKENDS:
         BACKENDS.get(name).build.recover(previous)  # what a killed driver's backend left
     try:
-        return run_study(study, backend_of(params), study_dir, tracking_uri, say)
+        return run_study(study, backend_of(params), study_dir, tracking_uri, report, say)
     finally:
         release_study(study_dir)
 
 
-def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str | None, say) -> int:
-    """Run every unfinished trial of the study (teachers first); write the dashboard."""
+def run_study(
+    study: Study, backend: Backend, study_dir: Path, tracking_uri: str | None, report: Report | None, say
+) -> int:
+    """Run every unfinished trial of the study (teachers first); write its report."""
     header = f"# study {study.name!r} as last submitted" + (f", profile {study.profile!r}" if study.profile else "")
     atomic_write_bytes(
         study_dir / "study.yaml", f"{header}\n{yaml.safe_dump(study.resolved, sort_keys=False)}".encode()
@@ -271,7 +283,7 @@ def run_study(study: Study, backend: Backend, study_dir: Path, tracking_uri: str
     for r in failed:
         say(f"  {r['id']} {r['label']}: {r['status']}" + (f" — {last_line(r['reason'])}" if r["reason"] else ""))
     try:
-        finish_tracking(study, study_dir, client, experiment_id, parent_id, failed or search_errors, say)
+        finish_tracking(study, study_dir, client, experiment_id, parent_id, failed or search_errors, report, say)
     except TRACKING_ERRORS as e:
         say(
             f"error: the tracking store {uri} failed ({type(e).__name__}: {last_line(str(e))}); every result is in "
@@ -290,19 +302,25 @@ def last_line(text: str) -> str:
 
 
 def finish_tracking(
-    study: Study, study_dir: Path, client: MlflowClient, experiment_id: str, parent_id: str, failed: bool, say
+    study: Study,
+    study_dir: Path,
+    client: MlflowClient,
+    experiment_id: str,
+    parent_id: str,
+    failed: bool,
+    report: Report | None,
+    say,
 ) -> None:
     """Bring MLflow in line with the trial directories, end the parent run, record a search's best sample and
-    write the dashboard."""
+    write the study's report (the dashboard) as the parent run's artifact."""
     reconcile(client, experiment_id, study_dir)
     client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
     if study.search is not None and (best := record_best(client, parent_id, study_dir, study.search)):
         say(f"best: {best['label']} ({best['trial_id']}) {best['metric']}={best['value']:.4g}")
-    from dashboards.report import build_dashboard
-
-    dashboard = build_dashboard(client.tracking_uri, study.name, study_dir / "dashboard.html")
-    client.log_artifact(parent_id, str(dashboard))
-    say(f"dashboard: {dashboard}")
+    if report is not None:
+        dashboard = report(client.tracking_uri, study.name, study_dir / "dashboard.html")
+        client.log_artifact(parent_id, str(dashboard))
+        say(f"dashboard: {dashboard}")
 
 
 def settle_interrupted(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from methods.storage import exclusive
-from orchestrator.trial.state import read_json, write_json
+from orch.methods.runtime.storage import exclusive
+from orch.trial.state import read_json, write_json
 
 DRIVER_RECORD = "driver.json"
 

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchestrator.study.problems import Problem
+from orch.problems import Problem
 
 CONNECT_SECONDS = 3.0
 """How long a tracking server or a Ray cluster may take to answer before the submission is refused."""

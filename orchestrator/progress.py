@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from orchestrator.tracking.schema import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
+from orch.trial.status import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
 
 MIN_RATE_SECONDS = 5.0
 QUIET = {"on": False}

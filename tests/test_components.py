@@ -3,11 +3,18 @@
 import pytest
 import torch
 
-from methods.catalog import METHODS
-from methods.ema import EMA
-from methods.nets import LogVarWeight
-from methods.registry import UnknownName
-from methods.time_samplers import LogitNormal, LogitNormalParams, LogNormal, LogNormalParams, TimeSamplerParams, Uniform
+from orch.methods.catalog import METHODS
+from orch.methods.contracts.registry import UnknownName
+from orch.methods.contracts.time_samplers import (
+    LogitNormal,
+    LogitNormalParams,
+    LogNormal,
+    LogNormalParams,
+    TimeSamplerParams,
+    Uniform,
+)
+from orch.methods.training.ema import EMA
+from orch.methods.training.loss_weight import LogVarWeight
 
 
 def test_learned_log_variance_converges_to_the_conditional_mean_loss():

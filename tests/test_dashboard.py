@@ -10,9 +10,9 @@ import pytest
 from scipy import stats
 
 from bench.synthetic_study import synthetic_study
-from dashboards import figures
-from dashboards.load import load_runs
-from dashboards.report import build_figures, comparable_subsets, dashboard_html
+from orch.dashboards import figures
+from orch.dashboards.load import load_runs
+from orch.dashboards.report import build_figures, comparable_subsets, dashboard_html
 
 GROUPS = ["method.name", "method.stopgrad"]
 
@@ -107,6 +107,7 @@ def synthetic_store(tmp_path_factory):
     return synthetic_study(study_dir, 1000, points=5)
 
 
+@pytest.mark.slow
 def test_thousand_trial_study_dashboard(synthetic_store):
     runs, history, _ = load_runs(synthetic_store, "synthetic")
     assert len(runs) == 1000 and (runs["status"] == "diverged").sum() == 20

@@ -1,4 +1,4 @@
-"""`orch describe`: the option reference read from the registered components, and the README's copy of it."""
+"""`orch describe`: the option reference read from the registered components, and its copy in docs/reference.md."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.cli import main
-from orchestrator.study.describe import readme_block
+from orch.cli import main
+from orch.study.describe import REFERENCE, reference_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_readme_reference_is_what_the_code_describes():
+def test_the_option_reference_is_what_the_code_describes():
     # a fresh interpreter: only the components orch itself registers (tests register their own elsewhere)
-    code = "from orchestrator.study.describe import describe; print(describe(), end='')"
+    code = "from orch.study.describe import describe; print(describe(), end='')"
     generated = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    readme = (ROOT / "README.md").read_text()
-    start, end = readme_block(readme)
-    assert readme[start:end].strip() == generated.stdout.strip(), "README option reference is stale: run `make docs`"
+    reference = (ROOT / REFERENCE).read_text()
+    start, end = reference_block(reference)
+    assert reference[start:end].strip() == generated.stdout.strip(), f"{REFERENCE} is stale: run `make docs`"
 
 
 def test_describe_one_component_one_option_and_unknown_targets(capsys):

@@ -4,12 +4,12 @@ attention, both time embeddings, and training with the JVP, teacher and MeanFlow
 import pytest
 import torch
 
-from methods.attention import exact_attention
-from methods.dit import SIZES, DiTParams, build_dit
-from methods.guidance import ClassConditioning
-from orchestrator.trial.build import build_trainer, file_problems
-from orchestrator.trial.config import resolve_trial_config
-from orchestrator.trial.teachers import load_teacher
+from orch.execution.build import build_trainer, file_problems
+from orch.execution.teachers import load_teacher
+from orch.methods.contracts.guidance import ClassConditioning
+from orch.methods.networks.dit import SIZES, DiTParams, build_dit
+from orch.methods.runtime.attention import exact_attention
+from orch.trial.config import resolve_trial_config
 
 LATENTS = (4, 32, 32)
 PUBLISHED_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}

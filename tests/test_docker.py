@@ -30,9 +30,8 @@ def test_compose_file_is_a_loopback_only_mlflow_and_ray_cluster():
 
 
 def test_dockerfile_installs_every_package_of_the_project():
-    root = DOCKER.parent
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    folders = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     dockerfile = (DOCKER / "Dockerfile").read_text()
-    for package in (p.rstrip("*") for p in patterns["include"]):
-        assert f"COPY {package}/ {package}/" in dockerfile, package
+    for folder in folders.values():
+        assert f"COPY {folder}/ {folder}/" in dockerfile, folder
     assert "pip install -e ." in dockerfile and 'ENTRYPOINT ["orch"]' in dockerfile

@@ -4,10 +4,13 @@ and divergence as a result. No mocks."""
 import json
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cli import main
+from orch.cli import main
 from tests.conftest import STUDIES
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 EVAL_KEYS = {"eval/kl/nfe_1", "eval/kl/nfe_2"}
 COST_KEYS = {

@@ -1,6 +1,6 @@
 """Extending orch: a method, a metric (higher is better) and a backend, each registered from this file alone,
 run through the real CLI; and an installed plugin package that adds components through the `orch.plugins`
-entry-point group."""
+entry-point group. The components import only from the plugin API, orch.api."""
 
 from __future__ import annotations
 
@@ -16,17 +16,32 @@ import yaml
 from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
-from dashboards import figures
-from dashboards.load import load_runs
-from dashboards.report import direction_of
-from methods.flow_matching import diagonal_term
-from methods.metrics import METRICS, register_metric
-from methods.terms import METHODS, Method, MethodParams, Term, register_method
-from methods.time_samplers import TimeSamplerParams, Uniform
-from orchestrator.backends import BACKENDS, JOB_FILE, Backend, BackendParams, register_backend
-from orchestrator.cli import main
-from orchestrator.trial.state import read_json, write_json
+from orch.api import (
+    BACKENDS,
+    JOB_FILE,
+    METHODS,
+    METRICS,
+    Backend,
+    BackendParams,
+    Method,
+    MethodParams,
+    Term,
+    TimeSamplerParams,
+    Uniform,
+    diagonal_term,
+    read_json,
+    register_backend,
+    register_method,
+    register_metric,
+    write_json,
+)
+from orch.cli import main
+from orch.dashboards import figures
+from orch.dashboards.load import load_runs
+from orch.dashboards.report import direction_of
 from tests.conftest import STUDIES
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +83,7 @@ def coverage(samples: Tensor, dataset, evaluation, device: torch.device) -> floa
 
 # ---- a backend: every trial in a Python subprocess of its own ----------------------------------------------------
 
-RUN_ONE = "import sys; from orchestrator.trial.runner import Trial, run_trial; run_trial(Trial.load(sys.argv[1]))"
+RUN_ONE = "import sys; from orch.api import Trial, run_trial; run_trial(Trial.load(sys.argv[1]))"
 
 
 class ProcessesParams(BackendParams):
@@ -209,9 +224,8 @@ import math
 import torch
 from torch import nn
 
-from methods.datasets import DATASETS, Density2D
-from methods.nets import MODELS
-from methods.registry import Params
+from orch.api import DATASETS, MODELS, Density2D, Params
+
 
 
 class RingParams(Params):
@@ -292,7 +306,7 @@ def test_an_installed_plugin_package_adds_a_dataset_and_a_network(tmp_path):
     env = {"PYTHONPATH": f"{site}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
 
     def orch(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path, env=env,
+        return subprocess.run([sys.executable, "-m", "orch.cli", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
 
     described = orch("describe", "dataset.ring")

@@ -10,13 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends.ray import session_processes
-from orchestrator.cli import main
-from orchestrator.lock import live_driver, process_started
-from orchestrator.trial.state import TrialState
+from orch.backends.ray import session_processes
+from orch.cli import main
+from orch.lock import live_driver, process_started
+from orch.trial.state import TrialState
 from tests.conftest import STUDIES
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
@@ -38,7 +41,7 @@ def submit_sweep(workdir: Path, *options: str) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
-        "orchestrator.cli",
+        "orch.cli",
         "submit",
         str(STUDIES / "sweep.yaml"),
         "--workdir",

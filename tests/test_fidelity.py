@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from methods.interpolants import LinearInterpolant
-from methods.shortcut import ShortcutParams, bootstrap_term
-from methods.terms import Setting
-from methods.training import TrainConfig, Trainer
-from orchestrator.trial.build import build_section
-from orchestrator.trial.config import resolve_trial_config
+from orch.execution.build import build_section
+from orch.methods.contracts.interpolants import LinearInterpolant
+from orch.methods.contracts.method import Setting
+from orch.methods.losses.shortcut import ShortcutParams, bootstrap_term
+from orch.methods.training.trainer import TrainConfig, Trainer
+from orch.trial.config import resolve_trial_config
 
 DIMS, STD = 16, 0.5
 
@@ -175,7 +175,7 @@ def test_consistency_sampling_draws_fresh_noise_for_every_chunk():
     """Evaluations generate in chunks of eval.batch_size: a fixed re-noising seed per call gave every chunk the
     same noise (samples correlated across chunks, KL at 8–16 steps far off). Each chunk's noise must be new,
     and a seeded evaluation reproducible."""
-    from methods.flow_map import sample_consistency
+    from orch.methods.contracts.flow_map import sample_consistency
 
     zero = Constant(0.0)  # X_{τ,1}(x) = x: the output is a mix of x0 and the re-noising draws
     x0, std = torch.randn(256, 2), torch.ones(2)

@@ -15,14 +15,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dashboards.published import not_comparable, published
-from dashboards.report import dashboard_html
-from methods import fid
-from methods.images import subset
-from methods.metrics import histogram_kl
-from orchestrator.cli import main
-from orchestrator.trial.build import build_section
-from orchestrator.trial.runner import Trial
+from orch.cli import main
+from orch.dashboards.published import not_comparable, published
+from orch.dashboards.report import dashboard_html
+from orch.execution.build import build_section
+from orch.execution.runner import Trial
+from orch.methods.data.images import subset
+from orch.methods.evaluation import fid
+from orch.methods.evaluation.kl import histogram_kl
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 STUDIES = Path(__file__).resolve().parent / "studies"
 
@@ -95,7 +97,7 @@ def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_st
     args += ["--num", "400000", "--seeds", "4", "--nfe", "1,2"]  # 8 units of a few seconds each
     results = study_dir / "trials" / trial / "final.json"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env, stdout=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "orch.cli", *args], env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(json.loads(results.read_text())["units"] if results.exists() else {}) < 2:
         time.sleep(0.2)
@@ -103,10 +105,10 @@ def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_st
     worker.wait()
     kept = json.loads(results.read_text())["units"]
     assert 2 <= len(kept) < 8, "the kill came after the end: make the units slower"
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "orch.cli", *args], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"{8 - len(kept)} evaluation(s) computed" in out.stdout
-    again = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "orch.cli", *args], env=env, capture_output=True, text=True)
     assert "0 evaluation(s) computed" in again.stdout and "done already" in again.stdout
     client, runs = runs_by_trial(study_dir)
     units = json.loads(results.read_text())["units"]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from methods.counting import CountingNet
-from methods.flow_map import jump, sample_euler, sample_flow_map
-from methods.interpolants import LinearInterpolant
-from methods.self_distillation import esd_term, lsd_term, psd_term
+from orch.methods.contracts.counting import CountingNet
+from orch.methods.contracts.flow_map import jump, sample_euler, sample_flow_map
+from orch.methods.contracts.interpolants import LinearInterpolant
+from orch.methods.losses.self_distillation import esd_term, lsd_term, psd_term
 from tests.gaussian import gaussian_2d
 
 N = 4096

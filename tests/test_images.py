@@ -14,14 +14,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from methods import fid
-from methods.evaluation import EvalConfig
-from methods.images import DatasetFilesError, ImageDataset
-from methods.metrics import metric
-from methods.unet import FlowMapUNet, UNetParams
-from orchestrator.cli import main
-from orchestrator.trial.build import build_section, file_problems
-from orchestrator.trial.config import metric_fingerprint, resolve_trial_config
+from orch.cli import main
+from orch.execution.build import build_section, file_problems
+from orch.methods.data.images import DatasetFilesError, ImageDataset
+from orch.methods.evaluation import fid
+from orch.methods.evaluation.generation import EvalConfig
+from orch.methods.evaluation.metric import metric
+from orch.methods.networks.unet import FlowMapUNet, UNetParams
+from orch.trial.config import metric_fingerprint, resolve_trial_config
 from tests.conftest import STUDIES
 
 
@@ -187,10 +187,11 @@ def test_converted_weights_give_the_torchscript_features():
     assert ours.abs().max() > 0.1  # real activations, not an all-zero network
 
 
+@pytest.mark.slow
 def test_orch_fid_tells_same_and_different_datasets_apart(tmp_path):
     def orch_fid(a: str, b: str) -> float:
         out = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", "fid", a, b, "--num", "48", "--device", "cpu"],
+            [sys.executable, "-m", "orch.cli", "fid", a, b, "--num", "48", "--device", "cpu"],
             capture_output=True,
             text=True,
             check=True,
@@ -203,6 +204,7 @@ def test_orch_fid_tells_same_and_different_datasets_apart(tmp_path):
     assert len(list((fid.cache_dir() / "fid").glob("reference-*.npy"))) == 3  # fashion train computed once
 
 
+@pytest.mark.slow
 def test_mnist_study_logs_fid_grids_and_best_checkpoints(tmp_path):
     workdir = tmp_path / "runs"
     assert main(["submit", str(STUDIES / "mnist_tiny.yaml"), "--workdir", str(workdir)]) == 0
@@ -231,6 +233,7 @@ def test_mnist_study_logs_fid_grids_and_best_checkpoints(tmp_path):
             assert saved["step"] == step and "conv_out.weight" in saved["net"]
 
 
+@pytest.mark.slow
 def test_fid_against_adm_or_torch_fidelity_statistics_equals_fid_against_the_features(tmp_path):
     def mnist_config(**evaluation):
         config, problems = resolve_trial_config(

@@ -14,11 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from methods.images import DatasetFilesError
-from methods.latents import MANIFEST, adm_center_crop, decode_batch, load_vae, read_latents
-from orchestrator.cli import main
-from orchestrator.trial.build import build_section
+from orch.cli import main
+from orch.execution.build import build_section
+from orch.methods.data.encode import MANIFEST
+from orch.methods.data.images import DatasetFilesError
+from orch.methods.data.latents import read_latents
+from orch.methods.data.sources import adm_center_crop
+from orch.methods.data.vae import decode_batch, load_vae
 from tests.test_fault_tolerance import ROOT, states, trial_runs
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 
 def save_vae(path, channels: int) -> str:
@@ -98,7 +103,7 @@ def test_encode_stores_scaled_posterior_means_and_labels_that_decode_to_images(t
 
 
 def test_a_killed_encode_continues_from_its_finished_shards_to_what_an_uninterrupted_one_writes(tmp_path, grey_vae):
-    command = [sys.executable, "-m", "orchestrator.cli", "encode", "mnist:test", "--vae", grey_vae, "--resolution",
+    command = [sys.executable, "-m", "orch.cli", "encode", "mnist:test", "--vae", grey_vae, "--resolution",
                "32", "--shard-size", "500", "--batch", "250", "--device", "cpu"]  # fmt: skip
     killed = tmp_path / "killed"
     encoding = subprocess.Popen([*command, "--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -157,7 +162,7 @@ def test_bad_encode_inputs_exit_2_with_one_line(tmp_path, grey_vae, capsys):
     assert main(["encode", "mnist:test", "--vae", str(tmp_path), "--out", out]) == 2
     assert "does not hold a diffusers AutoencoderKL" in capsys.readouterr().err and not (tmp_path / "out").exists()
     offline = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "encode", "mnist:test", "--vae", "stabilityai/sd-vae-ft-ema",
+        [sys.executable, "-m", "orch.cli", "encode", "mnist:test", "--vae", "stabilityai/sd-vae-ft-ema",
          "--out", out], cwd=ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     (line,) = offline.stderr.strip().splitlines()

@@ -11,14 +11,16 @@ import threading
 import time
 from pathlib import Path
 
-from methods import storage
-from methods.storage import exclusive
+import pytest
+
+from orch.methods.runtime import storage
+from orch.methods.runtime.storage import exclusive
 
 ROOT = Path(__file__).resolve().parent.parent
 INCREMENT = """
 import sys, time
 from pathlib import Path
-from methods.storage import exclusive
+from orch.methods.runtime.storage import exclusive
 counter = Path(sys.argv[1])
 for _ in range(int(sys.argv[2])):
     with exclusive(counter.with_suffix(".lock"), poll_seconds=0.001):
@@ -28,6 +30,7 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+@pytest.mark.slow
 def test_processes_holding_the_lock_in_turn_lose_no_update(tmp_path):
     counter = tmp_path / "counter"
     workers = [
@@ -84,12 +87,13 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_trials_that_start_together_log_their_dataset_input_without_a_unique_violation(tmp_path):
     """MLflow inserts a dataset's row on first use without a lock: eight runs logging the same dataset at once
     (as concurrent trials do) must all link to it."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.store import log_dataset
+    from orch.tracking.store import log_dataset
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

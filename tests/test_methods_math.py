@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from methods.consistency import karras_sigmas, scm_term
-from methods.conventions import (
+from orch.methods.contracts.conventions import (
     canonical_to_edm,
     canonical_to_trigflow,
     edm_to_canonical,
@@ -19,12 +18,13 @@ from methods.conventions import (
     trigflow_to_canonical,
     trigflow_velocity,
 )
-from methods.counting import CountingNet
-from methods.flow_map import sample_heun
-from methods.meanflow import meanflow_term
-from methods.secant import endpoint_estimate_term, interior_estimate_term, secant_jumps
-from methods.terms import L2
-from methods.time_samplers import TimeSamplerParams, Uniform
+from orch.methods.contracts.counting import CountingNet
+from orch.methods.contracts.flow_map import sample_heun
+from orch.methods.contracts.method import L2
+from orch.methods.contracts.time_samplers import TimeSamplerParams, Uniform
+from orch.methods.losses.consistency import karras_sigmas, scm_term
+from orch.methods.losses.meanflow import meanflow_term
+from orch.methods.losses.secant import endpoint_estimate_term, interior_estimate_term, secant_jumps
 from tests.gaussian import gaussian_2d
 
 D = torch.float64
@@ -263,9 +263,9 @@ def test_karras_grid_and_ict_curriculum():
     sigmas = karras_sigmas(11, 0.002, 80.0, 7.0)
     assert sigmas[0].item() == pytest.approx(0.002) and sigmas[-1].item() == pytest.approx(80.0)
     assert (sigmas[1:] > sigmas[:-1]).all()
-    from methods.consistency import ICTParams, ImprovedConsistencyTraining
-    from methods.interpolants import LinearInterpolant
-    from methods.terms import Setting
+    from orch.methods.contracts.interpolants import LinearInterpolant
+    from orch.methods.contracts.method import Setting
+    from orch.methods.losses.consistency import ICTParams, ImprovedConsistencyTraining
 
     ict = ImprovedConsistencyTraining(
         ICTParams(doubling_steps=100), Setting(LinearInterpolant(torch.ones(2)), None, 1.0)

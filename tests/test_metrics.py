@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from methods.datasets import Checkerboard, GaussianMixture, GMMParams
-from methods.metrics import histogram_kl
+from orch.methods.data.toy2d import Checkerboard, GaussianMixture, GMMParams
+from orch.methods.evaluation.kl import histogram_kl
 
 
 def test_bin_masses_are_exact_where_square_edges_cut_bins():

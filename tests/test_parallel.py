@@ -12,14 +12,23 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from methods import fid
-from methods.evaluation import EvalConfig, eval_labels, generate
-from methods.parallel import ShardedGenerator, gather_rows, positions, rand, randint, randn, split_count, world_of
-from orchestrator.backends.ray import session_processes
-from orchestrator.cli import main
-from orchestrator.trial.build import build_network, build_trainer, needs_teacher
-from orchestrator.trial.config import resolve_trial_config
-from orchestrator.trial.distributed import run_local_ranks
+from orch.backends.ray import session_processes
+from orch.cli import main
+from orch.execution.build import build_network, build_trainer, needs_teacher
+from orch.execution.distributed import run_local_ranks
+from orch.methods.evaluation import fid
+from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate
+from orch.methods.runtime.parallel import (
+    ShardedGenerator,
+    gather_rows,
+    positions,
+    rand,
+    randint,
+    randn,
+    split_count,
+    world_of,
+)
+from orch.trial.config import resolve_trial_config
 from tests.conftest import STUDIES
 from tests.test_fault_tolerance import ROOT, states, trial_runs
 from tests.test_search import check_finished_search
@@ -71,6 +80,7 @@ def relative_difference(a: dict, b: dict) -> float:
     ],
     ids=["lsd", "meanflow-jvp", "sdei-teacher", "lsd-micro-batches"],
 )
+@pytest.mark.slow
 def test_two_workers_with_half_batches_train_what_one_worker_with_the_whole_batch_does(tmp_path, method, train):
     config = config_for(method, **train)
     train_and_save(config, str(tmp_path / "one.pt"))
@@ -111,6 +121,7 @@ def evaluate_and_save(config: dict, out: str) -> None:
     ],
     ids=["sct-renoise", "meanflow-guided"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_two_workers_share_the_sampling_of_an_evaluation_and_score_what_one_worker_does(tmp_path, section):
     config, problems = resolve_trial_config(
         {
@@ -140,6 +151,7 @@ def inception_and_save(images: torch.Tensor, out: str) -> None:
     torch.save({"pool": pool, "logits": logits}, f"{out}.{world_of()[0]}")
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_inception_pass_and_each_gets_every_feature_in_order(tmp_path):
     images = torch.randint(0, 256, (7, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     alone = fid.inception_outputs(images, torch.device("cpu"))
@@ -151,6 +163,7 @@ def test_two_workers_share_the_inception_pass_and_each_gets_every_feature_in_ord
         torch.testing.assert_close(shared["logits"], alone[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_workers_score_fid_as_one_worker_does(tmp_path):
     config, problems = resolve_trial_config(
         {
@@ -194,6 +207,7 @@ def results(study_dir) -> dict[str, dict[str, float]]:
     return {trial: state.result for trial, state in states(study_dir).items()}
 
 
+@pytest.mark.slow
 def test_a_two_worker_trial_next_to_a_one_worker_trial_in_one_tune_run_equals_one_worker_runs(tmp_path):
     mixed = STUDIES / "parallel_mixed.yaml"  # lsd on two Ray Train workers, meanflow on one, in one Tune run
     assert main(["submit", str(mixed), "--workdir", str(tmp_path / "mixed")]) == 0
@@ -214,9 +228,10 @@ def test_a_two_worker_trial_next_to_a_one_worker_trial_in_one_tune_run_equals_on
     assert len({(row["key"], row["step"]) for row in losses}) == len(losses)  # each metric once per step
 
 
+@pytest.mark.slow
 def test_a_killed_driver_of_a_data_parallel_trial_resumes_from_its_checkpoint(tmp_path):
     study_dir = tmp_path / "parallel_long"
-    command = [sys.executable, "-m", "orchestrator.cli", "submit", str(STUDIES / "parallel_long.yaml")]
+    command = [sys.executable, "-m", "orch.cli", "submit", str(STUDIES / "parallel_long.yaml")]
     driver = subprocess.Popen(
         [*command, "--workdir", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -249,6 +264,7 @@ def test_a_batch_the_workers_cannot_share_is_refused_before_anything_runs(tmp_pa
     assert "train.batch_size: 255 does not split into 2 data-parallel worker(s)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_search_of_data_parallel_trials_is_scheduled_and_stopped_early_by_asha(tmp_path):
     search = ["submit", str(STUDIES / "search_tiny.yaml"), "backend.workers_per_trial=2", "--workdir", str(tmp_path)]
     assert main(search) == 0
@@ -257,6 +273,7 @@ def test_a_search_of_data_parallel_trials_is_scheduled_and_stopped_early_by_asha
     assert stopped and all(s.step < 150 for s in stopped)  # ASHA's stop reached the workers at an evaluation
 
 
+@pytest.mark.slow
 def test_local_data_parallel_trials_complete_and_warn_of_a_split_they_cannot_share(tmp_path, capsys):
     # 36 rows: MeanFlow shares them 18 + 18; LSD's diagonal share 27 cannot be halved: it trains on 26, saying so
     study = ["submit", str(STUDIES / "parallel.yaml"), "train.batch_size=36", "backend.name=local"]
@@ -288,10 +305,11 @@ def test_worker_counts_a_backend_cannot_place_or_a_search_would_vary_are_refused
     assert "search.space.train.workers" in (err := capsys.readouterr().err) and "every sample would be the same" in err
 
 
+@pytest.mark.slow
 def test_a_stop_at_a_log_tick_that_also_evaluates_ends_every_rank(tmp_path):
     """Rank 0 sees a stop request while logging (as a search scheduler's arrives); when that tick also evaluates,
     the other ranks must not enter the evaluation's collectives without it."""
-    command = [sys.executable, "-m", "orchestrator.cli", "submit", str(STUDIES / "parallel.yaml"), "backend.name=local",
+    command = [sys.executable, "-m", "orch.cli", "submit", str(STUDIES / "parallel.yaml"), "backend.name=local",
                "train.log_every=10", "eval.every=10", "--workdir", str(tmp_path)]  # fmt: skip
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials, asked, deadline = tmp_path / "parallel" / "trials", set(), time.time() + 120

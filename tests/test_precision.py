@@ -7,11 +7,11 @@ import io
 import pytest
 import torch
 
-from methods.attention import attention, exact_attention
-from methods.catalog import METHODS
-from methods.training import EvalConfig
-from orchestrator.trial.build import build_network, build_trainer, needs_teacher
-from orchestrator.trial.config import resolve_trial_config, trial_id
+from orch.execution.build import build_network, build_trainer, needs_teacher
+from orch.methods.catalog import METHODS
+from orch.methods.runtime.attention import attention, exact_attention
+from orch.methods.training.trainer import EvalConfig
+from orch.trial.config import resolve_trial_config, trial_id
 
 
 def trainer_for(method: str, width: int = 32, depth: int = 2, **train):
@@ -64,9 +64,10 @@ def unet_trainer_for(method: str, precision: str):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_every_method_trains_a_unet_with_attention_under_half_precision(precision):
     """Convolutions, group norms and attention under autocast, in the JVP passes too (an autocast group norm
-    once broke every JVP method's convolutions: methods/unet.py GroupNorm32)."""
+    once broke every JVP method's convolutions: methods/networks/unet.py GroupNorm32)."""
     for method in METHODS.names():
         stats = unet_trainer_for(method, precision).train_step(with_stats=True)
         assert torch.isfinite(torch.tensor(stats["train/loss"])), (method, precision)
@@ -103,6 +104,7 @@ def test_auto_precision_is_fp32_on_cpu_and_keeps_trial_ids():
     assert trial_id(config) == identity != trial_id(explicit)
 
 
+@pytest.mark.slow
 def test_bf16_reproduces_the_fp32_curve_and_kl_ranking_of_a_checker_study():
     """600 steps of four methods on the checkerboard: the logged losses agree within 1% at every tick (measured:
     4e-4) and KL at 1 and 4 steps within 0.02 nats (measured: 0.001), so the ranking of methods is the same."""

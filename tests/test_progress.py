@@ -3,7 +3,7 @@
 import io
 import time
 
-from orchestrator.progress import Progress, TrialProgress
+from orch.progress import Progress, TrialProgress
 
 
 def two_trials(live: bool) -> tuple[Progress, io.StringIO]:

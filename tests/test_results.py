@@ -7,11 +7,11 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dashboards import figures
-from dashboards.load import load_runs
-from dashboards.report import factor_groups
-from orchestrator.cli import main
-from orchestrator.study.load import load_study, parse_study
+from orch.cli import main
+from orch.dashboards import figures
+from orch.dashboards.load import load_runs
+from orch.dashboards.report import factor_groups
+from orch.study.load import load_study, parse_study
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_an_evaluation_change_keeps_the_trial_and_its_identity():
 
 def test_grid_levels_that_differ_only_in_evaluation_are_refused():
     text = "name: s\ngrid: {eval.num_samples: [1000, 2000]}\n"
-    from orchestrator.study.problems import StudyError
+    from orch.problems import StudyError
 
     try:
         parse_study(text, "s.yaml")
@@ -206,7 +206,7 @@ def test_runs_follow_mlflow_conventions(tmp_path):
     """A classic training experiment, the UI's source, user and commit columns filled, the dataset as an input,
     the best checkpoints reachable from the run; and the dashboard's fast history read equals MLflow's public
     API."""
-    from dashboards.load import metric_histories
+    from orch.dashboards.load import metric_histories
 
     assert run(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), "--backend", "local"]) == 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends.ray import session_processes
-from orchestrator.cli import main
-from orchestrator.study.load import parse_study
-from orchestrator.study.problems import StudyError
+from orch.backends.ray import session_processes
+from orch.cli import main
+from orch.problems import StudyError
+from orch.study.load import parse_study
 from tests.conftest import STUDIES
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +96,7 @@ def test_killed_search_resumes_without_losing_or_repeating_samples(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "orchestrator.cli",
+        "orch.cli",
         "submit",
         str(STUDIES / "search_tiny.yaml"),
         "--workdir",

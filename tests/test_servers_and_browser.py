@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 HEADLESS = [
@@ -62,7 +64,7 @@ def test_dashboard_renders_every_figure_with_data_in_headless_chromium(tiny_stud
 def start(args: list[str]) -> tuple[subprocess.Popen, str, str]:
     """Start an orch server command and return it with the server's URL and the line that printed it."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", *args],
+        [sys.executable, "-m", "orch.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -14,10 +14,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.backends.slurm import queue_states
-from orchestrator.cli import main
-from orchestrator.trial.state import TrialState
+from orch.backends.slurm import queue_states
+from orch.cli import main
+from orch.trial.state import TrialState
 from tests.conftest import STUDIES
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 UP = Path(__file__).resolve().parent / "slurm" / "up.sh"
 DOWN = UP.with_name("down.sh")
@@ -35,7 +37,7 @@ def slurm():
 
 def orch(*args: str) -> subprocess.Popen:
     """`orch` in its own process, as a user runs it (it installs signal handlers, so not in a thread)."""
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "orch.cli", *args], stdout=subprocess.DEVNULL)
 
 
 def job_processes(job_id: str) -> list[int]:

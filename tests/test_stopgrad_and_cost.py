@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from methods.counting import CountingNet
-from methods.self_distillation import esd_term, lsd_term, psd_term
-from orchestrator.trial.build import build_network, build_trainer, needs_teacher
-from orchestrator.trial.config import resolve_trial_config
+from orch.execution.build import build_network, build_trainer, needs_teacher
+from orch.methods.catalog import METHODS
+from orch.methods.contracts.counting import CountingNet
+from orch.methods.losses.self_distillation import esd_term, lsd_term, psd_term
+from orch.trial.config import resolve_trial_config
 
 
 class TwoHeads(nn.Module):
@@ -68,18 +69,23 @@ def test_stopgrad_detaches_exactly_the_specified_parts(name, stopgrad, target_he
     assert heads_with_gradient(net, term.target) == target_heads
 
 
+def one_step_trainer(method: dict, batch: int = 1024):
+    """A trainer of `method` after one step on the checkerboard (a small MLP; any frozen network as teacher)."""
+    config, problems = resolve_trial_config(
+        {"method": method, "model": {"width": 16, "depth": 2}, "train": {"batch_size": batch, "device": "cpu"}}
+    )
+    assert not problems
+    teacher = build_network(config) if needs_teacher(config["method"]) else None
+    trainer = build_trainer(config, torch.device("cpu"), teacher)
+    trainer.train_step()
+    return trainer
+
+
 def one_step_cost(method: str, stopgrad: str | None) -> dict[str, float]:
     params = {"name": method} | ({"stopgrad": stopgrad} if stopgrad else {})
     if method == "stei" and stopgrad:  # here the "stopgrad" column names STEI's target variant
         params = {"name": method, "target": stopgrad}
-    config, problems = resolve_trial_config(
-        {"method": params, "model": {"width": 16, "depth": 2}, "train": {"batch_size": 1024, "device": "cpu"}}
-    )
-    assert not problems
-    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen network will do
-    trainer = build_trainer(config, torch.device("cpu"), teacher)
-    trainer.train_step()
-    return trainer.cost()
+    return one_step_trainer(params).cost()
 
 
 @pytest.mark.parametrize(
@@ -110,6 +116,18 @@ def test_measured_network_evaluations_per_sample(method, stopgrad, fwd, jvp):
     assert cost["cost/fwd_per_sample"] == pytest.approx(fwd)
     assert cost["cost/jvp_per_sample"] == pytest.approx(jvp)
     assert cost["cost/sec_per_kimg"] > 0 and cost["cost/peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("batch", [1000, 37])
+def test_every_method_declares_the_passes_its_counter_measures(method, batch):
+    """Each registered method's own accounting (Method.expected_passes) is what the counter measures, at a batch
+    that splits evenly and one that does not."""
+    trainer = one_step_trainer({"name": method}, batch)
+    expected = trainer.method.expected_passes(batch)
+    assert expected is not None, f"method {method!r} does not declare expected_passes"
+    cost = trainer.cost()
+    assert (cost["cost/fwd_per_sample"], cost["cost/jvp_per_sample"]) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("method", ["sdei", "stei", "sdee", "stee", "meanflow", "sct", "scd", "ict", "shortcut"])

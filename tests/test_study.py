@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
-from orchestrator.study.load import load_study, parse_study
-from orchestrator.study.problems import StudyError
+from orch.cli import main
+from orch.problems import StudyError
+from orch.study.load import load_study, parse_study
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_STUDY = ROOT / "studies" / "ablation_stopgrad.yaml"
@@ -99,7 +99,7 @@ def test_all_problems_are_reported_together_with_lines():
 
 
 def test_console_script_validate_and_plan():
-    orch = [sys.executable, "-m", "orchestrator.cli"]
+    orch = [sys.executable, "-m", "orch.cli"]
     ok = subprocess.run([*orch, "validate", str(MAIN_STUDY)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and "18 trial(s)" in ok.stdout
     plan = subprocess.run([*orch, "plan", str(MAIN_STUDY), "--profile", "smoke"], capture_output=True, text=True)
@@ -109,7 +109,7 @@ def test_console_script_validate_and_plan():
 
 
 def test_plan_shows_section_axes_as_pairs_and_ends_quietly_on_a_closed_pipe():
-    orch = [sys.executable, "-m", "orchestrator.cli", "plan", str(ROOT / "studies" / "all_methods_checkerboard.yaml")]
+    orch = [sys.executable, "-m", "orch.cli", "plan", str(ROOT / "studies" / "all_methods_checkerboard.yaml")]
     plan = subprocess.run([*orch, "--profile", "smoke"], capture_output=True, text=True, cwd=ROOT)
     assert plan.returncode == 0 and "name=stei num_steps=None target=teacher" in plan.stdout
     read_end, write_end = os.pipe()

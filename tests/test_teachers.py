@@ -7,9 +7,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cli import main
-from orchestrator.trial.teachers import EXPERIMENT, TEACHER_FILE
+from orch.cli import main
+from orch.execution.teachers import EXPERIMENT, TEACHER_FILE
 from tests.conftest import STUDIES
+
+pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
 
 def teacher_runs(study_dir: Path) -> list:

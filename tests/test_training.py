@@ -5,9 +5,9 @@ import io
 import pytest
 import torch
 
-from methods.training import Diverged, EvalConfig
-from orchestrator.trial.build import build_trainer
-from orchestrator.trial.config import resolve_trial_config
+from orch.execution.build import build_trainer
+from orch.methods.training.trainer import Diverged, EvalConfig
+from orch.trial.config import resolve_trial_config
 
 
 def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: float = 3e-3):
@@ -22,6 +22,7 @@ def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: fl
     return build_trainer(config, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_short_training_lowers_kl_on_the_checkerboard():
     torch.set_num_threads(1)
     trainer = trainer_for("lsd", 1500, width=128, depth=4, lr=5e-3)  # the main study's network, fewer steps

@@ -11,13 +11,13 @@ from typing import Literal
 from pydantic import PositiveInt
 from torch.multiprocessing.spawn import ProcessException
 
-from orchestrator.backends import Backend, BackendParams, register_backend
-from orchestrator.progress import Progress
-from orchestrator.tracking.schema import OUTCOMES
-from orchestrator.trial.distributed import run_local_ranks
-from orchestrator.trial.ranks import ProgressReader, reset_channel, run_rank
-from orchestrator.trial.runner import Trial, finish_detail, finish_unrun, run_trial
-from orchestrator.trial.state import TrialState
+from orch.backends.base import Backend, BackendParams, register_backend
+from orch.execution.distributed import run_local_ranks
+from orch.execution.ranks import ProgressReader, reset_channel, run_rank
+from orch.execution.runner import Trial, finish_detail, finish_unrun, run_trial
+from orch.progress import Progress
+from orch.trial.state import TrialState
+from orch.trial.status import OUTCOMES
 
 
 class LocalParams(BackendParams):

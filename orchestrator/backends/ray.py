@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 import psutil
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
-from orchestrator.backends import Backend, BackendParams, register_backend
-from orchestrator.preflight import CONNECT_SECONDS, parse_address, reachable
-from orchestrator.progress import Progress
-from orchestrator.study.problems import Problem
-from orchestrator.study.schema import Strict
-from orchestrator.trial.runner import Trial
+from orch.backends.base import Backend, BackendParams, register_backend
+from orch.execution.runner import Trial
+from orch.methods.contracts.registry import Params
+from orch.preflight import CONNECT_SECONDS, parse_address, reachable
+from orch.problems import Problem
+from orch.progress import Progress
 
 ENVIRONMENT = {
     "RAY_AUTH_MODE": "disabled",  # the embedded Ray is loopback-only; a cluster sets its own
@@ -34,7 +34,7 @@ ENVIRONMENT = {
 """Ray's and Tune's settings orch runs with (a user's own environment wins), set before Ray is imported."""
 
 
-class Resources(Strict):
+class Resources(Params):
     cpu: PositiveFloat = 1
     """CPUs Ray reserves per trial (torch's thread count is train.threads)."""
     gpu: Annotated[float, Field(ge=0)] = 0
@@ -86,7 +86,7 @@ class Ray(Backend):
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
         ray_environment()
-        from orchestrator.backends.ray_tune import run_grid
+        from orch.backends._ray_tune import run_grid
 
         run_grid(trials, study_dir, self.params, progress)
 
@@ -94,14 +94,14 @@ class Ray(Backend):
         self, study, study_dir: Path, uri: str, experiment_id: str, parent_id: str, teachers: dict, say: Callable
     ) -> int:
         ray_environment()
-        from orchestrator.backends.search import run_search
+        from orch.backends._search import run_search
 
         return run_search(study, study_dir, uri, experiment_id, parent_id, self.params, teachers, say)
 
     def map(self, fn: Callable[[str], Any], items: list[str], study_dir: Path, study: str) -> list[Any]:
         """One Ray task per item with backend.resources (max_concurrent aside: Ray packs them by resources)."""
         ray_environment()
-        from orchestrator.backends.ray_tune import map_tasks
+        from orch.backends._ray_tune import map_tasks
 
         return map_tasks(fn, items, study_dir, self.params)
 

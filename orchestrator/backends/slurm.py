@@ -19,12 +19,12 @@ from typing import Any, Literal
 import submitit
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from orchestrator.backends import JOB_FILE, Backend, BackendError, BackendParams, register_backend
-from orchestrator.progress import Progress
-from orchestrator.tracking.schema import CANCELLED, FAILED, OUTCOMES, RUNNING
-from orchestrator.trial.distributed import process_group
-from orchestrator.trial.runner import Trial, finish_detail, run_trial
-from orchestrator.trial.state import TrialState, read_json, write_json
+from orch.backends.base import JOB_FILE, Backend, BackendError, BackendParams, register_backend
+from orch.execution.distributed import process_group
+from orch.execution.runner import Trial, finish_detail, run_trial
+from orch.progress import Progress
+from orch.trial.state import TrialState, read_json, write_json
+from orch.trial.status import CANCELLED, FAILED, OUTCOMES, RUNNING
 
 
 class SlurmParams(BackendParams):

@@ -1,6 +1,6 @@
 """`orch describe`: every option of a study file, with its default and meaning, read from the registered
-components' Params (their field docstrings). The README's option reference is this text, so the two cannot drift
-(tests/test_describe.py checks it; `make docs` rewrites it)."""
+components' Params (their field docstrings). The option reference, docs/reference.md, is this text, so the two
+cannot drift (tests/test_describe.py checks it; `make docs` rewrites it)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
-from methods.registry import Params, Registry
-from methods.training import EvalConfig, TrainConfig
-from orchestrator.backends import BACKENDS, DEFAULT_BACKEND
-from orchestrator.study.schema import Search
+from orch.backends.base import DEFAULT_BACKEND
+from orch.backends.catalog import BACKENDS
+from orch.backends.search_space import Search
+from orch.methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
+from orch.methods.contracts.registry import Params, Registry
+from orch.methods.training.trainer import EvalConfig, TrainConfig
 
 REGISTERED: dict[str, tuple[Registry, str]] = {
     "dataset": (DATASETS, "checkerboard"),
@@ -31,7 +32,8 @@ REGISTERED: dict[str, tuple[Registry, str]] = {
 FIXED: dict[str, type[Params]] = {"train": TrainConfig, "eval": EvalConfig, "search": Search}
 """Sections with one set of options."""
 ORDER = ["dataset", "model", "method", "time_sampler", "train", "eval", "metric", "backend", "search"]
-README_BEGIN, README_END = "<!-- orch describe: begin -->", "<!-- orch describe: end -->"
+BEGIN, END = "<!-- orch describe: begin -->", "<!-- orch describe: end -->"
+REFERENCE = Path("docs/reference.md")
 
 
 class UnknownSection(ValueError):
@@ -93,6 +95,10 @@ def describe_metrics(names: list[str]) -> list[str]:
         entry, spec = METRICS.get(name), METRICS.get(name).build
         needs = ", ".join(sorted(entry.requires)) or "–"
         lines.append(f"| `{name}` | {'lower' if spec.direction == 'min' else 'higher'} | {needs} | {entry.doc} |")
+    own = [name for name in names if METRICS.get(name).build.options_model is not None]
+    for name in own:
+        rows = option_rows(METRICS.get(name).build.options_model, f"eval.metric_options.{name}")
+        lines += ["", f"Options of `{name}`:", "", *TABLE_HEAD, *rows]
     return [*lines, ""]
 
 
@@ -133,16 +139,15 @@ def describe(target: str | None = None) -> str:
     return "\n".join(describe_section(section, name or None)).rstrip() + "\n"
 
 
-def readme_block(readme: str) -> tuple[int, int]:
-    """Character offsets of the generated reference inside the README (between its markers)."""
-    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
-    return start, end
+def reference_block(text: str) -> tuple[int, int]:
+    """Character offsets of the generated part of the option reference (between its markers)."""
+    return text.index(BEGIN) + len(BEGIN), text.index(END)
 
 
-def update_readme(path: Path) -> bool:
-    """Rewrite the README's reference from the code; True when it changed."""
+def update_reference(path: Path) -> bool:
+    """Rewrite the generated part of the option reference from the code; True when it changed."""
     text = path.read_text()
-    start, end = readme_block(text)
+    start, end = reference_block(text)
     new = text[:start] + "\n" + describe() + text[end:]
     if new != text:
         path.write_text(new)
@@ -150,5 +155,5 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":  # `make docs`
-    changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
-    print("README option reference " + ("rewritten" if changed else "already up to date"))
+    changed = update_reference(Path(sys.argv[1]) if len(sys.argv) > 1 else REFERENCE)
+    print(f"option reference {'rewritten' if changed else 'already up to date'}")

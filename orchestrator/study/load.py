@@ -10,10 +10,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.backends import BackendParams, backend_params, search_refused, workers_refused
-from orchestrator.study.expand import (
+from orch.backends.base import BackendParams
+from orch.backends.catalog import backend_params, search_refused, workers_refused
+from orch.backends.search_space import Search
+from orch.problems import Problem, StudyError, did_you_mean, pydantic_problems
+from orch.study.expand import (
     COMMAND_LINE,
-    TrialSpec,
     apply_overrides,
     check_excludes,
     check_search,
@@ -21,12 +23,11 @@ from orchestrator.study.expand import (
     expand,
     plan_teachers,
     relocate,
-    set_dotted,
 )
-from orchestrator.study.problems import Problem, StudyError, did_you_mean, pydantic_problems, with_lines
-from orchestrator.study.schema import Search, StudyFile
-from orchestrator.study.yaml_source import MAX_BYTES, YAMLLimit, check_limits, key_lines, parse
-from orchestrator.trial.config import digest, resolve_trial_config
+from orch.study.schema import StudyFile
+from orch.study.yaml_source import MAX_BYTES, YAMLLimit, check_limits, key_lines, parse, with_lines
+from orch.trial.config import digest, resolve_trial_config
+from orch.trial.spec import TrialSpec, set_dotted
 
 
 @dataclass

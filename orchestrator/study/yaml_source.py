@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from orch.problems import Problem
+
 MAX_BYTES = 1 << 20
 """Largest study file read (1 MiB; the shipped studies are a few KB)."""
 MAX_DEPTH = 64
@@ -93,3 +95,16 @@ def key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[tuple[tuple[s
 
 def parse(text: str) -> Any:
     return yaml.load(text, Loader=StudyLoader)  # noqa: S506 — StudyLoader is a SafeLoader
+
+
+def with_lines(problems: list[Problem], text: str) -> list[Problem]:
+    """Attach the study file's line to each problem, from the longest key path that exists in the file."""
+    lines, _ = key_lines(text)
+    located = []
+    for p in problems:
+        parts = tuple(p.path.split(".")) if p.path else ()
+        # grid, exclude and search keys are dotted names themselves: try every way of joining the parts
+        candidates = [(*parts[:i], ".".join(parts[i:j])) for j in range(len(parts), 0, -1) for i in range(j)]
+        line = next((lines[c] for c in candidates if c in lines), None)
+        located.append(Problem(p.path, p.message, line))
+    return located

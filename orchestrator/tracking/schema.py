@@ -1,24 +1,7 @@
-"""Every name orch writes to MLflow and every trial status, in one place (docs/contracts.md lists them for users).
-Nothing here imports MLflow: the dashboards read these names too."""
+"""Every name orch writes to MLflow, in one place (docs/contracts.md lists them for users); the statuses in its
+orch.status tag are orch/trial/status.py's. Nothing here imports MLflow: the dashboards read these names too."""
 
 from __future__ import annotations
-
-# ---- trial statuses (state.json's `status`, the runs' orch.status) ------------------------------------------------
-PENDING, RUNNING, COMPLETED, DIVERGED, FAILED = "pending", "running", "completed", "diverged", "failed"
-STOPPED = "stopped"
-"""Stopped early by a search scheduler (ASHA): a result, like divergence."""
-CANCELLED = "cancelled"
-"""Stopped by `orch cancel` or an interruption: not a result; `orch resume` continues it from its checkpoint."""
-UNREADABLE = "unreadable"
-"""state.json could not be read: the driver re-derives it from the checkpoints and the MLflow run."""
-STATUSES = (PENDING, RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, CANCELLED)
-FINISHED_STATES = (COMPLETED, DIVERGED, STOPPED)
-"""Trials in these states are results: never run again."""
-OUTCOMES = (*FINISHED_STATES, FAILED)
-"""What a trial's own run records when it ends: a result, or its own failure (not retried). A trial whose
-process ended without one of these died (infrastructure), and its backend retries or records that."""
-RUN_STATUS = {FAILED: "FAILED", CANCELLED: "KILLED"}
-"""MLflow's run status of an ended trial by its orch status (FINISHED otherwise)."""
 
 # ---- tags of every run ---------------------------------------------------------------------------------------------
 ROLE = "orch.role"
@@ -45,9 +28,9 @@ FINGERPRINT, MEASURE, DIRECTION = "orch.fingerprint.", "orch.measure.", "orch.di
 """Prefixes, + a metric's name: what makes its values comparable, how it was measured in words, min or max."""
 TEACHER, TRIAL_DIR = "orch.teacher", "orch.trial_dir"
 CLASSES = "orch.classes"
+"""A class-conditional trial's class names, JSON [name of label 0, name of label 1, …] (image datasets)."""
 PRECISION = "orch.precision"
 """The resolved train.precision of the run ("bf16", "fp32", …; "+compile" when train.compile)."""
-"""A class-conditional trial's class names, JSON [name of label 0, name of label 1, …] (image datasets)."""
 
 # ---- metric keys ---------------------------------------------------------------------------------------------------
 EVAL = "eval/{metric}/nfe_{nfe}"

@@ -21,26 +21,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
-from methods.metrics import metric
-from orchestrator.tracking.schema import (
-    CANCELLED,
+from orch.methods.evaluation.metric import metric
+from orch.tracking.schema import (
     DEVICE,
     DIRECTION,
     EXPERIMENT_KIND,
-    FAILED,
     FINGERPRINT,
-    FINISHED_STATES,
     GIT_COMMIT,
     HOST,
     MEASURE,
     PARENT_RUN,
-    PENDING,
     PYTHON,
     REASON,
     ROLE,
     RUN_NAME,
-    RUN_STATUS,
-    RUNNING,
     SOURCE_COMMIT,
     SOURCE_NAME,
     SOURCE_TYPE,
@@ -51,8 +45,9 @@ from orchestrator.tracking.schema import (
     USER,
     VERSION,
 )
-from orchestrator.trial.config import flatten, metric_description, metric_fingerprint
-from orchestrator.trial.state import TrialState, read_metrics
+from orch.trial.config import flatten, metric_description, metric_fingerprint
+from orch.trial.state import TrialState, read_metrics
+from orch.trial.status import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUN_STATUS, RUNNING
 
 TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
 """What a tracking store that went away raises (sqlite file deleted, server down, disk full)."""

@@ -1,1 +1,2 @@
-"""One trial: its resolved config and identity, state, components, teacher and run_trial."""
+"""One trial of a study: its resolved config and identity, its spec in the grid, its status, and its directory
+(state.json, the metrics log, checkpoints)."""

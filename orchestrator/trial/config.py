@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from methods import fid
-from methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
-from methods.evaluation import LABEL_SEED, sampler_calls
-from methods.interpolants import LinearInterpolant
-from methods.registry import Registry, UnknownName
-from methods.terms import Setting
-from methods.training import EvalConfig, TrainConfig
-from orchestrator.study.problems import Problem, did_you_mean, pydantic_problems
+from orch.methods.catalog import DATASETS, METHODS, METRICS, MODELS, TIME_SAMPLERS
+from orch.methods.contracts.interpolants import LinearInterpolant
+from orch.methods.contracts.method import Setting
+from orch.methods.contracts.registry import Registry, UnknownName
+from orch.methods.evaluation import fid
+from orch.methods.evaluation.generation import LABEL_SEED, sampler_calls
+from orch.methods.training.trainer import EvalConfig, TrainConfig
+from orch.problems import Problem, did_you_mean, pydantic_problems
 
 # Sections chosen by name from a registry, with the default name when a study leaves the section out.
 REGISTRY_SECTIONS: dict[str, tuple[Registry, str]] = {
@@ -138,8 +138,32 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
             problems.append(
                 Problem(f"eval.metrics.{i}", f"{name} measures class-conditional samples: set dataset.conditional")
             )
+    problems += metric_option_checks(evaluation)
     if {"method", "dataset"} <= valid:
         problems += guidance_checks(config, conditional)
+    return problems
+
+
+def metric_option_checks(evaluation: dict) -> list[Problem]:
+    """eval.metric_options names metrics that declare options, and gives each valid ones; valid ones are filled in
+    with their defaults (and a listed metric's options with all of its defaults), so the config records them."""
+    problems, resolved = [], {}
+    for name, given in evaluation["metric_options"].items():
+        path = f"eval.metric_options.{name}"
+        if name not in METRICS:
+            problems.append(Problem(path, str(UnknownName("metric", name, METRICS.names()))))
+        elif (model := METRICS.get(name).build.options_model) is None:
+            problems.append(Problem(path, f"metric {name!r} has no options of its own"))
+        else:
+            try:
+                resolved[name] = model.model_validate(given).model_dump()
+            except ValidationError as e:
+                problems += pydantic_problems(e, path, model, f"metric {name!r}")
+    for name in evaluation["metrics"]:
+        if name in METRICS and (model := METRICS.get(name).build.options_model) is not None and name not in resolved:
+            resolved[name] = model().model_dump()
+    if not problems:
+        evaluation["metric_options"] = resolved
     return problems
 
 
@@ -222,6 +246,7 @@ INERT = {
     ("train", "precision"): "auto",
     ("eval", "precision"): "fp32",
     ("eval", "fid_statistics"): None,
+    ("eval", "metric_options"): {},
 }
 """Options added after trial ids were first issued, at the values that train exactly as before they existed:
 left out of identities and fingerprints, so that every earlier trial keeps its id and its results."""
@@ -293,6 +318,8 @@ def metric_fingerprint(metric: str, config: dict) -> str:
             basis["guidance_interval"] = evaluation["guidance_interval"]
     if spec.extractor is not None:
         basis["extractor"] = spec.extractor
+    if spec.options_model is not None:
+        basis["metric_options"] = spec.options_of(evaluation.get("metric_options", {})).model_dump()
     return f"{metric}-{digest(basis)[:8]}"
 
 
@@ -302,6 +329,9 @@ def metric_description(metric: str, config: dict) -> str:
     spec, evaluation, dataset = METRICS.get(metric).build, config["eval"], config["dataset"]["name"]
     given = [o for o in spec.options if not (o in FILE_OPTIONS and evaluation.get(o) is None)]
     options = "".join(f", {option} {evaluation[option]}" for option in given)
+    if spec.options_model is not None:
+        own = spec.options_of(evaluation.get("metric_options", {})).model_dump()
+        options += "".join(f", {key} {value}" for key, value in own.items())
     return f"{spec.title} of {evaluation['num_samples']:,} samples of {dataset} (EMA {eval_ema(config)}{options})"
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from methods.storage import atomic_write_bytes
-from orchestrator.tracking.schema import PENDING, STATUSES, UNREADABLE
+from orch.methods.runtime.storage import atomic_write_bytes
+from orch.trial.status import PENDING, STATUSES, UNREADABLE
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,83 @@
+"""One wrapper for every network evaluation, so cost per training sample is measured rather than assumed."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from orch.methods.contracts.guidance import Condition
+from orch.methods.runtime.attention import exact_attention
+
+# torch.func's first JVP calls torch.jit.script internally, which warns on every process start: not ours to fix.
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated")
+
+
+class Counts:
+    """Network evaluations weighted by batch size; shared by every wrapper of one trainer (student, EMA copy,
+    teacher), so a training sample's cost includes its teacher's evaluations."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.jvps = 0
+
+
+class CountingNet(nn.Module):
+    """Wraps a network v(x; a, b) and counts its evaluations.
+
+    `forwards` counts plain forward passes (with or without grad), `jvps` counts forward-mode passes (each
+    also yields the primal output, so it is not counted as a forward as well). The trainer divides both by the
+    number of training samples to get `cost/fwd_per_sample` and `cost/jvp_per_sample`.
+
+    Conditional networks get the labels (and guidance inputs) of `condition`, shared like `counts` by the
+    trainer's wrappers; `takes_omega` says whether this network embeds the guidance scale (a student trained
+    with online CFG does, its teacher does not).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        counts: Counts | None = None,
+        condition: Condition | None = None,
+        takes_omega: bool = False,
+    ):
+        super().__init__()
+        self.net = net
+        self.counts = counts or Counts()
+        self.condition = condition or Condition()
+        self.takes_omega = takes_omega
+
+    def conditioning(self) -> dict[str, Tensor]:
+        """The keyword arguments of a conditional call; none for an unconditional network."""
+        kwargs = {}
+        if self.condition.labels is not None:
+            kwargs["labels"] = self.condition.labels
+        if self.takes_omega and self.condition.omega is not None:
+            kwargs["omega"] = self.condition.omega
+        return kwargs
+
+    @property
+    def forwards(self) -> int:
+        return self.counts.forwards
+
+    @property
+    def jvps(self) -> int:
+        return self.counts.jvps
+
+    def forward(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        self.counts.forwards += x.shape[0]
+        return self.net(x, a, b, **self.conditioning())
+
+    def jvp(
+        self, primals: tuple[Tensor, Tensor, Tensor], tangents: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(v, dv): v(x; a, b) and its directional derivative along (dx, da, db), in one forward-mode pass.
+
+        The result stays differentiable with respect to the parameters, so a loss may back-propagate through
+        the tangent (LSD "convex" needs this, docs/methods.md §2.4).
+        """
+        self.counts.jvps += primals[0].shape[0]
+        kwargs = self.conditioning()
+        with exact_attention():  # `forward`, not the module call: a compiled network's JVP runs uncompiled
+            return torch.func.jvp(lambda x, a, b: self.net.forward(x, a, b, **kwargs), primals, tangents)

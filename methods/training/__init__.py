@@ -1,0 +1,1 @@
+"""Training: the trainer's step (loss, weighting, optimiser), its EMA copies and its learned loss weight."""

@@ -1,0 +1,82 @@
+"""`orch`: the command line (docs/cli.md). Each command's options sit beside its handler in this package;
+this module assembles them, in the order `orch --help` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from orch.cli.data import add_encode, add_fid, add_vae
+from orch.cli.describe import add_describe
+from orch.cli.eval import add_eval
+from orch.cli.results import add_dashboard, add_table, add_ui
+from orch.cli.sample import add_sample
+from orch.cli.study import add_cancel, add_plan, add_prune, add_resume, add_status, add_submit, add_validate
+
+COMMANDS = (
+    add_validate,
+    add_plan,
+    add_submit,
+    add_status,
+    add_resume,
+    add_cancel,
+    add_prune,
+    add_dashboard,
+    add_fid,
+    add_encode,
+    add_vae,
+    add_eval,
+    add_sample,
+    add_table,
+    add_describe,
+    add_ui,
+)
+"""Every command, in the order of `orch --help`."""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    from orch.tracking.store import git_commit
+
+    try:
+        number = package_version("orch")
+    except PackageNotFoundError:
+        number = "(not installed)"
+    return f"orch {number} (commit {git_commit()})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orch", description="Run and compare few-step generative-model studies.")
+    p.add_argument("--version", action="version", version=version(), help="print orch's version and commit")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines: only the summary and errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    command_line = parser()
+    args, extra = command_line.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # KEY=VALUE after options: argparse leaves them over
+    elif extra:
+        command_line.error(f"unrecognized arguments: {' '.join(extra)}")
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    from orch.progress import set_quiet
+    from orch.tracking.store import SOURCE
+
+    set_quiet(args.quiet)
+    SOURCE["name"] = " ".join(["orch", args.command, getattr(args, "study", None) or ""]).strip()
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not raise again
+        return 128 + signal.SIGPIPE

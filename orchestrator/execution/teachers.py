@@ -1,0 +1,109 @@
+"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd): named by the study, or planned.
+
+A teacher the study does not name is a flow-matching model of the trial's dataset and network, trained with the
+budget of `method.teacher`. It is a trial of its own, planned with the study (its id is the hash of its config,
+`orch plan` lists it), trained first by the driver on the study's backend, at most once per workdir (a second
+study that needs it finds it trained, or waits for the driver training it), tracked in the MLflow experiment
+`orch-teachers`, and then loaded by every trial that asks for the same one:
+
+    <workdir>/teachers/trials/<hash>/   state.json, checkpoints/, teacher.pt (config + EMA weights)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from orch.execution.build import build_network, needs_teacher, read_weights
+from orch.trial.config import resolve_trial_config
+from orch.trial.state import atomic_write_bytes, load_latest_checkpoint
+
+EXPERIMENT = "orch-teachers"
+TEACHER_FILE = "teacher.pt"
+
+
+class TeacherError(Exception):
+    """A teacher that cannot be loaded or trained; names the path and what is wrong."""
+
+
+def teacher_config(config: dict) -> dict:
+    """The flow-matching trial that trains the default teacher of `config`: same dataset and network, the budget
+    of method.teacher, evaluated once at the end with the student's metrics."""
+    spec = config["method"]["teacher"]
+    train = {k: spec[k] for k in ("steps", "batch_size", "lr", "lr_decay_steps", "seed")}
+    train |= {"ema": [spec["ema"]], "checkpoint_every": max(1, spec["steps"] // 4)}
+    train["label_dropout"] = config["train"]["label_dropout"]  # a conditional teacher learns the null class too
+    # the teacher is measured unguided: a student's guidance scales may need step counts two-pass CFG cannot reach
+    evaluation = config["eval"] | {"every": spec["steps"], "ema": None, "guidance": [1.0], "guidance_interval": None}
+    raw = {
+        "dataset": config["dataset"],
+        "model": config["model"],
+        "method": {"name": "fm"},
+        "time_sampler": {"name": "uniform"},
+        "train": train,
+        "eval": evaluation,
+    }
+    resolved, problems = resolve_trial_config(raw)
+    if problems:
+        raise TeacherError("cannot build the teacher's config: " + "; ".join(map(str, problems)))
+    return resolved
+
+
+def load_teacher(path: str | Path, student: dict | None = None) -> tuple[nn.Module, dict]:
+    """A teacher network and its config from a teacher file, a trial directory (newest checkpoint, first EMA
+    copy), or, for a `student` config whose network loads them (model dit), a DiT/SiT repository checkpoint:
+    the teacher is then the student's network as a flow-matching model with those weights. Raises TeacherError
+    naming the path and the expected format."""
+    path = Path(path)
+    expected = (
+        f"expected an orch teacher file ({TEACHER_FILE}), a trial directory with trial.json and checkpoints/, or "
+        "for model dit a checkpoint of the DiT/SiT repositories"
+    )
+    try:
+        if path.is_dir():
+            config = json.loads((path / "trial.json").read_text())["config"]
+            checkpoint = load_latest_checkpoint(path)
+            if checkpoint is None:
+                raise TeacherError(f"teacher {path}: no readable checkpoint in {path / 'checkpoints'}")
+            state = checkpoint["trainer"]["ema"][str(config["train"]["ema"][0])]
+        elif "config" in (saved := read_weights(path)):
+            config, state = saved["config"], saved["net"]
+        elif student is not None:  # another code base's checkpoint, for the student's own network
+            config = teacher_config(student)
+            net = build_network(config)
+            if not hasattr(net, "load_pretrained"):
+                raise TeacherError(f"teacher {path}: a state dict without orch's config; {expected}")
+            net.load_pretrained(saved, str(path))
+            return net, config
+        else:
+            raise TeacherError(f"teacher {path}: a state dict without orch's config; {expected}")
+        net = build_network(config)
+        net.load_state_dict(state)
+        return net, config
+    except TeacherError:
+        raise
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise TeacherError(f"teacher {path}: cannot load ({type(e).__name__}: {first_line}); {expected}") from None
+
+
+def planned_teacher(config: dict) -> dict | None:
+    """The config of the teacher trial that `config` distils when the study names none, else None."""
+    method = config["method"]
+    if not needs_teacher(method) or method["teacher"]["path"] is not None:
+        return None
+    return teacher_config(config)
+
+
+def write_teacher_file(trial_dir: Path, config: dict) -> Path:
+    """The teacher file of a completed teacher trial: its config and its first EMA copy's weights."""
+    checkpoint = load_latest_checkpoint(trial_dir)
+    weights = checkpoint["trainer"]["ema"][str(config["train"]["ema"][0])]
+    buffer = io.BytesIO()
+    torch.save({"config": config, "net": weights}, buffer)
+    atomic_write_bytes(trial_dir / TEACHER_FILE, buffer.getvalue())
+    return trial_dir / TEACHER_FILE
