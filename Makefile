@@ -41,14 +41,13 @@ data: install $(FASHION_MNIST)
 run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
-# The whole suite (what CI runs): two workers, each test file on one of them (a file's fixtures, such as its
-# Slurm cluster, stay in one process).
+# The whole suite (what CI runs): two workers, each test file on one of them (tests/conftest.py groups them).
 test: install $(CHROMIUM) $(SLURMCTLD) $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
 # The fast tier: wiring and mathematics, no training beyond a few steps and no services (under 3 minutes).
 test-fast: install $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadgroup
 
 bench: install
 	$(VENV)/bin/python bench/orchestration.py

@@ -7,8 +7,9 @@ dataset or metric is one new file in its folder.
 
 Installed components come from packages that declare an entry point in the group `orch.plugins` (as submitit
 finds executor plugins): each entry point names a module, and importing it registers its components with the
-same decorators the built-in ones use. Which code loads is decided by what is installed, never by a study
-file: a study still only names registered components.
+same decorators the built-in ones use. They load when a registry is first read (a plugin imports orch.api, which
+needs the whole of orch imported). Which code loads is decided by what is installed, never by a study file: a
+study still only names registered components.
 """
 
 import importlib
@@ -18,6 +19,7 @@ from importlib.metadata import entry_points
 
 from orch.methods import data, evaluation, losses, networks
 from orch.methods.contracts.method import METHODS
+from orch.methods.contracts.registry import Registry
 from orch.methods.contracts.time_samplers import TIME_SAMPLERS
 from orch.methods.data.base import DATASETS
 from orch.methods.evaluation.metric import METRICS
@@ -60,4 +62,4 @@ def load_plugins() -> dict[str, str]:
 
 
 load_builtins()
-load_plugins()
+Registry.before_first_read.append(load_plugins)

@@ -216,16 +216,14 @@ def test_a_backend_registered_from_one_file_runs_a_study_and_reports_its_jobs(tm
     assert not (workdir / "search_elsewhere").exists()
 
 
-PLUGIN = '''
-"""A 2-D ring of radius 0.6 with a known density, and a residual MLP: an orch plugin."""
+RING = '''
+"""A 2-D ring of radius 0.6 with a known density: a dataset, as a plugin or a built-in file would add it."""
 
 import math
 
 import torch
-from torch import nn
 
-from orch.api import DATASETS, MODELS, Density2D, Params
-
+from orch.api import DATASETS, Density2D, Params
 
 
 class RingParams(Params):
@@ -255,6 +253,15 @@ class Ring(Density2D):
 def build_ring(params):
     """A uniform ring around the origin (plugin)."""
     return Ring(params.width)
+'''
+
+RESIDUAL = '''
+"""A residual MLP: a network, as a plugin or a built-in file would add it."""
+
+import torch
+from torch import nn
+
+from orch.api import MODELS, Params
 
 
 class ResidualParams(Params):
@@ -282,7 +289,11 @@ def build_residual(params, data_shape, data_std):
 def test_an_installed_plugin_package_adds_a_dataset_and_a_network(tmp_path):
     package = tmp_path / "orch-ring"
     (package / "orch_ring").mkdir(parents=True)
-    (package / "orch_ring" / "__init__.py").write_text(PLUGIN)
+    (package / "orch_ring" / "__init__.py").write_text(
+        '"""An orch plugin: a dataset and a network."""\nfrom orch_ring import residual, ring  # noqa: F401\n'
+    )
+    (package / "orch_ring" / "ring.py").write_text(RING)
+    (package / "orch_ring" / "residual.py").write_text(RESIDUAL)
     (package / "pyproject.toml").write_text(
         textwrap.dedent(
             """

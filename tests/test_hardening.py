@@ -371,6 +371,7 @@ def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # it stops the suite's Slurm: never while test_slurm uses it
 def test_the_suite_stops_the_slurm_it_starts():
     down = ROOT / "tests" / "slurm" / "down.sh"
     subprocess.run(["sh", str(down)], check=True, timeout=60)  # from nothing, as on a fresh machine
@@ -380,3 +381,21 @@ def test_the_suite_stops_the_slurm_it_starts():
     assert done.returncode == 0, done.stdout[-2000:]
     left = subprocess.run(["pgrep", "-a", "slurmctld|slurmd|munged"], capture_output=True, text=True).stdout
     assert not left, f"left running: {left}"
+
+
+def test_cleanup_after_a_killed_driver_finds_only_its_own_ray_session(tmp_path):
+    """A record for …/orch-ray-12 names neither …/orch-ray-1234 nor a file of it: only the session's own
+    processes are found, even when another session's directory starts with the same characters."""
+    from orch.backends.ray import session_processes
+
+    own, other = tmp_path / "orch-ray-12", tmp_path / "orch-ray-1234"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    mine = subprocess.Popen([*sleeper, f"--temp-dir={own}"])
+    theirs = subprocess.Popen([*sleeper, f"--temp-dir={other}", f"{other}/session_latest"])
+    try:
+        found = session_processes(str(own))
+        assert mine.pid in found and theirs.pid not in found
+    finally:
+        for process in (mine, theirs):
+            process.kill()
+            process.wait()

@@ -5,6 +5,7 @@ other in a circle. docs/architecture.md lists the layers."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +170,10 @@ def test_every_module_is_in_a_layer():
     for module in sources():
         if module not in ROOTS:
             group_of(module)
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages a wheel holds: every folder of orch with an __init__.py is one of them."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {module_name(path) for folder in FOLDERS for path in (ROOT / folder).rglob("__init__.py")}
+    assert folders == listed

@@ -1,7 +1,7 @@
 """Adding a built-in component is one file. In a scratch copy of the repository, one new file each adds a method,
-a network, a dataset, a metric with an option of its own and a backend; with no other file changed, `orch describe`
-lists them, a study naming all five runs through the CLI, the regenerated option reference documents them, and
-the fast tests pass."""
+a network, a dataset, a metric with an option of its own and a backend (the network and the dataset are the plugin
+test's, as built-in files); with no other file changed, `orch describe` lists them, a study naming all five runs
+through the CLI, the regenerated option reference documents them, and the fast tests pass."""
 
 from __future__ import annotations
 
@@ -16,10 +16,28 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_extending import RESIDUAL, RING
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"orch": "orchestrator", "orch.methods": "methods", "orch.dashboards": "dashboards"}
 
 pytestmark = pytest.mark.slow
+
+BUILT_IN_IMPORTS = {
+    "from orch.api import DATASETS, Density2D, Params": "from orch.methods.contracts.registry import Params\n"
+    "from orch.methods.data.base import DATASETS, Density2D",
+    "from orch.api import MODELS, Params": "from orch.methods.contracts.registry import Params\n"
+    "from orch.methods.networks.base import MODELS",
+}
+"""A built-in file imports from its own layer (tests/test_layers.py); only plugins import orch.api."""
+
+
+def as_built_in(plugin_source: str) -> str:
+    for plugin, built_in in BUILT_IN_IMPORTS.items():
+        plugin_source = plugin_source.replace(plugin, built_in)
+    assert "orch.api" not in plugin_source
+    return plugin_source
+
 
 NEW_FILES = {
     "methods/losses/one_file_fm.py": '''
@@ -27,7 +45,9 @@ NEW_FILES = {
 
         import torch
 
-        from orch.api import Method, MethodParams, Uniform, TimeSamplerParams, diagonal_term, register_method
+        from orch.methods.contracts.method import Method, MethodParams, register_method
+        from orch.methods.contracts.time_samplers import TimeSamplerParams, Uniform
+        from orch.methods.losses.flow_matching import diagonal_term
 
 
         @register_method("one_file_fm")
@@ -52,77 +72,13 @@ NEW_FILES = {
                     x = x + net(x + 0.5 / steps * net(x, t, t), half, half) / steps
                 return x
     ''',
-    "methods/networks/one_file_net.py": '''
-        """A one-hidden-layer flow-map network: a network added as one file (test-only)."""
-
-        import torch
-        from torch import nn
-
-        from orch.api import MODELS, Params
-
-
-        class OneFileNetParams(Params):
-            width: int = 32
-            """Units of the hidden layer."""
-
-
-        class OneFileNet(nn.Module):
-            def __init__(self, dim, width, data_std):
-                super().__init__()
-                self.inner = nn.Sequential(nn.Linear(dim + 2, width), nn.SiLU(), nn.Linear(width, dim))
-                self.register_buffer("data_std", data_std.clone().float())
-
-            def forward(self, x, a, b):
-                return self.inner(torch.cat([a[:, None], b[:, None], x / self.data_std], 1)) * self.data_std
-
-
-        @MODELS.register("one_file_net", OneFileNetParams)
-        def build(params, data_shape, data_std):
-            """A one-hidden-layer network (test-only)."""
-            return OneFileNet(data_shape[0], params.width, data_std)
-    ''',
-    "methods/data/one_file_ring.py": '''
-        """A uniform ring with a known density: a dataset added as one file (test-only)."""
-
-        import math
-
-        import torch
-
-        from orch.api import DATASETS, Density2D, Params, rand
-
-
-        class RingParams(Params):
-            width: float = 0.1
-            """Width of the ring."""
-
-
-        class Ring(Density2D):
-            bounds = (-1.0, 1.0)
-
-            def __init__(self, width):
-                self.inner, self.outer = 0.6 - width / 2, 0.6 + width / 2
-                self.std = torch.full((2,), 0.6 / math.sqrt(2))
-
-            def sample(self, n, gen):
-                angle = 2 * math.pi * rand(gen, n)
-                radius = (self.inner**2 + (self.outer**2 - self.inner**2) * rand(gen, n)).sqrt()
-                return torch.stack([radius * angle.cos(), radius * angle.sin()], 1)
-
-            def density(self, xy):
-                r = xy.norm(dim=-1)
-                area = math.pi * (self.outer**2 - self.inner**2)
-                return torch.where((r >= self.inner) & (r < self.outer), 1 / area, 0.0).to(xy.dtype)
-
-
-        @DATASETS.register("one_file_ring", RingParams, provides=("density",))
-        def build(params):
-            """A uniform ring around the origin (test-only)."""
-            return Ring(params.width)
-    ''',
+    "methods/networks/residual.py": as_built_in(RESIDUAL),
+    "methods/data/ring.py": as_built_in(RING),
     "methods/evaluation/one_file_metric.py": '''
         """The share of samples within a radius of the support: a metric with an option, added as one file."""
 
-        from orch.api import Params, register_metric
+        from orch.methods.contracts.registry import Params
+        from orch.methods.evaluation.metric import register_metric
 
 
         class NearOptions(Params):
@@ -142,9 +98,12 @@ NEW_FILES = {
     "orchestrator/backends/one_file_inline.py": '''
         """Every trial in this process, one after the other: a backend added as one file (test-only)."""
 
+        from pathlib import Path
         from typing import Literal
 
-        from orch.api import Backend, BackendParams, read_json, register_backend, run_trial
+        from orch.backends.base import Backend, BackendParams, register_backend
+        from orch.execution.runner import run_trial
+        from orch.trial.state import read_json
 
 
         class InlineParams(BackendParams):
@@ -161,15 +120,15 @@ NEW_FILES = {
                 for trial in trials:
                     progress.started(trial.id)
                     run_trial(trial)
-                    progress.finished(trial.id, read_json(trial.dir + "/state.json")["status"])
+                    progress.finished(trial.id, read_json(Path(trial.dir) / "state.json")["status"])
     ''',
 }
 
 STUDY = {
     "name": "one_file",
     "base": {
-        "dataset": {"name": "one_file_ring", "width": 0.2},
-        "model": {"name": "one_file_net", "width": 16},
+        "dataset": {"name": "ring", "width": 0.2},
+        "model": {"name": "residual", "width": 16},
         "method": {"name": "one_file_fm"},
         "train": {"steps": 20, "batch_size": 128, "checkpoint_every": 10, "log_every": 10, "device": "cpu"},
         "eval": {
@@ -206,22 +165,27 @@ sys.meta_path.insert(0, ScratchCopy)
 '''
 
 
+def git(copy: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=copy, capture_output=True, text=True, check=True).stdout
+
+
 def scratch_copy(tmp_path: Path) -> Path:
-    """The repository's tracked and unignored files, copied."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode()
+    """The repository's tracked and unignored files, copied and committed in a repository of their own."""
+    listed = git(ROOT, "ls-files", "-co", "--exclude-standard", "-z")
     copy = tmp_path / "repo"
     for name in filter(None, listed.split("\0")):
         if (ROOT / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, copy / name)
+    git(copy, "init", "-q")
+    git(copy, "add", "-A")
+    git(copy, "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "scratch copy")
     return copy
 
 
-def changed_files(copy: Path, before: dict[str, bytes]) -> list[str]:
-    now = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    return sorted(name for name in now.keys() | before.keys() if now.get(name) != before.get(name))
+def changed_files(copy: Path) -> list[str]:
+    """Files added or changed since the scratch copy was committed."""
+    return sorted(line[3:] for line in git(copy, "status", "--porcelain", "--untracked-files=all").splitlines())
 
 
 def test_a_method_network_dataset_metric_and_backend_are_one_file_each(tmp_path):
@@ -231,7 +195,6 @@ def test_a_method_network_dataset_metric_and_backend_are_one_file_each(tmp_path)
     roots = {name: str(copy / folder) for name, folder in FOLDERS.items()}
     (boot / "sitecustomize.py").write_text(SITECUSTOMIZE.format(roots=roots))
     env = {**os.environ, "PYTHONPATH": str(boot)}
-    before = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     for name, source in NEW_FILES.items():
         (copy / name).write_text(textwrap.dedent(source).lstrip())
 
@@ -241,7 +204,7 @@ def test_a_method_network_dataset_metric_and_backend_are_one_file_each(tmp_path)
 
     described = orch("describe")
     assert described.returncode == 0, described.stderr
-    listed = ("method.name: one_file_fm", "model.name: one_file_net", "dataset.name: one_file_ring", "`one_file_near`",
+    listed = ("method.name: one_file_fm", "model.name: residual", "dataset.name: ring", "`one_file_near`",
               "eval.metric_options.one_file_near.radius", "backend.name: one_file_inline")  # fmt: skip
     for name in listed:
         assert name in described.stdout, name
@@ -258,9 +221,9 @@ def test_a_method_network_dataset_metric_and_backend_are_one_file_each(tmp_path)
                           text=True)  # fmt: skip  # `make docs`: the one generated file
     assert docs.returncode == 0 and "rewritten" in docs.stdout, docs.stderr
     study.unlink()
-    assert changed_files(copy, before) == sorted(["docs/reference.md", *NEW_FILES])
+    assert changed_files(copy) == sorted(["docs/reference.md", *NEW_FILES])
     fast = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider", "-n", "2"],
+        [sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider"],
         cwd=copy, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    )  # fmt: skip  # `make test-fast` in one process: the suite's other worker has the second core
     assert fast.returncode == 0, fast.stdout[-3000:] + fast.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -65,9 +65,21 @@ class Entry:
 class Registry:
     """A named set of builders, each with a pydantic model of its options."""
 
+    before_first_read: ClassVar[list[Callable[[], object]]] = []
+    """Run once, before any registry is first read: the catalogue's loading of installed plugins. A plugin may
+    import any part of orch (orch.api does), so it cannot load while orch's own modules are still importing."""
+    _read = False
+
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+
+    @classmethod
+    def _first_read(cls) -> None:
+        if not Registry._read:
+            Registry._read = True  # before the hooks: a plugin that reads a registry while loading reads it as is
+            for hook in cls.before_first_read:
+                hook()
 
     def register(
         self,
@@ -95,12 +107,15 @@ class Registry:
         del self._entries[name]
 
     def get(self, name: object) -> Entry:
+        self._first_read()
         if not isinstance(name, str) or name not in self._entries:
             raise UnknownName(self.kind, name, self.names())
         return self._entries[name]
 
     def names(self) -> list[str]:
+        self._first_read()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._first_read()
         return name in self._entries

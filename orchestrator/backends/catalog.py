@@ -1,6 +1,6 @@
 """Every backend, found: importing this module imports each backend file of this folder (modules named with a
 leading `_` are one backend's helpers and are left to it), so that the registry is complete, and holds the lookups
-that need it. Installed plugins register their backends when orch.methods.catalog loads them."""
+that need it. Installed plugins register their backends when a registry is first read (orch.methods.catalog)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+import orch.methods.catalog  # noqa: F401 — the plugins load with the other registries
 from orch.backends.base import BACKENDS, DEFAULT_BACKEND, Backend, BackendParams
-from orch.methods.catalog import load_plugins
 from orch.methods.contracts.registry import UnknownName
 from orch.problems import Problem, pydantic_problems
 
@@ -78,4 +78,3 @@ def search_refused(params: BackendParams, where: str) -> list[Problem]:
 
 
 load_builtins()
-load_plugins()

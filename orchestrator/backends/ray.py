@@ -4,6 +4,7 @@ it also hosts a study's search (Optuna through Tune). Ray is imported when the b
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -118,12 +119,18 @@ class Ray(Backend):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def names_path(argument: str, path: str) -> bool:
+    """Whether a command-line argument names `path` or a file under it (`--temp-dir=/tmp/orch-ray-12`,
+    `/tmp/orch-ray-12/session…`), never a longer name that starts alike (`/tmp/orch-ray-1234`)."""
+    return re.search(rf"(^|[=:,]){re.escape(path.rstrip('/'))}(/|$)", argument) is not None
+
+
 def session_processes(temp_dir: str) -> list[int]:
     """PIDs of an embedded Ray session: processes naming its temp dir, workers naming those raylets, and all
     their descendants."""
     found, raylets, procs = set(), set(), list(psutil.process_iter(["pid", "cmdline"]))
     for proc in procs:
-        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+        if any(names_path(part, temp_dir) for part in proc.info["cmdline"] or []):
             found.add(proc.info["pid"])
     raylets = {str(pid) for pid in found}
     for proc in procs:
