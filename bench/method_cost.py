@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["fm", "lsd", "esd", "psd_mid", "sdei", "stei", "sdee", "stee", "meanflow", "sct", "scd", "ict", "shortcut"]
 # Paper B's measured training cost relative to its diffusion teacher (EDM, CIFAR-10; time, memory)
 PAPER_B = {"meanflow": (1.82, 4.46), "sdei": (1.60, 1.11), "stei": (2.49, 1.95), "sdee": (1.60, 1.11),
            "stee": (1.26, 1.07)}  # fmt: skip
@@ -102,8 +101,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, *shape)))
         return
+    from orch.methods.catalog import METHODS
+
     rows = []
-    for method in METHODS:
+    for method in ["fm", *(name for name in METHODS.names() if name != "fm")]:  # every registered method, FM first
         out = subprocess.run(
             [
                 sys.executable,

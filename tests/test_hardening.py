@@ -370,19 +370,6 @@ def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
     assert not (tmp_path / "cache" / "fid" / "weights-inception-2015-12-05-6726825d.pth").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("slurm")  # it stops the suite's Slurm: never while test_slurm uses it
-def test_the_suite_stops_the_slurm_it_starts():
-    down = ROOT / "tests" / "slurm" / "down.sh"
-    subprocess.run(["sh", str(down)], check=True, timeout=60)  # from nothing, as on a fresh machine
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_slurm.py::test_the_local_slurm_listens_on_loopback_only"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:]
-    left = subprocess.run(["pgrep", "-a", "slurmctld|slurmd|munged"], capture_output=True, text=True).stdout
-    assert not left, f"left running: {left}"
-
-
 def test_cleanup_after_a_killed_driver_finds_only_its_own_ray_session(tmp_path):
     """A record for …/orch-ray-12 names neither …/orch-ray-1234 nor a file of it: only the session's own
     processes are found, even when another session's directory starts with the same characters."""

@@ -209,3 +209,14 @@ def test_a_two_task_job_next_to_a_one_task_job_trains_what_one_process_does(slur
             assert parallel.result[key] == pytest.approx(value, rel=1e-4), key
     logs = [f.name for f in (tmp_path / "two" / "parallel_mixed" / "slurm").glob("*/*_log.out")]
     assert len(logs) == 3, logs  # three tasks in all: two of lsd's job, one of meanflow's
+
+
+def test_the_suite_stops_the_slurm_it_starts():
+    """Last in this file: it stops the Slurm the other tests use, then lets a pytest run start and stop its own."""
+    subprocess.run(["sh", str(DOWN)], check=True, timeout=60)  # from nothing, as on a fresh machine
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_slurm.py::test_the_local_slurm_listens_on_loopback_only"],
+                          cwd=UP.parents[2], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
+    left = subprocess.run(["pgrep", "-a", "slurmctld|slurmd|munged"], capture_output=True, text=True).stdout
+    assert not left, f"left running: {left}"
