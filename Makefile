@@ -41,13 +41,14 @@ data: install $(FASHION_MNIST)
 run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
-# The whole suite (what CI runs): two workers, each test file on one of them (tests/conftest.py groups them).
+# The whole suite (what CI runs): two workers, each test file on one of them (a file's fixtures, such as its
+# Slurm cluster, stay in one process).
 test: install $(CHROMIUM) $(SLURMCTLD) $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 # The fast tier: wiring and mathematics, no training beyond a few steps and no services (under 3 minutes).
 test-fast: install $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
 
 bench: install
 	$(VENV)/bin/python bench/orchestration.py

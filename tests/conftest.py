@@ -22,12 +22,3 @@ def tiny_study(tmp_path_factory):
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on the machine's cores: one torch thread each, not two workers × all cores
     torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under `make test`'s two workers (pytest-xdist, --dist loadgroup): each test file's tests stay on one worker,
-    so that its module fixtures are built once; a test that shares a machine-wide service with another file names
-    that service's group itself (@pytest.mark.xdist_group("slurm"): the suite's one Slurm)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -19,7 +19,7 @@ from orch.cli import main
 from orch.trial.state import TrialState
 from tests.conftest import STUDIES
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # the suite's one Slurm (tests/conftest.py)
+pytestmark = pytest.mark.slow  # the suite's one Slurm: this file runs on one xdist worker (--dist loadfile)
 
 UP = Path(__file__).resolve().parent / "slurm" / "up.sh"
 DOWN = UP.with_name("down.sh")
