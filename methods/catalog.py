@@ -12,14 +12,12 @@ needs the whole of orch imported). Which code loads is decided by what is instal
 study still only names registered components.
 """
 
-import importlib
 import logging
-import pkgutil
 from importlib.metadata import entry_points
 
 from orch.methods import data, evaluation, losses, networks
 from orch.methods.contracts.method import METHODS
-from orch.methods.contracts.registry import Registry
+from orch.methods.contracts.registry import Registry, import_folder
 from orch.methods.contracts.time_samplers import TIME_SAMPLERS
 from orch.methods.data.base import DATASETS
 from orch.methods.evaluation.metric import METRICS
@@ -36,12 +34,8 @@ LOADED: dict[str, str] = {}
 
 
 def load_builtins() -> list[str]:
-    """Import every module of the component folders (orch's own files, never a name from a study file)."""
-    names = []
-    for folder in COMPONENT_FOLDERS:
-        for module in sorted(pkgutil.iter_modules(folder.__path__), key=lambda m: m.name):
-            names.append(importlib.import_module(f"{folder.__name__}.{module.name}").__name__)
-    return names
+    """Import every module of the component folders."""
+    return [name for folder in COMPONENT_FOLDERS for name in import_folder(folder)]
 
 
 def load_plugins() -> dict[str, str]:

@@ -1,10 +1,13 @@
-"""Name → builder registries: the only way a study file can select code (no eval, no dynamic imports)."""
+"""Name → builder registries: the only way a study file can select code (no eval; a study file never names a module)."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -119,3 +122,14 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         self._first_read()
         return name in self._entries
+
+
+def import_folder(package: ModuleType, skip: tuple[str, ...] = ()) -> list[str]:
+    """Import every module of a package's folder, so that each registers what it defines: orch's own files, never
+    a name from a study file. Sub-packages, modules named with a leading `_` (helpers of one module) and `skip`
+    are left out. Returns the imported modules' names."""
+    names = []
+    for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not module.ispkg and not module.name.startswith("_") and module.name not in skip:
+            names.append(importlib.import_module(f"{package.__name__}.{module.name}").__name__)
+    return names

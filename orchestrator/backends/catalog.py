@@ -4,28 +4,22 @@ that need it. Installed plugins register their backends when a registry is first
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+import orch.backends
 import orch.methods.catalog  # noqa: F401 — the plugins load with the other registries
 from orch.backends.base import BACKENDS, DEFAULT_BACKEND, Backend, BackendParams
-from orch.methods.contracts.registry import UnknownName
+from orch.methods.contracts.registry import UnknownName, import_folder
 from orch.problems import Problem, pydantic_problems
 
 __all__ = ["BACKENDS", "backend_of", "backend_params", "load_builtins", "search_refused", "workers_refused"]
 
 
 def load_builtins() -> list[str]:
-    """Import every backend module of this folder (orch's own files, never a name from a study file)."""
-    names = []
-    for module in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
-        if not module.ispkg and not module.name.startswith("_") and module.name not in ("base", "catalog"):
-            names.append(importlib.import_module(f"{__package__}.{module.name}").__name__)
-    return names
+    """Import every backend module of this folder (not the contract, not this catalogue)."""
+    return import_folder(orch.backends, skip=("base", "catalog", "search_space"))
 
 
 def backend_params(raw: dict[str, Any], where: str = "backend") -> tuple[BackendParams | None, list[Problem]]:
