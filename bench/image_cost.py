@@ -33,6 +33,7 @@ from orch.execution.build import build_network, build_trainer, needs_teacher  # 
 from orch.methods.evaluation.generation import generate  # noqa: E402
 from orch.methods.training.trainer import EvalConfig, peak_memory_mb, reset_peak_memory  # noqa: E402
 from orch.study.load import load_study  # noqa: E402
+from orch.trial.typed import TrialConfig
 
 
 def synthetic_cifar(root: Path, per_batch: int = 10000) -> None:
@@ -51,8 +52,8 @@ def synchronize(device: torch.device) -> None:
 def build(config: dict, device: torch.device):
     """The trial's trainer, as run_trial builds it; a distillation method gets an untrained teacher of the
     configured network (any frozen net costs the same)."""
-    teacher = build_network(config) if needs_teacher(config["method"]) else None
-    return build_trainer(config, device, teacher)
+    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
+    return build_trainer(TrialConfig.parse(config), device, teacher)
 
 
 def timed_steps(trainer, device: torch.device, steps: int, warmup: int) -> list[float]:

@@ -56,12 +56,14 @@ def measure(
     from orch.execution.build import build_network, build_trainer, needs_teacher
     from orch.methods.training.trainer import peak_memory_mb, reset_peak_memory
     from orch.trial.config import resolve_trial_config
+    from orch.trial.typed import TrialConfig
 
     torch.set_num_threads(1)
     config, problems = resolve_trial_config(trial_config(method, model, width, depth, channels, batch, device))
     assert not problems, problems
-    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen net costs the same
-    trainer = build_trainer(config, torch.device(device), teacher)
+    parsed = TrialConfig.parse(config)
+    teacher = build_network(parsed) if needs_teacher(config["method"]) else None  # any frozen net costs the same
+    trainer = build_trainer(parsed, torch.device(device), teacher)
     baseline = resident_mb()  # before any step: what training adds on top is the method's working memory
     reset_peak_memory(trainer.device)
     for _ in range(3):

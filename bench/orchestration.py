@@ -45,10 +45,11 @@ def bare_seconds(config: dict) -> float:
     from orch.execution.build import build_trainer
     from orch.methods.training.trainer import EvalConfig
     from orch.trial.config import resolve_trial_config
+    from orch.trial.typed import TrialConfig
 
     torch.set_num_threads(1)
     resolved, _ = resolve_trial_config(config)
-    trainer = build_trainer(resolved, torch.device("cpu"))
+    trainer = build_trainer(TrialConfig.parse(resolved), torch.device("cpu"))
     start = time.perf_counter()
     for step in range(resolved["train"]["steps"]):
         trainer.train_step(with_stats=(step + 1) % resolved["train"]["log_every"] == 0)

@@ -8,7 +8,7 @@ metric has a direction ("min": lower is better, as KL and FID; "max": higher is)
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -16,14 +16,19 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from orch.dashboards.stats import mean_ci, shown
-from orch.dashboards.tables import formatted
+from orch.dashboards.tables import evaluations, formatted
+from orch.tracking.schema import (
+    FINAL,
+    GRAD_NORM,
+    TRAIN_LOSS,
+    cost_key,
+    eval_key,
+    parse_target_std_key,
+    parse_term_loss_key,
+)
 
 SEED = "factor.train.seed"
 """The seed axis's column (dashboards/load.py names factor columns factor.<axis>): averaged, never a group."""
-NFE_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
-FINAL_KEY = re.compile(r"^final/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)$")
-GUIDED_KEY = re.compile(r"^eval/(?P<metric>[a-z0-9_]+)/nfe_(?P<nfe>\d+)(/cfg_(?P<omega>[0-9.e+-]+))?$")
-"""Unguided keys (ω = 1) and keys at any guidance scale."""
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 LOG_X_NFE = {"title": "network evaluations (NFE)", "type": "log"}
@@ -46,13 +51,22 @@ def with_groups(runs: pd.DataFrame, group_cols: list[str]) -> pd.DataFrame:
 
 
 def nfe_columns(columns, metric: str) -> list[tuple[int, str]]:
-    return sorted((int(m["nfe"]), c) for c in columns if (m := NFE_KEY.match(str(c))) and m["metric"] == metric)
+    """(NFE, column) of the unguided in-training evaluations `eval/<metric>/nfe_<N>`, by NFE."""
+    return sorted((parsed.nfe, key) for key, parsed in evaluations(columns, metric).items())
+
+
+def rows_of(history: pd.DataFrame, keep) -> pd.DataFrame:
+    """The history rows whose key passes `keep` (a test of one key, run once per distinct key)."""
+    return history[history["key"].isin({k for k in history["key"].unique() if keep(str(k))})].copy()
 
 
 def unguided_evals(history: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The history rows of `eval/<metric>/nfe_<N>` (ω = 1), not those at other guidance scales."""
-    keys = history["key"].astype(str)
-    return history[keys.str.startswith(f"eval/{metric}/nfe_") & keys.str.match(NFE_KEY.pattern)].copy()
+    """The history rows of `eval/<metric>/nfe_<N>` (ω = 1), not those at other guidance scales, with their
+    column `nfe`."""
+    keys = evaluations(history["key"].unique(), metric)
+    rows = history[history["key"].isin(keys)].copy()
+    rows["nfe"] = rows["key"].map(lambda k: keys[k].nfe).astype(int)
+    return rows
 
 
 def best_checkpoint(history: pd.DataFrame, metric: str, direction: str = "min") -> pd.DataFrame:
@@ -62,7 +76,6 @@ def best_checkpoint(history: pd.DataFrame, metric: str, direction: str = "min") 
     evals = unguided_evals(history, metric)
     if evals.empty:
         return pd.DataFrame(columns=["trial_id", "nfe", "best", "best_step"])
-    evals["nfe"] = evals["key"].str.rsplit("_", n=1).str[-1].astype(int)
     by_trial = evals.groupby(["trial_id", "nfe"])["value"]
     idx = by_trial.idxmin() if direction == "min" else by_trial.idxmax()
     best = evals.loc[idx, ["trial_id", "nfe", "value", "step"]]
@@ -215,7 +228,10 @@ def fmt(values, digits: int) -> list[str]:
     return [f"{v:.{digits}f}" for v in values]
 
 
-COST_COLUMNS = {"cost/sec_per_kimg": 4, "cost/fwd_per_sample": 2, "cost/jvp_per_sample": 2, "cost/device_hours": 4}
+COST_COLUMNS = {
+    cost_key(name): digits
+    for name, digits in [("sec_per_kimg", 4), ("fwd_per_sample", 2), ("jvp_per_sample", 2), ("device_hours", 4)]
+}
 
 
 def ranking(
@@ -233,7 +249,7 @@ def ranking(
     for group, trials in grouped.groupby("group", sort=True):
         row = {"group": group, "seeds": int((trials["status"] == "completed").sum())}
         for nfe in nfes:
-            values = done[done["group"] == group][f"eval/{metric}/nfe_{nfe}"].to_numpy(dtype=float)
+            values = done[done["group"] == group][eval_key(metric, nfe)].to_numpy(dtype=float)
             row[f"{metric}@{nfe}"] = float(np.nanmean(values)) if len(values) else float("nan")
             row[f"{metric}@{nfe} std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")
         row |= {c: float(trials[c].mean()) for c in COST_COLUMNS if c in trials}
@@ -309,16 +325,16 @@ def quality_vs_compute(
     """Quality at the fewest and the most NFE vs device-hours spent training, every evaluation of every group
     (mean over seeds), with the Pareto front: which method is best at equal compute."""
     evals = unguided_evals(history, metric)
-    hours = history[history["key"] == "cost/device_hours"][["trial_id", "step", "value"]].rename(
+    hours = history[history["key"] == cost_key("device_hours")][["trial_id", "step", "value"]].rename(
         columns={"value": "hours"}
     )
-    nfes = sorted({int(k.rsplit("_", 1)[-1]) for k in evals["key"].unique()})
+    nfes = sorted(set(evals["nfe"]))
     panels = sorted({nfes[0], nfes[-1]}) if nfes else []
     fig = make_subplots(rows=1, cols=max(len(panels), 1), subplot_titles=[f"{n} step{'s' * (n > 1)}" for n in panels])
     groups = with_groups(runs, group_cols)[["trial_id", "group", "status"]]
     styles = group_styles(runs, group_cols)
     for col, nfe in enumerate(panels, 1):
-        points = evals[evals["key"] == f"eval/{metric}/nfe_{nfe}"].merge(groups, on="trial_id")
+        points = evals[evals["nfe"] == nfe].merge(groups, on="trial_id")
         points = points[points["status"] == "completed"].sort_values("step")
         points = pd.merge_asof(points, hours.sort_values("step"), on="step", by="trial_id", direction="nearest")
         curves = points.groupby(["group", "step"], as_index=False)[["hours", "value"]].mean()
@@ -368,13 +384,13 @@ def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: li
     """Loss-target variance (paper B): batch std of per-sample target norms per term, vs training step. A
     method's diagonal (flow-matching) term is hidden by default beside its main term: click its legend entry to
     show it; flow matching's own curve (its only term) is shown as the reference scale."""
-    hist = history[history["key"].str.match(r"^train/target_std/[^/]+$")]
+    hist = rows_of(history, lambda k: (parsed := parse_target_std_key(k)) is not None and parsed[1] is None)
     hist = hist.merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
     styles = group_styles(runs, group_cols)
     terms_of = hist.groupby("group")["key"].nunique()
     fig = go.Figure()
     for (group, key), rows in hist.groupby(["group", "key"], sort=True):
-        term = key.rsplit("/", 1)[-1]
+        term, _ = parse_target_std_key(key)
         curve = smooth(rows.groupby("step")["value"].mean())
         fig.add_trace(
             go.Scatter(
@@ -397,14 +413,14 @@ def target_std_vs_step(history: pd.DataFrame, runs: pd.DataFrame, group_cols: li
 
 def target_std_by_bin(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
     """Loss-target std per start-time bin over the last quarter of training, per group and term."""
-    hist = history[history["key"].str.match(r"^train/target_std/[^/]+/bin_\d+$")].copy()
+    hist = rows_of(history, lambda k: (parsed := parse_target_std_key(k)) is not None and parsed[1] is not None)
     fig = go.Figure()
     if hist.empty:
         return fig
     late = hist["step"] >= 0.75 * hist.groupby("trial_id")["step"].transform("max")
     hist = hist[late].merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
-    hist["term"] = hist["key"].str.split("/").str[2]
-    hist["bin"] = hist["key"].str.rsplit("_", n=1).str[-1].astype(int)
+    hist["term"] = hist["key"].map(lambda k: parse_target_std_key(k)[0])
+    hist["bin"] = hist["key"].map(lambda k: parse_target_std_key(k)[1]).astype(int)
     styles = group_styles(runs, group_cols)
     terms_of = hist.groupby("group")["term"].nunique()
     for (group, term), rows in hist.groupby(["group", "term"], sort=True):
@@ -432,20 +448,23 @@ def cost_by_group(runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
     """Measured training cost per group: time, network evaluations per training sample, and peak memory where it
     is the trial's own (CUDA's max-allocated; on CPU it would be the whole process's resident set, the same for
     every method, so the panel is left out)."""
-    columns = ["cost/sec_per_kimg", "cost/fwd_per_sample", "cost/jvp_per_sample"]
+    sec_per_kimg, fwd, jvp, peak = (
+        cost_key(n) for n in ("sec_per_kimg", "fwd_per_sample", "jvp_per_sample", "peak_mem_mb")
+    )
+    columns = [sec_per_kimg, fwd, jvp]
     if not set(columns) <= set(runs):  # no trial got as far as a log tick (e.g. all failed at start)
         return go.Figure()
     devices = runs["device"].astype(str) if "device" in runs else pd.Series("", index=runs.index)
     on_gpu = runs[devices.str.startswith("cuda")]
     panels = ["sec / kimg (training)", "network evaluations / training sample"]
-    panels += ["peak GPU memory (MB)"] if len(on_gpu) and "cost/peak_mem_mb" in runs else []
+    panels += ["peak GPU memory (MB)"] if len(on_gpu) and peak in runs else []
     cost = with_groups(runs, group_cols).groupby("group", sort=True)[columns].mean()
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
-    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/sec_per_kimg"], showlegend=False), 1, 1)
-    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/fwd_per_sample"], name="forward"), 1, 2)
-    fig.add_trace(go.Bar(x=cost.index, y=cost["cost/jvp_per_sample"], name="forward+JVP"), 1, 2)
+    fig.add_trace(go.Bar(x=cost.index, y=cost[sec_per_kimg], showlegend=False), 1, 1)
+    fig.add_trace(go.Bar(x=cost.index, y=cost[fwd], name="forward"), 1, 2)
+    fig.add_trace(go.Bar(x=cost.index, y=cost[jvp], name="forward+JVP"), 1, 2)
     if len(panels) == 3:
-        memory = with_groups(on_gpu, group_cols).groupby("group", sort=True)["cost/peak_mem_mb"].mean()
+        memory = with_groups(on_gpu, group_cols).groupby("group", sort=True)[peak].mean()
         fig.add_trace(go.Bar(x=memory.index, y=memory.values, showlegend=False), 1, 3)
     fig.update_layout(title="Training cost (measured)", barmode="stack", height=450)
     return fig
@@ -492,15 +511,19 @@ def sample_scatter(points: dict[str, dict[int, np.ndarray]]) -> go.Figure:
 
 def training_curves(history: pd.DataFrame, runs: pd.DataFrame, group_cols: list[str]) -> go.Figure:
     """Training loss, per-term raw losses and gradient norm vs step per group (mean over seeds, smoothed)."""
-    panels = ["train/loss", "train/loss/*", "train/grad_norm"]
+    panels: list[Callable[[str], bool]] = [
+        lambda k: k == TRAIN_LOSS,
+        lambda k: parse_term_loss_key(k) is not None,
+        lambda k: k == GRAD_NORM,
+    ]
     fig = make_subplots(rows=1, cols=3, subplot_titles=("total loss", "raw loss per term", "gradient norm"))
     hist = history.merge(with_groups(runs, group_cols)[["trial_id", "group"]], on="trial_id")
     styles = group_styles(runs, group_cols)
-    for col, pattern in enumerate(panels, 1):
-        selected = hist[hist["key"].str.match("^" + pattern.replace("*", "[^/]+") + "$")]
+    for col, keep in enumerate(panels, 1):
+        selected = rows_of(hist, keep)
         for (group, key), rows in selected.groupby(["group", "key"], sort=True):
             curve = smooth(rows.groupby("step")["value"].mean())
-            term = f" [{key.rsplit('/', 1)[-1]}]" if pattern.endswith("*") else ""
+            term = f" [{parse_term_loss_key(key)}]" if col == 2 else ""
             fig.add_trace(
                 go.Scatter(
                     x=curve.index,
@@ -590,9 +613,8 @@ def search_parameters(runs: pd.DataFrame, metric: str, space: dict[str, dict]) -
 def guidance_columns(columns, metric: str) -> dict[int, list[tuple[float, str]]]:
     """nfe → [(ω, column)] sorted by ω, for the metric's columns at every guidance scale (ω = 1 unsuffixed)."""
     by_nfe: dict[int, list[tuple[float, str]]] = {}
-    for c in columns:
-        if (m := GUIDED_KEY.match(str(c))) and m["metric"] == metric:
-            by_nfe.setdefault(int(m["nfe"]), []).append((float(m["omega"] or 1.0), c))
+    for c, parsed in evaluations(columns, metric, omega=None).items():
+        by_nfe.setdefault(parsed.nfe, []).append((parsed.omega, c))
     return {nfe: sorted(pairs) for nfe, pairs in sorted(by_nfe.items())}
 
 
@@ -668,11 +690,10 @@ def quality_vs_nfe_at_guidance(runs: pd.DataFrame, metric: str, group_cols: list
 def final_runs(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The runs with `orch eval`'s final/<metric>/nfe_<N>[/cfg_<ω>] (means over seed ranges) in place of the
     in-training eval/<metric>/… values, so that the in-training figures draw them."""
-    out = runs[[c for c in runs.columns if not str(c).startswith(f"eval/{metric}/")]].copy()
-    for column in runs.columns:
-        key = str(column)
-        if key.startswith(f"final/{metric}/") and not key.endswith("/spread") and "/seed_" not in key:
-            out["eval/" + key.removeprefix("final/")] = runs[column]
+    in_training = evaluations(runs.columns, metric, omega=None)
+    out = runs[[c for c in runs.columns if c not in in_training]].copy()
+    for column, parsed in evaluations(runs.columns, metric, FINAL, omega=None).items():
+        out[eval_key(metric, parsed.nfe, parsed.omega)] = runs[column]
     return out
 
 

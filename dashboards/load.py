@@ -15,11 +15,13 @@ from mlflow.tracking import MlflowClient
 from orch.tracking.schema import (
     DEVICE,
     DIRECTION,
+    EVAL,
     FACTORS,
-    FINAL,
+    FINAL_TAG,
     FINGERPRINT,
     GENERATION,
     GIT_COMMIT,
+    GRAD_NORM,
     MEASURE,
     REASON,
     ROLE,
@@ -27,11 +29,14 @@ from orch.tracking.schema import (
     SEARCH_ARTIFACT,
     SEARCH_METRIC,
     STATUS,
+    TARGET_STD,
+    TRAIN_LOSS,
     TRIAL_ID,
+    cost_key,
 )
 
-FINAL_TAG = f"orch.{FINAL}."
-HISTORY_PREFIXES = ("train/target_std/", "train/loss", "train/grad_norm", "eval/", "cost/device_hours")
+HISTORY_PREFIXES = (f"{TARGET_STD}/", TRAIN_LOSS, GRAD_NORM, f"{EVAL}/", cost_key("device_hours"))
+"""The keys whose whole history the dashboard loads (of other keys, the last value)."""
 RUN_CHUNK = 500
 
 

@@ -17,7 +17,18 @@ from orch.dashboards.load import FACTOR, load_runs, load_search
 from orch.dashboards.published import conditional_of, reference_markers, training_protocol
 from orch.dashboards.tables import final_values, paper_table
 from orch.methods.runtime.storage import atomic_write_bytes
-from orch.tracking.schema import AXES, BEST, GENERATION, GIT_COMMIT, HOST, PROFILE, PYTHON, STUDY_YAML, VERSION
+from orch.tracking.schema import (
+    AXES,
+    BEST,
+    GENERATION,
+    GIT_COMMIT,
+    HOST,
+    PROFILE,
+    PYTHON,
+    STUDY_YAML,
+    VERSION,
+    parse_eval_key,
+)
 
 HEADER_TAGS = {  # parent-run tag → header label
     PROFILE: "profile",
@@ -32,8 +43,8 @@ HEADER_TAGS = {  # parent-run tag → header label
 
 def quality_metrics(columns) -> list[str]:
     """The metrics evaluated at some NFE, in training (eval/…) or after it (final/…)."""
-    keys = (figures.NFE_KEY.match(str(c)) or figures.FINAL_KEY.match(str(c)) for c in columns)
-    return sorted({m["metric"] for m in keys if m})
+    keys = (parse_eval_key(c) for c in columns)
+    return sorted({k.metric for k in keys if k is not None and k.omega == 1.0 and not k.rest})
 
 
 def direction_of(runs: pd.DataFrame, metric: str) -> str:

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 
 from orch.dashboards.stats import mean_ci, shown
-from orch.methods.evaluation.keys import eval_suffix
+from orch.tracking.schema import EVAL, FINAL, EvalKey, cost_key, parse_eval_key, series_key
 
 COSTS = {
-    "cost/sec_per_kimg": ("sec/kimg", 4),
-    "cost/fwd_per_sample": ("fwd/sample", 2),
-    "cost/jvp_per_sample": ("JVP/sample", 2),
+    cost_key("sec_per_kimg"): ("sec/kimg", 4),
+    cost_key("fwd_per_sample"): ("fwd/sample", 2),
+    cost_key("jvp_per_sample"): ("JVP/sample", 2),
 }
 NAMES = {"kl": "KL", "kl_cond": "class KL", "fid": "FID", "kid": "KID", "is": "IS"}
 
@@ -39,17 +39,22 @@ def spread_of(values: np.ndarray, how: str) -> float:
     return mean_ci(values)[1]
 
 
+def evaluations(keys, metric: str, source: str = EVAL, omega: float | None = 1.0) -> dict[str, EvalKey]:
+    """The keys (column names, history keys) that hold values of `metric` from `source` (eval: in training,
+    final: `orch eval`'s means) at guidance scale ω (None: at any), parsed; never a seed range's value or a
+    spread."""
+    found = {}
+    for key in keys:
+        parsed = parse_eval_key(key)
+        if parsed and (parsed.source, parsed.metric, parsed.rest) == (source, metric, ""):
+            if omega is None or parsed.omega == omega:
+                found[key] = parsed
+    return found
+
+
 def nfe_values(runs: pd.DataFrame, metric: str, source: str, omega: float) -> list[tuple[int, str]]:
     """(NFE, column) of `source/<metric>/nfe_<N>[/cfg_<ω>]` present in the runs, by NFE."""
-    pattern = f"{source}/{metric}/"
-    found = []
-    for column in runs.columns:
-        text = str(column)
-        if text.startswith(pattern) and text.removeprefix(pattern).startswith("nfe_"):
-            nfe = text.removeprefix(pattern).split("/")[0].removeprefix("nfe_")
-            if nfe.isdigit() and text == f"{source}/{metric}/{eval_suffix(int(nfe), omega)}":
-                found.append((int(nfe), text))
-    return sorted(found)
+    return sorted((parsed.nfe, key) for key, parsed in evaluations(runs.columns, metric, source, omega).items())
 
 
 def final_values(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, dict | None, list[str]]:
@@ -71,9 +76,9 @@ def final_values(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, dict | 
     out = runs.copy()
     for row, record in records.items():
         for suffix, fp in record.get("series", {}).items():
-            if fp != chosen and f"final/{metric}/{suffix}" in out:
-                out.loc[row, f"final/{metric}/{suffix}"] = np.nan
-    keep = [c for c in out.columns if str(c).startswith(f"final/{metric}/nfe_") and "/seed_" not in str(c)]
+            if fp != chosen and series_key(metric, suffix) in out:
+                out.loc[row, series_key(metric, suffix)] = np.nan
+    keep = list(evaluations(out.columns, metric, FINAL, None))
     return out[out[keep].notna().any(axis=1)], protocols[chosen], notes
 
 

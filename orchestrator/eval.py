@@ -21,16 +21,26 @@ from mlflow.tracking import MlflowClient
 from orch.execution.build import build_trainer
 from orch.execution.runner import Trial
 from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate
-from orch.methods.evaluation.keys import eval_suffix
 from orch.methods.evaluation.metric import metric as metric_spec
 from orch.methods.runtime.storage import exclusive
 from orch.methods.training.trainer import resolve_device
 from orch.problems import Problem
-from orch.tracking.schema import DIRECTION, FINAL
+from orch.tracking.schema import (
+    DIRECTION,
+    EVAL,
+    FINAL,
+    FINAL_TAG,
+    EvalKey,
+    eval_key,
+    eval_suffix,
+    seed_key,
+    spread_key,
+)
 from orch.tracking.store import TRACKING_ERRORS, log_batch
 from orch.trial.config import digest, eval_ema, flatten, metric_description, metric_fingerprint, resolve_trial_config
 from orch.trial.state import TrialState, load_checkpoint_at, load_latest_checkpoint, read_json, write_json
 from orch.trial.status import COMPLETED, STOPPED
+from orch.trial.typed import TrialConfig
 
 SEED_RANGE = 10_000_019
 """Offset of train.seed between seed ranges: range 0 draws the noise and labels of the trial's own evaluations
@@ -73,7 +83,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return f"{FINAL}/{self.metric}/{self.suffix}/seed_{self.seed_range}"
+        return seed_key(self.metric, self.nfe, self.omega, self.seed_range)
 
     def seed(self, config: dict) -> int:
         """The seed its samples are drawn with (see SEED_RANGE)."""
@@ -151,13 +161,13 @@ class Weights:
     def source(self, unit: Unit) -> str:
         """Which file holds the unit's weights (the cache key and part of its fingerprint)."""
         if self.checkpoint == "best":
-            return f"best/{self.selection}_{unit.suffix.replace('/', '_')}.pt"
+            return f"best/{EvalKey(EVAL, self.selection, unit.nfe, unit.omega).file_stem}.pt"
         return self.checkpoint
 
     def missing(self, unit: Unit) -> str | None:
         """Why the unit has no weights, or None."""
         if self.checkpoint == "best":
-            key = f"eval/{self.selection}/{unit.suffix}"
+            key = eval_key(self.selection, unit.nfe, unit.omega)
             if key not in self.index or not (self.dir / self.source(unit)).is_file():
                 return f"no best checkpoint for {key} (training did not evaluate it): use --checkpoint last"
         return None
@@ -194,7 +204,7 @@ def protocol_tags(config: dict, request: Request, series: dict[str, list[str]], 
     where = "best checkpoint per NFE" if request.checkpoint == "best" else f"checkpoint {request.checkpoint}"
     updated = {}
     for m, suffixes in series.items():
-        record = json.loads(tags.get(f"orch.{FINAL}.{m}", "{}"))
+        record = json.loads(tags.get(f"{FINAL_TAG}{m}", "{}"))
         basis = {"metric": metric_fingerprint(m, config), "checkpoint": request.checkpoint, "seeds": request.seeds}
         fingerprint = digest(basis)[:8]
         record.setdefault("series", {}).update(dict.fromkeys(suffixes, fingerprint))
@@ -207,7 +217,7 @@ def protocol_tags(config: dict, request: Request, series: dict[str, list[str]], 
         }
         used = set(record["series"].values())
         record["protocols"] = {fp: p for fp, p in record["protocols"].items() if fp in used}
-        updated[f"orch.{FINAL}.{m}"] = json.dumps(record, sort_keys=True)
+        updated[f"{FINAL_TAG}{m}"] = json.dumps(record, sort_keys=True)
         updated[f"{DIRECTION}{m}"] = metric_spec(m).direction
     return updated
 
@@ -247,8 +257,8 @@ def evaluate_dir(
 
 def evaluate_locked(trial: Trial, request: Request, say: Callable[[str], None]) -> tuple[int, int]:
     trial_dir = Path(trial.dir)
-    config = trial.config | {"eval": request.eval_section(trial)}
-    evaluation = EvalConfig.model_validate(config["eval"])
+    parsed = TrialConfig.parse(trial.config | {"eval": request.eval_section(trial)})
+    config, evaluation = parsed.raw, parsed.eval
     weights = Weights(trial, request.checkpoint, eval_ema(config))
     units, groups = units_of(evaluation, request.seeds), {}
     for unit in units:  # the units of one NFE, scale and seed range share their samples
@@ -264,7 +274,7 @@ def evaluate_locked(trial: Trial, request: Request, say: Callable[[str], None]) 
         todo = [(u, f) for u, f in fingerprints.items() if done.get(u.key, {}).get("fingerprint") != f]
         if todo:
             if trainer is None:  # sampling needs no teacher
-                trainer = build_trainer(config, resolve_device(request.device or config["train"]["device"]))
+                trainer = build_trainer(parsed, resolve_device(request.device or parsed.train.device))
             trainer.ema_net(weights.ema).load_state_dict(state)
             for unit, value, seconds in score(trainer, evaluation, config, todo):
                 done[unit.key] = {"value": value, "fingerprint": fingerprints[unit], "step": step, "logged": False}
@@ -303,17 +313,17 @@ def log_results(
         for u in units
         if not done.get(u.key, {"logged": True})["logged"]
     ]
-    by_series: dict[tuple[str, str], list[dict]] = {}
+    by_series: dict[tuple[str, int, float], list[dict]] = {}
     for u in units:
-        by_series.setdefault((u.metric, u.suffix), []).append(done.get(u.key))
+        by_series.setdefault((u.metric, u.nfe, u.omega), []).append(done.get(u.key))
     complete: dict[str, list[str]] = {}
-    for (metric, suffix), results in by_series.items():
+    for (metric, nfe, omega), results in by_series.items():
         if any(r is None for r in results):
             continue
-        values, series = [r["value"] for r in results], f"{FINAL}/{metric}/{suffix}"
-        step = max(r["step"] for r in results)
-        rows += [(series, sum(values) / len(values), step), (f"{series}/spread", (max(values) - min(values)) / 2, step)]
-        complete.setdefault(metric, []).append(suffix)
+        values, step = [r["value"] for r in results], max(r["step"] for r in results)
+        series, spread = eval_key(metric, nfe, omega, FINAL), spread_key(metric, nfe, omega)
+        rows += [(series, sum(values) / len(values), step), (spread, (max(values) - min(values)) / 2, step)]
+        complete.setdefault(metric, []).append(eval_suffix(nfe, omega))
     try:
         rows = [row for row in rows if not logged_already(client, trial.run_id, row)]
         before = client.get_run(trial.run_id).data.tags

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from orch.tracking.schema import is_eval_key, short_name
 from orch.trial.status import COMPLETED, DIVERGED, FAILED, PENDING, RUNNING
 
 MIN_RATE_SECONDS = 5.0
@@ -73,10 +74,8 @@ class Progress:
         if note := metrics.pop("note", None):
             self._event(f"{trial.label}: {note}")
         if metrics:
-            trial.last = " ".join(
-                f"{k.removeprefix('eval/').removeprefix('train/')}={v:.4g}" for k, v in metrics.items()
-            )
-        if any(k.startswith("eval/") for k in metrics):  # plain mode logs evaluations only
+            trial.last = " ".join(f"{short_name(k)}={v:.4g}" for k, v in metrics.items())
+        if any(is_eval_key(k) for k in metrics):  # plain mode logs evaluations only
             self._event(f"{trial.label}: step {step}/{trial.steps} {trial.last}", quiet=True)
         elif self.live:
             self._draw()

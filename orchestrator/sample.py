@@ -22,7 +22,7 @@ from orch.eval import Unit, Weights
 from orch.execution.build import build_trainer
 from orch.execution.runner import Trial
 from orch.methods.data.images import ImageDataset
-from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate_chunks
+from orch.methods.evaluation.generation import eval_labels, generate_chunks
 from orch.methods.training.trainer import resolve_device
 
 
@@ -43,12 +43,12 @@ def sample_stream(
 ) -> tuple[Iterator[Tensor], Tensor | None, ImageDataset | object]:
     """(chunks of samples, their labels (num,) or None, the dataset) of `num` samples at the unit's NFE, scale
     and seed range. `classes`: the labels cycle through these instead of following the class frequencies."""
-    config = trial.config | {"eval": trial.config["eval"] | {"num_samples": num}}
-    evaluation = EvalConfig.model_validate(config["eval"])
-    trainer = build_trainer(config, resolve_device(device or config["train"]["device"]))
+    config = trial.parsed.with_eval(num_samples=num)
+    evaluation = config.eval
+    trainer = build_trainer(config, resolve_device(device or config.train.device))
     net = trainer.ema_net(evaluation.ema)
     net.load_state_dict(weights.load(unit)[0])
-    seed = unit.seed(config)
+    seed = unit.seed(config.raw)
     labels = eval_labels(trainer.dataset, num, seed)
     if labels is not None and classes:
         labels = torch.tensor(classes).repeat(-(-num // len(classes)))[:num]

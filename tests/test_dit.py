@@ -10,6 +10,7 @@ from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.networks.dit import SIZES, DiTParams, build_dit
 from orch.methods.runtime.attention import exact_attention
 from orch.trial.config import resolve_trial_config
+from orch.trial.typed import TrialConfig
 
 LATENTS = (4, 32, 32)
 PUBLISHED_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}
@@ -124,7 +125,7 @@ def test_a_tiny_conditional_dit_trains_on_mnist(method):
                         ClassConditioning(10)) if method == "sdei" else None  # fmt: skip
     if teacher is not None:
         randomise_zero_layers(teacher)  # a teacher whose velocity is not 0
-    trainer = build_trainer(config, torch.device("cpu"), teacher)
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
     before = [p.detach().clone() for p in trainer.net.parameters()]
     losses = [trainer.train_step(with_stats=True)["train/loss"] for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[0] > 0
@@ -187,7 +188,7 @@ def test_official_checkpoints_load_as_teacher_and_init_and_the_diagonal_starts_a
     teacher, _ = load_teacher(path, config)
     assert torch.equal(teacher.x_embedder.proj.weight, official["x_embedder.proj.weight"])
     assert torch.equal(teacher.s_embedder.mlp[2].weight, official["t_embedder.mlp.2.weight"])  # paper B's transfer
-    student = build_trainer(config, torch.device("cpu"), teacher).net.net  # the network inside its counter
+    student = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher).net.net  # inside its counter
     x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
     labels, omega = torch.tensor([0, 3, 9, 10]), None if online_cfg is None else torch.zeros(4)
     with torch.no_grad():

@@ -15,12 +15,13 @@ from orch.methods.contracts.counting import CountingNet, Counts
 from orch.methods.contracts.guidance import Condition, cfg_velocity
 from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.method import Setting
+from orch.methods.contracts.metric_keys import eval_suffix
 from orch.methods.data.images import ImageDataset
 from orch.methods.data.toy2d import GaussianMixture, GMMParams
 from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate, sampler_calls
-from orch.methods.evaluation.keys import eval_suffix
 from orch.methods.evaluation.metric import metric
 from orch.trial.config import resolve_trial_config, trial_id
+from orch.trial.typed import TrialConfig
 from tests.gaussian import ExactMixtureVelocity
 
 CPU = torch.device("cpu")
@@ -189,8 +190,8 @@ def trainer_for(method: dict, batch: int = 64, dataset: dict | None = None, **tr
         }
     )
     assert not problems, problems
-    teacher = build_network(teacher_config(config)) if needs_teacher(config["method"]) else None
-    return build_trainer(config, CPU, teacher)
+    teacher = build_network(TrialConfig.parse(teacher_config(config))) if needs_teacher(config["method"]) else None
+    return build_trainer(TrialConfig.parse(config), CPU, teacher)
 
 
 def test_label_dropout_rate_and_online_cfg_keeps_every_label():
@@ -255,15 +256,18 @@ def test_conditioning_changes_the_network_only_by_its_class_embedding():
     labels, the null class included, change its output."""
     base, _ = resolve_trial_config({"dataset": {"name": "gmm"}})
     cond, _ = resolve_trial_config({"dataset": {"name": "gmm", "conditional": True}})
-    plain, conditional = build_network(base).state_dict(), build_network(cond).state_dict()
+    plain, conditional = (
+        build_network(TrialConfig.parse(base)).state_dict(),
+        build_network(TrialConfig.parse(cond)).state_dict(),
+    )
     assert set(conditional) - set(plain) == {"classes.labels.weight"}
     assert all(torch.equal(plain[k], conditional[k]) for k in plain)
-    net = build_network(cond)
+    net = build_network(TrialConfig.parse(cond))
     x, t = torch.randn(4, 2), torch.rand(4)
     outputs = [net(x, t, t, labels=torch.full((4,), k)) for k in (0, 1, 8)]
     assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
     with pytest.raises(ValueError, match="without class conditioning"):
-        build_network(base)(x, t, t, labels=torch.zeros(4, dtype=torch.long))
+        build_network(TrialConfig.parse(base))(x, t, t, labels=torch.zeros(4, dtype=torch.long))
 
 
 def test_unconditional_trials_keep_their_ids():

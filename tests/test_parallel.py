@@ -29,6 +29,7 @@ from orch.methods.runtime.parallel import (
     world_of,
 )
 from orch.trial.config import resolve_trial_config
+from orch.trial.typed import TrialConfig
 from tests.conftest import STUDIES
 from tests.test_fault_tolerance import ROOT, states, trial_runs
 from tests.test_search import check_finished_search
@@ -52,13 +53,13 @@ def teacher_for(config: dict) -> torch.nn.Module | None:
     """A frozen network (any will do for an equivalence), the same in every process: built from a fixed seed."""
     if not needs_teacher(config["method"]):
         return None
-    return build_network(config | {"train": config["train"] | {"seed": 123}})
+    return build_network(TrialConfig.parse(config | {"train": config["train"] | {"seed": 123}}))
 
 
 def train_and_save(config: dict, out: str) -> None:
     """STEPS training steps of `config` in this process (one rank of a group, or alone); rank 0 saves the
     student's and the EMA copy's parameters and the last logged statistics to `out`."""
-    trainer = build_trainer(config, torch.device("cpu"), teacher_for(config))
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher_for(config))
     stats = {}
     for step in range(STEPS):
         stats = trainer.train_step(with_stats=step % 5 == 4) or stats
@@ -97,7 +98,7 @@ def test_two_workers_with_half_batches_train_what_one_worker_with_the_whole_batc
 def evaluate_and_save(config: dict, out: str) -> None:
     """A few training steps, then the trial's evaluation and its samples at every NFE and guidance scale, with
     this process's share of the sampling; each rank saves both to `out`.<rank>."""
-    trainer = build_trainer(config, torch.device("cpu"), teacher_for(config))
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher_for(config))
     for _ in range(3):
         trainer.train_step()
     evaluation = EvalConfig.model_validate(config["eval"])

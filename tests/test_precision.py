@@ -12,6 +12,7 @@ from orch.methods.catalog import METHODS
 from orch.methods.runtime.attention import attention, exact_attention
 from orch.methods.training.trainer import EvalConfig
 from orch.trial.config import resolve_trial_config, trial_id
+from orch.trial.typed import TrialConfig
 
 
 def trainer_for(method: str, width: int = 32, depth: int = 2, **train):
@@ -23,8 +24,9 @@ def trainer_for(method: str, width: int = 32, depth: int = 2, **train):
         }
     )
     assert not problems, problems
-    teacher = build_network(config) if needs_teacher(config["method"]) else None  # any frozen network will do
-    return build_trainer(config, torch.device("cpu"), teacher)
+    parsed = TrialConfig.parse(config)
+    teacher = build_network(parsed) if needs_teacher(config["method"]) else None  # any frozen network will do
+    return build_trainer(parsed, torch.device("cpu"), teacher)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
@@ -59,8 +61,8 @@ def unet_trainer_for(method: str, precision: str):
         }
     )
     assert not problems, problems
-    teacher = build_network(config) if needs_teacher(config["method"]) else None
-    return build_trainer(config, torch.device("cpu"), teacher)
+    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
+    return build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -9,6 +9,7 @@ from orch.methods.catalog import METHODS
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.losses.self_distillation import esd_term, lsd_term, psd_term
 from orch.trial.config import resolve_trial_config
+from orch.trial.typed import TrialConfig
 
 
 class TwoHeads(nn.Module):
@@ -75,8 +76,8 @@ def one_step_trainer(method: dict, batch: int = 1024):
         {"method": method, "model": {"width": 16, "depth": 2}, "train": {"batch_size": batch, "device": "cpu"}}
     )
     assert not problems
-    teacher = build_network(config) if needs_teacher(config["method"]) else None
-    trainer = build_trainer(config, torch.device("cpu"), teacher)
+    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
     trainer.train_step()
     return trainer
 
@@ -134,8 +135,8 @@ def test_every_method_declares_the_passes_its_counter_measures(method, batch):
 def test_every_target_of_the_other_methods_is_detached(method):
     """Paper B, MeanFlow, sCM, iCT and shortcut models detach everything but the student evaluation."""
     config, _ = resolve_trial_config({"method": {"name": method}, "model": {"width": 16, "depth": 2}})
-    teacher = build_network(config) if needs_teacher(config["method"]) else None
-    trainer = build_trainer(config, torch.device("cpu"), teacher)
+    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
     terms = trainer.method.terms(trainer.net, trainer.dataset.sample(256, trainer.gen), 10, trainer.gen)
     for term in terms:
         assert term.pred.requires_grad and not term.target.requires_grad, term.name

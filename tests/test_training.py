@@ -8,6 +8,7 @@ import torch
 from orch.execution.build import build_trainer
 from orch.methods.training.trainer import Diverged, EvalConfig
 from orch.trial.config import resolve_trial_config
+from orch.trial.typed import TrialConfig
 
 
 def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: float = 3e-3):
@@ -19,7 +20,7 @@ def trainer_for(method: str, steps: int, width: int = 64, depth: int = 3, lr: fl
         }
     )
     assert not problems, problems
-    return build_trainer(config, torch.device("cpu"))
+    return build_trainer(TrialConfig.parse(config), torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -67,9 +68,9 @@ def test_divergence_detectors_stop_training_with_a_reason():
         trainer.train_step(with_stats=True)
     config, _ = resolve_trial_config({"method": {"name": "lsd"}, "train": {"max_target_norm": 1e-3, "device": "cpu"}})
     with pytest.raises(Diverged, match=r"target norm .* above train.max_target_norm 0.001"):
-        build_trainer(config, torch.device("cpu")).train_step()
+        build_trainer(TrialConfig.parse(config), torch.device("cpu")).train_step()
     config, _ = resolve_trial_config({"method": {"name": "lsd"}, "train": {"max_target_norm": 1e6, "device": "cpu"}})
-    build_trainer(config, torch.device("cpu")).train_step()  # control: a sane limit does not fire
+    build_trainer(TrialConfig.parse(config), torch.device("cpu")).train_step()  # control: a sane limit does not fire
 
 
 def test_micro_batches_accumulate_the_gradient_and_statistics_of_the_whole_batch():
@@ -83,7 +84,8 @@ def test_micro_batches_accumulate_the_gradient_and_statistics_of_the_whole_batch
     }
     config, problems = resolve_trial_config(overrides)
     assert not problems, problems
-    stepped, oracle = build_trainer(config, torch.device("cpu")), build_trainer(config, torch.device("cpu"))
+    parsed = TrialConfig.parse(config)
+    stepped, oracle = build_trainer(parsed, torch.device("cpu")), build_trainer(parsed, torch.device("cpu"))
     stats = stepped.train_step(with_stats=True)
 
     x1 = oracle.dataset.sample(64, oracle.gen)

@@ -14,9 +14,9 @@ from orch.methods.contracts.counting import CountingNet, Counts
 from orch.methods.contracts.guidance import Condition, GuidedNet, normalised_omega, num_classes_of
 from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.method import Method
+from orch.methods.contracts.metric_keys import eval_key, eval_suffix
 from orch.methods.contracts.registry import MAX_NFE, Batch, Params, Samples
 from orch.methods.data.images import ImageDataset
-from orch.methods.evaluation.keys import eval_suffix
 from orch.methods.evaluation.metric import metric, share_feature_passes
 from orch.methods.runtime.parallel import Gen, ShardedGenerator, gather_rows, world_of
 from orch.methods.runtime.precision import autocast
@@ -225,7 +225,7 @@ def evaluate(
                 share_feature_passes(evaluation.metrics, samples, device)
             for name in evaluation.metrics if lead and failure is None else ():
                 try:
-                    results[f"eval/{name}/{suffix}"] = metric(name)(samples, dataset, evaluation, device, labels)
+                    results[eval_key(name, nfe, omega)] = metric(name)(samples, dataset, evaluation, device, labels)
                 except Exception as e:  # data-parallel: raised once every rank has passed the collectives below
                     if world == 1:
                         raise

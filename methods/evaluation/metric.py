@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from orch.methods.contracts.metric_keys import METRIC_NAME
 from orch.methods.contracts.registry import Params, Registry
 from orch.methods.evaluation import fid
 
@@ -72,6 +73,9 @@ def register_metric(
 ):
     """Register a metric function (samples, dataset, evaluation, device[, labels][, options]) -> float with its
     spec; `requires` are the dataset capabilities it needs (e.g. "density", "images", "classes")."""
+
+    if not METRIC_NAME.fullmatch(name):  # its keys (eval/<name>/…) must parse back
+        raise ValueError(f"metric name {name!r}: use lower-case letters, digits and _ only")
 
     def decorator(compute: Callable[..., float]) -> Callable[..., float]:
         spec = MetricSpec(name, compute, direction, title, options, extractor, labelled, options_model)

@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from orch.methods.contracts.counting import CountingNet, Counts
 from orch.methods.contracts.guidance import Condition, drop_labels, num_classes_of
 from orch.methods.contracts.method import Method, Setting, Term
+from orch.methods.contracts.metric_keys import (
+    AMP_SKIPPED,
+    GRAD_NORM,
+    LOSS_SCALE,
+    LR,
+    TRAIN_LOSS,
+    cost_key,
+    target_std_key,
+    term_loss_key,
+)
 from orch.methods.contracts.registry import Batch, Params, Steps
 from orch.methods.evaluation.generation import Decay, EvalConfig, evaluate
 from orch.methods.runtime.parallel import (
@@ -143,12 +153,12 @@ TIME_BINS = 4
 def target_std_stats(name: str, norms: Tensor, a: Tensor) -> dict[str, float]:
     """Paper B's loss-target variance for one term: the batch std of per-sample target norms, overall and per
     bin of the start time a (bin k holds a ∈ [k/4, (k+1)/4)); bins with fewer than two samples are skipped."""
-    stats = {f"train/target_std/{name}": norms.std().item()}
+    stats = {target_std_key(name): norms.std().item()}
     bins = (a.detach() * TIME_BINS).long().clamp(0, TIME_BINS - 1)
     for k in range(TIME_BINS):
         in_bin = norms[bins == k]
         if len(in_bin) > 1:
-            stats[f"train/target_std/{name}/bin_{k}"] = in_bin.std().item()
+            stats[target_std_key(name, k)] = in_bin.std().item()
     return stats
 
 
@@ -319,12 +329,12 @@ class Trainer:
             raise Diverged(self.step - 1, f"non-finite gradient norm ({grad_norm})")
         self.check_finite()
         loss_mean = mean_over_ranks(loss_sum, self.world).item()
-        stats = {"train/loss": loss_mean, "train/grad_norm": grad_norm, "train/lr": lr}
+        stats = {TRAIN_LOSS: loss_mean, GRAD_NORM: grad_norm, LR: lr}
         if self.scaler.is_enabled():
-            stats |= {"train/amp_skipped_steps": self.amp_skipped_steps, "train/loss_scale": self.scaler.get_scale()}
+            stats |= {AMP_SKIPPED: self.amp_skipped_steps, LOSS_SCALE: self.scaler.get_scale()}
         for name, pieces in logged.items():
             errors, norms, a = (gather_rows(torch.cat(piece), self.world) for piece in zip(*pieces))
-            stats[f"train/loss/{name}"] = errors.mean().item()
+            stats[term_loss_key(name)] = errors.mean().item()
             stats |= target_std_stats(name, norms, a)
         return stats
 
@@ -383,13 +393,14 @@ class Trainer:
         """Measured cost so far: time per 1000 training samples and network evaluations per training sample."""
         n = max(self.samples_seen, 1)
         local = n / self.world  # the counts are this rank's evaluations, of its share of the samples
-        return {
-            "cost/sec_per_kimg": self.train_seconds / (n / 1000),
-            "cost/samples_per_sec": n / max(self.train_seconds, 1e-9),
-            "cost/fwd_per_sample": self.counts.forwards / local,
-            "cost/jvp_per_sample": self.counts.jvps / local,
-            "cost/peak_mem_mb": peak_memory_mb(self.device),
+        measured = {
+            "sec_per_kimg": self.train_seconds / (n / 1000),
+            "samples_per_sec": n / max(self.train_seconds, 1e-9),
+            "fwd_per_sample": self.counts.forwards / local,
+            "jvp_per_sample": self.counts.jvps / local,
+            "peak_mem_mb": peak_memory_mb(self.device),
         }
+        return {cost_key(name): value for name, value in measured.items()}
 
     def ema_net(self, decay: float | None = None) -> nn.Module:
         """The EMA copy of `decay` (None: the first of train.ema): what samples at evaluation."""

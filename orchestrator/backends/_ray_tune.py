@@ -25,6 +25,7 @@ from orch.execution.ranks import ProgressReader, request_stop, reset_channel, ru
 from orch.execution.runner import EarlyStopped, Trial, finish_detail, run_trial
 from orch.lock import note_in_record
 from orch.progress import Progress
+from orch.tracking.schema import is_eval_key
 from orch.trial.state import TrialState
 from orch.trial.status import OUTCOMES, STOPPED
 
@@ -43,7 +44,7 @@ def ray_trainable(config: dict) -> None:
     def report(step: int, metrics: dict) -> None:
         # Every report crosses to the driver and through Tune's callbacks; a few per second keep the progress
         # view live without taking CPU from the trials (evaluations always go through).
-        if time.monotonic() - last[0] >= REPORT_SECONDS or any(k.startswith(("eval/", "note")) for k in metrics):
+        if time.monotonic() - last[0] >= REPORT_SECONDS or any(is_eval_key(k) or k == "note" for k in metrics):
             last[0] = time.monotonic()
             tune.report({"step": step, "orch_metrics": json.dumps(metrics)})
 

@@ -50,6 +50,7 @@ def cmd_table(args) -> int:
     from orch.dashboards.report import direction_of, study_frames, study_groups
     from orch.dashboards.tables import final_values, paper_table, render
     from orch.driver import tracking_uri_of
+    from orch.tracking.schema import parse_eval_key
 
     study_dir = study_dir_of(args.study, args.workdir)
     if args.digits < 0 or args.digits > 12:
@@ -61,7 +62,8 @@ def cmd_table(args) -> int:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return EXIT_INVALID
     group_cols, _ = study_groups(runs, parent_tags)
-    metrics = sorted({str(c).split("/")[1] for c in runs.columns if str(c).startswith(f"{args.source}/")})
+    keys = [parse_eval_key(c) for c in runs.columns]
+    metrics = sorted({k.metric for k in keys if k is not None and k.source == args.source})
     metric = args.metric or (metrics[0] if metrics else None)
     if metric not in metrics:
         found = ", ".join(metrics) or "none"

@@ -12,35 +12,38 @@ from orch.methods.contracts.guidance import ClassConditioning, num_classes_of
 from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.method import Setting
 from orch.methods.data.images import DatasetFilesError
-from orch.methods.training.trainer import TrainConfig, Trainer
+from orch.methods.training.trainer import Trainer
 from orch.problems import Problem
 from orch.trial.config import REGISTRY_SECTIONS
+from orch.trial.typed import TrialConfig
 
 
-def build_section(config: dict, section: str, *args):
-    """Build a config section's component through its registry."""
+def build_section(section_config: dict, section: str, *args):
+    """Build one component from a mapping that holds its section alone (e.g. {"dataset": {"name": "mnist"}}),
+    as commands and benchmarks that need no whole trial do; a trial builds through its TrialConfig."""
     registry, _ = REGISTRY_SECTIONS[section]
-    entry = registry.get(config[section]["name"])
-    params = entry.params.model_validate({k: v for k, v in config[section].items() if k != "name"})
+    entry = registry.get(section_config[section]["name"])
+    params = entry.params.model_validate({k: v for k, v in section_config[section].items() if k != "name"})
     return entry.build(params, *args)
 
 
-def conditioning(config: dict, num_classes: int | None) -> ClassConditioning | None:
+def conditioning(config: TrialConfig, num_classes: int | None) -> ClassConditioning | None:
     """What the trial's network is conditioned on: its dataset's classes (+ the guidance scale under online CFG)."""
     if num_classes is None:
         return None
-    return ClassConditioning(num_classes, omega=config["method"].get("online_cfg") is not None)
+    return ClassConditioning(num_classes, omega=config.raw["method"].get("online_cfg") is not None)
 
 
-def build_network(config: dict) -> torch.nn.Module:
-    """The trial's network for its dataset, initialised from train.seed (a class-conditional one for
-    conditional data; an unconditional network is built exactly as before conditioning existed)."""
-    dataset = build_section(config, "dataset")
-    torch.manual_seed(config["train"]["seed"])
+def build_network(config: TrialConfig, dataset=None) -> torch.nn.Module:
+    """The trial's network for its dataset (built when not given), initialised from train.seed (a
+    class-conditional one for conditional data; an unconditional network is built exactly as before
+    conditioning existed)."""
+    dataset = dataset if dataset is not None else config.build("dataset")
+    torch.manual_seed(config.train.seed)
     condition = conditioning(config, num_classes_of(dataset))
     if condition is None:
-        return build_section(config, "model", dataset.shape, dataset.std)
-    return build_section(config, "model", dataset.shape, dataset.std, condition)
+        return config.build("model", dataset.shape, dataset.std)
+    return config.build("model", dataset.shape, dataset.std, condition)
 
 
 def needs_teacher(method_config: dict) -> bool:
@@ -66,15 +69,14 @@ def read_weights(path: str | Path) -> dict:
     return saved
 
 
-def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
+def build_trainer(config: TrialConfig, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
     """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher,
     and its student starts from the teacher's weights when the method says so."""
-    train = TrainConfig.model_validate(config["train"])
-    dataset = build_section(config, "dataset")
-    net = build_network(config)
-    if (path := config["model"].get("init_from")) is not None:  # a network with this option can load it
+    dataset = config.build("dataset")
+    net = build_network(config, dataset)
+    if (path := config.raw["model"].get("init_from")) is not None:  # a network with this option can load it
         net.load_pretrained(read_weights(path), path)
-    if teacher is not None and config["method"].get("init_from_teacher"):
+    if teacher is not None and config.raw["method"].get("init_from_teacher"):
         # strict, except that a student with online CFG keeps its own guidance embedder (the teacher has none)
         missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
         missing = [k for k in missing if not k.startswith(GUIDANCE_EMBEDDERS)]
@@ -85,9 +87,9 @@ def build_trainer(config: dict, device: torch.device, teacher: torch.nn.Module |
             )
     interpolant = LinearInterpolant(dataset.std)
     sigma_data = float(dataset.std.float().mean())
-    time_sampler = build_section(config, "time_sampler", sigma_data)
+    time_sampler = config.build("time_sampler", sigma_data)
     setting = Setting(interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes_of(dataset))
-    return Trainer(net, lambda s: build_section(config, "method", s), setting, dataset, train, device)
+    return Trainer(net, lambda s: config.build("method", s), setting, dataset, config.train, device)
 
 
 def check_data(configs: list[dict]) -> list[Problem]:

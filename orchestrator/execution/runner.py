@@ -12,6 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orch.execution.build import build_trainer
-from orch.execution.distributed import lead_says_stop
+from orch.execution.loop import training_loop
 from orch.execution.teachers import load_teacher
 from orch.methods.contracts.guidance import num_classes_of
-from orch.methods.evaluation.keys import eval_suffix
 from orch.methods.evaluation.metric import metric as metric_spec
 from orch.methods.runtime.parallel import world_of
-from orch.methods.training.trainer import Diverged, EvalConfig, TrainConfig, Trainer, reset_peak_memory, resolve_device
+from orch.methods.training.trainer import Diverged, Trainer, reset_peak_memory, resolve_device
 from orch.tracking.schema import (
     CLASSES,
     FACTORS,
@@ -36,8 +36,13 @@ from orch.tracking.schema import (
     STATUS,
     STOPPED_STEP,
     TEACHER,
+    TRAIN_LOSS,
     TRIAL_DIR,
     TRIAL_ID,
+    cost_key,
+    eval_key,
+    is_eval_key,
+    parse_eval_key,
 )
 from orch.tracking.store import (
     TRACKING_ERRORS,
@@ -64,6 +69,7 @@ from orch.trial.state import (
     write_json,
 )
 from orch.trial.status import COMPLETED, DIVERGED, FAILED, FINISHED_STATES, PENDING, RUNNING, STOPPED, UNREADABLE
+from orch.trial.typed import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,14 @@ class Trial:
     """The teacher it distils: a planned teacher's file, or the file or trial directory the study names."""
     teacher_name: str | None = None
     """How its run names that teacher (tag orch.teacher): the planned teacher's id, or the named path."""
+
+    @cached_property
+    def parsed(self) -> TrialConfig:
+        """Its config, typed: parsed once in each process that runs the trial."""
+        return TrialConfig.parse(self.config)
+
+    def __getstate__(self) -> dict:  # sent to a worker without its parsed config: the worker parses its own
+        return {k: v for k, v in self.__dict__.items() if k != "parsed"}
 
     def save(self) -> None:
         write_json(Path(self.dir) / "trial.json", asdict(self))
@@ -169,7 +183,7 @@ def rederive_state(
     outcome = run.data.tags.get(STATUS) if run else None
     if run is not None and outcome in FINISHED_STATES:
         step = int(run.data.tags.get(STOPPED_STEP, steps))
-        result = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+        result = {k: v for k, v in run.data.metrics.items() if is_eval_key(k)}
         state = TrialState(outcome, step, run.info.run_id, run.data.tags.get(REASON), result, logged_step=logged)
         return state, f"re-derived from its MLflow run: {outcome} at step {step}, not run again"
     step = newest_checkpoint_step(trial_dir)
@@ -268,7 +282,7 @@ def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[s
     if trial.teacher is not None:  # planned and trained first by the driver, or named by the study
         teacher, _ = load_teacher(trial.teacher, trial.config)
         tags[TEACHER] = trial.teacher_name
-    trainer = build_trainer(trial.config, device, teacher)
+    trainer = build_trainer(trial.parsed, device, teacher)
     tags[PRECISION] = trainer.precision + ("+compile" if trainer.cfg.compile else "")
     if (classes := getattr(trainer.dataset, "classes", None)) is not None:  # the class list of the run's labels
         tags[CLASSES] = json.dumps(classes)
@@ -310,49 +324,71 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
                 logger.removeHandler(handler)
 
 
-def trial_configs(trial: Trial) -> tuple[TrainConfig, EvalConfig, torch.device]:
-    """The trial's train and eval sections and its device (on which torch's threads are set)."""
-    train = TrainConfig.model_validate(trial.config["train"])
-    if train.threads is not None:
-        torch.set_num_threads(train.threads)
-    return train, EvalConfig.model_validate(trial.config["eval"]), resolve_device(train.device)
-
-
-def ticks(step: int, last: bool, train: TrainConfig, evaluation: EvalConfig) -> tuple[bool, bool, bool]:
-    """Whether `step` logs statistics, evaluates, checkpoints (every rank computes the same)."""
-    return (
-        step % train.log_every == 0 or last,
-        step % evaluation.every == 0 or last,
-        step % train.checkpoint_every == 0 or last,
-    )
+def trial_device(trial: Trial) -> torch.device:
+    """The trial's device (and torch's threads, set as its train section asks)."""
+    if trial.parsed.train.threads is not None:
+        torch.set_num_threads(trial.parsed.train.threads)
+    return resolve_device(trial.parsed.train.device)
 
 
 def follow_trial(trial: Trial, state: TrialState) -> str:
-    """A data-parallel rank other than 0: the same training steps as rank 0 from the same checkpoint and its
-    share of each evaluation's sampling, without tracking, scoring or checkpointing; at every tick rank 0 says
-    whether the trial goes on (it stops on a result or failure only rank 0 sees, e.g. in a metric), and once
-    more before an evaluation, so that a stop at rank 0's log tick (a search scheduler's) skips the evaluation's
-    collectives on every rank."""
+    """A data-parallel rank other than 0: the training loop from the same checkpoint as rank 0, recording
+    nothing; the trial's status is what rank 0 recorded."""
     if state.status in FINISHED_STATES:
         return state.status
-    train, evaluation, device = trial_configs(trial)
-    trainer, _, _ = prepare_trainer(trial, device)
-    while trainer.step < train.steps:
-        last = trainer.step + 1 == train.steps
-        logs, evaluates, checkpoints = ticks(trainer.step + 1, last, train, evaluation)
-        trainer.train_step(with_stats=logs)
-        if evaluates:
-            if lead_says_stop(False, device):  # rank 0 may stop at its log tick, before evaluating
-                break
-            trainer.evaluate(evaluation)  # its share of the sampling; rank 0 scores
-        if (logs or evaluates or checkpoints) and lead_says_stop(False, device):
-            break
+    trainer, _, _ = prepare_trainer(trial, trial_device(trial))
+    training_loop(trainer, trial.parsed.train, trial.parsed.eval, None)
     return TrialState.load(Path(trial.dir)).status
 
 
+class Recorder:
+    """Rank 0's records at the ticks of the training loop: statistics and scores to the trial's metrics log and
+    MLflow run (through its tracker), the best weights per score, preview samples, checkpoints, and progress
+    for the driver."""
+
+    def __init__(
+        self,
+        trial: Trial,
+        state: TrialState,
+        tracker: TrialTracker,
+        trainer: Trainer,
+        wall_before: float,
+        progress: Progress | None,
+    ):
+        self.trial, self.state, self.tracker, self.trainer, self.progress = trial, state, tracker, trainer, progress
+        self.dir = Path(trial.dir)
+        self.ema = trial.parsed.eval.ema if trial.parsed.eval.ema is not None else trial.parsed.train.ema[0]
+        self.wall_before, self.started = wall_before, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def logged(self, step: int, stats: dict[str, float]) -> None:
+        cost = self.trainer.cost() | {cost_key("device_hours"): self.elapsed() * self.trainer.world / 3600}
+        self.tracker.add(stats | cost, step, self.state)
+        if self.progress:
+            self.progress(step, {TRAIN_LOSS: stats[TRAIN_LOSS]})
+
+    def evaluated(self, step: int, scores: dict[str, float], previews: dict[str, torch.Tensor]) -> None:
+        self.tracker.add(scores, step, self.state)
+        keep_best(self.dir, step, scores, self.trainer.ema.nets[self.ema])
+        record_previews(self.tracker, step, previews, num_classes_of(self.trainer.dataset))
+        self.state.result = scores
+        if self.progress:
+            self.progress(step, scores)
+
+    def checkpointed(self, step: int) -> None:
+        self.trainer.check_finite()  # never checkpoint weights that diverged since the last log tick
+        self.tracker.flush(self.state)  # metrics first: a resumed trial never lacks steps its checkpoint covers
+        checkpoint = {"trainer": self.trainer.state_dict(), "wall_seconds": self.elapsed()}
+        save_checkpoint(self.dir, step, checkpoint, self.trial.parsed.train.keep_checkpoints)
+        self.state.step = step
+        self.state.save(self.dir)
+
+
 def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> str:
-    trial_dir = Path(trial.dir)
-    train, evaluation, device = trial_configs(trial)
+    """Rank 0 (or the only rank): the training loop with its records; the outcome in state.json and MLflow."""
+    device = trial_device(trial)
     client = MlflowClient(trial.tracking_uri)
     tracker = TrialTracker(client, trial, log.warning)
     try:
@@ -361,54 +397,16 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
         return finish(tracker, state, FAILED, traceback.format_exc(limit=20))
     tracker.call(lambda: mark_running(client, trial.run_id, tags))
     state.status, state.step, state.reason, state.job_id = RUNNING, trainer.step, None, slurm_job_id()
-    state.save(trial_dir)
+    state.save(Path(trial.dir))
     reset_peak_memory(device)
-    started = time.perf_counter()
-    ema = evaluation.ema if evaluation.ema is not None else train.ema[0]
-
-    def elapsed() -> float:
-        return wall_before + time.perf_counter() - started
-
     try:
-        while trainer.step < train.steps:
-            last = trainer.step + 1 == train.steps
-            logs, evaluates, checkpoints = ticks(trainer.step + 1, last, train, evaluation)
-            stats = trainer.train_step(with_stats=logs)
-            step = trainer.step
-            try:
-                if stats:
-                    cost = trainer.cost() | {"cost/device_hours": elapsed() * trainer.world / 3600}
-                    tracker.add(stats | cost, step, state)
-                    if progress:
-                        progress(step, {"train/loss": stats["train/loss"]})
-                if evaluates:
-                    if trainer.world > 1:  # before the evaluation's collectives: a stop (above) skips them on all
-                        lead_says_stop(False, device)
-                    scores, previews = trainer.evaluate(evaluation)
-                    tracker.add(scores, step, state)
-                    keep_best(trial_dir, step, scores, trainer.ema.nets[ema])
-                    record_previews(tracker, step, previews, num_classes_of(trainer.dataset))
-                    state.result = scores
-                    if progress:
-                        progress(step, scores)
-                if checkpoints:
-                    trainer.check_finite()  # never checkpoint weights that diverged since the last log tick
-                    tracker.flush(state)  # metrics first: a resumed trial never lacks steps its checkpoint covers
-                    save_checkpoint(
-                        trial_dir,
-                        step,
-                        {"trainer": trainer.state_dict(), "wall_seconds": elapsed()},
-                        train.keep_checkpoints,
-                    )
-                    state.step = step
-                    state.save(trial_dir)
-            except BaseException:
-                if trainer.world > 1 and (logs or evaluates or checkpoints):
-                    lead_says_stop(True, device)
-                raise
-            if trainer.world > 1 and (logs or evaluates or checkpoints):
-                lead_says_stop(False, device)
-        state.fingerprints = {m: metric_fingerprint(m, trial.config) for m in evaluation.metrics}
+        training_loop(
+            trainer,
+            trial.parsed.train,
+            trial.parsed.eval,
+            Recorder(trial, state, tracker, trainer, wall_before, progress),
+        )
+        state.fingerprints = {m: metric_fingerprint(m, trial.config) for m in trial.parsed.eval.metrics}
         return finish(tracker, state, COMPLETED, None)
     except Diverged as e:
         tracker.flush(state)
@@ -429,12 +427,12 @@ def keep_best(trial_dir: Path, step: int, scores: dict[str, float], net: torch.n
     index_path = trial_dir / "best" / "best.json"
     index = read_json(index_path)
 
-    def better(key: str, value: float) -> bool:  # keys are eval/<metric>/nfe_<N>[/cfg_<ω>]
-        return key not in index or metric_spec(key.split("/")[1]).better(value, index[key]["value"])
+    def better(key: str, value: float) -> bool:
+        return key not in index or metric_spec(parse_eval_key(key).metric).better(value, index[key]["value"])
 
     improved = {key: value for key, value in scores.items() if math.isfinite(value) and better(key, value)}
     for key, value in improved.items():
-        name = key.removeprefix("eval/").replace("/", "_")
+        name = parse_eval_key(key).file_stem
         buffer = io.BytesIO()
         torch.save({"net": net.state_dict(), "step": step, "metric": key, "value": value}, buffer)
         atomic_write_bytes(trial_dir / "best" / f"{name}.pt", buffer.getvalue())
@@ -481,7 +479,7 @@ def missing_evaluations(config: dict, state: TrialState) -> dict[str, list[int]]
         nfes = [
             n
             for n in config["eval"]["nfe"]
-            if any(f"eval/{metric}/{eval_suffix(n, w)}" not in state.result for w in config["eval"]["guidance"])
+            if any(eval_key(metric, n, w) not in state.result for w in config["eval"]["guidance"])
         ]
         if nfes:
             missing[metric] = nfes
@@ -492,15 +490,15 @@ def evaluate_final(trial: Trial, state: TrialState, progress: Progress | None) -
     """Evaluate a completed trial's final checkpoint where its eval config asks for more than it measured (a new
     metric or step count): the new values are logged at the final step; nothing trains."""
     trial_dir, missing = Path(trial.dir), missing_evaluations(trial.config, state)
-    _, _, device = trial_configs(trial)
+    device = trial_device(trial)
     tracker = TrialTracker(MlflowClient(trial.tracking_uri), trial, log.warning)
     checkpoint = load_latest_checkpoint(trial_dir)
     if checkpoint is None:
         log.warning("trial %s: no readable checkpoint to evaluate %s at; the evaluation is skipped", trial.id, missing)
         return state.status
-    trainer = build_trainer(trial.config, device)  # sampling needs no teacher
+    trainer = build_trainer(trial.parsed, device)  # sampling needs no teacher
     trainer.load_state_dict(checkpoint["trainer"])
-    evaluation = EvalConfig.model_validate(trial.config["eval"])
+    evaluation = trial.parsed.eval
     net = trainer.ema.nets[evaluation.ema if evaluation.ema is not None else trainer.cfg.ema[0]]
     for metric, nfes in missing.items():
         scores, previews = trainer.evaluate(evaluation.model_copy(update={"metrics": [metric], "nfe": nfes}))

@@ -21,6 +21,7 @@ from torch import nn
 from orch.execution.build import build_network, needs_teacher, read_weights
 from orch.trial.config import resolve_trial_config
 from orch.trial.state import atomic_write_bytes, load_latest_checkpoint
+from orch.trial.typed import TrialConfig
 
 EXPERIMENT = "orch-teachers"
 TEACHER_FILE = "teacher.pt"
@@ -74,14 +75,14 @@ def load_teacher(path: str | Path, student: dict | None = None) -> tuple[nn.Modu
             config, state = saved["config"], saved["net"]
         elif student is not None:  # another code base's checkpoint, for the student's own network
             config = teacher_config(student)
-            net = build_network(config)
+            net = build_network(TrialConfig.parse(config))
             if not hasattr(net, "load_pretrained"):
                 raise TeacherError(f"teacher {path}: a state dict without orch's config; {expected}")
             net.load_pretrained(saved, str(path))
             return net, config
         else:
             raise TeacherError(f"teacher {path}: a state dict without orch's config; {expected}")
-        net = build_network(config)
+        net = build_network(TrialConfig.parse(config))
         net.load_state_dict(state)
         return net, config
     except TeacherError:

@@ -10,9 +10,9 @@ from typing import Any
 
 from orch.backends.search_space import Search
 from orch.execution.teachers import planned_teacher
-from orch.methods.evaluation.keys import eval_suffix
 from orch.problems import Problem, did_you_mean
 from orch.study.schema import MAX_TRIALS
+from orch.tracking.schema import eval_key
 from orch.trial.config import EXECUTION_ONLY, resolve_trial_config, takes_a_list, trial_id
 from orch.trial.spec import TrialSpec, level_label, set_dotted
 
@@ -149,12 +149,7 @@ def check_size(study: dict) -> list[Problem]:
 
 def logged_metrics(config: dict) -> list[str]:
     evaluation = config["eval"]
-    return [
-        f"eval/{m}/{eval_suffix(n, w)}"
-        for m in evaluation["metrics"]
-        for w in evaluation["guidance"]
-        for n in evaluation["nfe"]
-    ]
+    return [eval_key(m, n, w) for m in evaluation["metrics"] for w in evaluation["guidance"] for n in evaluation["nfe"]]
 
 
 def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:

@@ -3,6 +3,10 @@ orch.status tag are orch/trial/status.py's. Nothing here imports MLflow: the das
 
 from __future__ import annotations
 
+# Metric keys are built and parsed in orch.methods.contracts.metric_keys (the science layer writes them and may
+# not import this module); re-exported here with every other name (its __all__): nothing else formats or splits one.
+from orch.methods.contracts.metric_keys import *  # noqa: F403
+
 # ---- tags of every run ---------------------------------------------------------------------------------------------
 ROLE = "orch.role"
 """"study" (the parent run) or "trial" (a child run)."""
@@ -32,18 +36,10 @@ CLASSES = "orch.classes"
 PRECISION = "orch.precision"
 """The resolved train.precision of the run ("bf16", "fp32", …; "+compile" when train.compile)."""
 
-# ---- metric keys ---------------------------------------------------------------------------------------------------
-EVAL = "eval/{metric}/nfe_{nfe}"
-"""An evaluation: a metric at a number of network evaluations per sample, with the EMA weights (unguided, ω = 1)."""
-EVAL_GUIDED = "eval/{metric}/nfe_{nfe}/cfg_{omega}"
-"""The same at classifier-free guidance scale ω ≠ 1, ω as written (cfg_1.5, cfg_2)."""
-FINAL = "final"
-"""Namespace of `orch eval`'s evaluations of stored checkpoints: final/<metric>/nfe_<N>[/cfg_<ω>] (mean over seed
-ranges), …/seed_<k> and …/spread (half the range over seed ranges); how they were measured in the tag
-orch.final.<metric> (JSON: fingerprint, measured_as, num_samples, checkpoint, seeds, dataset)."""
-TRAIN_LOSS, GRAD_NORM, LR = "train/loss", "train/grad_norm", "train/lr"
-COST = ("sec_per_kimg", "samples_per_sec", "peak_mem_mb", "fwd_per_sample", "jvp_per_sample", "device_hours")
-"""cost/<name> keys."""
+# ---- metric keys: imported above; the tag of `orch eval`'s protocols ----------------------------------------------
+FINAL_TAG = "orch.final."
+"""Prefix, + a metric's name: how `orch eval` measured its final/<metric>/… values (JSON: fingerprint, measured_as,
+num_samples, checkpoint, seeds, dataset)."""
 
 # ---- MLflow's own names orch sets -----------------------------------------------------------------------------------
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
