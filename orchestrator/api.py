@@ -20,6 +20,7 @@ from orch.methods.contracts.method import (
     Term,
     register_method,
 )
+from orch.methods.contracts.metric_keys import EvalKey, eval_key, parse_eval_key
 from orch.methods.contracts.registry import Params, Registry
 from orch.methods.contracts.time_samplers import TIME_SAMPLERS, TimeSampler, TimeSamplerParams, Uniform
 from orch.methods.data.base import DATASETS, Density2D, LabelledParams
@@ -86,4 +87,8 @@ __all__ = [
     "run_trial",
     "read_json",
     "write_json",
+    # metric keys
+    "eval_key",
+    "parse_eval_key",
+    "EvalKey",
 ]

@@ -5,8 +5,22 @@ import math
 import pytest
 import torch
 
+from orch.methods.contracts.metric_keys import (
+    EVAL,
+    FINAL,
+    EvalKey,
+    eval_key,
+    parse_eval_key,
+    parse_target_std_key,
+    parse_term_loss_key,
+    seed_key,
+    spread_key,
+    target_std_key,
+    term_loss_key,
+)
 from orch.methods.data.toy2d import Checkerboard, GaussianMixture, GMMParams
 from orch.methods.evaluation.kl import histogram_kl
+from orch.methods.evaluation.metric import register_metric
 
 
 def test_bin_masses_are_exact_where_square_edges_cut_bins():
@@ -55,3 +69,27 @@ def test_gmm_exact_samples_score_near_zero_and_a_shifted_mixture_does_not():
     samples = data.sample(200_000, gen)
     assert histogram_kl(samples, data) < 0.02
     assert histogram_kl(samples + 0.1, data) > 0.3
+
+
+@pytest.mark.parametrize("omega", [1.0, 1.5, 2.0, 0.0, 7.25, 1e-5, 1 / 3])
+@pytest.mark.parametrize("source", [EVAL, FINAL])
+def test_every_evaluation_key_parses_back_to_what_built_it(source, omega):
+    key = eval_key("kl_cond", 8, omega, source)
+    assert parse_eval_key(key) == EvalKey(source, "kl_cond", 8, omega)
+    assert (omega == 1.0) == ("/cfg_" not in key)  # the unguided names carry no scale
+    seed, spread = parse_eval_key(seed_key("fid", 2, omega, 3)), parse_eval_key(spread_key("fid", 2, omega))
+    assert (seed.source, seed.rest, seed.nfe, seed.omega) == (FINAL, "seed_3", 2, omega)
+    assert (spread.rest, spread.omega) == ("spread", omega)
+
+
+def test_keys_that_are_not_evaluations_parse_to_nothing_and_training_keys_name_their_term():
+    for key in ("train/loss", "cost/device_hours", "eval/kl", "eval/kl/nfe_x", "eval/KL/nfe_1", "best/kl/nfe_1"):
+        assert parse_eval_key(key) is None, key
+    assert parse_term_loss_key(term_loss_key("fm")) == "fm" and parse_term_loss_key("train/loss") is None
+    assert parse_target_std_key(target_std_key("lsd", 3)) == ("lsd", 3)
+    assert parse_target_std_key(target_std_key("lsd")) == ("lsd", None)
+
+
+def test_a_metric_whose_keys_would_not_parse_back_is_refused():
+    with pytest.raises(ValueError, match="metric name 'Near-2'"):
+        register_metric("Near-2", direction="min", title="near")
