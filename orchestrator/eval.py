@@ -36,7 +36,7 @@ from orch.tracking.schema import (
     seed_key,
     spread_key,
 )
-from orch.tracking.store import TRACKING_ERRORS, log_batch
+from orch.tracking.store import TRACKING_ERRORS, log_batch, not_yet_logged
 from orch.trial.config import digest, eval_ema, flatten, metric_description, metric_fingerprint, resolve_trial_config
 from orch.trial.state import TrialState, load_checkpoint_at, load_latest_checkpoint, read_json, write_json
 from orch.trial.status import COMPLETED, STOPPED
@@ -325,7 +325,7 @@ def log_results(
         rows += [(series, sum(values) / len(values), step), (spread, (max(values) - min(values)) / 2, step)]
         complete.setdefault(metric, []).append(eval_suffix(nfe, omega))
     try:
-        rows = [row for row in rows if not logged_already(client, trial.run_id, row)]
+        rows = not_yet_logged(client, trial.run_id, rows)
         before = client.get_run(trial.run_id).data.tags
         tags = {k: v for k, v in protocol_tags(config, request, complete, before).items() if before.get(k) != v}
         if rows or tags:
@@ -335,10 +335,3 @@ def log_results(
     for u in units:
         if u.key in done:
             done[u.key]["logged"] = True
-
-
-def logged_already(client: MlflowClient, run_id: str, row: tuple[str, float, int]) -> bool:
-    """Whether the run has this value at this step (a run killed after MLflow took a unit but before final.json
-    said so logs it once, not twice)."""
-    key, value, step = row
-    return any(m.step == step and m.value == value for m in client.get_metric_history(run_id, key))

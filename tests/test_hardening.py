@@ -327,6 +327,38 @@ def test_a_checkpoint_fallback_logs_no_step_twice_and_its_warning_reaches_the_dr
     assert metric_rows(client, run_id, "train/loss") == list(range(20, 601, 20))
 
 
+ONE_TRIAL = """
+name: once
+base:
+  model: {name: mlp, width: 32, depth: 2}
+  method: {name: lsd}
+  train: {steps: 60, batch_size: 256, ema: [0.9], checkpoint_every: 30, log_every: 10, device: cpu}
+  eval: {every: 30, nfe: [1], num_samples: 1000}
+backend: {name: local}
+"""
+
+
+def test_a_trial_killed_after_mlflow_took_its_rows_but_before_it_recorded_so_logs_each_step_once(tmp_path):
+    """Killed at the step-60 tick after MLflow took the rows of steps 40-60, before state.json recorded them as
+    logged and before the checkpoint: the resumed trial replays steps 31-60 and logs each step once."""
+    (study := tmp_path / "once.yaml").write_text(ONE_TRIAL)
+    assert run_cli(["submit", str(study), "--workdir", str(tmp_path)]) == 0
+    (trial_dir,) = (tmp_path / "once" / "trials").iterdir()
+    client, state = MlflowClient(f"sqlite:///{tmp_path / 'once' / 'mlflow.db'}"), TrialState.load(trial_dir)
+    assert metric_rows(client, state.run_id, "train/loss") == [10, 20, 30, 40, 50, 60]
+    (trial_dir / "checkpoints" / "step_000000060.pt").unlink()
+    state.status, state.step, state.logged_step, state.reason = "running", 30, 30, None
+    state.save(trial_dir)
+
+    assert run_cli(["resume", "once", "--workdir", str(tmp_path)]) == 0
+    assert TrialState.load(trial_dir).status == "completed"
+    for key in ("train/loss", "train/grad_norm", "eval/kl/nfe_1", "cost/sec_per_kimg"):
+        steps = metric_rows(client, state.run_id, key)
+        assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {sorted(steps)}"
+    assert metric_rows(client, state.run_id, "train/loss") == [10, 20, 30, 40, 50, 60]
+    assert metric_rows(client, state.run_id, "eval/kl/nfe_1") == [30, 60]
+
+
 # ---- 5. failures of the surroundings ---------------------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ from orch.tracking.store import (
     log_batch,
     mark_running,
     measure_tags,
+    not_yet_logged,
     record_outcome,
     replay_run,
 )
@@ -232,6 +233,23 @@ class TrialTracker:
                 f"{self.trial.dir}: `orch resume` rebuilds its run"
             )
 
+    def confirm(self, state: TrialState) -> None:
+        """Before a resumed trial replays its steps: rows of the metrics log past state.logged_step, written by a
+        trial interrupted between its two writes (the log, then MLflow) or before it recorded them as logged,
+        go to MLflow unless it holds them already; then they count as logged, so that a replayed step is
+        logged neither twice nor not at all."""
+        rows = [row for row in read_metrics(Path(self.trial.dir)) if row[2] > state.logged_step]
+        if not rows:
+            return
+        self.call(
+            lambda: log_batch(
+                self.client, self.trial.run_id, metrics=not_yet_logged(self.client, self.trial.run_id, rows)
+            )
+        )
+        if self.broken is None:
+            state.logged_step = max(step for _, _, step in rows)
+            state.save(Path(self.trial.dir))
+
     def add(self, metrics: dict[str, float], step: int, state: TrialState, replayed: bool = True) -> None:
         """Queue metrics of `step`, unless a resumed trial replays a step whose metrics are logged already (new
         metrics of a logged step, as a later evaluation adds, pass `replayed=False`)."""
@@ -396,6 +414,7 @@ def train_trial(trial: Trial, state: TrialState, progress: Progress | None) -> s
     except Exception:  # e.g. an unreadable teacher: the trial fails with its reason, the study goes on
         return finish(tracker, state, FAILED, traceback.format_exc(limit=20))
     tracker.call(lambda: mark_running(client, trial.run_id, tags))
+    tracker.confirm(state)
     state.status, state.step, state.reason, state.job_id = RUNNING, trainer.step, None, slurm_job_id()
     state.save(Path(trial.dir))
     reset_peak_memory(device)

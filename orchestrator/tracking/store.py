@@ -247,6 +247,15 @@ def record_outcome(client: MlflowClient, run_id: str, state: TrialState, trial_d
     client.set_terminated(run_id, status=RUN_STATUS.get(state.status, "FINISHED"))
 
 
+def not_yet_logged(
+    client: MlflowClient, run_id: str, rows: list[tuple[str, float, int]]
+) -> list[tuple[str, float, int]]:
+    """The rows (key, value, step) that the run does not hold at their step: after an interruption between
+    writing a value and recording that it was written, what to log so that it is there once, not twice."""
+    history = {key: {(m.step, m.value) for m in client.get_metric_history(run_id, key)} for key, _, _ in rows}
+    return [(key, value, step) for key, value, step in rows if (step, value) not in history[key]]
+
+
 def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> None:
     """Fill a new run with what the trial directory holds: every logged metric and the outcome."""
     log_batch(client, run_id, metrics=read_metrics(trial_dir))
