@@ -29,21 +29,21 @@ def trainer_for(method: str, width: int = 32, depth: int = 2, **train):
     return build_trainer(parsed, torch.device("cpu"), teacher)
 
 
+@pytest.mark.parametrize("method", METHODS.names())
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
-def test_every_method_trains_under_each_precision_with_fp32_master_weights(precision):
-    for method in METHODS.names():
-        trainer = trainer_for(method, precision=precision)
-        half: list[torch.dtype] = []
-        trainer.net.net.layers[-1].register_forward_hook(lambda module, args, out, seen=half: seen.append(out.dtype))
-        for _ in range(3):
-            stats = trainer.train_step(with_stats=True)
-        assert torch.isfinite(torch.tensor(stats["train/loss"])), (method, precision)
-        expected = {"tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        assert half and set(half) == {expected}, (method, precision, set(half))  # the passes ran autocast
-        networks = [trainer.net.net, *trainer.ema.nets.values()]
-        assert all(p.dtype == torch.float32 for net in networks for p in net.parameters()), method
-        assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values()), method
-        assert ("train/amp_skipped_steps" in stats) == (precision == "fp16")
+def test_every_method_trains_under_each_precision_with_fp32_master_weights(precision, method):
+    trainer = trainer_for(method, precision=precision)
+    half: list[torch.dtype] = []
+    trainer.net.net.layers[-1].register_forward_hook(lambda module, args, out, seen=half: seen.append(out.dtype))
+    for _ in range(3):
+        stats = trainer.train_step(with_stats=True)
+    assert torch.isfinite(torch.tensor(stats["train/loss"]))
+    expected = {"tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert half and set(half) == {expected}, set(half)  # the passes ran autocast
+    networks = [trainer.net.net, *trainer.ema.nets.values()]
+    assert all(p.dtype == torch.float32 for net in networks for p in net.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+    assert ("train/amp_skipped_steps" in stats) == (precision == "fp16")
 
 
 TINY_UNET = {"name": "unet", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [14],
@@ -61,8 +61,9 @@ def unet_trainer_for(method: str, precision: str):
         }
     )
     assert not problems, problems
-    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
-    return build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
+    parsed = TrialConfig.parse(config)
+    teacher = build_network(parsed) if needs_teacher(config["method"]) else None
+    return build_trainer(parsed, torch.device("cpu"), teacher)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -56,19 +56,20 @@ def trial_states(study_dir: Path) -> dict[str, dict]:
     return {d.name: json.loads((d / "state.json").read_text()) for d in folder.iterdir() if (d / "state.json").exists()}
 
 
-def check_finished_search(study_dir: Path, name: str) -> dict:
-    """Every sample finished once, in its own run, inside the space; the parent names the best. Returns runs."""
+def check_finished_search(study_dir: Path, name: str, samples: int = 4) -> dict:
+    """Every one of `samples` finished once, in its own run, inside the space; the parent names the best.
+    Returns the runs."""
     client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     trials = {r.data.tags["orch.trial_id"]: r for r in runs if r.data.tags.get("orch.role") == "trial"}
     states = trial_states(study_dir)
-    assert len(states) == 4 and set(trials) == set(states)  # one MLflow run per sample, none duplicated
+    assert len(states) == samples and set(trials) == set(states)  # one MLflow run per sample, none duplicated
     assert {s["status"] for s in states.values()} <= {"completed", "stopped"}
     configs = {
         (float(r.data.params["train.lr"]), float(r.data.params["method.diag_fraction"])) for r in trials.values()
     }
-    assert len(configs) == 4 and all(1e-3 <= lr <= 1e-2 and 0.5 <= eta <= 0.9 for lr, eta in configs)
+    assert len(configs) == samples and all(1e-3 <= lr <= 1e-2 and 0.5 <= eta <= 0.9 for lr, eta in configs)
     for trial_id, state in states.items():
         run = trials[trial_id]
         assert run.data.tags["orch.status"] == state["status"] and run.info.status == "FINISHED"
