@@ -228,21 +228,26 @@ class EndpointEstimate(Secant):
         return [endpoint_estimate_term(self.term, net, target, x_r, a, b, r)]
 
 
+class Distilled:
+    """A secant distillation (SDEI, SDEE): always a teacher, and per sample two passes of its own (an estimator
+    and the student) besides the teacher's."""
+
+    def expected_passes(self, batch: int) -> tuple[float, float]:
+        return 2 + self.teacher_passes(), 0.0
+
+    @classmethod
+    def needs_teacher(cls, params: TeacherParams) -> bool:
+        return True
+
+
 @register_method("sdei")
-class SDEI(InteriorEstimate):
+class SDEI(Distilled, InteriorEstimate):
     __doc__ = f"""Secant distillation, estimated interior point (paper B): teacher velocity at x̂_r.
 
     {PAPER_B}
     """
 
-    Params, term = SDEIParams, "sdei"
-
-    def expected_passes(self, batch: int) -> tuple[float, float]:
-        return 2 + self.teacher_passes(), 0.0  # the estimator of x̂_r, the teacher there, the student
-
-    @classmethod
-    def needs_teacher(cls, params: SDEIParams) -> bool:
-        return True
+    Params, term = SDEIParams, "sdei"  # passes: the estimator of x̂_r, the teacher there, the student
 
 
 @register_method("stei")
@@ -278,20 +283,13 @@ class STEI(InteriorEstimate):
 
 
 @register_method("sdee")
-class SDEE(EndpointEstimate):
+class SDEE(Distilled, EndpointEstimate):
     __doc__ = f"""Secant distillation, estimated end point (paper B): teacher velocity at the true x_r.
 
     {PAPER_B}
     """
 
-    Params, term = SDEEParams, "sdee"
-
-    def expected_passes(self, batch: int) -> tuple[float, float]:
-        return 2 + self.teacher_passes(), 0.0  # the teacher at x_r, the estimator of x̂_a, the student
-
-    @classmethod
-    def needs_teacher(cls, params: SDEEParams) -> bool:
-        return True
+    Params, term = SDEEParams, "sdee"  # passes: the teacher at x_r, the estimator of x̂_a, the student
 
     def target(self, x_r: Tensor, r: Tensor, x0: Tensor, x1: Tensor, omega: Tensor | None) -> Tensor:
         return self.teacher_velocity(x_r, r, omega)
