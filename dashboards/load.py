@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import mlflow
 import pandas as pd
 from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.tracking import MlflowClient
 
 from orch.tracking.schema import (
@@ -148,6 +151,7 @@ def load_search(tracking_uri: str, study: str) -> dict | None:
     client, parents = study_runs(tracking_uri, study, "study")
     if not parents or SEARCH_METRIC not in parents[0].data.tags:
         return None
-    with tempfile.TemporaryDirectory() as scratch:
+    quiet = {MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}  # no download bar in the driver's output
+    with tempfile.TemporaryDirectory() as scratch, mock.patch.dict(os.environ, quiet):
         path = client.download_artifacts(parents[0].info.run_id, SEARCH_ARTIFACT, scratch)
         return json.loads(Path(path).read_text())
