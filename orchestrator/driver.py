@@ -397,21 +397,23 @@ def backend_of_submission(study_dir: Path) -> Backend | None:
 
 
 def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
-    """Stop a study's running trials and keep their checkpoints: stop the work its backend runs outside the orch
-    process (first, so that none finishes meanwhile: Slurm jobs), signal its live driver (Ray or local runs
-    stop with it), and mark every trial that had not finished `cancelled`. Returns how many."""
+    """Stop a study's running trials and keep their checkpoints: signal its live driver (Ray or local runs stop
+    with it; it stops first, so that it does not end on its own seeing its jobs go), stop the work its backend
+    runs outside the orch process (Slurm jobs), and mark every trial that had not finished `cancelled`. Returns
+    how many trials that had not finished are cancelled (a job that completed meanwhile stays completed)."""
     unfinished = [
         d for d in sorted((study_dir / "trials").iterdir()) if TrialState.load(d).status in (PENDING, RUNNING)
     ]
-    if (backend := backend_of_submission(study_dir)) is not None:
-        backend.cancel(unfinished, say)
     if pid := live_driver(recorded_driver(study_dir)):
         os.kill(pid, signal.SIGTERM)
         deadline = time.time() + wait_seconds
         while alive(pid) and time.time() < deadline:
             time.sleep(0.2)
         say(f"stopped the orch process {pid} running the study")
-    cancelled = mark_cancelled(study_dir, (PENDING, RUNNING), "cancelled by `orch cancel`; `orch resume` continues it")
+    if (backend := backend_of_submission(study_dir)) is not None:
+        backend.cancel(unfinished, say)
+    mark_cancelled(study_dir, (PENDING, RUNNING), "cancelled by `orch cancel`; `orch resume` continues it")
+    cancelled = sum(TrialState.load(d).status == CANCELLED for d in unfinished)
     client = MlflowClient(tracking_uri_of(study_dir))
     experiment = client.get_experiment_by_name(study_dir.name)
     if experiment is not None:
