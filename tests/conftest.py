@@ -20,5 +20,9 @@ def tiny_study(tmp_path_factory):
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on the machine's cores: one torch thread each, not two workers × all cores
+    # `make test` runs two workers on the machine's cores: one thread each, in every process a test starts too
+    # (orch commands, local trials, Slurm jobs inherit the environment): two workers × all cores oversubscribe
+    # the cores, and OpenMP's spinning threads then cost more CPU time than the extra threads win (measured: a
+    # CPU-bound `orch fid` next to a busy core took 16 s with two threads, 12 s with one).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
