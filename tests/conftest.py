@@ -1,6 +1,7 @@
 """Shared fixtures: one real submission of the tiny study (embedded Ray, sqlite MLflow) for the whole session."""
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # CPU-bound `orch fid` next to a busy core took 16 s with two threads, 12 s with one).
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """The files with the most slow tests first (each keeps its own order): `--dist loadfile` hands files to the
+    workers in this order, so the long ones start early and the short ones fill in at the end, instead of one
+    long file running alone at the end of the suite."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+    items.sort(key=lambda item: (-slow[item.path], order[item.path]))
