@@ -61,14 +61,20 @@ def test_dashboard_renders_every_figure_with_data_in_headless_chromium(tiny_stud
     assert shot.stat().st_size > 50_000
 
 
-def start(args: list[str]) -> tuple[subprocess.Popen, str, str]:
-    """Start an orch server command and return it with the server's URL and the line that printed it."""
+def ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start(args: list[str], sigint_ignored: bool = False) -> tuple[subprocess.Popen, str, str]:
+    """Start an orch server command and return it with the server's URL and the line that printed it;
+    `sigint_ignored`: started as a script's background job is, with SIGINT ignored."""
     process = subprocess.Popen(
         [sys.executable, "-m", "orch.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        preexec_fn=ignore_interrupts if sigint_ignored else None,
     )
     for line in process.stdout:
         if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
@@ -83,9 +89,11 @@ def stop_with_ctrl_c(process: subprocess.Popen, url: str) -> None:
         urllib.request.urlopen(url, timeout=2)
 
 
-def test_dashboard_serve(tiny_study):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["ctrl-c", "kill -INT to a background job"])
+def test_dashboard_serve(tiny_study, sigint_ignored):
     workdir, _, _ = tiny_study
-    process, url, _ = start(["dashboard", "tiny", "--workdir", str(workdir), "--serve", "--interval", "5"])
+    serve = ["dashboard", "tiny", "--workdir", str(workdir), "--serve", "--interval", "5"]
+    process, url, _ = start(serve, sigint_ignored)
     try:
         page = urllib.request.urlopen(url, timeout=30).read().decode()
         assert "Plotly.newPlot(" in page and 'http-equiv="refresh" content="5"' in page

@@ -61,7 +61,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def answer_interrupts() -> None:
+    """Ctrl-C and `kill -INT` stop orch even when it inherited SIGINT as ignored (started in the background by a
+    script, or under a tool that ignores it): Python then installs no KeyboardInterrupt handler, and every
+    process orch starts (Ray's, a server's) would ignore SIGINT too."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    answer_interrupts()
     command_line = parser()
     args, extra = command_line.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
