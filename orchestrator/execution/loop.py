@@ -30,8 +30,8 @@ def ticks(step: int, last: bool, train: TrainConfig, evaluation: EvalConfig) -> 
     )
 
 
-def training_loop(trainer: Trainer, train: TrainConfig, evaluation: EvalConfig, lead: Lead | None) -> bool:
-    """Train from trainer.step to train.steps; returns whether every step ran. `lead` records (rank 0); the other
+def training_loop(trainer: Trainer, train: TrainConfig, evaluation: EvalConfig, lead: Lead | None) -> None:
+    """Train from trainer.step to train.steps, or until rank 0 stops the trial. `lead` records (rank 0); the other
     ranks pass None: they take the same steps and their share of each evaluation's sampling, while rank 0 alone
     scores, logs and checkpoints.
 
@@ -49,7 +49,7 @@ def training_loop(trainer: Trainer, train: TrainConfig, evaluation: EvalConfig, 
                 lead.logged(trainer.step, stats)
             if evaluates:
                 if together and lead_says_stop(False, trainer.device):
-                    return False
+                    return
                 scores, previews = trainer.evaluate(evaluation)
                 if lead is not None:
                     lead.evaluated(trainer.step, scores, previews)
@@ -60,5 +60,4 @@ def training_loop(trainer: Trainer, train: TrainConfig, evaluation: EvalConfig, 
                 lead_says_stop(True, trainer.device)
             raise
         if together and tick and lead_says_stop(False, trainer.device):
-            return False
-    return True
+            return
