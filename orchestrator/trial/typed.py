@@ -39,7 +39,3 @@ class TrialConfig:
         """Build a registry section's component (e.g. "dataset", or "model" with its data shape and scale)."""
         entry, options = self.components[section]
         return entry.build(options, *args)
-
-    def options(self, section: str) -> Any:
-        """A registry section's validated options (its entry's params model)."""
-        return self.components[section][1]
