@@ -90,11 +90,16 @@ def test_best_checkpoint_per_nfe_and_seed_ranges_mean_and_spread(checker_study):
     assert [m.step for m in history] == [best["eval/kl/nfe_1"]["step"]]
 
 
+def large_evaluation(study_dir: Path) -> list[str]:
+    """`orch eval` arguments that evaluate the third trial from 400,000 samples: 8 units of a few seconds each."""
+    trial = trial_ids(study_dir)[2]
+    return ["--trials", trial, "--checkpoint", "last", "--num", "400000", "--seeds", "4", "--nfe", "1,2"]
+
+
 def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_study, tmp_path):
     workdir, study_dir = checker_study
     trial = trial_ids(study_dir)[2]
-    args = ["eval", "final_tiny", "--workdir", str(workdir), "--trials", trial, "--checkpoint", "last"]
-    args += ["--num", "400000", "--seeds", "4", "--nfe", "1,2"]  # 8 units of a few seconds each
+    args = ["eval", "final_tiny", "--workdir", str(workdir), *large_evaluation(study_dir)]
     results = study_dir / "trials" / trial / "final.json"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     worker = subprocess.Popen([sys.executable, "-m", "orch.cli", *args], env=env, stdout=subprocess.DEVNULL)
@@ -209,6 +214,12 @@ def test_eval_on_the_embedded_ray_runs_a_task_per_trial(checker_study, capsys):
 
 def test_dashboard_switches_to_final_values_and_says_published_ones_are_not_comparable(checker_study, capsys):
     workdir, study_dir = checker_study
+    # the evaluations the tests above made (done already when the file runs in order): the first trial at NFE
+    # 1 and 2, the second and fourth at NFE 2, the third from 400,000 samples
+    ids = trial_ids(study_dir)
+    assert orch_eval(workdir, "--trials", ids[0], "--checkpoint", "last") == 0
+    assert orch_eval(workdir, "--trials", ids[1], ids[3], "--checkpoint", "last", "--nfe", "2") == 0
+    assert orch_eval(workdir, *large_evaluation(study_dir)) == 0
     assert orch_eval(workdir, "--checkpoint", "last", "--nfe", "1") == 0  # every trial: one final protocol
     page = dashboard_html(f"sqlite:///{study_dir / 'mlflow.db'}", "final_tiny", study_dir / "trials")
     assert "final (orch eval)" in page and "in training" in page  # the switch of the quality-vs-NFE figure

@@ -19,9 +19,10 @@ from ray.tune.search.optuna import OptunaSearch
 from orch.backends._ray_tune import run_on_workers, start_ray, stop_ray, tune_trial_resources, worker_options
 from orch.backends.search_space import Search, SpaceEntry
 from orch.execution.runner import EarlyStopped, Trial, open_trial, record_outcome
+from orch.methods.runtime.storage import exclusive
 from orch.trial.config import resolve_trial_config, trial_id
 from orch.trial.spec import TrialSpec, level_label, set_dotted
-from orch.trial.state import TrialState
+from orch.trial.state import WRITER_LOCK, TrialState
 from orch.trial.status import FINISHED_STATES, STOPPED
 
 
@@ -123,23 +124,25 @@ def settle_stopped(results, cell: SearchCell) -> None:
     """Record samples the scheduler stopped whose worker was torn down before it could write that down.
 
     Tune ends `fit` as soon as it has decided to stop a trial, while the trial's thread may still be recording
-    its outcome; Ray's shutdown then ends the thread. A sample Tune finished without error whose directory still
-    says `running` was stopped at its last report: record that, as the worker would have."""
+    its outcome, or be ended by its actor's exit before it could. Once the trial's writer lock is free (the
+    thread is done, or its process gone), a sample Tune finished without error whose directory still says
+    `running` was stopped at its last report: record that, as the worker would have."""
     client = MlflowClient(cell.tracking_uri)
     for result in results:
         trial_id = (result.metrics or {}).get("orch_trial_id")
         if result.error is not None or trial_id is None:
             continue
         trial_dir = Path(cell.study_dir) / "trials" / trial_id
-        state = TrialState.load(trial_dir)
-        if state.status in FINISHED_STATES:
-            continue
-        step = result.metrics["step"]
-        state.status, state.step = STOPPED, step
-        state.reason = f"stopped early by the scheduler after step {step}"
-        state.result = {cell.metric: result.metrics[cell.metric]}
-        state.save(trial_dir)
-        record_outcome(client, state.run_id, state, trial_dir)
+        with exclusive(trial_dir / WRITER_LOCK):  # the thread has recorded its outcome, or its process is gone
+            state = TrialState.load(trial_dir)
+            if state.status in FINISHED_STATES:
+                continue
+            step = result.metrics["step"]
+            state.status, state.step = STOPPED, step
+            state.reason = f"stopped early by the scheduler after step {step}"
+            state.result = {cell.metric: result.metrics[cell.metric]}
+            state.save(trial_dir)
+            record_outcome(client, state.run_id, state, trial_dir)
 
 
 class SampleLines(tune.Callback):

@@ -11,6 +11,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ from orch.execution.teachers import load_teacher
 from orch.methods.contracts.guidance import num_classes_of
 from orch.methods.evaluation.metric import metric as metric_spec
 from orch.methods.runtime.parallel import world_of
+from orch.methods.runtime.storage import exclusive
 from orch.methods.training.trainer import Diverged, Trainer, reset_peak_memory, resolve_device
 from orch.tracking.schema import (
     CLASSES,
@@ -59,6 +61,7 @@ from orch.tracking.store import (
 from orch.trial.config import metric_fingerprint
 from orch.trial.spec import TrialSpec
 from orch.trial.state import (
+    WRITER_LOCK,
     TrialState,
     append_metrics,
     atomic_write_bytes,
@@ -319,27 +322,34 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> str:
     failure of the trial itself is recorded as `failed` with its traceback and returned, never raised; only an
     interruption (Ctrl-C, SIGTERM, a worker torn down) leaves the trial `running` for a resume.
     """
-    state = TrialState.load(Path(trial.dir))
-    if state.status in FINISHED_STATES and not missing_evaluations(trial.config, state):
-        return state.status
+    trial_dir = Path(trial.dir)
+    if world_of()[0] != 0:  # a data-parallel rank other than 0 trains in step with rank 0 and records nothing
+        return follow_trial(trial, TrialState.load(trial_dir))
+    with exclusive(trial_dir / WRITER_LOCK):  # a killed holder's lock is taken over
+        state = TrialState.load(trial_dir)  # as the previous writer left it
+        if state.status in FINISHED_STATES and not missing_evaluations(trial.config, state):
+            return state.status
+        with notes_recorded(state, progress):
+            if state.status in FINISHED_STATES:
+                return evaluate_final(trial, state, progress)
+            return train_trial(trial, state, progress)
+
+
+@contextmanager
+def notes_recorded(state: TrialState, progress: Progress | None):
+    """While it lasts, orch's warnings go to the trial's state and its notes (INFO records) to `progress`."""
     handlers = [WarningsToState(state)] + ([NotesToProgress(state, progress)] if progress else [])
-    loggers = [logging.getLogger(name) for name in ("orch",)]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))  # notes are INFO records
-        for handler in handlers:
-            logger.addHandler(handler)
+    logger = logging.getLogger("orch")
+    level = logger.level
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    for handler in handlers:
+        logger.addHandler(handler)
     try:
-        if world_of()[0] != 0:  # a data-parallel rank other than 0 trains in step with rank 0 and records nothing
-            return follow_trial(trial, state)
-        if state.status in FINISHED_STATES:
-            return evaluate_final(trial, state, progress)
-        return train_trial(trial, state, progress)
+        yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-            for handler in handlers:
-                logger.removeHandler(handler)
+        logger.setLevel(level)
+        for handler in handlers:
+            logger.removeHandler(handler)
 
 
 def trial_device(trial: Trial) -> torch.device:

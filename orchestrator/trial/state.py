@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 METRICS_LOG = "metrics.jsonl"
 """Every metric a trial logged, one JSON row per line: MLflow's copy can be rebuilt from it."""
+WRITER_LOCK = "writer.lock"
+"""Held by the one process that records a trial (rank 0) while it runs: whoever else would write its outcome
+(a search settling a sample the scheduler stopped) waits for it, or for its death."""
 
 
 def write_json(path: Path, data: Any) -> None:
