@@ -8,7 +8,7 @@ from orch.execution.build import build_trainer, file_problems
 from orch.execution.teachers import load_teacher
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.networks.dit import SIZES, DiTParams, build_dit
-from orch.methods.runtime.attention import exact_attention
+from orch.methods.runtime.attention import tangent_attention
 from orch.trial.config import resolve_trial_config
 from orch.trial.typed import TrialConfig
 
@@ -76,13 +76,13 @@ def test_forward_mode_derivatives_through_attention_equal_finite_differences(tim
     def v(x, a, b):
         return net(x, a, b, labels)
 
-    with exact_attention():  # what CountingNet.jvp does for the JVP methods
+    with tangent_attention():  # what CountingNet.jvp does for the JVP methods
         _, tangent = torch.func.jvp(v, (x, a, b), (dx, da, db))
     eps = 1e-6
     fd = (v(x + eps * dx, a + eps * da, b + eps * db) - v(x - eps * dx, a - eps * da, b - eps * db)) / (2 * eps)
     torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
     assert tangent.abs().max() > 1e-3
-    with exact_attention():
+    with tangent_attention():
         exact = v(x, a, b)
     torch.testing.assert_close(v(x, a, b), exact)  # the fused kernel and the explicit path agree
 

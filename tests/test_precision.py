@@ -9,7 +9,7 @@ import torch
 
 from orch.execution.build import build_network, build_trainer, needs_teacher
 from orch.methods.catalog import METHODS
-from orch.methods.runtime.attention import attention, exact_attention
+from orch.methods.runtime.attention import attention, tangent_attention
 from orch.methods.training.trainer import EvalConfig
 from orch.trial.config import resolve_trial_config, trial_id
 from orch.trial.typed import TrialConfig
@@ -88,7 +88,7 @@ def test_unet_jvp_under_bf16_autocast_is_the_fp32_jvp_to_bf16_rounding():
     primals, tangents = (x, a, a + 0.3), (torch.randn(4, 1, 28, 28, generator=gen), torch.ones(4), torch.ones(4))
     f = net.forward
     v, dv = torch.func.jvp(f, primals, tangents)
-    with torch.autocast("cpu", dtype=torch.bfloat16), exact_attention():
+    with torch.autocast("cpu", dtype=torch.bfloat16), tangent_attention():
         v16, dv16 = torch.func.jvp(f, primals, tangents)
     assert v16.dtype == dv16.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa (0.4% per rounding); through the network's layers the relative error grows
@@ -171,7 +171,7 @@ def test_fused_attention_equals_the_exact_path_and_jvps_take_the_exact_one():
     pass the exact path is taken, so forward-mode AD goes through and equals a finite difference."""
     gen = torch.Generator().manual_seed(0)
     q, k, v, dq = (torch.randn(2, 3, 10, 8, generator=gen, dtype=torch.float64) for _ in range(4))
-    with exact_attention():
+    with tangent_attention():
         exact = attention(q, k, v)
         _, tangent = torch.func.jvp(lambda q: attention(q, k, v), (q,), (dq,))
     torch.testing.assert_close(attention(q, k, v), exact)

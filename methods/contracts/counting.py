@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import Condition
-from orch.methods.runtime.attention import exact_attention
+from orch.methods.contracts.jvp import JvpConfig, exact_jvp, finite_difference_jvp, jvp_precision
+from orch.methods.runtime.attention import tangent_attention
 
 # torch.func's first JVP calls torch.jit.script internally, which warns on every process start: not ours to fix.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated")
@@ -21,6 +21,8 @@ class Counts:
     def __init__(self) -> None:
         self.forwards = 0
         self.jvps = 0
+        self.unresolved = 0
+        """Samples whose finite-difference JVP had no step inside the time domain (their derivative is 0)."""
 
 
 class CountingNet(nn.Module):
@@ -41,9 +43,11 @@ class CountingNet(nn.Module):
         counts: Counts | None = None,
         condition: Condition | None = None,
         takes_omega: bool = False,
+        jvp: JvpConfig | None = None,
     ):
         super().__init__()
         self.net = net
+        self.jvp_config = jvp or JvpConfig()
         self.counts = counts or Counts()
         self.condition = condition or Condition()
         self.takes_omega = takes_omega
@@ -72,12 +76,24 @@ class CountingNet(nn.Module):
     def jvp(
         self, primals: tuple[Tensor, Tensor, Tensor], tangents: tuple[Tensor, Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """(v, dv): v(x; a, b) and its directional derivative along (dx, da, db), in one forward-mode pass.
+        """(v, dv): v(x; a, b) and its directional derivative along (dx, da, db), by the trainer's JVP back-end
+        (`train.jvp`): one forward-mode pass, or three ordinary passes for finite differences (counted as
+        forwards: cost is measured, not assumed).
 
         The result stays differentiable with respect to the parameters, so a loss may back-propagate through
         the tangent (LSD "convex" needs this, docs/methods.md §2.4).
         """
-        self.counts.jvps += primals[0].shape[0]
+        n = primals[0].shape[0]
         kwargs = self.conditioning()
-        with exact_attention():  # `forward`, not the module call: a compiled network's JVP runs uncompiled
-            return torch.func.jvp(lambda x, a, b: self.net.forward(x, a, b, **kwargs), primals, tangents)
+        with jvp_precision(self.jvp_config, primals[0]):
+            if self.jvp_config.mode == "finite_difference":
+                self.counts.forwards += 3 * n
+                devices = [primals[0].device] if primals[0].device.type == "cuda" else []
+                v, dv, unresolved = finite_difference_jvp(
+                    lambda x, a, b: self.net(x, a, b, **kwargs), primals, tangents, self.jvp_config.eps, devices
+                )
+                self.counts.unresolved += unresolved
+                return v, dv
+            self.counts.jvps += n
+            with tangent_attention():  # `forward`, not the module call: a compiled network's JVP runs uncompiled
+                return exact_jvp(lambda x, a, b: self.net.forward(x, a, b, **kwargs), primals, tangents)

@@ -139,6 +139,7 @@ class Method:
         own_times: it draws its times on its own discrete schedule, so the study's time sampler must be `auto`.
         needs_ema_target: its targets come from the EMA weights (Setting.ema_target).
         needs_teacher(params): it distils a frozen teacher (Setting.teacher), for these options.
+        backpropagates_jvp(params): its loss back-propagates through a JVP's tangent, for these options.
     """
 
     Params: ClassVar[type[MethodParams]] = MethodParams
@@ -150,6 +151,11 @@ class Method:
 
     @classmethod
     def needs_teacher(cls, params: MethodParams) -> bool:
+        return False
+
+    @classmethod
+    def backpropagates_jvp(cls, params: MethodParams) -> bool:
+        """Whether its loss back-propagates through a JVP's tangent (a JVP back-end must pass that gradient)."""
         return False
 
     @property

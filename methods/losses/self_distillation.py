@@ -154,6 +154,10 @@ class LSD(SelfDistillation):
 
     residual_passes = (1, 1)  # forward+JVP along b with its graph (counted as the JVP), the teacher's forward
 
+    @classmethod
+    def backpropagates_jvp(cls, params: LSDParams) -> bool:
+        return True  # ∂_b X is the prediction
+
     def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         return lsd_term(net, x_a, a, b, self.params.stopgrad)
 
@@ -167,6 +171,10 @@ class ESD(SelfDistillation):
 
     Params = ESDParams
     residual_passes = (1, 2)  # the teacher's b̂, the JVP along a, the spatial JVP
+
+    @classmethod
+    def backpropagates_jvp(cls, params: ESDParams) -> bool:
+        return True  # ∂_a X is the prediction
 
     def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         return esd_term(net, x_a, a, b, self.params.stopgrad)

@@ -44,9 +44,14 @@ def unconditional(labels: Tensor | None, omega: Tensor | None) -> None:
         raise ValueError("labels given to a network built without class conditioning (set dataset.conditional)")
 
 
+def at_least_fp32(x: Tensor) -> torch.dtype:
+    """fp32 for half-precision tensors, their own dtype otherwise (fp64 stays fp64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def positional_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of raw times t ∈ [0, 1], shape (n, dim), always in fp32."""
-    t = t.float()
+    """Sinusoidal embedding of raw times t ∈ [0, 1], shape (n, dim), in at least fp32."""
+    t = t.to(at_least_fp32(t))
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1) * math.sqrt(2)

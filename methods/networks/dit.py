@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
-from orch.methods.networks.base import MODELS
-from orch.methods.runtime.attention import attention
+from orch.methods.networks.base import MODELS, at_least_fp32
+from orch.methods.runtime.attention import AttentionMode, attention
 from orch.methods.runtime.precision import full_precision
 
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -60,6 +60,10 @@ class DiTParams(Params):
     t − r)."""
     time_scale: float = Field(1.0, gt=0.0)
     """Times are multiplied by this before their sinusoidal features; 1 is SiT's (and paper B's) raw τ ∈ [0, 1]."""
+    attention: AttentionMode = "sdpa"
+    """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
+    forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
+    kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
     init_from: str | None = None
     """A checkpoint of the DiT or SiT repositories (e.g. SiT-XL-2-256.pt: a state dict, or one under "ema" or
     "model") the network starts from, of this size, patch and class count: a learned-variance output half is
@@ -77,11 +81,6 @@ class DiTParams(Params):
         """(depth, hidden, heads): the size's, with the overrides applied."""
         depth, hidden, heads = SIZES[self.size]
         return self.depth or depth, self.hidden or hidden, self.heads or heads
-
-
-def at_least_fp32(x: Tensor) -> torch.dtype:
-    """fp32 for half-precision tensors, their own dtype otherwise (fp64 stays fp64)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def timestep_features(t: Tensor, dim: int = FREQUENCIES, max_period: float = 10000.0) -> Tensor:
@@ -153,15 +152,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the tokens, (n, L, D) → (n, L, D)."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, mode: AttentionMode):
         super().__init__()
-        self.heads = heads
+        self.heads, self.mode = heads, mode
         self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         n, length, hidden = x.shape
         q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(attention(q, k, v).transpose(1, 2).reshape(n, length, hidden))
+        return self.proj(attention(q, k, v, self.mode).transpose(1, 2).reshape(n, length, hidden))
 
 
 class MLP(nn.Module):
@@ -184,9 +183,9 @@ def zero_linear(hidden: int, out: int) -> nn.Sequential:
 class DiTBlock(nn.Module):
     """x + gate·Attention(modulate(LN(x))), then x + gate·MLP(modulate(LN(x))), all six from c (adaLN-Zero)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, attention: AttentionMode):
         super().__init__()
-        self.norm1, self.attn = LayerNorm32(hidden), SelfAttention(hidden, heads)
+        self.norm1, self.attn = LayerNorm32(hidden), SelfAttention(hidden, heads, attention)
         self.norm2, self.mlp = LayerNorm32(hidden), MLP(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = zero_linear(hidden, 6 * hidden)
 
@@ -240,7 +239,7 @@ class FlowMapDiT(nn.Module):
             self.h_embedder = TimestepEmbedder(hidden)
         else:
             self.s_embedder = TimestepEmbedder(hidden)
-        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, params.mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, params.mlp_ratio, params.attention) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, params.patch, channels)
         for block in self.blocks:  # DiT's init of the attention and MLP layers
             for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
-from orch.methods.networks.base import MODELS, ClassEmbedding, positional_embedding, unconditional
-from orch.methods.runtime.attention import attention
+from orch.methods.networks.base import MODELS, ClassEmbedding, at_least_fp32, positional_embedding, unconditional
+from orch.methods.runtime.attention import AttentionMode, attention
 from orch.methods.runtime.precision import full_precision
 
 
@@ -42,6 +42,10 @@ class UNetParams(Params):
     """Resolutions (feature-map sides) with self-attention (paper A: [16] on CIFAR-10, [16, 8] on CelebA-64)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """Dropout in the residual blocks."""
+    attention: AttentionMode = "sdpa"
+    """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
+    forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
+    kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
     emb_channels: PositiveInt | None = None
     """Width of the time embedding; null: 4 × channels."""
     time_scale: Annotated[float, Field(gt=0.0)] = 1.0
@@ -52,11 +56,12 @@ class UNetParams(Params):
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 under autocast, by an explicit cast. Autocast's own fp32 cast of group_norm
     does not carry a forward-mode tangent along consistently (the next convolution then meets an fp32 tangent
-    and bf16 weights, a dtype error in every JVP method), an explicit `.float()` does. Output (N, C, H, W) fp32."""
+    and bf16 weights, a dtype error in every JVP method), an explicit cast does. Output (N, C, H, W) in at least
+    fp32."""
 
     def forward(self, x: Tensor) -> Tensor:
         with full_precision(x):
-            return super().forward(x.float())
+            return super().forward(x.to(at_least_fp32(x)))
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -91,9 +96,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the pixels, 64 channels per head; (x + attn)/√2."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, mode: AttentionMode):
         super().__init__()
-        self.heads = max(1, channels // 64)
+        self.heads, self.mode = max(1, channels // 64), mode
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
@@ -101,17 +106,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
-        out = attention(q, k, v).transpose(-1, -2).reshape(n, c, h, w)
+        out = attention(q, k, v, self.mode).transpose(-1, -2).reshape(n, c, h, w)
         return (x + self.proj(out)) / math.sqrt(2)
 
 
 class Level(nn.Module):
     """The residual blocks (with attention where asked) of one resolution."""
 
-    def __init__(self, channels: list[int], emb_channels: int, dropout: float, attention: bool):
+    def __init__(self, channels: list[int], emb_channels: int, dropout: float, attention: AttentionMode | None):
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(c, channels[-1], emb_channels, dropout) for c in channels[:-1])
-        self.attn = nn.ModuleList(Attention(channels[-1]) if attention else nn.Identity() for _ in channels[:-1])
+        self.attn = nn.ModuleList(
+            Attention(channels[-1], attention) if attention else nn.Identity() for _ in channels[:-1]
+        )
 
 
 class FlowMapUNet(nn.Module):
@@ -135,7 +142,9 @@ class FlowMapUNet(nn.Module):
         skips, c, res = [ch * mult[0]], ch * mult[0], side
         for i, m in enumerate(mult):
             chans = [c] + [ch * m] * params.num_blocks
-            self.down.append(Level(chans, emb_ch, params.dropout, res in params.attn_resolutions))
+            self.down.append(
+                Level(chans, emb_ch, params.dropout, params.attention if res in params.attn_resolutions else None)
+            )
             c = ch * m
             skips += [c] * params.num_blocks
             if i < len(mult) - 1:
@@ -143,7 +152,7 @@ class FlowMapUNet(nn.Module):
                 skips.append(c)
                 res = (res + 1) // 2
         self.mid = nn.ModuleList([ResBlock(c, c, emb_ch, params.dropout), ResBlock(c, c, emb_ch, params.dropout)])
-        self.mid_attn = Attention(c)
+        self.mid_attn = Attention(c, params.attention)
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
@@ -152,7 +161,8 @@ class FlowMapUNet(nn.Module):
                 blocks.append(ResBlock(c + skips.pop(), ch * m, emb_ch, params.dropout))
                 c = ch * m
             attn = nn.ModuleList(
-                Attention(c) if res in params.attn_resolutions else nn.Identity() for _ in range(params.num_blocks + 1)
+                Attention(c, params.attention) if res in params.attn_resolutions else nn.Identity()
+                for _ in range(params.num_blocks + 1)
             )
             self.up.append(nn.ModuleDict({"blocks": blocks, "attn": attn}))
             if i > 0:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from orch.methods.contracts.counting import CountingNet, Counts
 from orch.methods.contracts.guidance import Condition, drop_labels, num_classes_of
+from orch.methods.contracts.jvp import JvpConfig
 from orch.methods.contracts.method import Method, Setting, Term
 from orch.methods.contracts.metric_keys import (
     AMP_SKIPPED,
@@ -105,6 +106,9 @@ class TrainConfig(Params):
     `bf16` or `fp16` autocast (master weights, optimiser state, EMA, time embeddings and the loss stay fp32; fp16
     adds a dynamic loss scaler whose skipped steps are logged as train/amp_skipped_steps); `auto`: bf16 on a GPU,
     fp32 on CPU (docs/performance.md)."""
+    jvp: JvpConfig = JvpConfig()
+    """How methods that differentiate the network along time compute that JVP: forward-mode AD or finite
+    differences, and its precision (docs/methods.md, "JVP back-ends")."""
     compile: bool = False
     """torch.compile the networks (student, teacher, EMA target); JVP passes run the uncompiled network, since
     forward-mode AD does not pass through compiled graphs."""
@@ -229,7 +233,7 @@ class Trainer:
         set_matmul_precision(self.precision)
         self.memory_format = torch.channels_last if uses_channels_last(cfg, dataset.shape, device) else None
         self.counts, self.condition = Counts(), Condition()
-        self.net = CountingNet(self.placed(net), self.counts, self.condition)
+        self.net = CountingNet(self.placed(net), self.counts, self.condition, jvp=cfg.jvp)
         self.weight = LogVarWeight().to(device) if cfg.weighting == "logvar" else None
         self.params = list(self.net.parameters()) + (list(self.weight.parameters()) if self.weight else [])
         self.optimizer = make_optimizer(cfg, self.params, device)
@@ -239,8 +243,10 @@ class Trainer:
         teacher = setting.teacher
         if teacher is not None:
             teacher = self.placed(teacher).requires_grad_(False).eval()
-            teacher = CountingNet(compiled(teacher, cfg.compile), self.counts, self.condition)
-        ema_target = CountingNet(compiled(self.ema.nets[cfg.ema[0]], cfg.compile), self.counts, self.condition)
+            teacher = CountingNet(compiled(teacher, cfg.compile), self.counts, self.condition, jvp=cfg.jvp)
+        ema_target = CountingNet(
+            compiled(self.ema.nets[cfg.ema[0]], cfg.compile), self.counts, self.condition, jvp=cfg.jvp
+        )
         compiled(self.net.net, cfg.compile)
         self.method = make_method(replace(setting, teacher=teacher, ema_target=ema_target))
         # the student and its EMA copy embed the guidance scale under online CFG; the teacher never does

@@ -15,6 +15,7 @@ from orch.methods.contracts.method import Setting
 from orch.methods.contracts.registry import Registry, UnknownName
 from orch.methods.evaluation import fid
 from orch.methods.evaluation.generation import LABEL_SEED, sampler_calls
+from orch.methods.runtime.attention import jvp_kernel_problem
 from orch.methods.training.trainer import EvalConfig, TrainConfig
 from orch.problems import Problem, did_you_mean, pydantic_problems
 
@@ -120,6 +121,8 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
             problems.append(
                 Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
             )
+    if {"model", "method", "train"} <= valid:
+        problems += attention_checks(config)
     if not ({"eval"} <= valid and "dataset" in named):
         return problems
     dataset = DATASETS.get(config["dataset"]["name"])
@@ -142,6 +145,23 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
     if {"method", "dataset"} <= valid:
         problems += guidance_checks(config, conditional)
     return problems
+
+
+def attention_checks(config: dict) -> list[Problem]:
+    """model.attention `jvp_kernel` runs where there is a CUDA GPU and its package, serves forward-mode JVP passes
+    only, and passes no gradient through the tangent (docs/methods.md, "JVP back-ends")."""
+    if config["model"].get("attention") != "jvp_kernel":
+        return []
+    method = METHODS.get(config["method"]["name"])
+    reasons = [jvp_kernel_problem()]
+    if config["train"]["device"] == "cpu":
+        reasons.append("needs a CUDA GPU, and train.device is cpu")
+    if config["train"]["jvp"]["mode"] == "finite_difference":
+        reasons.append("serves forward-mode passes, and train.jvp.mode finite_difference has none: use sdpa")
+    params = method.build.Params.model_validate({k: v for k, v in config["method"].items() if k != "name"})
+    if method.build.backpropagates_jvp(params):
+        reasons.append(f"passes no gradient through the tangent, which method {method.name!r} back-propagates")
+    return [Problem("model.attention", f"jvp_kernel {reason}") for reason in reasons if reason]
 
 
 def metric_option_checks(evaluation: dict) -> list[Problem]:
@@ -244,6 +264,8 @@ INERT = {
     ("method", "cfg_interval"): None,
     ("method", "teacher_guidance"): 1.0,
     ("train", "precision"): "auto",
+    ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
+    ("model", "attention"): "sdpa",
     ("eval", "precision"): "fp32",
     ("eval", "fid_statistics"): None,
     ("eval", "metric_options"): {},
@@ -253,8 +275,12 @@ left out of identities and fingerprints, so that every earlier trial keeps its i
 
 
 def without_inert(config: dict) -> dict:
-    """`config` without the INERT options at their inert values, and without train.label_dropout when the data
-    is not conditional (it is then unused)."""
+    """`config` without the INERT options at their inert values, without train.label_dropout when the data
+    is not conditional and without train.jvp.eps in exact mode (they are then unused)."""
+    config = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
+    jvp = config.get("train", {}).get("jvp")
+    if isinstance(jvp, dict) and jvp.get("mode") == "exact":
+        config["train"]["jvp"] = {k: v for k, v in jvp.items() if k != "eps"}
     out = {
         section: {k: v for k, v in value.items() if (section, k) not in INERT or v != INERT[section, k]}
         if isinstance(value, dict)
