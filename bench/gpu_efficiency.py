@@ -136,7 +136,7 @@ def inception_precision(dataset: ImageDataset, device: torch.device, count: int,
         feats, rate = inception_features(model, images, precision, device)
         out[f"inception_img_per_s_{precision}"] = rate
         if not random_weights:
-            out[f"fid_halves_{precision}"] = fid.fid_kid(feats[:half], feats[half:])["fid"]
+            out[f"fid_halves_{precision}"] = fid.fid_between(feats[:half], feats[half:])
     return out
 
 
@@ -151,7 +151,7 @@ def sample_fid_delta(trainer, config: dict, device: torch.device, random_weights
     out = {}
     for precision in ("fp32", "bf16"):
         feats, _ = inception_features(model, draw(trainer, config, precision, 1, device), "fp32", device)
-        out[f"sample_fid_{precision}"] = fid.fid_kid(feats, reference)["fid"]
+        out[f"sample_fid_{precision}"] = fid.fid_between(feats, reference)
     return out
 
 

@@ -51,6 +51,13 @@ def measure(
     method: str, model: str, width: int, depth: int, channels: int, batch: int, steps: int, device: str
 ) -> dict:
     """One method's step time (median) and peak memory, in this process."""
+    config = trial_config(method, model, width, depth, channels, batch, device)
+    return {"method": method, **measure_config(config, steps, device)}
+
+
+def measure_config(config: dict, steps: int, device: str) -> dict:
+    """The step time (median of `steps`, after 3 warm-up steps), working memory and measured evaluations per
+    sample of the trial `config`, in this process (run it in a fresh one, so that its peak memory is its own)."""
     import torch
 
     from orch.execution.build import build_network, build_trainer, needs_teacher
@@ -59,7 +66,7 @@ def measure(
     from orch.trial.typed import TrialConfig
 
     torch.set_num_threads(1)
-    config, problems = resolve_trial_config(trial_config(method, model, width, depth, channels, batch, device))
+    config, problems = resolve_trial_config(config)
     assert not problems, problems
     parsed = TrialConfig.parse(config)
     teacher = build_network(parsed) if needs_teacher(config["method"]) else None  # any frozen net costs the same
@@ -79,7 +86,6 @@ def measure(
     peak = peak_memory_mb(trainer.device)
     cost = trainer.cost()
     return {
-        "method": method,
         "step_s": statistics.median(times),
         "mem_mb": peak if device == "cuda" else peak - baseline,
         "fwd": cost["cost/fwd_per_sample"],

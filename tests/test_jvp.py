@@ -10,23 +10,31 @@ import torch
 from orch.cli.app import main
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.jvp import JvpConfig
+from orch.methods.contracts.metric_keys import JVP_UNRESOLVED
 from orch.methods.networks.dit import DiTParams, build_dit
 from orch.methods.networks.unet import UNetParams, build_unet
-from orch.methods.runtime.attention import attention, softmax_tangent, tangent_attention
+from orch.methods.runtime.attention import QKNorm, attention, softmax_tangent, tangent_attention
 from tests.trainers import trainer_for
 
 F64 = torch.float64
 
 
-def networks(attention_mode: str, dropout: float = 0.0) -> dict:
+def networks(attention_mode: str, dropout: float = 0.0, qk_norm: bool = False) -> dict:
     """A tiny DiT and a tiny UNet with attention, fp64, with every layer's weights non-zero (the zero-initialised
     output layers would hide the rest)."""
     torch.manual_seed(0)
     nets = {
-        "dit": build_dit(DiTParams(depth=2, hidden=32, heads=2, attention=attention_mode), (2, 8, 8), torch.ones(1)),
+        "dit": build_dit(
+            DiTParams(depth=2, hidden=32, heads=2, attention=attention_mode, qk_norm=qk_norm), (2, 8, 8), torch.ones(1)
+        ),
         "unet": build_unet(
             UNetParams(
-                channels=8, channel_mult=[1, 2], attn_resolutions=[4], dropout=dropout, attention=attention_mode
+                channels=8,
+                channel_mult=[1, 2],
+                attn_resolutions=[4],
+                dropout=dropout,
+                attention=attention_mode,
+                qk_norm=qk_norm,
             ),
             (2, 8, 8),
             torch.ones(1),
@@ -41,7 +49,7 @@ def networks(attention_mode: str, dropout: float = 0.0) -> dict:
 
 
 def tangents_of(net, x, a, b) -> dict:
-    """The tangents orch's JVP methods use: MeanFlow (v, 1, 0), LSD (0, 0, 1), ESD (b̂, 1, 0), ESD's spatial (b̂, 0, 0)."""
+    """The tangents orch's JVP methods use: MeanFlow (v, 1, 0), LSD (0, 0, 1), ESD (b̂, 1, 0) and (b̂, 0, 0)."""
     zeros, ones = torch.zeros_like(a), torch.ones_like(a)
     with torch.no_grad():
         v, b_hat = net(x, a, b), net(x, a, a)
@@ -82,14 +90,26 @@ def test_the_forward_mode_rule_of_attention_and_its_gradient_equal_the_explicit_
     assert relative(w * ds, softmax_tangent(w, ds)) > 1e-2
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("kind", ["dit", "unet"])
-def test_the_sdpa_rule_equals_math_attention_through_a_network(kind):
+def test_the_sdpa_rule_equals_math_attention_through_a_network(kind, qk_norm):
     x, a, b = inputs()
-    (math_net, sdpa_net) = (networks(mode)[kind] for mode in ("math", "sdpa"))
+    (math_net, sdpa_net) = (networks(mode, qk_norm=qk_norm)[kind] for mode in ("math", "sdpa"))
     for name, tangent in tangents_of(math_net, x, a, b).items():
         v_math, dv_math = CountingNet(math_net).jvp((x, a, b), tangent)
         v_sdpa, dv_sdpa = CountingNet(sdpa_net).jvp((x, a, b), tangent)
         assert relative(v_sdpa, v_math) < 1e-12 and relative(dv_sdpa, dv_math) < 1e-12, name
+
+
+def test_qk_norm_bounds_the_attention_logits_whatever_the_scale_of_the_tokens():
+    """With unit RMS per head, |q·k|/√d ≤ √d (Cauchy–Schwarz) however large the queries and keys grow."""
+    norm = QKNorm(16)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 1e3):  # (far below 1e-3 the normalisation's ε = 1e-6 takes over, by design)
+        q, k = (scale * torch.randn(2, 4, 32, 16, generator=gen, dtype=F64) for _ in range(2))
+        qn, kn = norm(q, k)
+        torch.testing.assert_close(qn.pow(2).mean(-1), torch.ones(2, 4, 32, dtype=F64), rtol=1e-3, atol=0)
+        assert (qn @ kn.transpose(-1, -2) / 4).abs().max() <= 4 + 1e-9
 
 
 @pytest.mark.parametrize("kind", ["dit", "unet"])
@@ -174,15 +194,17 @@ def test_back_ends_that_cannot_serve_a_trial_are_refused_at_validation(tmp_path,
     assert expected in err and "Traceback" not in err
 
 
-def train_200_steps(method: dict, jvp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(initial parameters, final parameters, the method's unweighted loss per step) of 200 steps on CPU."""
+def train_200_steps(method: dict, jvp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(initial parameters, final parameters, the method's unweighted loss per step, the last step's statistics)
+    of 200 steps on CPU."""
     trainer = trainer_for(
         {"method": method, "model": {"width": 32, "depth": 2}},
         {"batch_size": 128, "lr": 3e-3, "jvp": jvp, "ema": [0.99]},
     )
     start = torch.cat([p.detach().flatten().clone() for p in trainer.net.parameters()])
-    losses = [trainer.train_step(with_stats=True)[f"train/loss/{method['name']}"] for _ in range(200)]
-    return start, torch.cat([p.detach().flatten() for p in trainer.net.parameters()]), torch.tensor(losses)
+    stats = [trainer.train_step(with_stats=True) for _ in range(200)]
+    losses = torch.tensor([s[f"train/loss/{method['name']}"] for s in stats])
+    return start, torch.cat([p.detach().flatten() for p in trainer.net.parameters()]), losses, stats[-1]
 
 
 @pytest.mark.slow
@@ -192,9 +214,10 @@ def test_training_with_finite_differences_follows_training_with_exact_jvps(metho
     JVPs (ε = 1e-3): the parameters differ by under 1e-5 of how far training moved them (measured 5e-7 to
     1.6e-6, fp32 rounding) and the loss curves by under 1e-3 on average (measured up to 1e-4). A coarse ε = 0.1,
     whose derivative is off by O(ε²), lands at least 10× farther: the comparison sees a wrong JVP."""
-    start, exact, exact_losses = train_200_steps(method, {"mode": "exact"})
-    _, fd, fd_losses = train_200_steps(method, {"mode": "finite_difference", "eps": 1e-3})
-    _, coarse, _ = train_200_steps(method, {"mode": "finite_difference", "eps": 0.1})
+    start, exact, exact_losses, exact_stats = train_200_steps(method, {"mode": "exact"})
+    _, fd, fd_losses, fd_stats = train_200_steps(method, {"mode": "finite_difference", "eps": 1e-3})
+    _, coarse, _, _ = train_200_steps(method, {"mode": "finite_difference", "eps": 0.1})
+    assert JVP_UNRESOLVED in fd_stats and JVP_UNRESOLVED not in exact_stats  # logged where it can happen
     moved = (exact - start).norm()
     assert (fd - exact).norm() / moved < 1e-5
     assert ((fd_losses - exact_losses).abs() / exact_losses).mean() < 1e-3

@@ -212,8 +212,8 @@ def results(study_dir) -> dict[str, dict[str, float]]:
 def test_a_two_worker_trial_next_to_a_one_worker_trial_in_one_tune_run_equals_one_worker_runs(tmp_path):
     mixed = STUDIES / "parallel_mixed.yaml"  # lsd on two Ray Train workers, meanflow on one, in one Tune run
     assert main(["submit", str(mixed), "--workdir", str(tmp_path / "mixed")]) == 0
-    one = ["submit", str(STUDIES / "parallel.yaml"), "backend.workers_per_trial=1", "--workdir", str(tmp_path / "one")]
-    assert main(one) == 0
+    one = ["submit", str(STUDIES / "parallel.yaml"), "--backend", "local", "--workdir", str(tmp_path / "one")]
+    assert main([*one, "backend.workers_per_trial=1"]) == 0  # the reference: each trial in one process
     two, one = tmp_path / "mixed" / "parallel_mixed", tmp_path / "one" / "parallel"
     assert {s.status for s in states(two).values()} == {"completed"} and len(states(two)) == 2
     assert len(trial_runs(two, "parallel_mixed")) == 2  # one MLflow child run per trial, not per worker

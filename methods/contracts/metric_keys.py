@@ -19,6 +19,7 @@ __all__ = [
     "EVAL",
     "FINAL",
     "GRAD_NORM",
+    "JVP_UNRESOLVED",
     "LOSS_SCALE",
     "LR",
     "SPREAD",
@@ -45,6 +46,8 @@ EVAL, FINAL = "eval", "final"
 """Sources of evaluations: during training, and `orch eval`'s of stored checkpoints."""
 TRAIN_LOSS, GRAD_NORM, LR = "train/loss", "train/grad_norm", "train/lr"
 AMP_SKIPPED, LOSS_SCALE = "train/amp_skipped_steps", "train/loss_scale"
+JVP_UNRESOLVED = "train/jvp_unresolved"
+"""Finite-difference JVPs: samples so far whose derivative was 0 because no step stayed in the time domain."""
 TARGET_STD = "train/target_std"
 COST_NAMES = ("sec_per_kimg", "samples_per_sec", "peak_mem_mb", "fwd_per_sample", "jvp_per_sample", "device_hours")
 SPREAD = "spread"

@@ -275,24 +275,58 @@ def file_sha256(path: str) -> str:
 
 
 def fid_against_statistics(feats: Tensor, path: str) -> float:
-    """FID of features (N, 2048) against reference statistics (read_statistics), by torch-fidelity."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    """FID of features (N, 2048) against reference statistics (read_statistics)."""
+    return frechet_distance(feats, read_statistics(path))
 
-    fid = fid_statistics_to_metric(fid_features_to_statistics(feats), read_statistics(path), verbose=False)
-    return next(iter(fid.values()))
+
+def fid_between(feats_a: Tensor, feats_b: Tensor) -> float:
+    """FID between two feature sets (N, 2048) and (M, 2048) (frechet_distance, the smaller set as samples)."""
+    small, large = sorted((feats_a, feats_b), key=len)  # the low-rank side, when there is one
+    return frechet_distance(small, {"mu": large.double().numpy().mean(axis=0), "sigma": covariance_of(large)})
+
+
+def kid(feats_a: Tensor, feats_b: Tensor) -> tuple[float, float]:
+    """KID (mean, std): torch-fidelity's unbiased polynomial-kernel MMD² over random subsets of up to 1000."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(KID_SUBSET, len(feats_a), len(feats_b))
+    scores = kid_features_to_metric(feats_a, feats_b, kid_subset_size=size, verbose=False)
+    return scores[KEY_METRIC_KID_MEAN], scores[KEY_METRIC_KID_STD]
 
 
 def fid_kid(feats_a: Tensor, feats_b: Tensor) -> dict[str, float]:
-    """FID (torch-fidelity's statistics and Fréchet distance) and KID (its unbiased polynomial-kernel MMD over
-    random subsets of up to 1000) between two feature sets."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    """FID and KID between two feature sets."""
+    kid_mean, kid_std = kid(feats_a, feats_b)
+    return {"fid": fid_between(feats_a, feats_b), "kid": kid_mean, "kid_std": kid_std}
 
-    stats_a, stats_b = fid_features_to_statistics(feats_a), fid_features_to_statistics(feats_b)
-    fid = fid_statistics_to_metric(stats_a, stats_b, verbose=False)
-    size = min(KID_SUBSET, len(feats_a), len(feats_b))
-    kid = kid_features_to_metric(feats_a, feats_b, kid_subset_size=size, verbose=False)
-    return {"fid": next(iter(fid.values())), "kid": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
+
+def covariance_of(feats: Tensor) -> np.ndarray:
+    """The unbiased covariance (2048, 2048) of features (N, 2048), as torch-fidelity's statistics."""
+    return np.cov(feats.double().numpy(), rowvar=False)
+
+
+def frechet_distance(feats: Tensor, reference: dict[str, np.ndarray]) -> float:
+    """‖μ − μ_r‖² + tr Σ + tr Σ_r − 2 tr √(Σ Σ_r): the Fréchet distance of the Gaussians fitted to features
+    (N, 2048) and of reference statistics {mu, sigma}, in float64.
+
+    tr √(Σ Σ_r) is the sum of the square roots of the eigenvalues of Σ Σ_r. With fewer samples than features,
+    Σ = AᵀA (A the centred features / √(N − 1)) has rank < N, and the non-zero eigenvalues of AᵀA Σ_r are those of
+    A Σ_r Aᵀ: N × N, symmetric and positive semi-definite, so the same trace comes exactly from a small symmetric
+    eigenproblem instead of a 2048 × 2048 general one (torch-fidelity's route, used from N = 2048 on, whose
+    rounding leaves small imaginary and negative eigenvalues behind at low rank)."""
+    x = feats.double().numpy()
+    mu, sigma_r = x.mean(axis=0), reference["sigma"]
+    diff = mu - reference["mu"]
+    if len(x) <= x.shape[1]:
+        a = (x - mu) / np.sqrt(len(x) - 1)
+        eigenvalues = np.linalg.eigvalsh(a @ sigma_r @ a.T)
+        tr_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
+        tr_sigma = np.square(a).sum()
+    else:
+        sigma = np.cov(x, rowvar=False)
+        tr_sqrt = np.sqrt(np.linalg.eigvals(sigma @ sigma_r).astype(np.complex128)).real.sum()
+        tr_sigma = np.trace(sigma)
+    return float(diff @ diff + tr_sigma + np.trace(sigma_r) - 2 * tr_sqrt)
 
 
 PRC_NEIGHBOURS = 3

@@ -25,13 +25,13 @@ def fid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch
     statistics of eval.fid_statistics; torch-fidelity Inception."""
     if evaluation.fid_statistics is not None:
         return fid.fid_against_statistics(fid.sample_outputs(samples, device)[0], evaluation.fid_statistics)
-    return fid.fid_kid(*generated_and_real(samples, dataset, evaluation, device))["fid"]
+    return fid.fid_between(*generated_and_real(samples, dataset, evaluation, device))
 
 
 @register_metric("kid", direction="min", title="KID (unbiased MMD², cubic polynomial kernel)", **IMAGE_METRIC)
 def kid_metric(samples: Tensor, dataset: ImageDataset, evaluation, device: torch.device) -> float:
     """KID of uint8 samples against the training images: torch-fidelity's unbiased MMD² over subsets of ≤ 1000."""
-    return fid.fid_kid(*generated_and_real(samples, dataset, evaluation, device))["kid"]
+    return fid.kid(*generated_and_real(samples, dataset, evaluation, device))[0]
 
 
 @register_metric("is", direction="max", title="Inception Score (10 splits)", requires=("images",), extractor=fid.LOGITS)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
 from orch.methods.networks.base import MODELS, at_least_fp32
-from orch.methods.runtime.attention import AttentionMode, attention
+from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
 from orch.methods.runtime.precision import full_precision
 
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -64,6 +64,9 @@ class DiTParams(Params):
     """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
     forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
     kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
+    models whose tangents blow up through attention (DMF's and TVM's choice; docs/methods.md §2.4)."""
     init_from: str | None = None
     """A checkpoint of the DiT or SiT repositories (e.g. SiT-XL-2-256.pt: a state dict, or one under "ema" or
     "model") the network starts from, of this size, patch and class count: a learned-variance output half is
@@ -152,14 +155,17 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the tokens, (n, L, D) → (n, L, D)."""
 
-    def __init__(self, hidden: int, heads: int, mode: AttentionMode):
+    def __init__(self, hidden: int, heads: int, mode: AttentionMode, qk_norm: bool):
         super().__init__()
         self.heads, self.mode = heads, mode
         self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.qk_norm = QKNorm(hidden // heads) if qk_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
         n, length, hidden = x.shape
         q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         return self.proj(attention(q, k, v, self.mode).transpose(1, 2).reshape(n, length, hidden))
 
 
@@ -183,9 +189,9 @@ def zero_linear(hidden: int, out: int) -> nn.Sequential:
 class DiTBlock(nn.Module):
     """x + gate·Attention(modulate(LN(x))), then x + gate·MLP(modulate(LN(x))), all six from c (adaLN-Zero)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, attention: AttentionMode):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, attention: AttentionMode, qk_norm: bool):
         super().__init__()
-        self.norm1, self.attn = LayerNorm32(hidden), SelfAttention(hidden, heads, attention)
+        self.norm1, self.attn = LayerNorm32(hidden), SelfAttention(hidden, heads, attention, qk_norm)
         self.norm2, self.mlp = LayerNorm32(hidden), MLP(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = zero_linear(hidden, 6 * hidden)
 
@@ -239,7 +245,9 @@ class FlowMapDiT(nn.Module):
             self.h_embedder = TimestepEmbedder(hidden)
         else:
             self.s_embedder = TimestepEmbedder(hidden)
-        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, params.mlp_ratio, params.attention) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, heads, params.mlp_ratio, params.attention, params.qk_norm) for _ in range(depth)
+        )
         self.final_layer = FinalLayer(hidden, params.patch, channels)
         for block in self.blocks:  # DiT's init of the attention and MLP layers
             for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):

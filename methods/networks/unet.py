@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
 from orch.methods.networks.base import MODELS, ClassEmbedding, at_least_fp32, positional_embedding, unconditional
-from orch.methods.runtime.attention import AttentionMode, attention
+from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
 from orch.methods.runtime.precision import full_precision
 
 
@@ -46,6 +46,9 @@ class UNetParams(Params):
     """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
     forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
     kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
+    models whose tangents blow up through attention (docs/methods.md §2.4)."""
     emb_channels: PositiveInt | None = None
     """Width of the time embedding; null: 4 × channels."""
     time_scale: Annotated[float, Field(gt=0.0)] = 1.0
@@ -96,16 +99,19 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the pixels, 64 channels per head; (x + attn)/√2."""
 
-    def __init__(self, channels: int, mode: AttentionMode):
+    def __init__(self, channels: int, mode: AttentionMode, qk_norm: bool):
         super().__init__()
         self.heads, self.mode = max(1, channels // 64), mode
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qk_norm = QKNorm(channels // self.heads) if qk_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         out = attention(q, k, v, self.mode).transpose(-1, -2).reshape(n, c, h, w)
         return (x + self.proj(out)) / math.sqrt(2)
 
@@ -113,11 +119,13 @@ class Attention(nn.Module):
 class Level(nn.Module):
     """The residual blocks (with attention where asked) of one resolution."""
 
-    def __init__(self, channels: list[int], emb_channels: int, dropout: float, attention: AttentionMode | None):
+    def __init__(
+        self, channels: list[int], emb_channels: int, dropout: float, attention: AttentionMode | None, qk_norm: bool
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(c, channels[-1], emb_channels, dropout) for c in channels[:-1])
         self.attn = nn.ModuleList(
-            Attention(channels[-1], attention) if attention else nn.Identity() for _ in channels[:-1]
+            Attention(channels[-1], attention, qk_norm) if attention else nn.Identity() for _ in channels[:-1]
         )
 
 
@@ -143,7 +151,13 @@ class FlowMapUNet(nn.Module):
         for i, m in enumerate(mult):
             chans = [c] + [ch * m] * params.num_blocks
             self.down.append(
-                Level(chans, emb_ch, params.dropout, params.attention if res in params.attn_resolutions else None)
+                Level(
+                    chans,
+                    emb_ch,
+                    params.dropout,
+                    params.attention if res in params.attn_resolutions else None,
+                    params.qk_norm,
+                )
             )
             c = ch * m
             skips += [c] * params.num_blocks
@@ -152,7 +166,7 @@ class FlowMapUNet(nn.Module):
                 skips.append(c)
                 res = (res + 1) // 2
         self.mid = nn.ModuleList([ResBlock(c, c, emb_ch, params.dropout), ResBlock(c, c, emb_ch, params.dropout)])
-        self.mid_attn = Attention(c, params.attention)
+        self.mid_attn = Attention(c, params.attention, params.qk_norm)
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
@@ -161,7 +175,7 @@ class FlowMapUNet(nn.Module):
                 blocks.append(ResBlock(c + skips.pop(), ch * m, emb_ch, params.dropout))
                 c = ch * m
             attn = nn.ModuleList(
-                Attention(c, params.attention) if res in params.attn_resolutions else nn.Identity()
+                Attention(c, params.attention, params.qk_norm) if res in params.attn_resolutions else nn.Identity()
                 for _ in range(params.num_blocks + 1)
             )
             self.up.append(nn.ModuleDict({"blocks": blocks, "attn": attn}))

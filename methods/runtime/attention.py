@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 AttentionMode = Literal["math", "sdpa", "jvp_kernel"]
 JVP_KERNEL_PACKAGE = "jvp_flash_attention"
@@ -107,3 +107,21 @@ class SoftmaxWeights(torch.autograd.Function):
         if dk is not None:
             ds = ds + q.to(wide) @ dk.to(wide).transpose(-1, -2)
         return softmax_tangent(w.to(wide), ds / math.sqrt(q.shape[-1])).to(q.dtype)
+
+
+class QKNorm(nn.Module):
+    """RMS normalisation of each head's queries and keys, with a learned scale per channel (`model.qk_norm`):
+    bounds the attention logits, a remedy for JVP-trained transformers whose tangents blow up through them.
+    Computed in at least fp32; q, k of shape (n, heads, L, d) → the same."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.q_scale, self.k_scale = nn.Parameter(torch.ones(head_dim)), nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def rms(self, x: Tensor, scale: Tensor) -> Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.rms(q, self.q_scale), self.rms(k, self.k_scale)

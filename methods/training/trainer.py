@@ -23,6 +23,7 @@ from orch.methods.contracts.method import Method, Setting, Term
 from orch.methods.contracts.metric_keys import (
     AMP_SKIPPED,
     GRAD_NORM,
+    JVP_UNRESOLVED,
     LOSS_SCALE,
     LR,
     TRAIN_LOSS,
@@ -338,6 +339,9 @@ class Trainer:
         stats = {TRAIN_LOSS: loss_mean, GRAD_NORM: grad_norm, LR: lr}
         if self.scaler.is_enabled():
             stats |= {AMP_SKIPPED: self.amp_skipped_steps, LOSS_SCALE: self.scaler.get_scale()}
+        if self.cfg.jvp.mode == "finite_difference":
+            unresolved = torch.tensor(float(self.counts.unresolved), device=self.device)
+            stats[JVP_UNRESOLVED] = round(mean_over_ranks(unresolved, self.world).item() * self.world)
         for name, pieces in logged.items():
             errors, norms, a = (gather_rows(torch.cat(piece), self.world) for piece in zip(*pieces))
             stats[term_loss_key(name)] = errors.mean().item()
@@ -430,6 +434,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "forwards": self.counts.forwards,
             "jvps": self.counts.jvps,
+            "unresolved": self.counts.unresolved,
             "scaler": self.scaler.state_dict(),
             "amp_skipped_steps": self.amp_skipped_steps,
         }
@@ -445,6 +450,7 @@ class Trainer:
         self.samples_seen = state["samples_seen"]
         self.train_seconds = state["train_seconds"]
         self.counts.forwards, self.counts.jvps = state["forwards"], state["jvps"]
+        self.counts.unresolved = state.get("unresolved", 0)  # absent from checkpoints before train.jvp existed
         if state.get("scaler"):  # absent from checkpoints written before train.precision existed
             self.scaler.load_state_dict(state["scaler"])
         self.amp_skipped_steps = state.get("amp_skipped_steps", 0)

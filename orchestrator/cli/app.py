@@ -50,9 +50,21 @@ def version() -> str:
     return f"orch {number} (commit {git_commit()})"
 
 
+class ShowVersion(argparse.Action):
+    """--version, worked out only when asked: finding the commit imports the tracking store (MLflow), which
+    every other command would otherwise pay for at start."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch", description="Run and compare few-step generative-model studies.")
-    p.add_argument("--version", action="version", version=version(), help="print orch's version and commit")
+    p.add_argument("--version", action=ShowVersion, help="print orch's version and commit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines: only the summary and errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -266,6 +266,7 @@ INERT = {
     ("train", "precision"): "auto",
     ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
     ("model", "attention"): "sdpa",
+    ("model", "qk_norm"): False,
     ("eval", "precision"): "fp32",
     ("eval", "fid_statistics"): None,
     ("eval", "metric_options"): {},
