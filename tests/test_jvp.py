@@ -112,6 +112,15 @@ def test_qk_norm_bounds_the_attention_logits_whatever_the_scale_of_the_tokens():
         assert (qn @ kn.transpose(-1, -2) / 4).abs().max() <= 4 + 1e-9
 
 
+def test_the_time_embedding_stays_fp32_under_autocast_unless_asked_otherwise():
+    a, b = torch.rand(4), torch.rand(4)
+    for precision, dtype in (("fp32", torch.float32), ("autocast", torch.bfloat16)):
+        dit = build_dit(DiTParams(depth=1, hidden=32, heads=2, time_precision=precision), (2, 8, 8), torch.ones(1))
+        unet = build_unet(UNetParams(channels=8, channel_mult=[1], time_precision=precision), (2, 8, 8), torch.ones(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dit.t_embedder(a).dtype == dtype and unet.embed(a, b).dtype == dtype, precision
+
+
 @pytest.mark.parametrize("kind", ["dit", "unet"])
 def test_central_differences_converge_at_second_order_to_the_exact_jvp(kind):
     """Away from the domain's edges: the error falls 100× per 10× smaller ε (truncation O(ε²)); at ε = 1e-4 in

@@ -29,7 +29,7 @@ from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
 from orch.methods.networks.base import MODELS, at_least_fp32
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
-from orch.methods.runtime.precision import full_precision
+from orch.methods.runtime.precision import TimePrecision, full_precision, time_embedding_precision
 
 SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
@@ -64,6 +64,10 @@ class DiTParams(Params):
     """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
     forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
     kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
+    time_precision: TimePrecision = "fp32"
+    """The time (and guidance) embedding under bf16/fp16 training: `fp32` (autocast off there) or `autocast` (its
+    products in half precision like the rest of the network), a stability knob for JVP methods (docs/methods.md
+    §2.4)."""
     qk_norm: bool = False
     """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
     models whose tangents blow up through attention (DMF's and TVM's choice; docs/methods.md §2.4)."""
@@ -99,14 +103,15 @@ class TimestepEmbedder(nn.Module):
     """A scalar per sample (a time, or a normalised guidance scale) → (n, hidden): sinusoidal features → Linear →
     SiLU → Linear, weights N(0, 0.02) (DiT's init)."""
 
-    def __init__(self, hidden: int, frequencies: int = FREQUENCIES):
+    def __init__(self, hidden: int, precision: TimePrecision, frequencies: int = FREQUENCIES):
         super().__init__()
+        self.precision = precision
         self.mlp = nn.Sequential(nn.Linear(frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         nn.init.normal_(self.mlp[0].weight, std=0.02)
         nn.init.normal_(self.mlp[2].weight, std=0.02)
 
     def forward(self, t: Tensor) -> Tensor:
-        with full_precision(t):  # times in fp32 under autocast (methods/runtime/precision.py)
+        with time_embedding_precision(self.precision, t):  # fp32 under autocast by default
             return self.mlp(timestep_features(t, self.mlp[0].in_features))
 
 
@@ -240,11 +245,11 @@ class FlowMapDiT(nn.Module):
         self.meanflow = params.time_embedding == "meanflow"
         self.x_embedder = PatchEmbed(channels, hidden, params.patch)
         self.register_buffer("pos_embed", sincos_2d(hidden, side // params.patch)[None])
-        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_embedder = TimestepEmbedder(hidden, params.time_precision)
         if self.meanflow:
-            self.h_embedder = TimestepEmbedder(hidden)
+            self.h_embedder = TimestepEmbedder(hidden, params.time_precision)
         else:
-            self.s_embedder = TimestepEmbedder(hidden)
+            self.s_embedder = TimestepEmbedder(hidden, params.time_precision)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, heads, params.mlp_ratio, params.attention, params.qk_norm) for _ in range(depth)
         )
@@ -254,7 +259,9 @@ class FlowMapDiT(nn.Module):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
         self.y_embedder = LabelEmbedder(conditioning.num_classes, hidden) if conditioning else None
-        self.cfg_embedder = TimestepEmbedder(hidden) if conditioning and conditioning.omega else None
+        self.cfg_embedder = (
+            TimestepEmbedder(hidden, params.time_precision) if conditioning and conditioning.omega else None
+        )
 
     def load_pretrained(self, saved: dict, source: str) -> None:
         """Take the weights of a DiT/SiT repository checkpoint (model.init_from, or a teacher's file)."""

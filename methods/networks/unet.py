@@ -28,7 +28,7 @@ from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
 from orch.methods.networks.base import MODELS, ClassEmbedding, at_least_fp32, positional_embedding, unconditional
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
-from orch.methods.runtime.precision import full_precision
+from orch.methods.runtime.precision import TimePrecision, full_precision, time_embedding_precision
 
 
 class UNetParams(Params):
@@ -46,6 +46,10 @@ class UNetParams(Params):
     """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
     forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
     kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
+    time_precision: TimePrecision = "fp32"
+    """The time (and guidance) embedding under bf16/fp16 training: `fp32` (autocast off there) or `autocast` (its
+    products in half precision like the rest of the network), a stability knob for JVP methods (docs/methods.md
+    §2.4)."""
     qk_norm: bool = False
     """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
     models whose tangents blow up through attention (docs/methods.md §2.4)."""
@@ -140,7 +144,7 @@ class FlowMapUNet(nn.Module):
         super().__init__()
         c_img, side = shape[0], shape[1]
         ch, mult, emb_ch = params.channels, params.channel_mult, params.emb_channels or 4 * params.channels
-        self.time_scale = params.time_scale
+        self.time_scale, self.time_precision = params.time_scale, params.time_precision
         self.register_buffer("data_std", data_std.clone().float().reshape(-1)[:1].reshape(()))
         self.emb_a, self.emb_len = nn.Linear(ch, emb_ch), nn.Linear(ch, emb_ch)
         self.emb_out = nn.Linear(emb_ch, emb_ch)
@@ -190,7 +194,7 @@ class FlowMapUNet(nn.Module):
     def embed(self, a: Tensor, b: Tensor) -> Tensor:
         """Paper A's conditioning: PosEmb(a) and PosEmb(b − a), each through its own linear map, averaged."""
         ch = self.emb_a.in_features
-        with full_precision(a):  # fp32 under autocast (methods/runtime/precision.py)
+        with time_embedding_precision(self.time_precision, a):  # fp32 under autocast by default
             ea = self.emb_a(positional_embedding(a * self.time_scale, ch))
             el = self.emb_len(positional_embedding((b - a) * self.time_scale, ch))
             return self.emb_out(F.silu((ea + el) / 2))

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 Precision = Literal["auto", "fp32", "tf32", "bf16", "fp16"]
+TimePrecision = Literal["fp32", "autocast"]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,6 +47,12 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 def full_precision(tensor: torch.Tensor) -> AbstractContextManager:
     """A region that stays fp32 inside an autocast pass (on `tensor`'s device): time embeddings, loss reductions."""
     return torch.autocast(tensor.device.type, enabled=False)
+
+
+def time_embedding_precision(precision: TimePrecision, t: torch.Tensor) -> AbstractContextManager:
+    """The region of a network's time (and guidance) embedding: fp32 under autocast (`fp32`), or the autocast
+    of the rest of the pass (`autocast`, an ablation of that choice)."""
+    return full_precision(t) if precision == "fp32" else nullcontext()
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

@@ -267,6 +267,7 @@ INERT = {
     ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
     ("model", "attention"): "sdpa",
     ("model", "qk_norm"): False,
+    ("model", "time_precision"): "fp32",
     ("eval", "precision"): "fp32",
     ("eval", "fid_statistics"): None,
     ("eval", "metric_options"): {},
