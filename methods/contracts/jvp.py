@@ -27,14 +27,15 @@ class JvpConfig(Params):
 
     mode: Literal["exact", "finite_difference"] = "exact"
     """`exact`: forward-mode AD through the network (torch.func.jvp); `finite_difference`: (v(p + εṗ) −
-    v(p − εṗ)) / 2ε from two ordinary passes, one-sided where a step would leave 0 ≤ a ≤ b ≤ 1."""
+    v(p − εṗ)) / 2ε from ordinary passes (fused kernels, compiled networks), one-sided where a step would leave
+    0 ≤ a ≤ b ≤ 1."""
     eps: PositiveFloat = 1e-3
     """Step ε of finite differences, in time units along the tangent (unused by `exact`)."""
     precision: Literal["auto", "fp32", "autocast"] = "auto"
     """Numerics of the JVP's passes when training in bf16/fp16: `autocast` as the rest of the step, `fp32` with
     autocast off; `auto`: fp32 for finite differences, autocast for exact."""
 
-    def full_precision(self) -> bool:
+    def in_fp32(self) -> bool:
         return self.precision == "fp32" or (self.precision == "auto" and self.mode == "finite_difference")
 
 
@@ -63,7 +64,7 @@ def finite_difference_jvp(
     differences are formed in float64; every pass draws the same random numbers (dropout) as the first.
     x: (n, ...), a, b: (n,). Returns v: (n, ...), dv: (n, ...)."""
     x, a, b = primals
-    dx, da, db = tangents
+    _, da, db = tangents
     forward, backward = step_directions(a, b, da, db, eps)
 
     def point(sign: float) -> Primals:
@@ -90,4 +91,4 @@ def finite_difference_jvp(
 
 def jvp_precision(config: JvpConfig, x: Tensor):
     """The autocast state of the JVP's passes: off when the config asks for fp32, unchanged otherwise."""
-    return torch.autocast(x.device.type, enabled=False) if config.full_precision() else nullcontext()
+    return torch.autocast(x.device.type, enabled=False) if config.in_fp32() else nullcontext()
