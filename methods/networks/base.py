@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
-from orch.methods.contracts.registry import Registry
+from orch.methods.contracts.registry import Params, Registry
+from orch.methods.runtime.attention import AttentionMode
+from orch.methods.runtime.precision import TimePrecision
 
 MODELS = Registry("model")
 
@@ -55,3 +57,19 @@ def positional_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1) * math.sqrt(2)
+
+
+class AttentionParams(Params):
+    """Options of the networks with attention and learned time embeddings (DiT, UNet): how the JVP methods'
+    passes through them are computed (docs/methods.md §2.4)."""
+
+    attention: AttentionMode = "sdpa"
+    """How attention is computed: `sdpa` torch's fused kernels, with an exact forward-mode rule in JVP passes;
+    `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention kernel in JVP passes (a CUDA GPU
+    and `pip install 'orch[gpu]'`)."""
+    time_precision: TimePrecision = "fp32"
+    """The time (and guidance) embedding under bf16/fp16 training: `fp32` (autocast off there) or `autocast` (its
+    products in half precision like the rest of the network), a stability knob for JVP methods."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
+    models whose tangents blow up through attention (DMF's and TVM's choice)."""

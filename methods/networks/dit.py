@@ -26,8 +26,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
-from orch.methods.contracts.registry import Params
-from orch.methods.networks.base import MODELS, at_least_fp32
+from orch.methods.networks.base import MODELS, AttentionParams, at_least_fp32
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
 from orch.methods.runtime.precision import TimePrecision, full_precision, time_embedding_precision
 
@@ -42,7 +41,7 @@ FREQUENCIES = 256
 """Sinusoidal features of a time before its embedder's MLP (DiT's frequency_embedding_size)."""
 
 
-class DiTParams(Params):
+class DiTParams(AttentionParams):
     size: Literal["S", "B", "L", "XL"] = "S"
     """DiT's sizes: S (12 blocks, width 384, 6 heads), B (12, 768, 12), L (24, 1024, 16), XL (28, 1152, 16)."""
     patch: Literal[2, 4, 8] = 2
@@ -60,17 +59,6 @@ class DiTParams(Params):
     t − r)."""
     time_scale: float = Field(1.0, gt=0.0)
     """Times are multiplied by this before their sinusoidal features; 1 is SiT's (and paper B's) raw τ ∈ [0, 1]."""
-    attention: AttentionMode = "sdpa"
-    """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
-    forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
-    kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
-    time_precision: TimePrecision = "fp32"
-    """The time (and guidance) embedding under bf16/fp16 training: `fp32` (autocast off there) or `autocast` (its
-    products in half precision like the rest of the network), a stability knob for JVP methods (docs/methods.md
-    §2.4)."""
-    qk_norm: bool = False
-    """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
-    models whose tangents blow up through attention (DMF's and TVM's choice; docs/methods.md §2.4)."""
     init_from: str | None = None
     """A checkpoint of the DiT or SiT repositories (e.g. SiT-XL-2-256.pt: a state dict, or one under "ema" or
     "model") the network starts from, of this size, patch and class count: a learned-variance output half is

@@ -25,13 +25,19 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
-from orch.methods.contracts.registry import Params
-from orch.methods.networks.base import MODELS, ClassEmbedding, at_least_fp32, positional_embedding, unconditional
+from orch.methods.networks.base import (
+    MODELS,
+    AttentionParams,
+    ClassEmbedding,
+    at_least_fp32,
+    positional_embedding,
+    unconditional,
+)
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
-from orch.methods.runtime.precision import TimePrecision, full_precision, time_embedding_precision
+from orch.methods.runtime.precision import full_precision, time_embedding_precision
 
 
-class UNetParams(Params):
+class UNetParams(AttentionParams):
     channels: PositiveInt = 32
     """Base channel count (paper A: 128)."""
     channel_mult: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 2]
@@ -42,17 +48,6 @@ class UNetParams(Params):
     """Resolutions (feature-map sides) with self-attention (paper A: [16] on CIFAR-10, [16, 8] on CelebA-64)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """Dropout in the residual blocks."""
-    attention: AttentionMode = "sdpa"
-    """How attention is computed (docs/methods.md, "JVP back-ends"): `sdpa` torch's fused kernels, with an exact
-    forward-mode rule in JVP passes; `math` the explicit softmax everywhere; `jvp_kernel` the jvp-flash-attention
-    kernel in JVP passes (a CUDA GPU and `pip install 'orch[gpu]'`)."""
-    time_precision: TimePrecision = "fp32"
-    """The time (and guidance) embedding under bf16/fp16 training: `fp32` (autocast off there) or `autocast` (its
-    products in half precision like the rest of the network), a stability knob for JVP methods (docs/methods.md
-    §2.4)."""
-    qk_norm: bool = False
-    """RMS-normalise each head's queries and keys (learned scale): bounded attention logits, for JVP-trained
-    models whose tangents blow up through attention (docs/methods.md §2.4)."""
     emb_channels: PositiveInt | None = None
     """Width of the time embedding; null: 4 × channels."""
     time_scale: Annotated[float, Field(gt=0.0)] = 1.0
