@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 from mlflow.tracking import MlflowClient
 
 from orch.tracking.schema import AXES, FACTORS, FINGERPRINT, PARENT_RUN, ROLE, RUN_NAME, STATUS, TRIAL_ID
-from orch.tracking.store import ensure_experiment, log_batch
+from orch.tracking.store import ensure_experiment
 
 NFES = (1, 2, 4, 8, 16)
 
@@ -37,6 +40,7 @@ def synthetic_study(
     rng = np.random.default_rng(0)
     combos = list(itertools.product(methods, stopgrads, seeds))[:n_trials]
     log_steps = np.linspace(steps / points, steps, points).astype(int)
+    runs = []
     for i, (method, stopgrad, seed) in enumerate(combos):
         status = "diverged" if i % 50 == 49 else "completed"
         tags = {
@@ -50,7 +54,6 @@ def synthetic_study(
                 {axis: [grid[axis].index(v), str(v)] for axis, v in zip(grid, (method, stopgrad, seed))}
             ),
         }
-        run_id = client.create_run(experiment_id, tags=tags).info.run_id
         quality = 0.1 + 0.05 * methods.index(method) + 0.02 * stopgrads.index(stopgrad)
         rows = []
         for k, step in enumerate(log_steps):
@@ -75,6 +78,39 @@ def synthetic_study(
             ("cost/samples_per_sec", 5e4, steps),
         ]
         params = {"method.name": method, "method.stopgrad": stopgrad, "train.seed": seed, "train.steps": steps}
-        log_batch(client, run_id, metrics=rows, params=params)
-        client.set_terminated(run_id)
+        runs.append((tags, params, rows))
+    write_finished_runs(study_dir / "mlflow.db", experiment_id, client.get_experiment(experiment_id), runs)
     return uri
+
+
+def write_finished_runs(db: Path, experiment_id: str, experiment, runs: list) -> None:
+    """Finished runs (tags, params, metric rows) in one SQLite transaction, with the rows MLflow's own API
+    writes (runs, tags, params, metrics and each key's latest value): the API takes a transaction per call, a
+    minute for a thousand runs on a small CPU, where this takes seconds."""
+    now = int(time.time() * 1000)
+    with sqlite3.connect(db) as connection:
+        for tags, params, rows in runs:
+            run_id = uuid.uuid4().hex
+            artifacts = f"{experiment.artifact_location}/{run_id}/artifacts"
+            connection.execute(
+                "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status,"
+                " start_time, end_time, source_version, lifecycle_stage, artifact_uri, experiment_id)"
+                " VALUES (?, ?, 'UNKNOWN', '', '', 'unknown', 'FINISHED', ?, ?, '', 'active', ?, ?)",
+                (run_id, tags[RUN_NAME], now, now, artifacts, int(experiment_id)),
+            )
+            connection.executemany(
+                "INSERT INTO tags (key, value, run_uuid) VALUES (?, ?, ?)", [(k, v, run_id) for k, v in tags.items()]
+            )
+            connection.executemany(
+                "INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
+                [(k, str(v), run_id) for k, v in params.items()],
+            )
+            connection.executemany(
+                "INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) VALUES (?, ?, ?, ?, ?, 0)",
+                [(k, float(v), now, run_id, int(step)) for k, v, step in rows],
+            )
+            latest = {k: (float(v), int(step)) for k, v, step in sorted(rows, key=lambda row: row[2])}
+            connection.executemany(
+                "INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) VALUES (?, ?, ?, ?, 0, ?)",
+                [(k, v, now, step, run_id) for k, (v, step) in latest.items()],
+            )
