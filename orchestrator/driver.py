@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from orch.backends.base import JOB_FILE, Backend, BackendParams
 from orch.backends.catalog import BACKENDS, backend_of, backend_params
 from orch.backends.search_space import Search
+from orch.execution.processes import end_records, kill_recorded, start_records
 from orch.execution.runner import Trial, finish_unrun, missing_evaluations, open_trial
 from orch.execution.teachers import EXPERIMENT, TEACHER_FILE, write_teacher_file
 from orch.lock import alive, claim_study, live_driver, recorded_driver, release_study
@@ -235,11 +236,14 @@ def submit_study(
     study_dir = (workdir / study.name).resolve()
     (study_dir / "trials").mkdir(parents=True, exist_ok=True)
     previous = claim_study(study_dir, backend=params.name)
+    kill_recorded(study_dir)  # what a killed driver started and left running
     if (name := previous.get("backend", "ray" if "ray_temp_dir" in previous else None)) in BACKENDS:
-        BACKENDS.get(name).build.recover(previous)  # what a killed driver's backend left
+        BACKENDS.get(name).build.recover(previous)  # what else its backend left
+    start_records(study_dir)
     try:
         return run_study(study, backend_of(params), study_dir, tracking_uri, report, say)
     finally:
+        end_records(study_dir)
         release_study(study_dir)
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: one real submission of the tiny study (embedded Ray, sqlite MLflow) for the whole session."""
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,11 @@ import torch
 from orch.cli import main
 
 STUDIES = Path(__file__).resolve().parent / "studies"
+
+
+def recorded_processes(study_dir: Path) -> list[dict]:
+    """The processes a study's live driver has recorded as started by it (host, PID, start time)."""
+    return [json.loads(path.read_text()) for path in sorted((study_dir / "processes").glob("*.json"))]
 
 
 @pytest.fixture(scope="session")

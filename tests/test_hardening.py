@@ -7,6 +7,8 @@ import json
 import os
 import pty
 import select
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,21 +51,6 @@ def is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
-
-
-@pytest.mark.slow
-def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
-    """While a study runs on the embedded defaults, no process of its tree listens outside loopback."""
-    process = orch_process("submit", str(STUDIES / "tiny.yaml"), "--workdir", str(tmp_path), stdout=subprocess.DEVNULL)
-    seen: dict[str, set[str]] = {}
-    while process.poll() is None:
-        for name, ips in listeners(process.pid).items():
-            seen.setdefault(name, set()).update(ips)
-        time.sleep(0.3)
-    assert process.returncode == 0
-    assert {"gcs_server", "raylet"} <= set(seen), f"Ray's servers were never seen listening: {seen}"
-    exposed = {name: ips for name, ips in seen.items() if not all(is_loopback(ip) for ip in ips)}
-    assert not exposed, f"listening outside loopback: {exposed}"
 
 
 BOMB = "name: bomb\nbase: {}\nx0: &x0 [a, a, a, a, a, a, a, a, a, a]\n" + "".join(
@@ -181,7 +168,8 @@ def drain(fd: int, seconds: float) -> bytes:
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     """Ctrl-C typed into a real (pseudo-)terminal: exit 130, the running trials `cancelled` in their directories
-    and KILLED in MLflow (none left RUNNING), and `orch resume` finishes the study."""
+    and KILLED in MLflow (none left RUNNING), and `orch resume` finishes the study. While the study runs on the
+    embedded defaults, no process of its tree listens outside loopback."""
     from tests.test_fault_tolerance import states, trial_runs
 
     pid, fd = pty.fork()
@@ -191,9 +179,15 @@ def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
                                   "--workdir", str(tmp_path)])  # fmt: skip
     study_dir = tmp_path / "sweep"
     deadline = time.monotonic() + 300
+    seen: dict[str, set[str]] = {}
     while not any(s.status == "running" and s.step >= 100 for s in states(study_dir).values()):
         drain(fd, 0.2)
+        for name, ips in listeners(pid).items():
+            seen.setdefault(name, set()).update(ips)
         assert time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0), "no trial got going"
+    assert {"gcs_server", "raylet"} <= set(seen), f"Ray's servers were never seen listening: {seen}"
+    exposed = {name: ips for name, ips in seen.items() if not all(is_loopback(ip) for ip in ips)}
+    assert not exposed, f"listening outside loopback: {exposed}"
     os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
     output = b""
     while True:
@@ -300,33 +294,6 @@ def test_a_store_deleted_mid_study_never_turns_a_trained_trial_into_a_failure(tm
         assert metric_rows(client, run.info.run_id, "train/loss") == list(range(20, 601, 20))
 
 
-@pytest.mark.slow
-def test_a_checkpoint_fallback_logs_no_step_twice_and_its_warning_reaches_the_driver(tmp_path):
-    from tests.test_fault_tolerance import states, submit_sweep
-
-    study_dir = tmp_path / "sweep"
-    driver = submit_sweep(tmp_path)
-    deadline = time.time() + 300
-    while not (running := [t for t, s in states(study_dir).items() if s.status == "running" and s.step >= 200]):
-        assert driver.poll() is None and time.time() < deadline, "no trial got past two checkpoints"
-        time.sleep(0.1)
-    driver.kill()
-    driver.wait()
-    trial_dir = study_dir / "trials" / running[0]
-    newest = sorted((trial_dir / "checkpoints").glob("step_*.pt"))[-1]
-    newest.write_bytes(b"torn")
-    resume = orch_process("resume", "sweep", "--workdir", str(tmp_path), stdout=subprocess.PIPE, text=True)
-    out = resume.communicate(timeout=600)[0]
-    assert resume.returncode == 0, out
-    assert f"warning: checkpoint {newest} is unreadable" in out  # from the Ray worker, shown by the driver
-    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
-    run_id = TrialState.load(trial_dir).run_id
-    for key in ("train/loss", "train/grad_norm", "eval/kl/nfe_1"):
-        steps = metric_rows(client, run_id, key)
-        assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {sorted(steps)}"
-    assert metric_rows(client, run_id, "train/loss") == list(range(20, 601, 20))
-
-
 ONE_TRIAL = """
 name: once
 base:
@@ -402,19 +369,34 @@ def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
     assert not (tmp_path / "cache" / "fid" / "weights-inception-2015-12-05-6726825d.pth").exists()
 
 
-def test_cleanup_after_a_killed_driver_finds_only_its_own_ray_session(tmp_path):
-    """A record for …/orch-ray-12 names neither …/orch-ray-1234 nor a file of it: only the session's own
-    processes are found, even when another session's directory starts with the same characters."""
-    from orch.backends.ray import session_processes
+def test_cleanup_after_a_killed_driver_kills_exactly_the_processes_it_recorded(tmp_path, monkeypatch):
+    """Recovery signals a recorded process only on its own host and only while its PID still names the process
+    recorded (same start time): never a process whose PID was reused, nor one on another host sharing the
+    workdir; and it forgets the records."""
+    from orch.execution.processes import kill_recorded, record_process, start_records
 
-    own, other = tmp_path / "orch-ray-12", tmp_path / "orch-ray-1234"
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    start_records(study_dir)
+    monkeypatch.setenv("ORCH_PROCESS_RECORDS", str(study_dir / "processes"))  # removed again after the test
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    mine = subprocess.Popen([*sleeper, f"--temp-dir={own}"])
-    theirs = subprocess.Popen([*sleeper, f"--temp-dir={other}", f"{other}/session_latest"])
+    started, reused, elsewhere = (subprocess.Popen(sleeper) for _ in range(3))
     try:
-        found = session_processes(str(own))
-        assert mine.pid in found and theirs.pid not in found
+        for process in (started, reused, elsewhere):
+            record_process(process.pid)
+        records = study_dir / "processes"
+        host = socket.gethostname()
+        (record := json.loads((records / f"{host}-{reused.pid}.json").read_text()))["started"] -= 1.0
+        (records / f"{host}-{reused.pid}.json").write_text(json.dumps(record))  # the PID now names another process
+        (record := json.loads((records / f"{host}-{elsewhere.pid}.json").read_text()))["host"] = "another-node"
+        (records / f"{host}-{elsewhere.pid}.json").write_text(json.dumps(record))
+        assert (oct(records.stat().st_mode & 0o777)) == "0o700"
+
+        assert kill_recorded(study_dir) == [started.pid]
+        assert started.wait(10) == -signal.SIGKILL
+        assert reused.poll() is None and elsewhere.poll() is None
+        assert not records.exists()
     finally:
-        for process in (mine, theirs):
+        for process in (started, reused, elsewhere):
             process.kill()
             process.wait()

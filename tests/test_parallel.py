@@ -12,10 +12,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orch.backends.ray import session_processes
 from orch.cli import main
 from orch.execution.build import build_network, build_trainer, needs_teacher
 from orch.execution.distributed import run_local_ranks
+from orch.execution.processes import is_running
 from orch.methods.evaluation import fid
 from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate
 from orch.methods.runtime.parallel import (
@@ -30,7 +30,7 @@ from orch.methods.runtime.parallel import (
 )
 from orch.trial.config import resolve_trial_config
 from orch.trial.typed import TrialConfig
-from tests.conftest import STUDIES
+from tests.conftest import STUDIES, recorded_processes
 from tests.test_fault_tolerance import ROOT, states, trial_runs
 from tests.test_search import check_finished_search
 
@@ -240,13 +240,13 @@ def test_a_killed_driver_of_a_data_parallel_trial_resumes_from_its_checkpoint(tm
     while not any(s.status == "running" and 50 <= s.step < 200 for s in states(study_dir).values()):
         assert driver.poll() is None and time.time() < deadline, "the trial ended before it could be killed"
         time.sleep(0.1)
-    temp_dir = json.loads((study_dir / "driver.json").read_text())["ray_temp_dir"]
+    started = recorded_processes(study_dir)  # Ray's servers and the workers that took a trial
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     (before,) = states(study_dir).values()
 
     assert main(["resume", "parallel_long", "--workdir", str(tmp_path)]) == 0
-    assert not session_processes(temp_dir), "workers of the killed driver's Ray were left running"
+    assert not [r for r in started if is_running(r)], "processes of the killed driver were left running"
     (after,) = states(study_dir).values()
     assert after.status == "completed" and after.run_id == before.run_id
     assert len(trial_runs(study_dir, "parallel_long")) == 1

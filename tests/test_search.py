@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch.backends.ray import session_processes
 from orch.cli import main
+from orch.execution.processes import is_running
 from orch.problems import StudyError
 from orch.study.load import parse_study
-from tests.conftest import STUDIES
+from tests.conftest import STUDIES, recorded_processes
 
 pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
@@ -113,7 +113,7 @@ def test_killed_search_resumes_without_losing_or_repeating_samples(tmp_path):
             break
         assert driver.poll() is None, "the search ended before it could be interrupted"
         time.sleep(0.1)
-    temp_dir = json.loads((study_dir / "driver.json").read_text())["ray_temp_dir"]
+    started = recorded_processes(study_dir)  # Ray's servers and the workers that took a trial
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = trial_states(study_dir)
@@ -122,7 +122,7 @@ def test_killed_search_resumes_without_losing_or_repeating_samples(tmp_path):
     history_before = {t: len(client.get_metric_history(s["run_id"], "train/loss")) for t, s in finished_before.items()}
 
     assert main(["submit", str(STUDIES / "search_tiny.yaml"), "--workdir", str(tmp_path)]) == 0
-    assert not session_processes(temp_dir), "processes of the killed driver's Ray were left running"
+    assert not [r for r in started if is_running(r)], "processes of the killed driver were left running"
     trials = check_finished_search(study_dir, "search_tiny")
     after = trial_states(study_dir)
     for trial_id, state in finished_before.items():  # finished samples untouched: not re-run, not re-logged

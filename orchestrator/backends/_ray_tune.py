@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from ray._private import ray_constants
 from ray.tune.logger import JsonLoggerCallback
 
 from orch.execution.distributed import TIMEOUT
+from orch.execution.processes import children, record_children, record_process
 from orch.execution.ranks import ProgressReader, request_stop, reset_channel, run_rank
 from orch.execution.runner import EarlyStopped, Trial, finish_detail, run_trial
 from orch.lock import note_in_record
@@ -38,6 +40,7 @@ def ray_trainable(config: dict) -> None:
     """Ray Tune function trainable: loads the trial from its directory and runs it. A failure of the trial is a
     `failed` result, not an exception, so that Tune retries (max_failures) only infrastructure failures: a
     worker that died."""
+    record_process()
     trial = Trial.load(config["trial_dir"])
     last = [0.0]
 
@@ -92,6 +95,7 @@ def capture(failure: list[BaseException], fn: Callable, *args) -> None:
 
 def ray_train_worker(config: dict) -> None:
     """A Ray Train worker of a data-parallel trial (Ray Train has joined it to the trial's process group)."""
+    record_process()
     run_rank(config["trial_dir"])
 
 
@@ -157,22 +161,26 @@ def init_ray(address: str | None, study_dir: Path) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
-    temp_dir = ray_temp_dir()
-    note_in_record(study_dir, ray_temp_dir=str(temp_dir))  # a later driver kills what a killed one left
+    # In a directory of its own, 0700 and unpredictable (Ray makes its temp dir world-writable, so it goes one
+    # level below); under /tmp, as Unix socket paths must stay under ~100 bytes.
+    temp_dir = session["temp_dir"] = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+    note_in_record(study_dir, ray_temp_dir=temp_dir)  # a later driver removes what a killed one left
     # Workers import run_trial from this interpreter's environment: make the project importable for them.
     root = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)
+    before = children()
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
-        _temp_dir=str(temp_dir),
+        _temp_dir=f"{temp_dir}/ray",
     )
+    record_children(before)  # Ray's servers; its workers record themselves when they take work
 
 
-def ray_temp_dir() -> Path:
-    return Path("/tmp") / f"orch-ray-{os.getpid()}"  # Unix socket paths must stay under ~100 bytes
+session: dict[str, str] = {}
+"""The embedded Ray this process started: its temp dir."""
 
 
 def stop_ray() -> None:
@@ -180,10 +188,12 @@ def stop_ray() -> None:
     orch in the study directory)."""
     ray.shutdown()
     embedded_environment(False)
-    shutil.rmtree(ray_temp_dir(), ignore_errors=True)
+    if temp_dir := session.pop("temp_dir", None):
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def call(fn: Callable[[str], Any], item: str) -> Any:
+    record_process()
     return fn(item)
 
 

@@ -18,6 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orch.backends._ray_tune import run_on_workers, start_ray, stop_ray, tune_trial_resources, worker_options
 from orch.backends.search_space import Search, SpaceEntry
+from orch.execution.processes import record_process
 from orch.execution.runner import EarlyStopped, Trial, open_trial, record_outcome
 from orch.methods.runtime.storage import exclusive
 from orch.trial.config import resolve_trial_config, trial_id
@@ -95,6 +96,7 @@ def search_trainable(config: dict, cell: SearchCell, workers: dict) -> None:
     Tune stops a function trainable by raising SystemExit inside `tune.report` (and expects the thread to end
     then: reporting again would block it forever). Before the last step that means ASHA stopped the trial early.
     """
+    record_process()
     trial = sampled_trial(cell, config["params"])
     if TrialState.load(Path(trial.dir)).status in FINISHED_STATES:  # replayed after a resume: never train again
         report_result(cell, trial)

@@ -4,14 +4,11 @@ it also hosts a study's search (Optuna through Tune). Ray is imported when the b
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import psutil
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from orch.backends.base import Backend, BackendParams, register_backend
@@ -108,40 +105,6 @@ class Ray(Backend):
 
     @classmethod
     def recover(cls, record: dict) -> None:
-        """SIGKILL what a killed driver left of its embedded Ray: its workers would otherwise keep writing to
-        trial directories a new run is resuming."""
+        """Remove a killed driver's embedded Ray session files (the driver has killed its recorded processes)."""
         if temp_dir := record.get("ray_temp_dir"):
-            for pid in session_processes(temp_dir):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def names_path(argument: str, path: str) -> bool:
-    """Whether a command-line argument names `path` or a file under it (`--temp-dir=/tmp/orch-ray-12`,
-    `/tmp/orch-ray-12/session…`), never a longer name that starts alike (`/tmp/orch-ray-1234`)."""
-    return re.search(rf"(^|[=:,]){re.escape(path.rstrip('/'))}(/|$)", argument) is not None
-
-
-def session_processes(temp_dir: str) -> list[int]:
-    """PIDs of an embedded Ray session: processes naming its temp dir, workers naming those raylets, and all
-    their descendants."""
-    found, raylets, procs = set(), set(), list(psutil.process_iter(["pid", "cmdline"]))
-    for proc in procs:
-        if any(names_path(part, temp_dir) for part in proc.info["cmdline"] or []):
-            found.add(proc.info["pid"])
-    raylets = {str(pid) for pid in found}
-    for proc in procs:
-        try:
-            if proc.environ().get("RAY_RAYLET_PID") in raylets:
-                found.add(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    for pid in list(found):
-        try:
-            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            continue
-    return sorted(found - {os.getpid()})

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orch.execution.processes import record_process
+
 TIMEOUT = timedelta(hours=2)
 """How long a rank waits in a collective: rank 0 alone computes an evaluation's metrics, and on first use the
 reference images' Inception features (minutes on a CPU), while the others wait for its word at the end of the
@@ -62,6 +64,7 @@ def process_group(rank: int, world: int, init_method: str, device: str) -> Itera
 
 
 def local_rank_main(rank: int, fn: Callable, world: int, init_method: str, device: str, args: tuple) -> None:
+    record_process()  # a killed driver's ranks would go on training
     torch.set_num_threads(1)
     with process_group(rank, world, init_method, device):
         fn(*args)
