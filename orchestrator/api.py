@@ -6,7 +6,8 @@ Everything else in orch is internal and may move. Nothing in orch imports this m
 """
 
 from orch.backends.base import BACKENDS, JOB_FILE, Backend, BackendError, BackendParams, register_backend
-from orch.execution.runner import Trial, run_trial
+from orch.execution.runner import run_trial
+from orch.execution.trial import Trial
 from orch.methods.contracts.flow_map import jump, sample_euler, sample_flow_map
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.interpolants import LinearInterpolant, expand_time

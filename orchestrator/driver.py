@@ -18,8 +18,10 @@ from orch.backends.base import JOB_FILE, Backend, BackendParams
 from orch.backends.catalog import BACKENDS, backend_of, backend_params
 from orch.backends.search_space import Search
 from orch.execution.processes import end_records, kill_recorded, start_records
-from orch.execution.runner import Trial, finish_unrun, missing_evaluations, open_trial
+from orch.execution.records import finish_unrun
+from orch.execution.runner import missing_evaluations
 from orch.execution.teachers import EXPERIMENT, TEACHER_FILE, write_teacher_file
+from orch.execution.trial import Trial, open_trial
 from orch.lock import alive, claim_study, live_driver, recorded_driver, release_study
 from orch.methods.runtime.storage import exclusive
 from orch.problems import Problem, StudyError

@@ -19,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from orch.execution.build import build_trainer
-from orch.execution.runner import Trial
+from orch.execution.trial import Trial
 from orch.methods.evaluation.generation import EvalConfig, eval_labels, generate
 from orch.methods.evaluation.metric import metric as metric_spec
 from orch.methods.runtime.storage import exclusive

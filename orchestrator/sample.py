@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from orch.eval import Unit, Weights
 from orch.execution.build import build_trainer
-from orch.execution.runner import Trial
+from orch.execution.trial import Trial
 from orch.methods.data.images import ImageDataset
 from orch.methods.evaluation.generation import eval_labels, generate_chunks
 from orch.methods.training.trainer import resolve_device

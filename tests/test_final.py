@@ -19,7 +19,7 @@ from orch.cli import main
 from orch.dashboards.published import not_comparable, published
 from orch.dashboards.report import dashboard_html
 from orch.execution.build import build_section
-from orch.execution.runner import Trial
+from orch.execution.trial import Trial
 from orch.methods.data.images import subset
 from orch.methods.evaluation import fid
 from orch.methods.evaluation.kl import histogram_kl

@@ -24,7 +24,8 @@ from ray.tune.logger import JsonLoggerCallback
 from orch.execution.distributed import TIMEOUT
 from orch.execution.processes import children, record_children, record_process
 from orch.execution.ranks import ProgressReader, request_stop, reset_channel, run_rank
-from orch.execution.runner import EarlyStopped, Trial, finish_detail, run_trial
+from orch.execution.runner import run_trial
+from orch.execution.trial import EarlyStopped, Trial, finish_detail
 from orch.lock import note_in_record
 from orch.progress import Progress
 from orch.tracking.schema import is_eval_key

@@ -19,8 +19,9 @@ from ray.tune.search.optuna import OptunaSearch
 from orch.backends._ray_tune import run_on_workers, start_ray, stop_ray, tune_trial_resources, worker_options
 from orch.backends.search_space import Search, SpaceEntry
 from orch.execution.processes import record_process
-from orch.execution.runner import EarlyStopped, Trial, open_trial, record_outcome
+from orch.execution.trial import EarlyStopped, Trial, open_trial
 from orch.methods.runtime.storage import exclusive
+from orch.tracking.store import record_outcome
 from orch.trial.config import resolve_trial_config, trial_id
 from orch.trial.spec import TrialSpec, level_label, set_dotted
 from orch.trial.state import WRITER_LOCK, TrialState

@@ -14,7 +14,7 @@ from orch.methods.contracts.registry import Params, Registry
 from orch.problems import Problem
 
 if TYPE_CHECKING:
-    from orch.execution.runner import Trial
+    from orch.execution.trial import Trial
     from orch.progress import Progress
 
 DEFAULT_BACKEND = "ray"

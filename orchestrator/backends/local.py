@@ -14,7 +14,9 @@ from torch.multiprocessing.spawn import ProcessException
 from orch.backends.base import Backend, BackendParams, register_backend
 from orch.execution.distributed import run_local_ranks
 from orch.execution.ranks import ProgressReader, reset_channel, run_rank
-from orch.execution.runner import Trial, finish_detail, finish_unrun, run_trial
+from orch.execution.records import finish_unrun
+from orch.execution.runner import run_trial
+from orch.execution.trial import Trial, finish_detail
 from orch.progress import Progress
 from orch.trial.state import TrialState
 from orch.trial.status import OUTCOMES

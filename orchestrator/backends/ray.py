@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from orch.backends.base import Backend, BackendParams, register_backend
-from orch.execution.runner import Trial
+from orch.execution.trial import Trial
 from orch.methods.contracts.registry import Params
 from orch.preflight import CONNECT_SECONDS, parse_address, reachable
 from orch.problems import Problem

@@ -21,7 +21,8 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from orch.backends.base import JOB_FILE, Backend, BackendError, BackendParams, register_backend
 from orch.execution.distributed import process_group
-from orch.execution.runner import Trial, finish_detail, run_trial
+from orch.execution.runner import run_trial
+from orch.execution.trial import Trial, finish_detail
 from orch.progress import Progress
 from orch.trial.state import TrialState, read_json, write_json
 from orch.trial.status import CANCELLED, FAILED, OUTCOMES, RUNNING

@@ -38,7 +38,7 @@ def sample_problems(study_dir: Path, args, request) -> list[Problem]:
 
 def cmd_sample(args) -> int:
     from orch.eval import Unit, Weights
-    from orch.execution.runner import Trial
+    from orch.execution.trial import Trial
     from orch.methods.data.images import ImageDataset
     from orch.sample import sample_stream, write_samples
     from orch.trial.config import eval_ema

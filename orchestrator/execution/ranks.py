@@ -9,7 +9,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from orch.execution.runner import EarlyStopped, Trial, run_trial
+from orch.execution.runner import run_trial
+from orch.execution.trial import EarlyStopped, Trial
 from orch.methods.runtime.parallel import world_of
 
 PROGRESS_LOG, STOP_REQUEST = "progress.jsonl", "stop_requested"
