@@ -180,3 +180,33 @@ def test_fused_attention_equals_the_exact_path_and_jvps_take_the_exact_one():
     torch.testing.assert_close(tangent, finite, rtol=1e-6, atol=1e-8)
     with pytest.raises(NotImplementedError):  # why the JVP path needs the exact kernel
         torch.func.jvp(lambda q: attention(q, k, v), (q,), (dq,))
+
+
+def test_float64_stays_float64_through_the_network_and_a_jvp_loss():
+    """Casts promote, never demote: a float64 network keeps a difference float32 cannot hold, and MeanFlow's
+    per-sample loss in float64 equals the same loss written out by hand in float64 to 1e-12 (a float32 rounding
+    anywhere, the control shows, is 1e-8 or more)."""
+    from orch.methods.contracts.counting import CountingNet
+    from orch.methods.contracts.method import L2
+    from orch.methods.losses.meanflow import meanflow_term
+    from orch.methods.networks.mlp import MLPParams, build_mlp
+
+    torch.manual_seed(0)
+    net = build_mlp(MLPParams(width=32, depth=2), (2,), torch.tensor([0.7, 1.3])).double()
+    gen = torch.Generator().manual_seed(1)
+    n, f64 = 64, torch.float64
+    x, v = torch.randn(n, 2, generator=gen, dtype=f64), torch.randn(n, 2, generator=gen, dtype=f64)
+    a = torch.rand(n, generator=gen, dtype=f64)
+    b = a + (1 - a) * torch.rand(n, generator=gen, dtype=f64)
+
+    nudged = net(x + 1e-12, a, b) - net(x, a, b)  # 1e-12 is far below float32's resolution at |x| ~ 1
+    assert nudged.dtype == f64 and nudged.abs().max() > 0
+
+    loss = meanflow_term(CountingNet(net), x, a, b, v, L2).sq_error()
+    u, du = torch.func.jvp(net, (x, a, b), (v, torch.ones_like(a), torch.zeros_like(b)))
+    target = v + (b - a)[:, None] * du
+    by_hand = ((u - target) ** 2).sum(1)
+    assert loss.dtype == f64
+    assert (loss - by_hand).abs().max() <= 1e-12 * by_hand.abs().max()
+    rounded = ((u.float() - target.float()) ** 2).sum(1).double()  # control: the float32 rounding of old
+    assert (rounded - by_hand).abs().max() > 1e-10 * by_hand.abs().max()

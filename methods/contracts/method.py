@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.registry import Batch, Params, Registry, Steps
 from orch.methods.runtime.parallel import Gen
+from orch.methods.runtime.precision import at_least_fp32
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,15 @@ class Term:
     measured: Tensor | None = None
 
     def sq_error(self) -> Tensor:
-        """Per-sample squared error summed over all data dimensions (not averaged), shape (n,); in fp32 whatever
-        the precision of the passes (methods/runtime/precision.py)."""
-        return (self.pred.float() - self.target.float()).pow(2).flatten(1).sum(1)
+        """Per-sample squared error summed over all data dimensions (not averaged), shape (n,); in at least fp32
+        whatever the precision of the passes (methods/runtime/precision.py)."""
+        pred, target = self.pred.to(at_least_fp32(self.pred)), self.target.to(at_least_fp32(self.target))
+        return (pred - target).pow(2).flatten(1).sum(1)
 
     def target_norms(self) -> Tensor:
         """Per-sample L2 norm of the (detached) target: paper B's loss-target variance is their batch std."""
         measured = self.target if self.measured is None else self.measured
-        return measured.detach().float().flatten(1).norm(dim=1)
+        return measured.detach().to(at_least_fp32(measured)).flatten(1).norm(dim=1)
 
 
 DimReduction = Literal["sum", "mean", "mean_div_d"]

@@ -19,7 +19,7 @@ from orch.methods.contracts.registry import MAX_NFE, Batch, Params, Samples
 from orch.methods.data.images import ImageDataset
 from orch.methods.evaluation.metric import metric, share_feature_passes
 from orch.methods.runtime.parallel import Gen, ShardedGenerator, gather_rows, world_of
-from orch.methods.runtime.precision import autocast
+from orch.methods.runtime.precision import at_least_fp32, autocast
 
 Decay = Annotated[float, Field(gt=0.0, lt=1.0)]
 """An EMA decay."""
@@ -171,7 +171,8 @@ def generate_chunks(
         chunk_labels = None if labels is None else labels[start : start + count][mine].to(device)
         sampler_net = sampling_net(method, net, dataset, chunk_labels, omega, evaluation.guidance_interval)
         with autocast(evaluation.precision, device):
-            x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise).float()
+            x = method.sample(sampler_net, interpolant.sample_base(n, dataset.shape, base), calls, renoise)
+        x = x.to(at_least_fp32(x))
         if shard:
             x = gather_rows(x, world)
         yield dataset.to_images(x) if isinstance(dataset, ImageDataset) else x

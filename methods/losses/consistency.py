@@ -38,6 +38,7 @@ from orch.methods.contracts.method import (
 )
 from orch.methods.contracts.time_samplers import LogNormal, LogNormalParams
 from orch.methods.runtime.parallel import Gen, multinomial
+from orch.methods.runtime.precision import at_least_fp32
 
 
 def scm_term(
@@ -247,7 +248,7 @@ class ImprovedConsistencyTraining(Method):
         sigmas = karras_sigmas(self.grid_points(step), p.sigma_min, p.sigma_max, p.rho)
         cdf = torch.erf((sigmas.log() - p.p_mean) / (math.sqrt(2) * p.p_std))
         i = multinomial(gen, (cdf[1:] - cdf[:-1]).float(), n).to(x1.device)
-        sigmas = sigmas.float().to(x1.device)
+        sigmas = sigmas.to(x1.device, at_least_fp32(x1))
         lo, hi = sigmas[i], sigmas[i + 1]
         tau_lo, tau_hi = edm_to_canonical(lo, self.sigma_data), edm_to_canonical(hi, self.sigma_data)
         x0 = self.interpolant.sample_base(n, x1.shape[1:], gen)

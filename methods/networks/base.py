@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params, Registry
 from orch.methods.runtime.attention import AttentionMode
-from orch.methods.runtime.precision import TimePrecision
+from orch.methods.runtime.precision import TimePrecision, at_least_fp32
 
 MODELS = Registry("model")
 
@@ -44,11 +44,6 @@ class ClassEmbedding(nn.Module):
 def unconditional(labels: Tensor | None, omega: Tensor | None) -> None:
     if labels is not None or omega is not None:
         raise ValueError("labels given to a network built without class conditioning (set dataset.conditional)")
-
-
-def at_least_fp32(x: Tensor) -> torch.dtype:
-    """fp32 for half-precision tensors, their own dtype otherwise (fp64 stays fp64)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def positional_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

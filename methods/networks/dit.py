@@ -26,9 +26,9 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
-from orch.methods.networks.base import MODELS, AttentionParams, at_least_fp32
+from orch.methods.networks.base import MODELS, AttentionParams
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
-from orch.methods.runtime.precision import TimePrecision, full_precision, time_embedding_precision
+from orch.methods.runtime.precision import TimePrecision, at_least_fp32, full_precision, time_embedding_precision
 
 SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from orch.methods.contracts.guidance import ClassConditioning
 from orch.methods.contracts.registry import Params
 from orch.methods.networks.base import MODELS, ClassEmbedding, unconditional
-from orch.methods.runtime.precision import full_precision
+from orch.methods.runtime.precision import at_least_fp32, full_precision
 
 
 class MLPParams(Params):
@@ -44,7 +44,7 @@ class FlowMapMLP(nn.Module):
         self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
     ) -> Tensor:
         with full_precision(x):  # the raw times a, b enter here: fp32 under autocast (methods/runtime/precision.py)
-            h = self.layers[0](torch.cat([a[:, None], b[:, None], x.float() / self.data_std], dim=1))
+            h = self.layers[0](torch.cat([a[:, None], b[:, None], x.to(at_least_fp32(x)) / self.data_std], dim=1))
             if self.classes is not None:
                 h = h + self.classes(labels, omega)
             else:

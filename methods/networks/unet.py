@@ -29,12 +29,11 @@ from orch.methods.networks.base import (
     MODELS,
     AttentionParams,
     ClassEmbedding,
-    at_least_fp32,
     positional_embedding,
     unconditional,
 )
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
-from orch.methods.runtime.precision import full_precision, time_embedding_precision
+from orch.methods.runtime.precision import at_least_fp32, full_precision, time_embedding_precision
 
 
 class UNetParams(AttentionParams):

@@ -4,7 +4,8 @@ that always stay in fp32.
 Master weights, optimiser state and EMA copies are always fp32; `bf16`/`fp16` only run the network's matrix
 products and convolutions in half precision under autocast. The time (and guidance) embeddings and the loss
 reduction run in fp32 (`full_precision`): half-precision times are a known source of instability for
-JVP-trained flow maps (sCM, MeanFlow), since bf16 cannot tell t = 0.999 from t = 1.
+JVP-trained flow maps (sCM, MeanFlow), since bf16 cannot tell t = 0.999 from t = 1. Every such cast promotes and
+never demotes (`at_least_fp32`): a float64 network, as in the tests against closed forms, stays float64.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import torch
 Precision = Literal["auto", "fp32", "tf32", "bf16", "fp16"]
 TimePrecision = Literal["fp32", "autocast"]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision tensors, their own dtype otherwise: casts promote, never demote (fp64 stays fp64,
+    so that a float64 study or test carries no float32 rounding)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
