@@ -45,7 +45,10 @@ from orch.tracking.store import (
     ensure_parent_run,
     environment_tags,
     log_batch,
+    rebase_artifacts,
+    rebased_uri,
     reconcile,
+    store_error,
 )
 from orch.trial.config import metric_fingerprint
 from orch.trial.spec import TrialSpec
@@ -60,8 +63,42 @@ Report = Callable[[str, str, Path], Path]
 
 
 def tracking_uri_of(study_dir: Path) -> str:
-    """The tracking URI the study was last submitted with."""
-    return read_json(study_dir / "submission.json").get("tracking_uri") or default_tracking_uri(study_dir)
+    """The tracking URI the study was last submitted with, for where the study is now (rebased_uri)."""
+    submission = read_json(study_dir / "submission.json")
+    uri = submission.get("tracking_uri") or default_tracking_uri(study_dir)
+    return rebased_uri(uri, submitted_from(study_dir, submission), study_dir)
+
+
+def submitted_from(study_dir: Path, submission: dict) -> Path:
+    """Where the study directory was when it was last submitted (a record from before orch kept it: where it is
+    now)."""
+    return Path(submission.get("study_dir") or study_dir.resolve())
+
+
+def follow_move(study_dir: Path) -> None:
+    """A study directory copied or moved with its default store: the copy's store now names the copy's artifact
+    folder, and its submission record where it is, so that nothing of it writes into the original."""
+    submission = read_json(study_dir / "submission.json")
+    recorded, here = submitted_from(study_dir, submission), study_dir.resolve()
+    if recorded == here or submission.get("tracking_uri") != default_tracking_uri(recorded):
+        return
+    if (here / "mlflow.db").is_file():
+        rebase_artifacts(here / "mlflow.db", (recorded / "artifacts").as_uri(), (here / "artifacts").as_uri())
+    moved = {"study_dir": str(here), "tracking_uri": default_tracking_uri(here)}
+    write_json(study_dir / "submission.json", submission | moved)
+
+
+def moved_with_its_store(study_dir: Path) -> str | None:
+    """Why a copied or moved study may not run: it was submitted elsewhere with a store other than its own
+    default one, whose runs are the original's (a copy would write into them); None when it may."""
+    submission = read_json(study_dir / "submission.json")
+    recorded, uri = submitted_from(study_dir, submission), submission.get("tracking_uri")
+    if uri is None or recorded == study_dir.resolve() or rebased_uri(uri, recorded, study_dir) != uri:
+        return None
+    return (
+        f"{study_dir} was submitted as {recorded} with the tracking store {uri}, which holds the original's "
+        "runs: submit the study file again with a store of its own (--tracking-uri)"
+    )
 
 
 def study_status(study_dir: Path, ids: list[str] | None = None, generation: str | None = None) -> list[dict]:
@@ -258,7 +295,8 @@ def run_study(
         study_dir / "study.yaml", f"{header}\n{yaml.safe_dump(study.resolved, sort_keys=False)}".encode()
     )
     uri = tracking_uri or default_tracking_uri(study_dir)
-    submission = {"tracking_uri": uri, "profile": study.profile, "backend": backend.params.model_dump()}
+    submission = {"tracking_uri": uri, "study_dir": str(study_dir), "profile": study.profile}
+    submission["backend"] = backend.params.model_dump()
     write_json(study_dir / "submission.json", submission | {"generation": study.generation, "submitted": time.time()})
     kind = f"search over {len(study.trials)} grid cell(s)" if study.search else f"{len(study.trials)} trial(s)"
     say(f"study {study.name!r}: {kind}; tracking {uri}")
@@ -292,7 +330,7 @@ def run_study(
         finish_tracking(study, study_dir, client, experiment_id, parent_id, failed or search_errors, report, say)
     except TRACKING_ERRORS as e:
         say(
-            f"error: the tracking store {uri} failed ({type(e).__name__}: {last_line(str(e))}); every result is in "
+            f"error: the tracking store {uri} failed ({store_error(e)}); every result is in "
             f"{study_dir / 'trials'}: `orch resume {study.name}` rebuilds what the store lacks"
         )
         return EXIT_FAILED
@@ -393,7 +431,7 @@ def load_submitted(study_dir: Path) -> tuple[Study, BackendParams, str]:
         problem = Problem("", f"{study_dir / 'submission.json'} is unreadable ({why}); submit the study file again")
         raise StudyError(source, [problem])
     study.profile = submission.get("profile")
-    return study, params, submission["tracking_uri"]
+    return study, params, tracking_uri_of(study_dir)
 
 
 def backend_of_submission(study_dir: Path) -> Backend | None:

@@ -109,16 +109,21 @@ def select_trials(study_dir: Path, ids: list[str] | None, where: dict[str, objec
     return chosen, notes
 
 
+def trial_id_problem(trial_id: str, trials_dir: Path) -> Problem | None:
+    """A trial id names a trial folder of the study, never a path out of it (`../../other/trials/…`)."""
+    if Path(trial_id).name != trial_id or trial_id in (".", ".."):
+        return Problem(f"--trials {trial_id}", f"{trial_id!r} is not a trial id (a folder in {trials_dir})")
+    if not (trials_dir / trial_id / "trial.json").is_file():
+        return Problem(f"--trials {trial_id}", f"no trial {trial_id!r} in {trials_dir}")
+    return None
+
+
 def request_problems(study_dir: Path, request: Request, ids: list[str] | None, where: dict) -> list[Problem]:
     """Problems with a request, found before anything is evaluated: unknown trials or options, and eval options
     that the study's own validation refuses for a trial (an unknown metric, one the data cannot give, an
     unreachable NFE)."""
     trials_dir = study_dir / "trials"
-    problems = [
-        Problem(f"--trials {i}", f"no trial {i!r} in {trials_dir}")
-        for i in ids or []
-        if not (trials_dir / i / "trial.json").is_file()
-    ]
+    problems = [problem for i in ids or [] if (problem := trial_id_problem(i, trials_dir))]
     if problems:
         return problems
     trials, _ = select_trials(study_dir, ids, {})
@@ -135,7 +140,19 @@ def request_problems(study_dir: Path, request: Request, ids: list[str] | None, w
             if (p.path, p.message) not in seen:
                 seen.add((p.path, p.message))
                 problems.append(Problem(p.path, f"{p.message} (trial {trial.id})"))
-    return problems
+    return problems or weights_problems(trials, request)
+
+
+def weights_problems(trials: list[Trial], request: Request) -> list[Problem]:
+    """The first step count (and scale) of each trial that the requested checkpoint has no weights for: the
+    whole request is refused before anything is computed."""
+    lacking: dict[str, list[str]] = {}  # why → the trials it holds for
+    for trial in trials:
+        section, weights = request.eval_section(trial), Weights(trial, request.checkpoint, eval_ema(trial.config))
+        units = [Unit("", n, w, 0) for n in section["nfe"] for w in section["guidance"]]
+        if why := next(filter(None, map(weights.missing, units)), None):
+            lacking.setdefault(why, []).append(trial.id)
+    return [Problem("--checkpoint", f"{why} (trial {', '.join(ids)})") for why, ids in lacking.items()]
 
 
 def units_of(evaluation: EvalConfig, seeds: int) -> list[Unit]:
@@ -167,7 +184,9 @@ class Weights:
     def missing(self, unit: Unit) -> str | None:
         """Why the unit has no weights, or None."""
         if self.checkpoint == "best":
-            key = eval_key(self.selection, unit.nfe, unit.omega)
+            key, index = eval_key(self.selection, unit.nfe, unit.omega), self.dir / "best" / "best.json"
+            if index.is_file() and not self.index:
+                return f"{index} is unreadable: use --checkpoint last (or a kept step)"
             if key not in self.index or not (self.dir / self.source(unit)).is_file():
                 return f"no best checkpoint for {key} (training did not evaluate it): use --checkpoint last"
         return None

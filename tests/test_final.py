@@ -3,6 +3,7 @@ published numbers, on real submissions (local backend, sqlite MLflow) and torch-
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,8 @@ def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_st
     "args, expected",
     [
         (["--trials", "nope"], "--trials nope: no trial 'nope'"),
+        (["--trials", "../../other/trials/abc"], "is not a trial id"),
+        (["--nfe", "1,4"], "no best checkpoint for eval/kl/nfe_4 (training did not evaluate it)"),
         (["--metrics", "fid"], "--metrics: fid needs a dataset with images"),
         (["--checkpoint", "newest"], "--checkpoint: 'newest' is not best, last or a step number"),
         (["--where", "method.widht=3"], "--where method.widht: no trial has this option"),
@@ -147,6 +150,17 @@ def test_bad_requests_exit_2_with_one_line_and_change_nothing(checker_study, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("*") if p.is_file()} == before
+
+
+def test_an_unreadable_best_index_is_named_before_anything_is_evaluated(checker_study, tmp_path, capsys):
+    workdir, _ = checker_study
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    trial = trial_ids(copy / "final_tiny")[0]
+    (copy / "final_tiny" / "trials" / trial / "best" / "best.json").write_text("{ garbage")
+    assert orch_eval(copy, "--trials", trial) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "best/best.json is unreadable: use --checkpoint last" in err[0], err
 
 
 def test_orch_sample_writes_the_points_orch_eval_scores(checker_study, capsys):

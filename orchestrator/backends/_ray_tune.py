@@ -24,12 +24,14 @@ from ray.tune.logger import JsonLoggerCallback
 from orch.execution.distributed import TIMEOUT
 from orch.execution.processes import children, record_children, record_process
 from orch.execution.ranks import ProgressReader, request_stop, reset_channel, run_rank
+from orch.execution.records import finish_unrun
 from orch.execution.runner import run_trial
 from orch.execution.trial import EarlyStopped, Trial, finish_detail
 from orch.lock import note_in_record
+from orch.methods.runtime.storage import exclusive
 from orch.progress import Progress
 from orch.tracking.schema import is_eval_key
-from orch.trial.state import TrialState
+from orch.trial.state import WRITER_LOCK, TrialState
 from orch.trial.status import OUTCOMES, STOPPED
 
 REPORT_SECONDS = 2.0
@@ -278,4 +280,26 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         t = self._trial(trial)
+        close_abandoned(t, trial)
         self.progress.finished(t.id, *finish_detail(t))
+
+
+def close_abandoned(trial: Trial, tune_trial) -> None:
+    """A trial Tune gave up on (its worker died more than max_failures times, or its node was lost) before it
+    recorded an outcome: `failed` with the reason, its MLflow run ended FAILED; `orch resume` runs it again."""
+    if TrialState.load(Path(trial.dir)).status in OUTCOMES:
+        return
+    with exclusive(Path(trial.dir) / WRITER_LOCK):  # the dead worker's lock is taken over
+        state = TrialState.load(Path(trial.dir))
+        if state.status not in OUTCOMES:
+            reason = f"worker died {tune_trial.num_failures} time(s): {last_failure(tune_trial)}"
+            finish_unrun(trial, state, reason)
+
+
+def last_failure(tune_trial) -> str:
+    """The first line of the last failure in the trial's error file (Tune writes each as a `Failure # N` header
+    and the error's text), e.g. `The actor died unexpectedly before finishing this task.`"""
+    path = Path(tune_trial.error_file or "")
+    text = path.read_text() if path.is_file() else ""
+    lines = [line.strip() for line in text.rsplit("Failure # ", 1)[-1].splitlines()[1:] if line.strip()]
+    return (lines or ["no error recorded"])[0][:300]

@@ -16,10 +16,17 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from orch.backends._ray_tune import run_on_workers, start_ray, stop_ray, tune_trial_resources, worker_options
+from orch.backends._ray_tune import (
+    close_abandoned,
+    run_on_workers,
+    start_ray,
+    stop_ray,
+    tune_trial_resources,
+    worker_options,
+)
 from orch.backends.search_space import Search, SpaceEntry
 from orch.execution.processes import record_process
-from orch.execution.trial import EarlyStopped, Trial, open_trial
+from orch.execution.trial import EarlyStopped, Trial, finish_detail, open_trial
 from orch.methods.runtime.storage import exclusive
 from orch.tracking.store import record_outcome
 from orch.trial.config import resolve_trial_config, trial_id
@@ -165,7 +172,9 @@ class SampleLines(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.count += 1
-        self.say(f"search {self.label}: sample {self.count} failed in Tune")
+        sample = sampled_trial(self.cell, trial.config["params"])  # the same trial its worker opened
+        close_abandoned(sample, trial)
+        self.say(f"search {self.label}: sample {self.count} failed in Tune ({finish_detail(sample)[1]})")
 
 
 def new_tuner(

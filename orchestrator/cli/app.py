@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from orch.cli.common import store_failure
 from orch.cli.data import add_encode, add_fid, add_vae
 from orch.cli.describe import add_describe
 from orch.cli.eval import add_eval
@@ -67,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=ShowVersion, help="print orch's version and commit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines: only the summary and errors")
+    p.add_argument("--share", action="store_true", help="let your group read what orch writes (default: only you)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -79,6 +81,10 @@ def answer_interrupts() -> None:
     process orch starts (Ray's, a server's) would ignore SIGINT too."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+PRIVATE, SHARED = 0o077, 0o027
+"""The umask of orch and everything it starts: files 0600 and folders 0700, or with --share 0640 and 0750."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +102,25 @@ def main(argv: list[str] | None = None) -> int:
 
     set_quiet(args.quiet)
     SOURCE["name"] = " ".join(["orch", args.command, getattr(args, "study", None) or ""]).strip()
+    umask = os.umask(SHARED if args.share else PRIVATE)  # the processes orch starts inherit it
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not raise again
         return 128 + signal.SIGPIPE
+    except Exception as e:
+        if not store_failed(e):
+            raise
+        print(store_failure(e, getattr(args, "study", None)), file=sys.stderr)
+        return 1
+    finally:
+        os.umask(umask)
+
+
+def store_failed(error: Exception) -> bool:
+    """Whether the error is MLflow's or its database's (their modules are imported by then if it is)."""
+    kinds = [getattr(sys.modules.get(m), c, None) for m, c in STORE_ERRORS]
+    return isinstance(error, tuple(k for k in kinds if k is not None))
+
+
+STORE_ERRORS = (("mlflow.exceptions", "MlflowException"), ("sqlalchemy.exc", "SQLAlchemyError"), ("sqlite3", "Error"))

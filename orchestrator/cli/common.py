@@ -75,6 +75,7 @@ def refuse(source: str, problems: list) -> int:
 def study_dir_of(target: str, workdir: str) -> Path:
     """A submitted study given by its file (its `name`) or by name; a name obeys the study files' rule, so that
     it never leaves the work directory."""
+    from orch.driver import follow_move, moved_with_its_store
     from orch.problems import StudyError
     from orch.study.load import load_study
     from orch.study.schema import STUDY_NAME
@@ -96,11 +97,11 @@ def study_dir_of(target: str, workdir: str) -> Path:
         )
         print(f"error: no submitted study {name!r} under {where}", file=sys.stderr)
         raise SystemExit(EXIT_INVALID)
+    if why := moved_with_its_store(path):
+        print(f"error: {why}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID)
+    follow_move(path)
     return path
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def comma_list(text: str, kind: type, option: str) -> list:
@@ -170,3 +171,14 @@ def add_submitted_command(sub, name: str, help_text: str, handler) -> argparse.A
     s.add_argument("--workdir", default=default_workdir(), help=WORKDIR_HELP)
     s.set_defaults(func=handler)
     return s
+
+
+def store_failure(error: BaseException, study: str | None) -> str:
+    """The one line for a tracking store that failed: the database's own error and what to do about it."""
+    from orch.tracking.store import store_error
+
+    name = study if study and not study.endswith((".yaml", ".yml")) else "<study>"
+    return (
+        f"error: the tracking store failed ({store_error(error)}): if the study's mlflow.db is damaged, move it "
+        f"aside and run `orch resume {name}`, which rebuilds it from the trial directories"
+    )

@@ -15,10 +15,10 @@ from orch.cli.common import (
     add_study_command,
     add_submitted_command,
     default_workdir,
-    first_line,
     load_or_exit,
     raise_interrupt,
     refuse,
+    store_failure,
     study_dir_of,
 )
 from orch.preflight import tracking_problems, workdir_problems
@@ -136,7 +136,7 @@ def run_submission(study, params, workdir: Path, tracking_uri: str | None) -> in
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except TRACKING_ERRORS as e:  # the store failed before any trial ran (or while recording the end)
-        print(f"error: the tracking store failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        print(store_failure(e, study.name), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(

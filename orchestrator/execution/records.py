@@ -22,7 +22,7 @@ from orch.methods.contracts.guidance import num_classes_of
 from orch.methods.evaluation.metric import metric as metric_spec
 from orch.methods.training.trainer import Trainer
 from orch.tracking.schema import TRAIN_LOSS, cost_key, parse_eval_key
-from orch.tracking.store import TRACKING_ERRORS, log_batch, not_yet_logged, record_outcome
+from orch.tracking.store import TRACKING_ERRORS, log_batch, not_yet_logged, record_outcome, store_error
 from orch.trial.state import (
     TrialState,
     append_metrics,
@@ -53,7 +53,7 @@ class TrialTracker:
         try:
             write()
         except TRACKING_ERRORS as e:
-            self.broken = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            self.broken = store_error(e)
             self.warn(
                 f"MLflow tracking failed ({self.broken}); the trial goes on and keeps its results in "
                 f"{self.trial.dir}: `orch resume` rebuilds its run"
@@ -89,7 +89,10 @@ class TrialTracker:
         rows, self.rows = self.rows, []
         append_metrics(Path(self.trial.dir), rows)
         self.call(lambda: log_batch(self.client, self.trial.run_id, metrics=rows))
-        state.logged_step = max(state.logged_step, *(step for _, _, step in rows))
+        if self.broken is None:  # never past a write MLflow did not take
+            state.logged_step = max(state.logged_step, *(step for _, _, step in rows))
+        else:
+            state.unlogged = True
         state.save(Path(self.trial.dir))
 
 

@@ -3,6 +3,7 @@ its directory, state and MLflow run created on first use and the same ever after
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from orch.tracking.schema import FACTORS, GENERATION, REASON, STATUS, STOPPED_STEP, TRIAL_ID, is_eval_key
-from orch.tracking.store import ensure_trial_run, find_runs, log_batch, replay_run
+from orch.tracking.store import ensure_trial_run, find_runs, log_batch, not_yet_logged, rebased_uri, replay_run
 from orch.trial.spec import TrialSpec
 from orch.trial.state import TrialState, newest_checkpoint_step, read_metrics, write_json
 from orch.trial.status import FINISHED_STATES, PENDING, UNREADABLE
@@ -62,7 +63,14 @@ class Trial:
 
     @classmethod
     def load(cls, trial_dir: str | Path) -> Trial:
-        return cls(**json.loads((Path(trial_dir) / "trial.json").read_text()))
+        """The trial recorded in <trial_dir>/trial.json, where it is now: the trial directory of a copied or moved
+        study writes to itself and to the copy's own default store, never to the original's."""
+        trial_dir = Path(trial_dir).resolve()
+        trial = cls(**json.loads((trial_dir / "trial.json").read_text()))
+        if Path(trial.dir) == trial_dir:
+            return trial
+        uri = rebased_uri(trial.tracking_uri, Path(trial.dir).parents[1], trial_dir.parents[1])
+        return dataclasses.replace(trial, dir=str(trial_dir), tracking_uri=uri)
 
 
 def open_trial(
@@ -95,9 +103,13 @@ def open_trial(
     if state.run_id != run_id:
         if state.run_id is not None:
             replay_run(client, run_id, trial_dir, state)
+            state.unlogged = False
             say(f"trial {spec.id}: its MLflow run {state.run_id} is not in the store; rebuilt from {trial_dir}")
         state.run_id = run_id
         state.save(trial_dir)
+    elif state.unlogged:
+        missing = log_unlogged(client, run_id, trial_dir, state)
+        say(f"trial {spec.id}: {missing} metric row(s) of its metrics log had not reached MLflow; logged now")
     log_batch(client, run_id, tags={FACTORS: json.dumps(spec.levels), GENERATION: generation})
     named = spec.config["method"].get("teacher", {}).get("path") if isinstance(spec.config["method"], dict) else None
     planned = (teachers or {}).get(spec.teacher) if spec.teacher is not None else None
@@ -117,6 +129,17 @@ def open_trial(
     )
     trial.save()
     return trial, state
+
+
+def log_unlogged(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> int:
+    """Log the rows of the trial's metrics log that its MLflow run lacks (a write that failed, e.g. on a full
+    disk), once each; returns how many."""
+    rows = read_metrics(trial_dir)
+    missing = not_yet_logged(client, run_id, rows)
+    log_batch(client, run_id, metrics=missing)
+    state.unlogged, state.logged_step = False, max([state.logged_step, *(step for _, _, step in rows)])
+    state.save(trial_dir)
+    return len(missing)
 
 
 def rederive_state(

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import platform
+import sqlite3
 import subprocess
 import time
 from importlib import metadata
@@ -51,6 +52,15 @@ from orch.trial.status import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUN_S
 
 TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
 """What a tracking store that went away raises (sqlite file deleted, server down, disk full)."""
+
+
+def store_error(error: BaseException) -> str:
+    """`Type: message` of a tracking store's error on one line: for SQLAlchemy's, the database's own error (e.g.
+    `DatabaseError: database disk image is malformed`), not its SQL and link lines."""
+    cause = getattr(error, "orig", None) or error
+    return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:300]}"
+
+
 PACKAGES = ("torch", "ray", "mlflow", "optuna", "pandas", "plotly", "pydantic", "submitit", "numpy")
 
 for noisy in ("alembic", "mlflow"):
@@ -59,6 +69,25 @@ for noisy in ("alembic", "mlflow"):
 
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+
+
+def rebase_artifacts(db: Path, old_root: str, new_root: str) -> None:
+    """Point a copied sqlite store's experiments and runs at the copy's artifact folder (MLflow records them as
+    absolute URIs, which would otherwise still name the original's)."""
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            connection.execute(
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                (new_root, len(old_root) + 1, len(old_root), old_root),
+            )
+
+
+def rebased_uri(uri: str, recorded_study_dir: Path, study_dir: Path) -> str:
+    """A tracking URI a study recorded, for where the study is now: its default store (the sqlite file in the
+    study directory) goes with a copied or moved study directory; any other store is the one recorded."""
+    if uri == default_tracking_uri(recorded_study_dir):
+        return default_tracking_uri(study_dir)
+    return uri
 
 
 @functools.cache

@@ -52,6 +52,8 @@ class TrialState:
     """The Slurm job running the trial, when it runs under Slurm."""
     logged_step: int = -1
     """Metrics up to this step are logged: a trial resumed from an older checkpoint does not log them again."""
+    unlogged: bool = False
+    """Rows of the metrics log may be missing from MLflow (a write failed): the next driver logs them."""
     warnings: list[str] = field(default_factory=list)
     """Warnings of the trial's worker (e.g. an unreadable checkpoint skipped), shown by the driver."""
     updated: float = field(default_factory=time.time)
@@ -126,8 +128,13 @@ def load_checkpoint_at(trial_dir: Path, step: int) -> dict | None:
 
 
 def append_metrics(trial_dir: Path, rows: list[tuple[str, float, int]]) -> None:
-    with open(trial_dir / METRICS_LOG, "a") as f:
-        f.writelines(json.dumps({"key": k, "value": v, "step": s}) + "\n" for k, v, s in rows)
+    """Append rows to the metrics log, after ending a line torn by an earlier failed write (e.g. a full disk)."""
+    with open(trial_dir / METRICS_LOG, "a+b") as f:
+        if f.tell():  # opened at its end; writes always go there
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.writelines((json.dumps({"key": k, "value": v, "step": s}) + "\n").encode() for k, v, s in rows)
         f.flush()
         os.fsync(f.fileno())
 
