@@ -202,17 +202,6 @@ def test_a_stale_driver_record_naming_a_reused_pid_is_neither_refused_nor_signal
         stranger.wait()
 
 
-ONE_LONG_TRIAL = """
-name: fragile
-base:
-  model: {name: mlp, width: 32, depth: 2}
-  method: {name: lsd}
-  train: {steps: 3000, batch_size: 256, ema: [0.9], checkpoint_every: 100, log_every: 50, device: cpu}
-  eval: {every: 3000, nfe: [1], num_samples: 500}
-backend: {name: ray, max_failures: 1}
-"""
-
-
 def worker_of(trial_dir: Path, other_than: int | None = None, seconds: float = 120) -> int:
     """The PID of the process recording the trial (its writer lock names it), once it is not `other_than`."""
     deadline = time.time() + seconds
@@ -230,10 +219,10 @@ def worker_of(trial_dir: Path, other_than: int | None = None, seconds: float = 1
 def test_a_trial_whose_worker_dies_more_than_max_failures_times_is_failed_with_its_reason(tmp_path):
     """Tune retries a trial whose worker died (max_failures: 1) and gives up on the second death: the trial is
     `failed` with the reason, its MLflow run ended FAILED (not RUNNING forever), and `orch resume` finishes it."""
-    (study := tmp_path / "fragile.yaml").write_text(ONE_LONG_TRIAL)
-    driver = subprocess.Popen([sys.executable, "-m", "orch.cli", "submit", str(study), "--workdir", str(tmp_path)],
+    submit = ["submit", str(STUDIES / "long.yaml"), "--backend", "ray", "backend.max_failures=1"]
+    driver = subprocess.Popen([sys.executable, "-m", "orch.cli", *submit, "--workdir", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    trials = tmp_path / "fragile" / "trials"
+    trials = tmp_path / "long" / "trials"
     deadline = time.time() + 120
     while not (trials.exists() and any(trials.iterdir())):
         assert driver.poll() is None and time.time() < deadline, driver.stdout.read()
@@ -248,8 +237,8 @@ def test_a_trial_whose_worker_dies_more_than_max_failures_times_is_failed_with_i
     state = TrialState.load(trial_dir)
     assert state.status == "failed" and state.reason.startswith("worker died 2 time(s): "), state.reason
     assert "no error recorded" not in state.reason  # the failure's line, e.g. Ray's "The actor died …"
-    (run,) = trial_runs(tmp_path / "fragile", "fragile")
+    (run,) = trial_runs(tmp_path / "long", "long")
     assert run.info.status == "FAILED" and run.info.end_time is not None
     assert run.data.tags["orch.status"] == "failed"
-    assert main(["resume", "fragile", "--workdir", str(tmp_path)]) == 0
+    assert main(["resume", "long", "--workdir", str(tmp_path)]) == 0
     assert TrialState.load(trial_dir).status == "completed"

@@ -349,17 +349,6 @@ def test_a_full_disk_while_writing_the_dashboard_is_one_error_and_leaves_no_temp
         subprocess.run(["umount", str(full)], check=True)
 
 
-LONG_TRIAL = """
-name: long
-base:
-  model: {name: mlp, width: 32, depth: 2}
-  method: {name: lsd}
-  train: {steps: 3000, batch_size: 256, ema: [0.9], checkpoint_every: 100, log_every: 20, device: cpu}
-  eval: {every: 1000, nfe: [1], num_samples: 500}
-backend: {name: local}
-"""
-
-
 def fill(folder: Path) -> Path:
     """Write a file into `folder` until its filesystem is full; returns the file."""
     filler = folder / "filler"
@@ -382,8 +371,7 @@ def test_after_a_full_disk_resume_brings_every_row_of_the_metrics_log_to_mlflow_
     work.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(work)], check=True)
     try:
-        (work / "long.yaml").write_text(LONG_TRIAL)
-        driver = orch_process("submit", str(work / "long.yaml"), "--workdir", str(work),
+        driver = orch_process("submit", str(STUDIES / "long.yaml"), "--workdir", str(work),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         trials, deadline = work / "long" / "trials", time.time() + 120
         while not (trials.exists() and [d for d in trials.iterdir() if TrialState.load(d).step >= 300]):
