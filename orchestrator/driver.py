@@ -274,6 +274,7 @@ def submit_study(
     orch process is running it."""
     study_dir = (workdir / study.name).resolve()
     (study_dir / "trials").mkdir(parents=True, exist_ok=True)
+    follow_move(study_dir)  # a copied work directory's store and records are the copy's before anything runs
     previous = claim_study(study_dir, backend=params.name)
     kill_recorded(study_dir)  # what a killed driver started and left running
     if (name := previous.get("backend", "ray" if "ray_temp_dir" in previous else None)) in BACKENDS:

@@ -459,17 +459,21 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_copied_workdir_writes_only_into_itself(tmp_path, capsys):
-    """`orch eval`, `orch resume`, `orch dashboard` and `orch status` on a copy of a work directory write into
-    the copy and its own store; the original stays byte-identical. A copy whose study was submitted with another
-    store (whose runs are the original's) is refused with exit 2, changing nothing."""
+    """`orch submit`, `orch eval`, `orch resume`, `orch dashboard` and `orch status` on copies of a work directory
+    write into the copy and its own store; the original stays byte-identical. A copy whose study was submitted
+    with another store (whose runs are the original's) is refused with exit 2, changing nothing."""
     original, copy = tmp_path / "original", tmp_path / "copy"
     assert main(["submit", str(STUDIES / "tiny.yaml"), "--workdir", str(original), "--backend", "local"]) == 0
     shutil.copytree(original, copy)
     before = tree_bytes(original)
 
-    def on_copy(*args: str) -> None:  # each command in its own process, as a user runs them
-        done = orch_process(*args, "--workdir", str(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def on_copy(*args: str, workdir: Path = copy) -> None:  # each command in its own process, as users run them
+        done = orch_process(*args, "--workdir", str(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
         assert done.wait(300) == 0, done.stdout.read()
+
+    shutil.copytree(original, tmp_path / "copy2")  # the study file submitted again, as the first command there
+    on_copy("submit", str(STUDIES / "tiny.yaml"), "--backend", "local", workdir=tmp_path / "copy2")
 
     on_copy("eval", "tiny", "--checkpoint", "last", "--nfe", "1", "--num", "200")
     trial_dir = sorted((copy / "tiny" / "trials").iterdir())[0]  # one trial of the copy continues from step 30
