@@ -40,16 +40,27 @@ class Density2D:
     def density(self, xy: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def bin_masses(self, bins: int, subdivisions: int = 16, density=None) -> Tensor:
-        """Exact-enough probability of each of bins × bins cells under `density` (default: the dataset's):
-        midpoint quadrature on a finer sub-grid.
+    def class_densities(self, xy: Tensor) -> Tensor:
+        """Each class's density at xy (n, 2): shape (n, K) (datasets that provide "classes")."""
+        raise NotImplementedError
+
+    def bin_masses(self, bins: int, subdivisions: int = 16) -> Tensor:
+        """Exact-enough probability of each of bins × bins cells: midpoint quadrature on a finer sub-grid.
 
         With 16 sub-cells per bin the checkerboard's square edges fall on sub-cell boundaries, so its masses are
         exact even where a square edge runs through the middle of a bin (the paper's 50 × 50 grid does that).
         """
+        return self.masses_of(self.density, bins, subdivisions)[..., 0]
+
+    def class_bin_masses(self, bins: int, subdivisions: int = 16) -> Tensor:
+        """bin_masses of each class's density, shape (bins, bins, K): the class densities evaluated once."""
+        return self.masses_of(self.class_densities, bins, subdivisions)
+
+    def masses_of(self, density, bins: int, subdivisions: int) -> Tensor:
+        """Cell masses (bins, bins, C) of `density`, which maps points (n, 2) to (n,) or (n, C) densities."""
         lo, hi = self.bounds
         m = bins * subdivisions
         centres = lo + (torch.arange(m, dtype=torch.float64) + 0.5) * (hi - lo) / m
         grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
-        dens = (density or self.density)(grid).reshape(bins, subdivisions, bins, subdivisions).sum((1, 3))
-        return dens / dens.sum()
+        dens = density(grid).reshape(bins, subdivisions, bins, subdivisions, -1).sum((1, 3))
+        return dens / dens.sum((0, 1))

@@ -30,11 +30,8 @@ def kl_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.dev
 def kl_cond_metric(samples: Tensor, dataset: Density2D, evaluation, device: torch.device, labels: Tensor) -> float:
     """Class-conditional KL: the mean over classes of KL(exact class density ‖ the samples of that class), each
     on a 50 × 50 histogram (2-D data with known class densities, e.g. the gmm's components)."""
-    labels = labels.to(samples.device)
-    kls = []
-    for k in range(dataset.num_classes):
-        density = lambda xy, k=k: dataset.class_densities(xy)[:, k]  # noqa: E731
-        kls.append(histogram_kl(samples[labels == k], dataset, masses=dataset.bin_masses(KL_BINS, density=density)))
+    labels, masses = labels.to(samples.device), dataset.class_bin_masses(KL_BINS)
+    kls = [histogram_kl(samples[labels == k], dataset, masses=masses[..., k]) for k in range(dataset.num_classes)]
     return float(sum(kls) / len(kls))
 
 
