@@ -5,7 +5,7 @@
 # DiT-B/2 at 256 tokens, and a one-process NCCL data-parallel smoke. Synthetic data and random-weight Inception:
 # nothing to download.
 #
-#   bench/gpu_check.sh [--cpu] [OUT.md]     (--cpu: the same steps at toy sizes, to check the script)
+#   bench/gpu_check.sh [--cpu] [REPORT_FILE]     (--cpu: the same steps at toy sizes, to check the script)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python)}

@@ -63,10 +63,8 @@ Report = Callable[[str, str, Path], Path]
 
 
 def tracking_uri_of(study_dir: Path) -> str:
-    """The tracking URI the study was last submitted with, for where the study is now (rebased_uri)."""
-    submission = read_json(study_dir / "submission.json")
-    uri = submission.get("tracking_uri") or default_tracking_uri(study_dir)
-    return rebased_uri(uri, submitted_from(study_dir, submission), study_dir)
+    """The tracking URI the study was last submitted with (a copied study's own once follow_move has run)."""
+    return read_json(study_dir / "submission.json").get("tracking_uri") or default_tracking_uri(study_dir)
 
 
 def submitted_from(study_dir: Path, submission: dict) -> Path:
