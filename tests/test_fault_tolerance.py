@@ -77,6 +77,8 @@ def test_sigkilled_driver_resumes_the_sweep_from_checkpoints_and_falls_back_past
             break
         assert driver.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.1)
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")  # read before the freeze: a frozen writer
+    logged = {t: len(client.get_metric_history(now[t].run_id, "train/loss")) for t in done}  # may hold its lock
     started = [r for r in recorded_processes(study_dir) if is_running(r)]  # Ray's servers, the trials' workers
     assert len(started) >= 3, started
     for record in started:  # frozen, as on a hung machine: no worker writes after the kill
@@ -85,9 +87,6 @@ def test_sigkilled_driver_resumes_the_sweep_from_checkpoints_and_falls_back_past
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = states(study_dir)
-    finished = {t: s for t, s in before.items() if s.status == "completed"}
-    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
-    logged = {t: len(client.get_metric_history(s.run_id, "train/loss")) for t, s in finished.items()}
     newest = sorted((study_dir / "trials" / running[0] / "checkpoints").glob("step_*.pt"))[-1]
     newest.write_bytes(b"torn")
 
@@ -106,9 +105,9 @@ def test_sigkilled_driver_resumes_the_sweep_from_checkpoints_and_falls_back_past
             assert len(steps) == len(set(steps)), f"{trial_id}: {key} logged twice at some step: {sorted(steps)}"
         steps = sorted(m.step for m in client.get_metric_history(state.run_id, "train/loss"))
         assert steps == list(range(20, 601, 20)), (trial_id, before[trial_id].step, steps)
-    for trial_id, state in finished.items():  # finished trials untouched: not re-run, not re-logged
-        assert after[trial_id].updated == state.updated
-        assert len(client.get_metric_history(state.run_id, "train/loss")) == logged[trial_id]
+    for trial_id in done:  # finished trials untouched: not re-run, not re-logged
+        assert after[trial_id].updated == before[trial_id].updated
+        assert len(client.get_metric_history(after[trial_id].run_id, "train/loss")) == logged[trial_id]
 
 
 def stop_ray_head(temp_dir: str) -> None:
