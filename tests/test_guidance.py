@@ -218,6 +218,10 @@ GUIDED_COSTS = [  # (method, options that guide in training) → (forward, JVP) 
     ("stei", {"online_cfg": [1.0, 2.5], "target": "teacher"}, 5.0, 0.0),  # + the diffusion term
     ("meanflow", {"cfg_omega": 1.5, "cfg_kappa": 0.3}, 3.0, 1.0),  # + the batched cond/null diagonal
     ("scd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the teacher's velocity is two-pass guided
+    ("imf", {"online_cfg": [1.0, 8.0]}, 3.0, 1.0),  # student + batched (y, ω) / (∅, 1) diagonal; the JVP
+    ("tvm", {"guidance": 2.0}, 3.0, 1.0),  # JVP in b, EMA at the landing point, FM, EMA's unconditional velocity
+    ("tim", {"cfg_omega": 1.5, "cfg_kappa": 0.5}, 4.0, 0.0),  # student, DDE's 2 passes on half, EMA cond/null
+    ("alpha_flow", {"cfg_omega": 1.5}, 3.5, 0.0),  # student, α-target pass on half, cond/null (α = 1 early on)
 ]
 """The papers' accounting of guided training, checked against the counter and against each method's own."""
 

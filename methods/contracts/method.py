@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
+import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
@@ -18,12 +20,14 @@ from orch.methods.runtime.precision import at_least_fp32
 class Distance:
     """How a per-sample squared error ℓ becomes a loss (the trainer applies it, docs/methods.md §2.3).
 
-    `l2`: ℓ. `pseudo_huber`: √(ℓ + c²) − c (iCT). `adaptive`: ℓ / sg((ℓ + c)^p) (MeanFlow).
+    `l2`: ℓ. `pseudo_huber`: √(ℓ + c²) − c (iCT). `adaptive`: ℓ / sg((ℓ + c)^p) (MeanFlow). `cosine` > 0 adds
+    that multiple of the direction error (TiM) to ℓ before the kind applies (Term.error).
     """
 
     kind: Literal["l2", "pseudo_huber", "adaptive"] = "l2"
     c: float = 0.0
     p: float = 1.0
+    cosine: float = 0.0
 
     def __call__(self, sq_error: Tensor) -> Tensor:
         if self.kind == "pseudo_huber":
@@ -50,6 +54,9 @@ class Term:
         distance: how the squared error becomes a loss.
         measured: what paper B measures as this method's loss target when it is not `target` itself (e.g. the
             JVP output d/dt f of a continuous consistency model, docs/methods.md §4.5); None = `target`.
+        custom: a per-sample loss (n,) the method computed itself because it is not a regression (IMM's kernel
+            MMD over groups of samples): the trainer takes it as given instead of the distance of the squared
+            error, logs it as the term's loss, and `pred`/`target` only feed the target statistics.
     """
 
     name: str
@@ -60,6 +67,7 @@ class Term:
     weight: Tensor | None = None
     distance: Distance = L2
     measured: Tensor | None = None
+    custom: Tensor | None = None
 
     def sq_error(self) -> Tensor:
         """Per-sample squared error summed over all data dimensions (not averaged), shape (n,); in at least fp32
@@ -67,10 +75,34 @@ class Term:
         pred, target = self.pred.to(at_least_fp32(self.pred)), self.target.to(at_least_fp32(self.target))
         return (pred - target).pow(2).flatten(1).sum(1)
 
+    def error(self, dim_scale: float) -> Tensor:
+        """The per-sample error the distance applies to, shape (n,): the squared error reduced over dimensions
+        by `dim_scale` (train.dim_reduction), plus the distance's multiple of the direction error; the custom
+        loss as given."""
+        if self.custom is not None:
+            return self.custom.to(at_least_fp32(self.custom))
+        error = self.sq_error() * dim_scale
+        if self.distance.cosine:
+            error = error + self.distance.cosine * direction_error(self.pred, self.target)
+        return error
+
+    def weighted(self, error: Tensor) -> Tensor:
+        """The term's per-sample loss from its error: the distance (not for a custom loss), times `weight`."""
+        loss = error if self.custom is not None else self.distance(error)
+        return loss if self.weight is None else loss * self.weight
+
     def target_norms(self) -> Tensor:
         """Per-sample L2 norm of the (detached) target: paper B's loss-target variance is their batch std."""
         measured = self.target if self.measured is None else self.measured
         return measured.detach().to(at_least_fp32(measured)).flatten(1).norm(dim=1)
+
+
+def direction_error(pred: Tensor, target: Tensor) -> Tensor:
+    """1 − cos(pred, target) over the channel dimension 1, averaged over the other dimensions (pixels), shape
+    (n,): TiM's directional loss. Shapes: pred, target (n, C, ...)."""
+    pred, target = pred.to(at_least_fp32(pred)), target.to(at_least_fp32(target))
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=1, eps=1e-8)
+    return (1 - cos).reshape(len(cos), -1).mean(1)
 
 
 DimReduction = Literal["sum", "mean", "mean_div_d"]
@@ -122,6 +154,9 @@ class Setting:
             (Method.needs_ema_target), also wrapped in the counter.
         num_classes: the number of classes of class-conditional data (None: unconditional); the networks'
             labels then travel in their wrappers' shared Condition (methods/contracts/guidance.py).
+        steps: train.steps, for a method whose options are schedules over training (α-Flow's curriculum).
+        ema_copy: the counted EMA copy of the student at a decay the method chooses (TVM's 0.99 teacher),
+            made by the trainer on first request when train.ema does not have it.
     """
 
     interpolant: LinearInterpolant
@@ -130,6 +165,8 @@ class Setting:
     teacher: nn.Module | None = None
     ema_target: nn.Module | None = None
     num_classes: int | None = None
+    steps: int | None = None
+    ema_copy: Callable[[float], nn.Module] | None = None
 
 
 class Method:
@@ -154,6 +191,12 @@ class Method:
     @classmethod
     def needs_teacher(cls, params: MethodParams) -> bool:
         return False
+
+    @classmethod
+    def train_problems(cls, params: MethodParams, train: dict) -> list[tuple[str, str]]:
+        """(key, message) for each way these options cannot train with this (valid) train section, e.g. a group
+        size that does not divide the batch; checked at validation, before anything runs."""
+        return []
 
     @classmethod
     def backpropagates_jvp(cls, params: MethodParams) -> bool:

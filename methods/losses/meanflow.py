@@ -24,12 +24,16 @@ from orch.methods.contracts.time_samplers import LogitNormal, LogitNormalParams
 from orch.methods.runtime.parallel import Gen, rand
 
 
-def meanflow_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, velocity: Tensor, distance: Distance) -> Term:
+def meanflow_term(
+    net: CountingNet, x: Tensor, a: Tensor, b: Tensor, velocity: Tensor, distance: Distance, tangent: Tensor | None = None
+) -> Term:
     """v_θ(x; a, b) (one forward with grad) regressed onto sg(velocity + (b − a)·d/da v), the total derivative
-    from one JVP with tangent (velocity, 1, 0) computed under no_grad: it only feeds the detached target."""
+    from one JVP with tangent (tangent, 1, 0) computed under no_grad: it only feeds the detached target. The
+    tangent is the velocity itself unless given (iMF: the model's own)."""
     pred = net(x, a, b)
+    tangent = velocity if tangent is None else tangent
     with torch.no_grad():
-        _, dv_da = net.jvp((x, a, b), (velocity, torch.ones_like(a), torch.zeros_like(b)))
+        _, dv_da = net.jvp((x, a, b), (tangent, torch.ones_like(a), torch.zeros_like(b)))
         target = velocity + expand_time(b - a, x) * dv_da
     return Term("meanflow", pred, target, a, b, distance=distance)
 

@@ -30,8 +30,9 @@ def _graph_if(keep_graph: bool):
     return nullcontext() if keep_graph else torch.no_grad()
 
 
-def lsd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str) -> Term:
-    """Lagrangian: ∂_b X_{a,b}(x) regressed onto v(X_{a,b}(x); b, b).
+def lsd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str, teacher: nn.Module | None = None) -> Term:
+    """Lagrangian: ∂_b X_{a,b}(x) regressed onto v(X_{a,b}(x); b, b), the velocity of `teacher` (default: the
+    network itself) at the landing point.
 
     ∂_b X_{a,b} = v + (b − a)·∂_b v comes from one JVP with tangent (0, 0, 1) and keeps its graph (the gradient
     flows through the JVP). `convex` detaches the teacher input and output; `none` keeps both.
@@ -41,7 +42,7 @@ def lsd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str) -
     h = expand_time(b - a, x)
     x_b = x + h * v
     with _graph_if(stopgrad == "none"):
-        target = net(x_b if stopgrad == "none" else x_b.detach(), b, b)
+        target = (teacher or net)(x_b if stopgrad == "none" else x_b.detach(), b, b)
     return Term("lsd", v + h * dv_db, target, a, b)
 
 
@@ -116,17 +117,28 @@ class SelfDistillation(Method):
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         n, interpolant = x1.shape[0], self.setting.interpolant
-        fraction = 1.0 if self.time_sampler.diagonal_only(step) else self.params.diag_fraction
-        n_diag = split_count(gen, n, lambda m: min(m, max(1, int(m * fraction))))
+        n_diag = self.diagonal_rows(n, step, gen)
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
-        with rows_of(net, slice(None, n_diag)):
-            terms = [diagonal_term(net, interpolant, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen))]
+        terms = []
+        if n_diag:
+            with rows_of(net, slice(None, n_diag)):
+                terms.append(self.diagonal(net, x0[:n_diag], x1[:n_diag], self.time_sampler.diagonal(n_diag, gen)))
         if n_diag < n:
             a, b = self.time_sampler.offdiagonal(n - n_diag, step, gen)
             x_a = interpolant.interpolate(x0[n_diag:], x1[n_diag:], a)
             with rows_of(net, slice(n_diag, None)):
                 terms.append(self.offdiagonal(net, x_a, a, b, gen))
         return terms
+
+    def diagonal_rows(self, n: int, step: int, gen: Gen) -> int:
+        """How many of the batch's first rows train the diagonal: ⌊ηn⌋, at least one (all of them during the
+        time sampler's diagonal-only curriculum)."""
+        fraction = 1.0 if self.time_sampler.diagonal_only(step) else self.params.diag_fraction
+        return split_count(gen, n, lambda m: min(m, max(1, int(m * fraction))))
+
+    def diagonal(self, net: CountingNet, x0: Tensor, x1: Tensor, t: Tensor) -> Term:
+        """The diagonal (boundary) term at times t: flow matching. Shapes: x0, x1 (n, *data_shape); t (n,)."""
+        return diagonal_term(net, self.setting.interpolant, x0, x1, t)
 
     def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
         """The method's residual on jumps (a, b) from x_a = I_a. Shapes: x_a (n, *data_shape); a, b (n,)."""

@@ -68,6 +68,12 @@ def rand(gen: Gen, n: int, *shape: int, device: torch.device | None = None) -> T
     return rows(lambda g, m: torch.rand(m, *shape, generator=g, device=device or g.device), gen, n)
 
 
+def shared_rand(gen: Gen) -> float:
+    """One U[0, 1) draw for the whole step, the same on every rank (a per-step decision)."""
+    torch_gen, _, _ = unsharded(gen)
+    return torch.rand(1, generator=torch_gen, device=torch_gen.device).item()
+
+
 def randn(gen: Gen, n: int, *shape: int, device: torch.device | None = None) -> Tensor:
     """N(0, 1) draws of shape (n, *shape): this rank's rows of the global batch's."""
     return rows(lambda g, m: torch.randn(m, *shape, generator=g, device=device or g.device), gen, n)

@@ -13,7 +13,13 @@ class EMA:
     by the random initialisation (a common warm-up; negligible once k ≫ 1/(1 − δ))."""
 
     def __init__(self, net: nn.Module, decays: list[float]):
-        self.nets = {d: copy.deepcopy(net).requires_grad_(False).eval() for d in decays}
+        self.nets = {}
+        for decay in decays:
+            self.add(net, decay)
+
+    def add(self, net: nn.Module, decay: float) -> None:
+        """A new copy of `net` averaged with `decay` from now on."""
+        self.nets[decay] = copy.deepcopy(net).requires_grad_(False).eval()
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:

@@ -249,9 +249,12 @@ class Trainer:
             compiled(self.ema.nets[cfg.ema[0]], cfg.compile), self.counts, self.condition, jvp=cfg.jvp
         )
         compiled(self.net.net, cfg.compile)
-        self.method = make_method(replace(setting, teacher=teacher, ema_target=ema_target))
-        # the student and its EMA copy embed the guidance scale under online CFG; the teacher never does
-        self.net.takes_omega = ema_target.takes_omega = self.method.embedded_guidance is not None
+        self.ema_targets = [ema_target]
+        setting = replace(setting, teacher=teacher, ema_target=ema_target, ema_copy=self.counted_ema_copy)
+        self.method = make_method(setting)
+        # the student and its EMA copies embed the guidance scale under online CFG; the teacher never does
+        for net in [self.net, *self.ema_targets]:
+            net.takes_omega = self.method.embedded_guidance is not None
         # The same generator state on every data-parallel rank: each draws the whole batch, keeps its rows. One
         # process gets torch's own generator (a plugin that calls torch.rand(…, generator=gen) keeps working).
         self.gen: Gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -260,6 +263,15 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.train_seconds = 0.0
+
+    def counted_ema_copy(self, decay: float) -> CountingNet:
+        """The EMA copy of `decay` behind the shared counter and condition (added when train.ema lacks it: it is
+        then a training target only, saved with the others, never evaluated)."""
+        if decay not in self.ema.nets:
+            self.ema.add(self.net.net, decay)
+        copy = CountingNet(compiled(self.ema.nets[decay], self.cfg.compile), self.counts, self.condition, jvp=self.cfg.jvp)
+        self.ema_targets.append(copy)
+        return copy
 
     def placed(self, net: nn.Module) -> nn.Module:
         """`net` on the trainer's device, in its memory format."""
@@ -273,17 +285,15 @@ class Trainer:
     def weighted(self, term: Term, error: Tensor) -> Tensor:
         """Per-sample loss: the term's distance d(ℓ) times its fixed weight, then e^{−w(a,b)}·d + w(a,b) with the
         learned log-variance weight."""
-        loss = term.distance(error)
-        if term.weight is not None:
-            loss = loss * term.weight
+        loss = term.weighted(error)
         if self.weight is None:
             return loss
         w = self.weight(term.a, term.b)
         return torch.exp(-w) * loss + w
 
     def loss(self, terms: list[Term]) -> tuple[Tensor, list[Tensor]]:
-        """Total loss and each term's per-sample squared errors, reduced over dimensions (unweighted, logged)."""
-        errors = [t.sq_error() * dim_scale(self.cfg.dim_reduction, t.pred[0].numel()) for t in terms]
+        """Total loss and each term's per-sample errors, reduced over dimensions (unweighted, logged)."""
+        errors = [t.error(dim_scale(self.cfg.dim_reduction, t.pred[0].numel())) for t in terms]
         weighted = [self.weighted(t, e) for t, e in zip(terms, errors)]
         if self.cfg.loss_reduction == "sample_mean":
             total = torch.cat(weighted).sum() / sum(len(w) for w in weighted)

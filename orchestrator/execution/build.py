@@ -88,7 +88,9 @@ def build_trainer(config: TrialConfig, device: torch.device, teacher: torch.nn.M
     interpolant = LinearInterpolant(dataset.std)
     sigma_data = float(dataset.std.float().mean())
     time_sampler = config.build("time_sampler", sigma_data)
-    setting = Setting(interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes_of(dataset))
+    setting = Setting(
+        interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes_of(dataset), steps=config.train.steps
+    )
     return Trainer(net, lambda s: config.build("method", s), setting, dataset, config.train, device)
 
 

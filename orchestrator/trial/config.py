@@ -121,6 +121,10 @@ def cross_checks(config: dict, named: set[str], valid: set[str]) -> list[Problem
             problems.append(
                 Problem("time_sampler.name", f"method {method.name!r} uses its own discrete times; leave it at 'auto'")
             )
+    if {"method", "train"} <= valid:
+        entry = METHODS.get(config["method"]["name"])
+        params = entry.params.model_validate({k: v for k, v in config["method"].items() if k != "name"})
+        problems += [Problem(key, message) for key, message in entry.build.train_problems(params, train)]
     if {"model", "method", "train"} <= valid:
         problems += attention_checks(config)
     if not ({"eval"} <= valid and "dataset" in named):
@@ -196,6 +200,7 @@ def guidance_checks(config: dict, conditional: bool) -> list[Problem]:
         if value is not None and value[0] > value[1]:
             problems.append(Problem(key, f"[{value[0]:g}, {value[1]:g}] is not an interval (low above high)"))
     guided_training = {
+        "method.online_cfg": method.get("online_cfg") is not None,
         "method.online_cfg": method.get("online_cfg") is not None,
         "method.cfg_omega": method.get("cfg_omega", 1.0) != 1.0,
         "method.cfg_kappa": method.get("cfg_kappa", 0.0) != 0.0,
