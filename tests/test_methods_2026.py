@@ -79,7 +79,9 @@ def test_imf_guided_target_is_the_guided_velocity_in_expectation():
     so E[v_g | x, y] = v^ω; dropped labels keep İ. Control: (1 − ω) in place of (1 − 1/ω)."""
     mixture = ExactMixtureVelocity(torch.tensor([[2.0, 0.0], [-2.0, 1.0]]), 0.5, torch.ones(2))
     cfg_range, n = (1.0, 8.0), 4096
-    method = IMF(IMFParams(online_cfg=list(cfg_range)), Setting(LinearInterpolant(torch.ones(2)), None, 1.0, num_classes=2))
+    method = IMF(
+        IMFParams(online_cfg=list(cfg_range)), Setting(LinearInterpolant(torch.ones(2)), None, 1.0, num_classes=2)
+    )
     gen = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 2, (n,), generator=gen)
     net = CountingNet(GuidedMixture(mixture, cfg_range), condition=Condition(labels=labels), takes_omega=True)
@@ -210,8 +212,8 @@ def test_imm_mmd_vanishes_in_expectation_at_the_exact_map_and_decomposes():
     interpolate = lambda t: (1 - t[:, None]) * x0 + t[:, None] * x1  # noqa: E731
     y = exact.exact_jump(interpolate(a), a, b).reshape(groups, m, 2)
     y_hat = exact.exact_jump(interpolate(rho), rho, b).reshape(groups, m, 2)
-    scale = 1 / (b - a)[::m].double()
-    EPS = 1e-14  # k(u, u) = exp(−w̃ε/D) = 1 to float precision, as the decomposition assumes  # IMM's w̃ = 1/((b − a)σ_d), σ_d = 1
+    scale = 1 / (b - a)[::m].double()  # IMM's w̃ = 1/((b − a)σ_d), σ_d = 1
+    EPS = 1e-14  # k(u, u) = exp(−w̃ε/D) = 1 to float precision, as the decomposition assumes
     u = group_mmd(y, y_hat, scale, EPS, "u")
     assert abs(u.mean().item()) < 3 * u.std().item() / groups**0.5
     centre = b[:, None] * exact.mean
@@ -221,8 +223,9 @@ def test_imm_mmd_vanishes_in_expectation_at_the_exact_map_and_decomposes():
     v = group_mmd(y, y_hat, scale, EPS, "v")
     pairing = (1 - torch.diagonal(laplace_kernel(y, y_hat, scale, EPS), dim1=1, dim2=2)).sum(1)
     torch.testing.assert_close(v, (m - 1) / m * u + 2 / m**2 * pairing)
-    fresh = exact.sigma0 * torch.randn(groups * m, 2, generator=gen, dtype=D), exact.mean + exact.std * torch.randn(
-        groups * m, 2, generator=gen, dtype=D
+    fresh = (
+        exact.sigma0 * torch.randn(groups * m, 2, generator=gen, dtype=D),
+        exact.mean + exact.std * torch.randn(groups * m, 2, generator=gen, dtype=D),
     )  # independent pairs at the same times
     shuffled = exact.exact_jump((1 - rho[:, None]) * fresh[0] + rho[:, None] * fresh[1], rho, b).reshape(groups, m, 2)
     u_shuffled = group_mmd(y, shuffled, scale, EPS, "u")
@@ -265,7 +268,11 @@ def test_split_meanflow_target_is_psd_with_gamma_one_minus_lambda():
     "method, dataset, message",
     [
         ({"name": "alpha_flow", "schedule": {"start": 0.8, "end": 0.2}}, "checkerboard", "must be before end"),
-        ({"name": "alpha_flow", "schedule": {"kind": "constant", "value": 1.5}}, "checkerboard", "less than or equal to 1"),
+        (
+            {"name": "alpha_flow", "schedule": {"kind": "constant", "value": 1.5}},
+            "checkerboard",
+            "less than or equal to 1",
+        ),
         ({"name": "imm", "group_size": 3}, "checkerboard", "3 does not divide the micro-batch of 512 rows"),
         ({"name": "imf", "online_cfg": [1.0, 8.0], "cfg_interval": [0.7, 0.2]}, "gmm", "not an interval"),
         ({"name": "imf", "online_cfg": [1.0, 8.0]}, "gmm_unconditional", "set dataset.conditional"),

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 from torch import Tensor, nn
 
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.flow_map import jump
 from orch.methods.contracts.interpolants import expand_time
-from orch.methods.contracts.method import Method, MethodParams, Setting, Term, register_method
+from orch.methods.contracts.method import Method, MethodParams, Term, register_method
 from orch.methods.runtime.parallel import Gen, rand
 
 

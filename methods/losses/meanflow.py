@@ -25,7 +25,13 @@ from orch.methods.runtime.parallel import Gen, rand
 
 
 def meanflow_term(
-    net: CountingNet, x: Tensor, a: Tensor, b: Tensor, velocity: Tensor, distance: Distance, tangent: Tensor | None = None
+    net: CountingNet,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    velocity: Tensor,
+    distance: Distance,
+    tangent: Tensor | None = None,
 ) -> Term:
     """v_θ(x; a, b) (one forward with grad) regressed onto sg(velocity + (b − a)·d/da v), the total derivative
     from one JVP with tangent (tangent, 1, 0) computed under no_grad: it only feeds the detached target. The

@@ -30,7 +30,9 @@ def _graph_if(keep_graph: bool):
     return nullcontext() if keep_graph else torch.no_grad()
 
 
-def lsd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str, teacher: nn.Module | None = None) -> Term:
+def lsd_term(
+    net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str, teacher: nn.Module | None = None
+) -> Term:
     """Lagrangian: ∂_b X_{a,b}(x) regressed onto v(X_{a,b}(x); b, b), the velocity of `teacher` (default: the
     network itself) at the landing point.
 

@@ -269,7 +269,9 @@ class Trainer:
         then a training target only, saved with the others, never evaluated)."""
         if decay not in self.ema.nets:
             self.ema.add(self.net.net, decay)
-        copy = CountingNet(compiled(self.ema.nets[decay], self.cfg.compile), self.counts, self.condition, jvp=self.cfg.jvp)
+        copy = CountingNet(
+            compiled(self.ema.nets[decay], self.cfg.compile), self.counts, self.condition, jvp=self.cfg.jvp
+        )
         self.ema_targets.append(copy)
         return copy
 

@@ -201,7 +201,6 @@ def guidance_checks(config: dict, conditional: bool) -> list[Problem]:
             problems.append(Problem(key, f"[{value[0]:g}, {value[1]:g}] is not an interval (low above high)"))
     guided_training = {
         "method.online_cfg": method.get("online_cfg") is not None,
-        "method.online_cfg": method.get("online_cfg") is not None,
         "method.cfg_omega": method.get("cfg_omega", 1.0) != 1.0,
         "method.cfg_kappa": method.get("cfg_kappa", 0.0) != 0.0,
         "method.teacher_guidance": method.get("teacher_guidance", 1.0) != 1.0,
