@@ -83,12 +83,7 @@ class IMF(MeanFlow):
         return 2.0 + 2 * (conditional and (p.cfg_omega != 1.0 or p.cfg_kappa != 0.0)), 1.0
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
-        n, interpolant = x1.shape[0], self.setting.interpolant
-        x0 = interpolant.sample_base(n, x1.shape[1:], gen)
-        a, b = self.time_sampler.offdiagonal(n, step, gen)
-        b = torch.where(rand(gen, n) < self.params.ratio, b, a)
-        x_a = interpolant.interpolate(x0, x1, a)
-        velocity = interpolant.velocity(x0, x1)
+        x_a, a, b, velocity = self.jumps(x1, step, gen)
         if self.embedded_guidance is None or labels_of(net) is None:
             velocity = self.guided_velocity(net, x_a, a, velocity)
             with torch.no_grad():

@@ -91,13 +91,18 @@ class MeanFlow(Method):
         return 1.0 + 2 * guided, 1.0
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
+        x_a, a, b, velocity = self.jumps(x1, step, gen)
+        velocity = self.guided_velocity(net, x_a, a, velocity)
+        return [meanflow_term(net, x_a, a, b, velocity, self.distance)]
+
+    def jumps(self, x1: Tensor, step: int, gen: Gen) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(I_a, a, b, x1 − x0) for the batch x1: (a, b) two sorted draws of the time sampler, b = a on a fraction
+        1 − ratio of samples (each drawn independently)."""
         n, interpolant = x1.shape[0], self.setting.interpolant
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
         a, b = self.time_sampler.offdiagonal(n, step, gen)
         b = torch.where(rand(gen, n) < self.params.ratio, b, a)
-        x_a = interpolant.interpolate(x0, x1, a)
-        velocity = self.guided_velocity(net, x_a, a, interpolant.velocity(x0, x1))
-        return [meanflow_term(net, x_a, a, b, velocity, self.distance)]
+        return interpolant.interpolate(x0, x1, a), a, b, interpolant.velocity(x0, x1)
 
     def guided_velocity(self, net: CountingNet, x_a: Tensor, a: Tensor, v: Tensor) -> Tensor:
         """MeanFlow's CFG in training: v_g = ω·v + (1 − ω − κ)·u(x_a; a, a, ∅) + κ·u(x_a; a, a, y) from one
