@@ -16,7 +16,7 @@ from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.method import L2, Setting
 from orch.methods.losses.alpha_flow import AlphaSchedule, alpha_target
 from orch.methods.losses.imf import IMF, IMFParams, power_law
-from orch.methods.losses.imm import group_mmd, imm_times, laplace_kernel, noise_to_signal
+from orch.methods.losses.imm import group_mmd, imm_times, kernel_scale, laplace_kernel, noise_to_signal
 from orch.methods.losses.meanflow import meanflow_term
 from orch.methods.losses.self_distillation import lsd_term, psd_term
 from orch.methods.losses.tim import central_difference, interval_weight
@@ -231,6 +231,19 @@ def test_imm_mmd_vanishes_in_expectation_at_the_exact_map_and_decomposes():
     u_shuffled = group_mmd(y, shuffled, scale, EPS, "u")
     assert abs(u_shuffled.mean().item()) < 3 * u_shuffled.std().item() / groups**0.5
     assert group_mmd(y, shuffled, scale, EPS, "v").mean() > 1.5 * v.mean()
+
+
+def test_imm_zero_length_jump_keeps_a_finite_gradient():
+    """A float32 draw can give b = a: the particles then coincide with their targets and the gradient must stay
+    finite (an unfloored w̃ = 1/(b − a) made it NaN in training)."""
+    a = torch.tensor([0.3, 0.5])
+    y = torch.randn(2, 4, 2, requires_grad=True)
+    mmd = group_mmd(y, y.detach().clone(), kernel_scale(a, a.clone(), 1.0), 1e-8, "v")
+    mmd.sum().backward()
+    assert torch.isfinite(y.grad).all() and torch.isfinite(kernel_scale(a, a, 1.0)).all()
+    z = torch.randn(2, 4, 2, requires_grad=True)  # control: the unfloored scale
+    group_mmd(z, z.detach().clone(), 1 / (a - a), 1e-8, "v").sum().backward()
+    assert not torch.isfinite(z.grad).all()
 
 
 def test_imm_times_step_one_noise_to_signal_stride():

@@ -46,6 +46,13 @@ def time_weight(a: Tensor, bias: float, power: float) -> Tensor:
     return torch.sigmoid(bias - snr) * a ** (power - 1) / ((1 - a) * (a**2 + (1 - a) ** 2))
 
 
+def kernel_scale(a: Tensor, b: Tensor, sigma_data: float) -> Tensor:
+    """w̃ = 1/((b − a)σ_d), the kernel's inverse length for the jump (a, b) of the flow-map parameterisation. A
+    float32 draw can give s = t (b = a): the length is floored at 1e-6, as an infinite w̃ makes the gradient NaN.
+    Shape of a."""
+    return 1 / ((b - a).clamp(min=1e-6) * sigma_data)
+
+
 def laplace_kernel(u: Tensor, v: Tensor, scale: Tensor, eps: float) -> Tensor:
     """k(u_i, v_j) = exp(−scale·max(‖u_i − v_j‖, ε)/D) for every pair of a group, shape (G, M, M). The distance is
     √max(‖·‖², ε²), whose gradient stays finite at u_i = v_j. Shapes: u, v (G, M, D); scale (G,)."""
@@ -161,7 +168,7 @@ class IMM(Method):
             y_hat = jump(self.parameterised(target_net), interpolant.interpolate(x0, x1, rho), rho, b)
         grouped = (y.reshape(groups, p.group_size, -1), y_hat.reshape(groups, p.group_size, -1))
         a_g, b_g = a[:: p.group_size], b[:: p.group_size]
-        scale = 1 / ((b_g - a_g) * self.setting.sigma_data)
+        scale = kernel_scale(a_g, b_g, self.setting.sigma_data)
         loss = time_weight(a_g, p.weight_bias, p.weight_power) * group_mmd(*grouped, scale, p.kernel_eps, p.statistic)
         return [Term("imm", y, y_hat, a, b, custom=loss.repeat_interleave(p.group_size))]
 
