@@ -205,9 +205,11 @@ class Method:
 
     @property
     def embedded_guidance(self) -> tuple[float, float] | None:
-        """[ω_lo, ω_hi] when the student takes the guidance scale as an input (paper B's online CFG): it then
-        trains without label dropout and samples with one evaluation per step; None: two-pass CFG."""
-        return None
+        """[ω_lo, ω_hi] when the student takes the guidance scale as an input (the option `online_cfg` of paper B's
+        methods and iMF): the trainer then drops no labels and sampling takes one evaluation per step; None:
+        two-pass CFG."""
+        cfg_range = getattr(self.params, "online_cfg", None)
+        return None if cfg_range is None else (cfg_range[0], cfg_range[1])
 
     def expected_passes(self, batch: int) -> tuple[float, float] | None:
         """(forward, JVP) network evaluations per training sample in a batch of `batch`, by the method's own

@@ -114,24 +114,19 @@ class AlphaFlow(MeanFlow):
         self.alpha = params.schedule(0, self.steps)
         self.distance = Distance("adaptive", params.adaptive_c, params.adaptive_p)
 
-    def diagonal_rows(self, n: int, gen: Gen) -> int:
-        return split_count(gen, n, lambda m: round(m * (1 - self.params.ratio)))
-
     def expected_passes(self, batch: int) -> tuple[float, float]:
         """At the α of the last step trained: every sample's forward; on jumps one no-grad forward (α > 0) or
         one no-grad JVP (α = 0); the guided shift's cond/null pass."""
-        p = self.params
-        jumps = (batch - self.diagonal_rows(batch, torch.Generator())) / batch
-        guided = self.setting.num_classes is not None and (p.cfg_omega != 1.0 or p.cfg_kappa != 0.0)
+        jumps = (batch - self.diagonal_count(batch)) / batch
         jvp = self.alpha == 0.0
-        return 1.0 + (not jvp) * jumps + 2 * guided, jvp * jumps
+        return 1.0 + (not jvp) * jumps + 2 * self.guides_in_training(), jvp * jumps
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         p, n, interpolant = self.params, x1.shape[0], self.setting.interpolant
         self.alpha = p.schedule(step, self.steps)
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
         a, b = self.time_sampler.offdiagonal(n, step, gen)
-        n_diag = self.diagonal_rows(n, gen)
+        n_diag = split_count(gen, n, self.diagonal_count)
         x_a = interpolant.interpolate(x0, x1, a)
         shift = self.guided_velocity(net, x_a, a, interpolant.velocity(x0, x1))
         terms = []

@@ -69,18 +69,12 @@ class IMF(MeanFlow):
 
     Params = IMFParams
 
-    @property
-    def embedded_guidance(self) -> tuple[float, float] | None:
-        cfg_range = self.params.online_cfg
-        return None if cfg_range is None else (cfg_range[0], cfg_range[1])
-
     def expected_passes(self, batch: int) -> tuple[float, float]:
         """The student's forward and the target's JVP; the diagonal tangent's forward, or under guidance the
         batched conditional + unconditional diagonal (MeanFlow-style guidance adds that pass too)."""
-        p, conditional = self.params, self.setting.num_classes is not None
-        if conditional and p.online_cfg is not None:
+        if self.setting.num_classes is not None and self.embedded_guidance is not None:
             return 3.0, 1.0
-        return 2.0 + 2 * (conditional and (p.cfg_omega != 1.0 or p.cfg_kappa != 0.0)), 1.0
+        return 2.0 + 2 * self.guides_in_training(), 1.0
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         x_a, a, b, velocity = self.jumps(x1, step, gen)

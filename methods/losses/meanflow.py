@@ -84,11 +84,19 @@ class MeanFlow(Method):
         self.distance = Distance("adaptive", params.adaptive_c, params.adaptive_p)
         self.time_sampler = setting.time_sampler or LogitNormal(LogitNormalParams())
 
+    def guides_in_training(self) -> bool:
+        """Whether the target's velocity is guided (cfg_omega/cfg_kappa on class-conditional data)."""
+        p = self.params
+        return self.setting.num_classes is not None and (p.cfg_omega != 1.0 or p.cfg_kappa != 0.0)
+
+    def diagonal_count(self, batch: int) -> int:
+        """round((1 − ratio)·batch): the diagonal rows at the start of a batch, for the descendants that split
+        their batch by position as their references do (MeanFlow itself draws b = a per sample)."""
+        return round(batch * (1 - self.params.ratio))
+
     def expected_passes(self, batch: int) -> tuple[float, float]:
         """The student's forward and the target's JVP, and with CFG in training the batched cond/null diagonal."""
-        p = self.params
-        guided = self.setting.num_classes is not None and (p.cfg_omega != 1.0 or p.cfg_kappa != 0.0)
-        return 1.0 + 2 * guided, 1.0
+        return 1.0 + 2 * self.guides_in_training(), 1.0
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         x_a, a, b, velocity = self.jumps(x1, step, gen)

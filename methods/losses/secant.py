@@ -162,11 +162,6 @@ class Secant(Method):
             a, b = torch.where(backward, b, a), torch.where(backward, a, b)
         return a, b, a + rand(gen, n) * (b - a)
 
-    @property
-    def embedded_guidance(self) -> tuple[float, float] | None:
-        cfg_range = getattr(self.params, "online_cfg", None)  # STEE has no online CFG: it samples two-pass
-        return None if cfg_range is None else (cfg_range[0], cfg_range[1])
-
     def online_omega(self, net: CountingNet, n: int, gen: Gen) -> Tensor | None:
         """Online CFG: ω ~ U[ω_lo, ω_hi] per sample (n,), set as the student's normalised guidance input; None
         without online CFG."""

@@ -135,8 +135,13 @@ class SelfDistillation(Method):
     def diagonal_rows(self, n: int, step: int, gen: Gen) -> int:
         """How many of the batch's first rows train the diagonal: ⌊ηn⌋, at least one (all of them during the
         time sampler's diagonal-only curriculum)."""
-        fraction = 1.0 if self.time_sampler.diagonal_only(step) else self.params.diag_fraction
-        return split_count(gen, n, lambda m: min(m, max(1, int(m * fraction))))
+        if self.time_sampler.diagonal_only(step):
+            return n
+        return split_count(gen, n, self.diagonal_count)
+
+    def diagonal_count(self, batch: int) -> int:
+        """⌊η·batch⌋ diagonal rows, at least one."""
+        return min(batch, max(1, int(batch * self.params.diag_fraction)))
 
     def diagonal(self, net: CountingNet, x0: Tensor, x1: Tensor, t: Tensor) -> Term:
         """The diagonal (boundary) term at times t: flow matching. Shapes: x0, x1 (n, *data_shape); t (n,)."""
@@ -151,7 +156,7 @@ class SelfDistillation(Method):
 
     def expected_passes(self, batch: int) -> tuple[float, float]:
         """After any diagonal-only curriculum: one forward per diagonal sample, the residual's on the rest."""
-        diagonal = min(batch, max(1, int(batch * self.params.diag_fraction)))
+        diagonal = self.diagonal_count(batch)
         forward, jvp = self.residual_passes
         return (diagonal + forward * (batch - diagonal)) / batch, jvp * (batch - diagonal) / batch
 

@@ -75,8 +75,5 @@ class SplitMeanFlow(PSDUniform):
         """Per batch split: the boundary sample's forward (and its teacher's), the consistency sample's three;
         with per-step mixing, the same in expectation over steps."""
         p = self.params
-        boundary = 1 + (p.boundary == "teacher")
-        if p.mixing == "step":
-            return p.diag_fraction * boundary + (1 - p.diag_fraction) * 3, 0.0
-        diagonal = min(batch, max(1, int(batch * p.diag_fraction)))
-        return (diagonal * boundary + 3 * (batch - diagonal)) / batch, 0.0
+        share = p.diag_fraction if p.mixing == "step" else self.diagonal_count(batch) / batch
+        return share * (1 + (p.boundary == "teacher")) + 3 * (1 - share), 0.0

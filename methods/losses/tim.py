@@ -98,18 +98,15 @@ class TiM(MeanFlow):
 
     def split(self, n: int, gen: Gen) -> tuple[int, int]:
         """(diagonal rows at the start, rows jumping to data at the end) of a batch of n."""
-        p = self.params
-        n_diag = split_count(gen, n, lambda m: round(m * (1 - p.ratio)))
-        n_data = split_count(gen, n, lambda m: round(m * p.data_fraction))
+        n_diag = split_count(gen, n, self.diagonal_count)
+        n_data = split_count(gen, n, lambda m: round(m * self.params.data_fraction))
         return n_diag, min(n_data, n - n_diag)
 
     def expected_passes(self, batch: int) -> tuple[float, float]:
         """The student's forward; on jumps the DDE's two passes or one JVP; the guided target's cond/null pass."""
-        p = self.params
-        jumps = (batch - self.split(batch, torch.Generator())[0]) / batch
-        guided = self.setting.num_classes is not None and (p.cfg_omega != 1.0 or p.cfg_kappa != 0.0)
-        dde = p.derivative == "dde"
-        return 1.0 + 2 * dde * jumps + 2 * guided, (not dde) * jumps
+        jumps = (batch - self.diagonal_count(batch)) / batch
+        dde = self.params.derivative == "dde"
+        return 1.0 + 2 * dde * jumps + 2 * self.guides_in_training(), (not dde) * jumps
 
     def terms(self, net: CountingNet, x1: Tensor, step: int, gen: Gen) -> list[Term]:
         p, n, interpolant = self.params, x1.shape[0], self.setting.interpolant

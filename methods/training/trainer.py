@@ -245,11 +245,9 @@ class Trainer:
         if teacher is not None:
             teacher = self.placed(teacher).requires_grad_(False).eval()
             teacher = CountingNet(compiled(teacher, cfg.compile), self.counts, self.condition, jvp=cfg.jvp)
-        ema_target = CountingNet(
-            compiled(self.ema.nets[cfg.ema[0]], cfg.compile), self.counts, self.condition, jvp=cfg.jvp
-        )
+        self.ema_targets: list[CountingNet] = []
+        ema_target = self.counted_ema_copy(cfg.ema[0])
         compiled(self.net.net, cfg.compile)
-        self.ema_targets = [ema_target]
         setting = replace(setting, teacher=teacher, ema_target=ema_target, ema_copy=self.counted_ema_copy)
         self.method = make_method(setting)
         # the student and its EMA copies embed the guidance scale under online CFG; the teacher never does
