@@ -92,12 +92,12 @@ def test_the_two_time_embeddings_condition_on_what_their_papers_embed():
     secant, meanflow = tiny(time_embedding="secant"), tiny(time_embedding="meanflow")
     a, b = torch.tensor([0.2, 0.5]), torch.tensor([0.7, 0.5])
     t_e, s_e = secant.t_embedder, secant.s_embedder
-    torch.testing.assert_close(secant.condition(a, b, None, None), (t_e(a) + s_e(b)) / 2)
+    torch.testing.assert_close(secant.condition(a, b), (t_e(a) + s_e(b)) / 2)
     # MeanFlow's time runs the other way (1 = noise): t = 1 − a, and h = t − r = b − a
     t_m, h_m = meanflow.t_embedder, meanflow.h_embedder
-    torch.testing.assert_close(meanflow.condition(a, b, None, None), t_m(1 - a) + h_m(b - a))
+    torch.testing.assert_close(meanflow.condition(a, b), t_m(1 - a) + h_m(b - a))
     s_e.load_state_dict(t_e.state_dict())  # paper B's transfer: the end-time embedder a copy of the start's
-    torch.testing.assert_close(secant.condition(a, a, None, None), t_e(a))
+    torch.testing.assert_close(secant.condition(a, a), t_e(a))
 
 
 def test_bad_shapes_and_widths_are_refused_naming_the_problem():

@@ -219,6 +219,7 @@ GUIDED_COSTS = [  # (method, options that guide in training) → (forward, JVP) 
     ("meanflow", {"cfg_omega": 1.5, "cfg_kappa": 0.3}, 3.0, 1.0),  # + the batched cond/null diagonal
     ("scd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the teacher's velocity is two-pass guided
     ("imf", {"online_cfg": [1.0, 8.0]}, 3.0, 1.0),  # student + batched (y, ω) / (∅, 1) diagonal; the JVP
+    ("imf", {"online_cfg": [1.0, 8.0], "online_interval": True}, 3.0, 1.0),  # the interval costs no pass
     ("tvm", {"guidance": 2.0}, 3.0, 1.0),  # JVP in b, EMA at the landing point, FM, EMA's unconditional velocity
     ("tim", {"cfg_omega": 1.5, "cfg_kappa": 0.5}, 4.0, 0.0),  # student, DDE's 2 passes on half, EMA cond/null
     ("alpha_flow", {"cfg_omega": 1.5}, 3.5, 0.0),  # student, α-target pass on half, cond/null (α = 1 early on)
@@ -253,6 +254,20 @@ def test_every_method_trains_conditionally_with_counted_passes(name):
 def test_guided_training_counts_its_guidance_passes(name, options, fwd, jvp):
     cost = trains_conditionally_with_counted_passes({"name": name, **options})
     assert cost["cost/fwd_per_sample"] == pytest.approx(fwd) and cost["cost/jvp_per_sample"] == pytest.approx(jvp)
+
+
+def test_a_student_with_the_interval_as_input_samples_at_the_interval_it_is_given():
+    """iMF with online_interval, trained a few steps: sampling without an interval is sampling over [0, 1] (the
+    same scores, bit for bit), a narrower eval.guidance_interval changes them, at one evaluation per step."""
+    trainer = trainer_for({"name": "imf", "online_cfg": [1.0, 8.0], "online_interval": True}, batch=64)
+    for _ in range(3):
+        trainer.train_step()
+    scores = {}
+    for interval in (None, [0.0, 1.0], [0.3, 0.6]):
+        evaluation = EvalConfig(num_samples=500, nfe=[1], metrics=["kl"], guidance=[4.0], guidance_interval=interval)
+        scores[str(interval)], _ = trainer.evaluate(evaluation)
+    assert scores["None"] == scores["[0.0, 1.0]"]
+    assert scores["None"]["eval/kl/nfe_1/cfg_4"] != scores["[0.3, 0.6]"]["eval/kl/nfe_1/cfg_4"]
 
 
 def test_conditioning_changes_the_network_only_by_its_class_embedding():

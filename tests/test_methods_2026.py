@@ -11,7 +11,7 @@ import yaml
 
 from orch.cli import main
 from orch.methods.contracts.counting import CountingNet
-from orch.methods.contracts.guidance import Condition
+from orch.methods.contracts.guidance import ClassConditioning, Condition
 from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.method import L2, Setting
 from orch.methods.losses.alpha_flow import AlphaSchedule, alpha_target
@@ -21,7 +21,9 @@ from orch.methods.losses.meanflow import meanflow_term
 from orch.methods.losses.self_distillation import lsd_term, psd_term
 from orch.methods.losses.tim import central_difference, interval_weight
 from orch.methods.losses.tvm import TVM, TVMParams, gap_times
-from orch.methods.networks.mlp import FlowMapMLP
+from orch.methods.networks.dit import DiTParams, build_dit
+from orch.methods.networks.mlp import FlowMapMLP, MLPParams, build_mlp
+from orch.methods.networks.unet import UNetParams, build_unet
 from tests.gaussian import ExactGaussianFlowMap, ExactMixtureVelocity, gaussian_2d
 from tests.test_methods_math import posterior_pair
 
@@ -87,7 +89,7 @@ def test_imf_guided_target_is_the_guided_velocity_in_expectation():
     net = CountingNet(GuidedMixture(mixture, cfg_range), condition=Condition(labels=labels), takes_omega=True)
     x, a = torch.randn(n, 2, generator=gen, dtype=D), torch.rand(n, generator=gen, dtype=D)
     velocity = torch.randn(n, 2, generator=gen, dtype=D)  # any İ: the identity is algebraic in it
-    v_g, tangent = method.embedded_target(net, x, a, velocity, gen)
+    v_g, tangent = method.embedded_target(net, x, a, a, velocity, gen)
     dropped = net.condition.labels == 2
     omega = 1 + 7 * net.condition.omega  # the ω each row was given (normalised on [1, 8])
     assert 0.03 < dropped.double().mean() < 0.2 and omega.min() >= 1 and omega.max() <= 8
@@ -101,6 +103,75 @@ def test_imf_guided_target_is_the_guided_velocity_in_expectation():
     assert (wrong - expected)[~dropped].abs().max() > 1.0
     draws = power_law(torch.rand(200_000, generator=gen, dtype=D), 1.0, 8.0, 1.0)
     assert draws.log().mean().item() == pytest.approx(math.log(8) / 2, abs=0.01)  # log-uniform on [1, 8]
+
+
+class IntervalMixture(GuidedMixture):
+    """GuidedMixture whose output moves by 10·(1 − width) at a guidance interval narrower than [0, 1]: an estimate
+    of ĝ taken at the drawn interval instead of the whole one shows."""
+
+    def forward(self, x, a, b, labels=None, omega=None, interval=None):
+        width = interval[:, 1] - interval[:, 0]
+        return super().forward(x, a, b, labels, omega) + 10 * (1 - width)[:, None]
+
+
+def test_imf_with_the_guidance_interval_as_input_guides_only_inside_it():
+    """online_interval: each off-diagonal row draws [τ_lo, τ_hi] (τ_lo ≤ ½ ≤ τ_hi), diagonal rows get [0, 1]; the
+    network sees the drawn ω everywhere, the target is guided (ω) inside the interval and İ outside, ĝ is taken
+    over the whole interval. Control: guiding outside the interval too."""
+    mixture = ExactMixtureVelocity(torch.tensor([[2.0, 0.0], [-2.0, 1.0]]), 0.5, torch.ones(2))
+    cfg_range, n = (1.0, 8.0), 4096
+    params = IMFParams(online_cfg=list(cfg_range), online_interval=True, label_dropout=0.0)
+    method = IMF(params, Setting(LinearInterpolant(torch.ones(2)), None, 1.0, num_classes=2))
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    net = CountingNet(IntervalMixture(mixture, cfg_range), condition=Condition(labels=labels), takes_omega=True)
+    x, a = torch.randn(n, 2, generator=gen, dtype=D), torch.rand(n, generator=gen, dtype=D)
+    diagonal = torch.rand(n, generator=gen) < 0.5
+    b = torch.where(diagonal, a, a + (1 - a) * torch.rand(n, generator=gen, dtype=D))
+    velocity = torch.randn(n, 2, generator=gen, dtype=D)
+    v_g, _ = method.embedded_target(net, x, a, b, velocity, gen)
+    interval, omega = net.condition.interval, 1 + 7 * net.condition.omega
+    assert (interval[diagonal] == torch.tensor([0.0, 1.0])).all()
+    lo, hi = interval[~diagonal].unbind(1)
+    assert lo.max() <= 0.5 <= hi.min() and lo.min() < 0.05 and hi.max() > 0.95
+    inside = (a >= interval[:, 0]) & (a <= interval[:, 1])
+    assert 0.2 < inside[~diagonal].double().mean() < 0.9 and inside[diagonal].all()
+    assert (omega[~inside] - 1).abs().max() > 3  # the network's input is the drawn ω, also outside
+    v_cond, v_null = mixture(x, a, a, labels), mixture(x, a, a)
+    guided = velocity + (omega - 1)[:, None] * (v_cond - v_null)
+    torch.testing.assert_close(v_g[inside], guided[inside], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_g[~inside], velocity[~inside])
+    assert (guided - v_g)[~inside].abs().max() > 1.0  # control: guidance outside the interval
+
+
+@pytest.mark.parametrize("network", ["mlp", "unet", "dit"])
+def test_networks_embed_the_guidance_interval_like_the_guidance_scale(network):
+    """The guidance interval is an input of MLP, UNet and DiT: the output moves with it, a missing one is a clear
+    error, and a network built without it refuses one."""
+    conditioning = ClassConditioning(3, omega=True, interval=True)
+    torch.manual_seed(0)
+    if network == "mlp":
+        net, x = build_mlp(MLPParams(width=32, depth=2), (2,), torch.ones(2), conditioning), torch.randn(4, 2)
+    elif network == "unet":
+        params = UNetParams(channels=8, channel_mult=[1], attn_resolutions=[])
+        net, x = build_unet(params, (1, 8, 8), torch.ones(1), conditioning), torch.randn(4, 1, 8, 8)
+    else:
+        net = build_dit(DiTParams(depth=1, hidden=32, heads=2), (1, 8, 8), torch.ones(1), conditioning)
+        x = torch.randn(4, 1, 8, 8)
+    for name, p in net.named_parameters():  # weights that make every path show (UNet and DiT zero-initialise some)
+        if "interval" in name or not p.any():
+            torch.nn.init.normal_(p, std=0.2)
+    a, b, labels, omega = torch.full((4,), 0.2), torch.full((4,), 0.7), torch.tensor([0, 1, 2, 3]), torch.zeros(4)
+    whole, narrow = torch.tensor([[0.0, 1.0]]).expand(4, 2), torch.tensor([[0.3, 0.6]]).expand(4, 2)
+    with torch.no_grad():
+        moved = net(x, a, b, labels, omega, narrow) - net(x, a, b, labels, omega, whole)
+    assert moved.abs().amax(dim=tuple(range(1, x.dim()))).min() > 1e-3  # every sample's output moves
+    assert any("interval" in name for name, _ in net.named_parameters())
+    with pytest.raises(ValueError, match="guidance input interval"):
+        net(x, a, b, labels, omega)
+    plain = build_mlp(MLPParams(width=32, depth=2), (2,), torch.ones(2))
+    with pytest.raises(ValueError, match="without class conditioning"):
+        plain(torch.randn(4, 2), a, b, interval=whole)
 
 
 def test_alpha_flow_target_is_exact_with_the_models_velocity_and_biased_by_alpha_squared_with_the_instantaneous():
@@ -289,14 +360,25 @@ def test_split_meanflow_target_is_psd_with_gamma_one_minus_lambda():
         ({"name": "imm", "group_size": 3}, "checkerboard", "3 does not divide the micro-batch of 512 rows"),
         ({"name": "imf", "online_cfg": [1.0, 8.0], "cfg_interval": [0.7, 0.2]}, "gmm", "not an interval"),
         ({"name": "imf", "online_cfg": [1.0, 8.0]}, "gmm_unconditional", "set dataset.conditional"),
+        ({"name": "imf", "online_interval": True}, "gmm", "online_interval is a guidance input: it needs online_cfg"),
+        (
+            {"name": "imf", "online_cfg": [1.0, 8.0], "online_interval": True, "cfg_interval": [0.2, 0.7]},
+            "gmm",
+            "cfg_interval (a fixed one) must be null",
+        ),
+        ({"name": "imf", "online_cfg": [1.0, 8.0], "eval": [0.2, 0.7]}, "gmm", "needs method.online_interval"),
+        ({"name": "imf", "online_cfg": [1.0, 8.0], "online_interval": True, "eval": [0.7, 0.2]}, "gmm", "low above"),
     ],
 )
 def test_bad_options_of_the_new_methods_exit_2_at_validation(tmp_path, capsys, method, dataset, message):
+    method = dict(method)
     study = {
         "name": "bad",
         "base": {"dataset": {"name": dataset.split("_")[0]}, "train": {"batch_size": 512}},
         "grid": {"method": [method]},
     }
+    if "eval" in method:  # an eval.guidance_interval next to the method
+        study["base"]["eval"] = {"guidance_interval": method.pop("eval"), "guidance": [2.0]}
     if dataset == "gmm":
         study["base"]["dataset"]["conditional"] = True
     path = tmp_path / "bad.yaml"

@@ -59,6 +59,8 @@ class CountingNet(nn.Module):
             kwargs["labels"] = self.condition.labels
         if self.takes_omega and self.condition.omega is not None:
             kwargs["omega"] = self.condition.omega
+        if self.takes_omega and self.condition.interval is not None:
+            kwargs["interval"] = self.condition.interval
         return kwargs
 
     @property

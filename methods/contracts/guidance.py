@@ -1,8 +1,9 @@
 """Class conditioning and classifier-free guidance (CFG), shared by every method and sampler.
 
-A conditional network takes v(x; a, b, labels, omega): `labels` are class indices with one extra "null" class
-(index = number of classes) that means "no class" (CFG's unconditional branch); `omega` is the normalised
-guidance scale a student trained with paper B's online CFG is conditioned on. Methods keep calling net(x, a, b):
+A conditional network takes v(x; a, b, labels, omega, interval): `labels` are class indices with one extra "null"
+class (index = number of classes) that means "no class" (CFG's unconditional branch); `omega` is the normalised
+guidance scale a student trained with online CFG (paper B's, iMF's) is conditioned on, and `interval` the guidance
+interval [τ_lo, τ_hi] an iMF student with `online_interval` is also conditioned on. Methods keep calling net(x, a, b):
 the labels of the current rows travel in a `Condition` that the trainer shares between the student, its EMA
 copy and the teacher (like the evaluation counter), so a teacher always sees the labels of the rows it scores.
 
@@ -23,41 +24,40 @@ from orch.methods.runtime.parallel import Gen, rand
 
 @dataclass
 class Condition:
-    """The class labels (n,) and normalised guidance inputs (n,) of the rows being evaluated; None: none."""
+    """The class labels (n,), normalised guidance scales (n,) and guidance intervals (n, 2) of the rows being
+    evaluated; None: none."""
 
     labels: Tensor | None = None
     omega: Tensor | None = None
+    interval: Tensor | None = None
 
     @contextmanager
     def rows(self, rows: slice | Tensor):
         """Narrow the labels and guidance inputs to `rows` (a slice or a boolean mask) of the batch, for a method
         that splits its batch."""
-        saved = self.labels, self.omega
-        self.labels = None if self.labels is None else self.labels[rows]
-        self.omega = None if self.omega is None else self.omega[rows]
-        try:
+        narrowed = (None if t is None else t[rows] for t in (self.labels, self.omega, self.interval))
+        with self.using(*narrowed):
             yield
-        finally:
-            self.labels, self.omega = saved
 
     @contextmanager
-    def using(self, labels: Tensor | None, omega: Tensor | None):
+    def using(self, labels: Tensor | None, omega: Tensor | None, interval: Tensor | None):
         """Evaluate with these labels and guidance inputs instead (e.g. a batched conditional + null pass)."""
-        saved = self.labels, self.omega
-        self.labels, self.omega = labels, omega
+        saved = self.labels, self.omega, self.interval
+        self.labels, self.omega, self.interval = labels, omega, interval
         try:
             yield
         finally:
-            self.labels, self.omega = saved
+            self.labels, self.omega, self.interval = saved
 
 
 @dataclass(frozen=True)
 class ClassConditioning:
-    """What a conditional network is built for: `num_classes` real classes (+ the null class) and, for paper B's
-    online CFG, an embedding of the normalised guidance scale."""
+    """What a conditional network is built for: `num_classes` real classes (+ the null class) and, for online CFG,
+    an embedding of the normalised guidance scale (and of the guidance interval's two ends)."""
 
     num_classes: int
     omega: bool = False
+    interval: bool = False
 
 
 def drop_labels(labels: Tensor, p: float, num_classes: int, gen: Gen) -> Tensor:
@@ -77,8 +77,8 @@ def cond_and_null(net: nn.Module, condition: Condition, num_classes: int, x: Ten
     """(v(x; a, b, y), v(x; a, b, ∅)) in one batched pass of 2n rows (counted as 2n evaluations)."""
     labels = condition.labels
     null = torch.full_like(labels, num_classes)
-    omega = None if condition.omega is None else condition.omega.repeat(2)
-    with condition.using(torch.cat([labels, null]), omega):
+    twice = (None if t is None else torch.cat([t, t]) for t in (condition.omega, condition.interval))
+    with condition.using(torch.cat([labels, null]), *twice):
         v = net(torch.cat([x, x]), a.repeat(2), b.repeat(2))
     return v.chunk(2)
 

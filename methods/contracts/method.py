@@ -211,6 +211,12 @@ class Method:
         cfg_range = getattr(self.params, "online_cfg", None)
         return None if cfg_range is None else (cfg_range[0], cfg_range[1])
 
+    @property
+    def embedded_interval(self) -> bool:
+        """Whether the student also takes the guidance interval [τ_lo, τ_hi] as an input (iMF's `online_interval`):
+        sampling then gives it eval.guidance_interval ([0, 1] when null)."""
+        return getattr(self.params, "online_interval", False)
+
     def expected_passes(self, batch: int) -> tuple[float, float] | None:
         """(forward, JVP) network evaluations per training sample in a batch of `batch`, by the method's own
         accounting (docs/methods.md), with these options and this setting: teacher, EMA-target and guidance

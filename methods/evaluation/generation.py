@@ -79,7 +79,7 @@ labels of conditional samples."""
 class ZeroVelocity(nn.Module):
     """v ≡ 0: drives a sampler once to count the network evaluations it makes."""
 
-    def forward(self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega=None) -> Tensor:
+    def forward(self, x: Tensor, a: Tensor, b: Tensor, labels=None, omega=None, interval=None) -> Tensor:
         return torch.zeros_like(x)
 
 
@@ -120,11 +120,14 @@ def eval_labels(dataset, n: int, seed: int) -> Tensor | None:
 
 def sampling_net(method: Method, net: nn.Module, dataset, labels: Tensor | None, omega: float, interval) -> nn.Module:
     """What the sampler evaluates: the network at these labels, through two-pass CFG at ω ≠ 1, or with the
-    normalised ω as its input when the method embeds guidance (paper B's online CFG)."""
+    normalised ω (and the guidance interval, [0, 1] when None) as its inputs when the method embeds guidance."""
     embedded = method.embedded_guidance
     condition = Condition(labels=labels)
     if embedded is not None:
         condition.omega = torch.full(labels.shape, float(normalised_omega(omega, embedded)), device=labels.device)
+    if method.embedded_interval:
+        ends = torch.tensor(interval or [0.0, 1.0], device=labels.device)
+        condition.interval = ends.expand(len(labels), 2)
     counted = CountingNet(net, condition=condition, takes_omega=embedded is not None)
     if labels is None or omega == 1.0 or embedded is not None:
         return counted

@@ -41,6 +41,11 @@ class IMFParams(MeanFlowParams):
     ω with density ∝ ω^(−omega_power), the network sees it, and the target is the guided velocity
     x1 − x0 + (1 − 1/ω)·(v(y) − v(∅)) from the model's own detached diagonal; sampling at any ω in the range
     then takes one evaluation per step. null: no guidance input (cfg_omega/cfg_kappa guide as in MeanFlow)."""
+    online_interval: bool = False
+    """Under online_cfg, also make the guidance interval [τ_lo, τ_hi] a network input: each sample draws
+    τ_lo ~ U[0, ½] and τ_hi ~ U[½, 1] (the reference's), jumps from the diagonal get [0, 1], and the target is
+    guided (ω) only where the start time a lies inside; sampling then takes eval.guidance_interval. false: the
+    interval is the fixed option cfg_interval (null: everywhere)."""
     omega_power: NonNegativeFloat = 1.0
     """β of the law of ω (1: log-uniform, the reference's default)."""
     label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -51,6 +56,10 @@ class IMFParams(MeanFlowParams):
     def one_guidance(self):
         if self.online_cfg is not None and (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0):
             raise ValueError("online_cfg replaces cfg_omega/cfg_kappa: set one kind of guidance in training")
+        if self.online_interval and self.online_cfg is None:
+            raise ValueError("online_interval is a guidance input: it needs online_cfg")
+        if self.online_interval and self.cfg_interval is not None:
+            raise ValueError("online_interval draws the guidance interval: cfg_interval (a fixed one) must be null")
         return self
 
 
@@ -61,7 +70,7 @@ class IMF(MeanFlow):
     sampler, one evaluation per step at any guidance scale of the trained range.
 
     This is the reference's variant without the auxiliary velocity head (the tangent is the model's own
-    diagonal v_θ(x; a, a)); the guidance interval is a fixed training option (cfg_interval), not an input.
+    diagonal v_θ(x; a, a)); the guidance interval is an input with online_interval, else a fixed cfg_interval.
 
     Z. Geng, Y. Lu, Z. Wu, E. Shechtman, J. Z. Kolter, K. He, "Improved Mean Flows: On the Challenges of
     Fastforward Generative Models", 2025, arXiv:2512.02012.
@@ -83,24 +92,38 @@ class IMF(MeanFlow):
             with torch.no_grad():
                 tangent = net(x_a, a, a)
         else:
-            velocity, tangent = self.embedded_target(net, x_a, a, velocity, gen)
+            velocity, tangent = self.embedded_target(net, x_a, a, b, velocity, gen)
         term = meanflow_term(net, x_a, a, b, velocity, self.distance, tangent)
         term.name = "imf"
         return [term]
 
-    def embedded_target(self, net: CountingNet, x: Tensor, a: Tensor, velocity: Tensor, gen: Gen):
-        """Guidance as an input: draw ω and drop labels (setting both as the network's inputs for this batch),
-        then (v_g, ĝ_c): v_g = İ + (1 − 1/ω)(ĝ_c − ĝ_u) (İ for dropped labels; ω = 1 outside cfg_interval) and
-        the tangent ĝ_c = v(x; a, a, y, ω), with ĝ_u = v(x; a, a, ∅, 1) in the same batched pass."""
+    def embedded_target(self, net: CountingNet, x: Tensor, a: Tensor, b: Tensor, velocity: Tensor, gen: Gen):
+        """Guidance as an input: draw ω (and the interval) and drop labels, setting them as the network's inputs
+        for this batch, then (v_g, ĝ_c): v_g = İ + (1 − 1/ω')(ĝ_c − ĝ_u) (İ for dropped labels), where ω' = ω
+        inside the guidance interval and 1 outside, ĝ_c = v(x; a, a, y, ω') and ĝ_u = v(x; a, a, ∅, 1) from one
+        batched pass, both over the whole interval [0, 1]. Shapes: x, velocity (n, ...); a, b (n,)."""
         p, condition, num_classes = self.params, net.condition, self.setting.num_classes
         lo, hi = self.embedded_guidance
         omega = power_law(rand(gen, len(x)), lo, hi, p.omega_power)
-        omega = torch.where(in_interval(a, p.cfg_interval), omega, torch.ones_like(omega))
+        everywhere = torch.tensor([0.0, 1.0], device=x.device).expand(len(x), 2)
+        if p.online_interval:
+            drawn = torch.stack([rand(gen, len(x)) / 2, 0.5 + rand(gen, len(x)) / 2], dim=1)
+            interval = torch.where((a == b)[:, None], everywhere, drawn)
+            inside = (a >= interval[:, 0]) & (a <= interval[:, 1])
+            condition.interval = interval
+        else:
+            inside = in_interval(a, p.cfg_interval)
+        effective = torch.where(inside, omega, torch.ones_like(omega))
         labels = drop_labels(condition.labels, p.label_dropout, num_classes, gen)
-        condition.labels, condition.omega = labels, normalised_omega(omega, (lo, hi))
+        # the network's input is the drawn ω when the interval is an input too, else the effective one
+        condition.labels, condition.omega = (
+            labels,
+            normalised_omega(omega if p.online_interval else effective, (lo, hi)),
+        )
         null = torch.full_like(labels, num_classes)
-        unguided = torch.full_like(omega, normalised_omega(1.0, (lo, hi)))
-        with torch.no_grad(), condition.using(torch.cat([labels, null]), torch.cat([condition.omega, unguided])):
+        estimate = normalised_omega(torch.cat([effective, torch.ones_like(effective)]), (lo, hi))
+        whole = torch.cat([everywhere, everywhere]) if p.online_interval else None
+        with torch.no_grad(), condition.using(torch.cat([labels, null]), estimate, whole):
             g_cond, g_null = net(torch.cat([x, x]), a.repeat(2), a.repeat(2)).chunk(2)
-        guided = velocity + expand_time(1 - 1 / omega, x) * (g_cond - g_null)
+        guided = velocity + expand_time(1 - 1 / effective, x) * (g_cond - g_null)
         return torch.where(expand_time(labels == num_classes, x), velocity, guided), g_cond

@@ -105,7 +105,10 @@ class TVM(Method):
             return velocity, w
         w = torch.where(labels == self.setting.num_classes, w, torch.full_like(w, self.params.guidance))
         condition = self.teacher.condition
-        with torch.no_grad(), condition.using(torch.full_like(labels, self.setting.num_classes), condition.omega):
+        with (
+            torch.no_grad(),
+            condition.using(torch.full_like(labels, self.setting.num_classes), condition.omega, condition.interval),
+        ):
             unconditional = self.teacher(x, tau, tau)
         return expand_time(w, x) * velocity + expand_time(1 - w, x) * unconditional, w
 

@@ -15,34 +15,51 @@ from orch.methods.runtime.precision import TimePrecision, at_least_fp32
 MODELS = Registry("model")
 
 
+def scalar_embedder(dim: int, frequencies: int) -> nn.Sequential:
+    """A timestep-style embedder of one scalar per sample: sinusoidal features → Linear → SiLU → Linear, weights
+    N(0, 0.02), biases zero, the last layer not zeroed (docs/methods.md §4)."""
+    embedder = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+    for layer in embedder[0], embedder[2]:
+        nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+    return embedder
+
+
 class ClassEmbedding(nn.Module):
-    """E_y(y) + E_ω(ω): a learned vector per class plus one for the null class, and for paper B's online CFG a
-    timestep-style embedder of the normalised guidance scale (sinusoidal features → Linear → SiLU → Linear,
-    weights N(0, 0.02), biases zero, the last layer not zeroed, docs/methods.md §4). Shape (n, dim)."""
+    """E_y(y) + E_ω(ω) + E_lo(τ_lo) + E_hi(τ_hi): a learned vector per class plus one for the null class and, under
+    online CFG, a scalar embedder of the normalised guidance scale (and of each end of the guidance interval).
+    Shape (n, dim)."""
 
     def __init__(self, conditioning: ClassConditioning, dim: int, frequencies: int = 128):
         super().__init__()
         self.labels = nn.Embedding(conditioning.num_classes + 1, dim)
-        self.omega = None
-        if conditioning.omega:
-            self.omega = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
-            for layer in self.omega[0], self.omega[2]:
-                nn.init.normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+        self.omega = scalar_embedder(dim, frequencies) if conditioning.omega else None
+        self.interval = None
+        if conditioning.interval:
+            self.interval = nn.ModuleList(scalar_embedder(dim, frequencies) for _ in range(2))
 
-    def forward(self, labels: Tensor | None, omega: Tensor | None) -> Tensor:
+    def forward(self, labels: Tensor | None, omega: Tensor | None, interval: Tensor | None) -> Tensor:
         if labels is None:
             raise ValueError("a class-conditional network needs labels (the null class for unconditional)")
         emb = self.labels(labels)
         if self.omega is not None:
-            if omega is None:
-                raise ValueError("a network trained with online CFG needs its guidance input omega")
-            emb = emb + self.omega(positional_embedding(omega, self.omega[0].in_features))
+            emb = emb + self.omega(positional_embedding(guidance_input(omega, "omega"), self.omega[0].in_features))
+        if self.interval is not None:
+            ends = guidance_input(interval, "interval").unbind(1)
+            for embed, end in zip(self.interval, ends):
+                emb = emb + embed(positional_embedding(end, embed[0].in_features))
         return emb
 
 
-def unconditional(labels: Tensor | None, omega: Tensor | None) -> None:
-    if labels is not None or omega is not None:
+def guidance_input(value: Tensor | None, name: str) -> Tensor:
+    """A guidance input the network was built to embed; a clear error when the caller left it out."""
+    if value is None:
+        raise ValueError(f"a network trained with online CFG needs its guidance input {name}")
+    return value
+
+
+def unconditional(labels: Tensor | None, omega: Tensor | None, interval: Tensor | None) -> None:
+    if labels is not None or omega is not None or interval is not None:
         raise ValueError("labels given to a network built without class conditioning (set dataset.conditional)")
 
 

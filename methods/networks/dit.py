@@ -26,7 +26,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from orch.methods.contracts.guidance import ClassConditioning
-from orch.methods.networks.base import MODELS, AttentionParams
+from orch.methods.networks.base import MODELS, AttentionParams, guidance_input, unconditional
 from orch.methods.runtime.attention import AttentionMode, QKNorm, attention
 from orch.methods.runtime.precision import TimePrecision, at_least_fp32, full_precision, time_embedding_precision
 
@@ -250,29 +250,39 @@ class FlowMapDiT(nn.Module):
         self.cfg_embedder = (
             TimestepEmbedder(hidden, params.time_precision) if conditioning and conditioning.omega else None
         )
+        self.interval_embedders = None
+        if conditioning and conditioning.interval:  # one embedder per end of the guidance interval
+            self.interval_embedders = nn.ModuleList(TimestepEmbedder(hidden, params.time_precision) for _ in range(2))
 
     def load_pretrained(self, saved: dict, source: str) -> None:
         """Take the weights of a DiT/SiT repository checkpoint (model.init_from, or a teacher's file)."""
         load_official(self, saved, source)
 
-    def condition(self, a: Tensor, b: Tensor, labels: Tensor | None, omega: Tensor | None) -> Tensor:
-        """The conditioning vector c (n, hidden) of the jump a → b, the class and the guidance scale."""
+    def condition(
+        self,
+        a: Tensor,
+        b: Tensor,
+        labels: Tensor | None = None,
+        omega: Tensor | None = None,
+        interval: Tensor | None = None,
+    ) -> Tensor:
+        """The conditioning vector c (n, hidden) of the jump a → b, the class and the guidance inputs."""
         a, b = a * self.time_scale, b * self.time_scale
         if self.meanflow:
             c = self.t_embedder(self.time_scale - a) + self.h_embedder(b - a)
         else:
             c = (self.t_embedder(a) + self.s_embedder(b)) / 2
         if self.y_embedder is None:
-            if labels is not None or omega is not None:
-                raise ValueError("labels given to a network built without class conditioning (set dataset.conditional)")
+            unconditional(labels, omega, interval)
             return c
         if labels is None:
             raise ValueError("a class-conditional network needs labels (the null class for unconditional)")
         c = c + self.y_embedder(labels)
         if self.cfg_embedder is not None:
-            if omega is None:
-                raise ValueError("a network trained with online CFG needs its guidance input omega")
-            c = c + self.cfg_embedder(omega)
+            c = c + self.cfg_embedder(guidance_input(omega, "omega"))
+        if self.interval_embedders is not None:
+            for embed, end in zip(self.interval_embedders, guidance_input(interval, "interval").unbind(1)):
+                c = c + embed(end)
         return c
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
@@ -283,10 +293,16 @@ class FlowMapDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, self.channels, side * p, side * p)
 
     def forward(
-        self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
+        self,
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        labels: Tensor | None = None,
+        omega: Tensor | None = None,
+        interval: Tensor | None = None,
     ) -> Tensor:
-        """x (n, C, H, W), times a, b (n,), labels (n,), omega (n,) → average velocity (n, C, H, W)."""
-        c = self.condition(a, b, labels, omega)
+        """x (n, C, H, W), times a, b (n,), labels (n,), omega (n,), interval (n, 2) → average velocity (n, C, H, W)."""
+        c = self.condition(a, b, labels, omega, interval)
         h = self.x_embedder(x) + self.pos_embed
         for block in self.blocks:
             h = block(h, c)
@@ -315,13 +331,13 @@ def official_state(saved: dict, net: FlowMapDiT) -> dict[str, Tensor]:
 
 def load_official(net: FlowMapDiT, saved: dict, source: str) -> None:
     """Load a DiT/SiT repository checkpoint (read from `source`) into `net` (official_state); a guidance embedder
-    the checkpoint has none of keeps its initialisation. Raises ValueError naming the file and the missing,
-    unexpected or mis-shaped parameters."""
+    (ω, interval) the checkpoint has none of keeps its initialisation. Raises ValueError naming the file and the
+    missing, unexpected or mis-shaped parameters."""
     state = official_state(saved, net)
     own = net.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (this network: {tuple(own[k].shape)})" for k, v in state.items()
              if k in own and own[k].shape != v.shape]  # fmt: skip
-    missing = [k for k in own if k not in state and not k.startswith("cfg_embedder.")]
+    missing = [k for k in own if k not in state and not k.startswith(("cfg_embedder.", "interval_embedders."))]
     unexpected = [k for k in state if k not in own]
     if wrong or missing or unexpected:
         raise ValueError(

@@ -41,14 +41,20 @@ class FlowMapMLP(nn.Module):
         self.classes = ClassEmbedding(conditioning, width) if conditioning else None
 
     def forward(
-        self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
+        self,
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        labels: Tensor | None = None,
+        omega: Tensor | None = None,
+        interval: Tensor | None = None,
     ) -> Tensor:
         with full_precision(x):  # the raw times a, b enter here: fp32 under autocast (methods/runtime/precision.py)
             h = self.layers[0](torch.cat([a[:, None], b[:, None], x.to(at_least_fp32(x)) / self.data_std], dim=1))
             if self.classes is not None:
-                h = h + self.classes(labels, omega)
+                h = h + self.classes(labels, omega, interval)
             else:
-                unconditional(labels, omega)
+                unconditional(labels, omega, interval)
         return self.layers[1:](h) * self.data_std
 
 

@@ -194,14 +194,20 @@ class FlowMapUNet(nn.Module):
             return self.emb_out(F.silu((ea + el) / 2))
 
     def forward(
-        self, x: Tensor, a: Tensor, b: Tensor, labels: Tensor | None = None, omega: Tensor | None = None
+        self,
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        labels: Tensor | None = None,
+        omega: Tensor | None = None,
+        interval: Tensor | None = None,
     ) -> Tensor:
         emb = self.embed(a, b)
         if self.classes is not None:  # the class (and guidance) embedding is added to the time embedding
             with full_precision(emb):
-                emb = emb + self.classes(labels, omega)
+                emb = emb + self.classes(labels, omega, interval)
         else:
-            unconditional(labels, omega)
+            unconditional(labels, omega, interval)
         emb = F.silu(emb)
         ones = torch.ones_like(x[:, :1])
         h = self.conv_in(torch.cat([x / self.data_std, ones], dim=1))

@@ -28,10 +28,14 @@ def build_section(section_config: dict, section: str, *args):
 
 
 def conditioning(config: TrialConfig, num_classes: int | None) -> ClassConditioning | None:
-    """What the trial's network is conditioned on: its dataset's classes (+ the guidance scale under online CFG)."""
+    """What the trial's network is conditioned on: its dataset's classes (+ the guidance scale under online CFG, and
+    the guidance interval when the method draws it too)."""
     if num_classes is None:
         return None
-    return ClassConditioning(num_classes, omega=config.raw["method"].get("online_cfg") is not None)
+    method = config.raw["method"]
+    return ClassConditioning(
+        num_classes, omega=method.get("online_cfg") is not None, interval=method.get("online_interval", False)
+    )
 
 
 def build_network(config: TrialConfig, dataset=None) -> torch.nn.Module:
@@ -54,8 +58,9 @@ def needs_teacher(method_config: dict) -> bool:
     )
 
 
-GUIDANCE_EMBEDDERS = ("classes.omega.", "cfg_embedder.")
-"""Parameter names of the networks' online-CFG embedders E_ω (MLP and UNet; DiT): a teacher has none."""
+GUIDANCE_EMBEDDERS = ("classes.omega.", "classes.interval.", "cfg_embedder.", "interval_embedders.")
+"""Parameter names of the networks' online-CFG embedders of ω and the interval (MLP and UNet; DiT): a teacher has
+none."""
 
 
 def read_weights(path: str | Path) -> dict:

@@ -225,6 +225,14 @@ def guidance_checks(config: dict, conditional: bool) -> list[Problem]:
                     f"[{cfg_range[0]:g}, {cfg_range[1]:g}]: a student with embedded guidance only knows its range",
                 )
             )
+        if evaluation["guidance_interval"] is not None and not method.get("online_interval", False):
+            problems.append(
+                Problem(
+                    "eval.guidance_interval",
+                    "a student with embedded guidance samples at one ω everywhere: an interval needs "
+                    "method.online_interval (iMF)",
+                )
+            )
         if method["name"] == "stei" and method.get("target") != "teacher":
             problems.append(Problem("method.online_cfg", "stei with online CFG needs method.target: teacher"))
         if method["name"] == "stei" and not cfg_range[0] <= 1.0 <= cfg_range[1]:
