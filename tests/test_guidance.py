@@ -223,6 +223,10 @@ GUIDED_COSTS = [  # (method, options that guide in training) → (forward, JVP) 
     ("tvm", {"guidance": 2.0}, 3.0, 1.0),  # JVP in b, EMA at the landing point, FM, EMA's unconditional velocity
     ("tim", {"cfg_omega": 1.5, "cfg_kappa": 0.5}, 4.0, 0.0),  # student, DDE's 2 passes on half, EMA cond/null
     ("alpha_flow", {"cfg_omega": 1.5}, 3.5, 0.0),  # student, α-target pass on half, cond/null (α = 1 early on)
+    ("fmm_lmd", {"teacher_guidance": 2.0}, 2.0, 1.0),  # JVP along b with grad, the guided teacher at the landing point
+    ("fmm_emd", {"teacher_guidance": 2.0}, 2.0, 2.0),  # the guided b̂, the JVPs along a and along b̂
+    ("ayf_emd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the guided b̂, the no-grad JVP
+    ("ayf_lmd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the no-grad JVP, the guided b̂ there
 ]
 """The papers' accounting of guided training, checked against the counter and against each method's own."""
 

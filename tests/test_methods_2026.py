@@ -18,7 +18,7 @@ from orch.methods.losses.alpha_flow import AlphaSchedule, alpha_target
 from orch.methods.losses.imf import IMF, IMFParams, power_law
 from orch.methods.losses.imm import group_mmd, imm_times, kernel_scale, laplace_kernel, noise_to_signal
 from orch.methods.losses.meanflow import meanflow_term
-from orch.methods.losses.self_distillation import lsd_term, psd_term
+from orch.methods.losses.self_distillation import lsd_term, own_diagonal, psd_term
 from orch.methods.losses.tim import central_difference, interval_weight
 from orch.methods.losses.tvm import TVM, TVMParams, gap_times
 from orch.methods.networks.dit import DiTParams, build_dit
@@ -208,7 +208,7 @@ def test_tvm_terminal_velocity_of_the_exact_map_is_the_velocity_where_it_lands()
     derivative in a."""
     exact, gen = gaussian_2d(), torch.Generator().manual_seed(3)
     x, a, b = marginal_points(exact, 4096, gen)
-    term = lsd_term(CountingNet(exact), x, a, b, "convex", CountingNet(exact))
+    term = lsd_term(CountingNet(exact), x, a, b, "convex", own_diagonal(CountingNet(exact)))
     torch.testing.assert_close(term.pred, term.target)
     v, dv_da = torch.func.jvp(exact, (x, a, b), (torch.zeros_like(x), torch.ones_like(a), torch.zeros_like(b)))
     assert (v + (b - a)[:, None] * dv_da - term.target).abs().max() > 0.5

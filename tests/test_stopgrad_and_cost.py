@@ -44,10 +44,12 @@ def make_term(name: str, stopgrad: str, net: nn.Module):
     x, u = torch.randn(64, 2), torch.rand(2, 64)
     a, b = u.min(0).values, u.max(0).values
     wrapped = CountingNet(net)
-    if name == "lsd":
-        return lsd_term(wrapped, x, a, b, stopgrad)
-    if name == "esd":
-        return esd_term(wrapped, x, a, b, stopgrad)
+    teacher = TwoHeads().requires_grad_(False)  # FMM: a frozen teacher's velocity instead of the own diagonal
+    velocity = (lambda y, t: teacher(y, t, t)) if name.startswith("fmm") else None
+    if name.endswith("lsd"):
+        return lsd_term(wrapped, x, a, b, stopgrad, velocity)
+    if name.endswith("esd"):
+        return esd_term(wrapped, x, a, b, stopgrad, velocity)
     return psd_term(wrapped, x, a, b, torch.rand(64), stopgrad)
 
 
@@ -61,6 +63,10 @@ def make_term(name: str, stopgrad: str, net: nn.Module):
         ("esd", "none", {"diag", "off"}),
         ("psd", "convex", set()),  # both teacher jumps detached
         ("psd", "none", {"off"}),
+        ("fmm_lsd", "convex", set()),  # FMM-LMD: the teacher's input detached
+        ("fmm_lsd", "none", {"off"}),  # gradient through the teacher's input X_{a,b}, never into the teacher
+        ("fmm_esd", "full", set()),  # FMM-EMD: the advective term detached
+        ("fmm_esd", "none", {"off"}),  # gradient through the spatial Jacobian of the jump
     ],
 )
 def test_stopgrad_detaches_exactly_the_specified_parts(name, stopgrad, target_heads):
@@ -110,6 +116,11 @@ def one_step_cost(method: str, stopgrad: str | None) -> dict[str, float]:
         ("scd", None, 2.0, 1.0),  # + teacher velocity
         ("ict", None, 2.0, 0.0),  # two noise levels
         ("shortcut", None, 7 / 8 + 3 / 8, 0.0),  # 1/8 bootstrap samples: 2 EMA forwards + student
+        # distillation of flow maps (docs/methods.md §10), no diagonal rows
+        ("fmm_lmd", "convex", 1.0, 1.0),  # JVP along b with grad, the teacher at the landing point
+        ("fmm_emd", "full", 1.0, 2.0),  # the teacher's b̂, the JVPs along a and along b̂
+        ("ayf_emd", None, 2.0, 1.0),  # the student, b̂, the no-grad JVP along the teacher's flow
+        ("ayf_lmd", None, 2.0, 1.0),  # the student, the no-grad JVP along b, b̂ at the landing point
     ],
 )
 def test_measured_network_evaluations_per_sample(method, stopgrad, fwd, jvp):
@@ -134,7 +145,9 @@ def test_every_method_declares_the_passes_its_counter_measures(method, batch):
     assert (cost["cost/fwd_per_sample"], cost["cost/jvp_per_sample"]) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("method", ["sdei", "stei", "sdee", "stee", "meanflow", "sct", "scd", "ict", "shortcut"])
+@pytest.mark.parametrize(
+    "method", ["sdei", "stei", "sdee", "stee", "meanflow", "sct", "scd", "ict", "shortcut", "ayf_emd", "ayf_lmd"]
+)
 def test_every_target_of_the_other_methods_is_detached(method):
     """Paper B, MeanFlow, sCM, iCT and shortcut models detach everything but the student evaluation."""
     config, _ = resolve_trial_config({"method": {"name": method}, "model": {"width": 16, "depth": 2}})

@@ -111,6 +111,16 @@ def cfg_velocity(
     return v_null + expand_time(omega, x) * (v_cond - v_null)
 
 
+def teacher_velocity(
+    teacher: nn.Module, num_classes: int | None, x: Tensor, t: Tensor, omega: Tensor | float | None = None
+) -> Tensor:
+    """A frozen teacher's velocity v_T(x; t, t), through two-pass CFG at ω (a scalar or per sample (n,)) on
+    conditional rows; one pass when the rows carry no labels or ω is None or 1. Shape of x."""
+    if labels_of(teacher) is None or omega is None or (isinstance(omega, float) and omega == 1.0):
+        return teacher(x, t, t)
+    return cfg_velocity(teacher, teacher.condition, num_classes, x, t, t, omega)
+
+
 class GuidedNet(nn.Module):
     """A conditional network seen through two-pass CFG at scale ω: what every sampler evaluates to guide."""
 

@@ -24,7 +24,6 @@ from orch.methods.contracts.conventions import (
 )
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.flow_map import jump, sample_consistency
-from orch.methods.contracts.guidance import cfg_velocity, labels_of
 from orch.methods.contracts.interpolants import expand_time
 from orch.methods.contracts.method import (
     DimReduction,
@@ -32,10 +31,10 @@ from orch.methods.contracts.method import (
     Method,
     MethodParams,
     Setting,
-    TeacherSpec,
     Term,
     register_method,
 )
+from orch.methods.contracts.teacher import DistillationParams, DistilsTeacher
 from orch.methods.contracts.time_samplers import LogNormal, LogNormalParams
 from orch.methods.runtime.parallel import Gen, multinomial
 from orch.methods.runtime.precision import at_least_fp32
@@ -95,15 +94,8 @@ class SCMParams(MethodParams):
     """Largest noise level: where the sampler starts (t_max = arctan(σ_max/σ_d))."""
 
 
-class SCDParams(SCMParams):
-    teacher: TeacherSpec = TeacherSpec()
-    """The frozen flow-matching teacher whose velocity gives the tangent."""
-    init_from_teacher: bool = True
-    """Start the student from the teacher's weights."""
-    teacher_guidance: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
-    """ω of the teacher's classifier-free guidance (class-conditional data): dx_t/dt comes from the guided
-    teacher velocity v_T(∅) + ω·(v_T(y) − v_T(∅)) (one batched pass, 2 evaluations), so the student distils the
-    guided flow and samples it with one evaluation per step. 1: the plain conditional teacher."""
+class SCDParams(SCMParams, DistillationParams):
+    """sCM's options and the teacher's (dx_t/dt comes from the teacher's velocity b̂)."""
 
 
 SCM = """C. Lu, Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", 2024,
@@ -164,7 +156,7 @@ class SCT(ContinuousConsistency):
 
 
 @register_method("scd")
-class SCD(ContinuousConsistency):
+class SCD(DistilsTeacher, ContinuousConsistency):
     __doc__ = f"""Continuous-time consistency distillation (sCM) from a flow-matching teacher: dx_t/dt is the
     teacher's velocity at x_t.
 
@@ -173,22 +165,12 @@ class SCD(ContinuousConsistency):
 
     Params, term = SCDParams, "scd"
 
-    @classmethod
-    def needs_teacher(cls, params: SCDParams) -> bool:
-        return True
-
     def tangent_passes(self) -> int:
-        """The teacher's velocity: 2 when guided (one batched conditional + null pass)."""
-        return 2 if self.setting.num_classes is not None and self.params.teacher_guidance != 1.0 else 1
+        return self.teacher_passes()
 
     def dxdt(self, x_t: Tensor, x0: Tensor, x1: Tensor, t: Tensor, tau: Tensor) -> Tensor:
-        teacher, omega = self.setting.teacher, self.params.teacher_guidance
-        x = x_t / (t.cos() + t.sin())
         with torch.no_grad():
-            if labels_of(teacher) is None or omega == 1.0:
-                velocity = teacher(x, tau, tau)
-            else:
-                velocity = cfg_velocity(teacher, teacher.condition, self.setting.num_classes, x, tau, tau, omega)
+            velocity = self.teacher()(x_t / (t.cos() + t.sin()), tau)
             return trigflow_velocity(velocity, x_t, t.flatten())
 
 

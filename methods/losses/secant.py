@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.flow_map import sample_flow_map
-from orch.methods.contracts.guidance import cfg_velocity, normalised_omega
+from orch.methods.contracts.guidance import normalised_omega, teacher_velocity
 from orch.methods.contracts.interpolants import expand_time
 from orch.methods.contracts.method import (
     DimReduction,
@@ -178,10 +178,7 @@ class Secant(Method):
 
     def teacher_velocity(self, x: Tensor, t: Tensor, omega: Tensor | None = None) -> Tensor:
         """v_T(x; t, t), or with online CFG the guided v_T(∅) + ω·(v_T(y) − v_T(∅)) in one batched pass."""
-        teacher = self.setting.teacher
-        if omega is None:
-            return teacher(x, t, t)
-        return cfg_velocity(teacher, teacher.condition, self.setting.num_classes, x, t, t, omega)
+        return teacher_velocity(self.setting.teacher, self.setting.num_classes, x, t, omega)
 
     def sample(self, net: nn.Module, x0: Tensor, nfe: int, gen: Gen) -> Tensor:
         return sample_flow_map(net, x0, nfe)

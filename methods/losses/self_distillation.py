@@ -19,6 +19,7 @@ from orch.methods.contracts.flow_map import sample_flow_map
 from orch.methods.contracts.guidance import rows_of
 from orch.methods.contracts.interpolants import expand_time
 from orch.methods.contracts.method import Method, MethodParams, Setting, Term, register_method
+from orch.methods.contracts.teacher import Velocity
 from orch.methods.contracts.time_samplers import TimeSamplerParams, Uniform
 from orch.methods.losses.flow_matching import diagonal_term
 from orch.methods.runtime.parallel import Gen, rand, split_count
@@ -30,11 +31,15 @@ def _graph_if(keep_graph: bool):
     return nullcontext() if keep_graph else torch.no_grad()
 
 
+def own_diagonal(net: CountingNet) -> Velocity:
+    return lambda x, t: net(x, t, t)
+
+
 def lsd_term(
-    net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str, teacher: nn.Module | None = None
+    net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str, velocity: Velocity | None = None
 ) -> Term:
-    """Lagrangian: ∂_b X_{a,b}(x) regressed onto v(X_{a,b}(x); b, b), the velocity of `teacher` (default: the
-    network itself) at the landing point.
+    """Lagrangian: ∂_b X_{a,b}(x) regressed onto b̂(X_{a,b}(x), b), the velocity at the landing point (default:
+    the network's own diagonal).
 
     ∂_b X_{a,b} = v + (b − a)·∂_b v comes from one JVP with tangent (0, 0, 1) and keeps its graph (the gradient
     flows through the JVP). `convex` detaches the teacher input and output; `none` keeps both.
@@ -44,12 +49,15 @@ def lsd_term(
     h = expand_time(b - a, x)
     x_b = x + h * v
     with _graph_if(stopgrad == "none"):
-        target = (teacher or net)(x_b if stopgrad == "none" else x_b.detach(), b, b)
+        target = (velocity or own_diagonal(net))(x_b if stopgrad == "none" else x_b.detach(), b)
     return Term("lsd", v + h * dv_db, target, a, b)
 
 
-def esd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str) -> Term:
-    """Eulerian: ∂_a X_{a,b}(x) regressed onto −∇_x X_{a,b}(x)·b̂, b̂ = v(x; a, a).
+def esd_term(
+    net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str, velocity: Velocity | None = None
+) -> Term:
+    """Eulerian: ∂_a X_{a,b}(x) regressed onto −∇_x X_{a,b}(x)·b̂, b̂ = b̂(x, a) (default: the network's own
+    diagonal v(x; a, a)).
 
     ∂_a X = −v + (b − a)·∂_a v (JVP with tangent (0, 1, 0), with grad); ∇_x X·b̂ = b̂ + (b − a)·∇_x v·b̂ (JVP with
     tangent (b̂, 0, 0)). `full`: b̂ and the spatial JVP detached (Algorithm 3); `convex`: only b̂ detached, the
@@ -57,7 +65,7 @@ def esd_term(net: CountingNet, x: Tensor, a: Tensor, b: Tensor, stopgrad: str) -
     """
     zeros = torch.zeros_like(a)
     with _graph_if(stopgrad == "none"):
-        b_hat = net(x, a, a)
+        b_hat = (velocity or own_diagonal(net))(x, a)
     v, dv_da = net.jvp((x, a, b), (torch.zeros_like(x), torch.ones_like(a), zeros))
     h = expand_time(b - a, x)
     with _graph_if(stopgrad != "full"):

@@ -20,7 +20,7 @@ from orch.methods.contracts.flow_map import sample_flow_map
 from orch.methods.contracts.guidance import labels_of
 from orch.methods.contracts.interpolants import expand_time
 from orch.methods.contracts.method import DimReduction, Method, MethodParams, Setting, Term, register_method
-from orch.methods.losses.self_distillation import lsd_term
+from orch.methods.losses.self_distillation import lsd_term, own_diagonal
 from orch.methods.runtime.parallel import Gen, rand, randn
 
 
@@ -88,7 +88,7 @@ class TVM(Method):
         x0 = interpolant.sample_base(n, x1.shape[1:], gen)
         a, b = gap_times(n, gen, (p.gap_mean, p.gap_std), (p.time_mean, p.time_std))
         tau = torch.sigmoid(p.time_mean + p.time_std * randn(gen, n))
-        terminal = lsd_term(net, interpolant.interpolate(x0, x1, a), a, b, "convex", self.teacher)
+        terminal = lsd_term(net, interpolant.interpolate(x0, x1, a), a, b, "convex", own_diagonal(self.teacher))
         terminal.name = "tvm"
         x_tau = interpolant.interpolate(x0, x1, tau)
         target, w = self.flow_matching_target(x_tau, tau, interpolant.velocity(x0, x1))
