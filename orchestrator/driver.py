@@ -221,8 +221,9 @@ def prepare_trials(
     todo, finished, remeasured = [], 0, []
     opened = open_trials(study.trials, store, study.name, study_dir, lambda s: study.generation, say, teachers)
     for (trial, state), spec in zip(opened, study.trials):
-        if spec.teacher is not None and spec.teacher not in teachers and state.status not in FINISHED_STATES:
-            finish_unrun(trial, state, f"its teacher {spec.teacher} did not complete; see orch status of its trial")
+        missing = [t for t in (spec.teacher, spec.guide) if t is not None and t not in teachers]
+        if missing and state.status not in FINISHED_STATES:
+            finish_unrun(trial, state, f"its teacher {missing[0]} did not complete; see orch status of its trial")
         elif state.status not in FINISHED_STATES or missing_evaluations(spec.config, state):
             todo.append(trial)
         finished += state.status in FINISHED_STATES

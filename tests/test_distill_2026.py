@@ -6,11 +6,14 @@ loss vanish there, for each stop-gradient placement. Each check has a control th
 
 import pytest
 import torch
-from torch import nn
+import yaml
+from torch import Tensor, nn
 
+from orch.cli import main
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.interpolants import LinearInterpolant, expand_time
 from orch.methods.contracts.method import Setting
+from orch.methods.contracts.teacher import AutoguideSpec
 from orch.methods.losses.ayf import AYFEMD, AYFEMDParams, TangentNorm, ayf_emd_term, ayf_lmd_term
 from orch.methods.losses.self_distillation import esd_term, lsd_term
 from tests.gaussian import ExactGaussianFlowMap, gaussian_2d
@@ -112,3 +115,89 @@ def test_ayf_warms_the_derivative_term_up_over_a_fraction_of_training():
     assert method.r(0) == 0.0 and method.r(125) == pytest.approx(0.495) and method.r(250) == method.r(999) == 0.99
     method = AYFEMD(AYFEMDParams(warmup=0.0, r_max=1.0), Setting(LinearInterpolant(torch.ones(2)), None, 1.0))
     assert method.r(0) == 1.0
+
+
+class GuidedGaussianFlowMap(nn.Module):
+    """The exact flow map of the autoguided velocity b_w + λ(b_s − b_w) between two Gaussian teachers with the
+    same mean: the std of I_τ follows A_G = A_w·(A_s/A_w)^λ (each velocity is d/dτ log A along x − τm), so
+    X_{a,b}(x) = b·m + (A_G(b)/A_G(a))(x − a·m). For jumps a < b only."""
+
+    def __init__(self, strong: ExactGaussianFlowMap, weak: ExactGaussianFlowMap, weight: float):
+        super().__init__()
+        self.strong, self.weak, self.weight = strong, weak, weight
+
+    def scale(self, t: Tensor) -> Tensor:
+        s, w = self.strong.sigma(t), self.weak.sigma(t)
+        return w * (s / w) ** self.weight
+
+    def forward(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        m, a, b = self.strong.mean, a[:, None], b[:, None]
+        jump = b * m + self.scale(b) / self.scale(a) * (x - a * m)
+        return (jump - x) / (b - a)
+
+
+def autoguided(strong, weak, weight: float) -> AYFEMD:
+    params = AYFEMDParams(autoguide=AutoguideSpec(weight=weight), r_max=1.0, warmup=0.0)
+    setting = Setting(LinearInterpolant(strong.sigma0), None, 1.0, teacher=CountingNet(strong), guide=CountingNet(weak))
+    return AYFEMD(params, setting)
+
+
+def test_the_autoguided_teacher_samples_with_the_closed_form_std():
+    """Strong N(m, s²), weak N(m, s_w²), λ: the guided flow carries N(0, σ0²) to N(m, (s·(s/s_w)^(λ−1))²) —
+    sharper than the strong teacher (checked by RK4 in fp64 on the affine flow); with the roles swapped it is
+    wider than s. The teacher's passes: 2 per b̂."""
+    strong = gaussian_2d()
+    weak = ExactGaussianFlowMap(strong.sigma0, strong.mean, 1.5 * strong.std)
+    for (s_net, w_net), sharper in (((strong, weak), True), ((weak, strong), False)):
+        velocity = autoguided(s_net, w_net, 2.0).teacher()
+        x = torch.stack([torch.zeros(2, dtype=D), strong.sigma0])  # two starts: the affine map's offset and slope
+        n = 2000
+        for k in range(n):  # RK4 from τ = 0 to 1
+            t = torch.full((2,), k / n, dtype=D)
+            k1 = velocity(x, t)
+            k2 = velocity(x + k1 / (2 * n), t + 1 / (2 * n))
+            k3 = velocity(x + k2 / (2 * n), t + 1 / (2 * n))
+            k4 = velocity(x + k3 / n, t + 1 / n)
+            x = x + (k1 + 2 * k2 + 2 * k3 + k4) / (6 * n)
+        std, s, s_w = x[1] - x[0], s_net.std, w_net.std
+        torch.testing.assert_close(x[0], strong.mean, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(std, s * (s / s_w), rtol=1e-9, atol=1e-9)  # λ − 1 = 1
+        assert (std < s).all() if sharper else (std > s).all()
+    assert autoguided(strong, weak, 2.0).teacher_passes() == 2
+
+
+@pytest.mark.parametrize("name", ["ayf_emd", "fmm_lmd", "fmm_emd"])
+def test_distilling_the_autoguided_teacher_has_the_guided_flow_map_as_fixed_point(name):
+    """The students distil the guided flow, not the strong teacher's: at its exact map every residual vanishes;
+    at the strong teacher's own map (control) it does not."""
+    strong = gaussian_2d()
+    weak = ExactGaussianFlowMap(strong.sigma0, strong.mean, 1.5 * strong.std)
+    velocity = autoguided(strong, weak, 2.0).teacher()
+    gen = torch.Generator().manual_seed(4)
+    x, a, b = marginal_points(strong, 1024, gen)
+    keep = b - a > 0.02  # the guided map's velocity is a difference quotient: jumps of a useful length
+    x, a, b = x[keep], a[keep], b[keep]
+    for student, exact_point in ((GuidedGaussianFlowMap(strong, weak, 2.0), True), (strong, False)):
+        term = TERMS[{"ayf_emd": "ayf_emd", "fmm_lmd": "fmm_lmd convex", "fmm_emd": "fmm_emd full"}[name]](
+            CountingNet(student), x, a, b, velocity
+        )
+        residual = (term.pred - term.target).abs().max().item()
+        assert residual < 1e-8 if exact_point else residual > 1e-2, residual
+
+
+def test_autoguidance_options_are_checked_before_anything_runs(tmp_path, capsys):
+    """autoguide with teacher_guidance exits 2 at validation; a named weak teacher that does not exist exits 2 at
+    submit, naming the option, and creates nothing."""
+    study = {
+        "name": "autoguided",
+        "base": {"method": {"name": "ayf_emd", "autoguide": {"weight": 2.0}, "teacher_guidance": 2.0}},
+    }
+    path = tmp_path / "autoguided.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["validate", str(path)]) == 2
+    assert "set one of them" in capsys.readouterr().out
+    study["base"]["method"] = {"name": "ayf_emd", "autoguide": {"path": str(tmp_path / "weak.pt")}}
+    path.write_text(yaml.safe_dump(study))
+    assert main(["submit", str(path), "--workdir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "method.autoguide.path" in err and "Traceback" not in err and not (tmp_path / "runs").exists()

@@ -191,7 +191,8 @@ def trainer_for(method: dict, batch: int = 64, dataset: dict | None = None, **tr
     )
     assert not problems, problems
     teacher = build_network(TrialConfig.parse(teacher_config(config))) if needs_teacher(config["method"]) else None
-    return build_trainer(TrialConfig.parse(config), CPU, teacher)
+    guide = build_network(TrialConfig.parse(teacher_config(config))) if config["method"].get("autoguide") else None
+    return build_trainer(TrialConfig.parse(config), CPU, teacher, guide)
 
 
 def test_label_dropout_rate_and_online_cfg_keeps_every_label():
@@ -227,6 +228,7 @@ GUIDED_COSTS = [  # (method, options that guide in training) → (forward, JVP) 
     ("fmm_emd", {"teacher_guidance": 2.0}, 2.0, 2.0),  # the guided b̂, the JVPs along a and along b̂
     ("ayf_emd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the guided b̂, the no-grad JVP
     ("ayf_lmd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the no-grad JVP, the guided b̂ there
+    ("ayf_emd", {"autoguide": {"weight": 2.0}}, 3.0, 1.0),  # the student, the teacher and its weak guide, the JVP
 ]
 """The papers' accounting of guided training, checked against the counter and against each method's own."""
 

@@ -76,6 +76,27 @@ def test_another_study_reuses_the_cached_teacher_and_a_named_one_is_used_as_give
     assert student.data.tags["orch.teacher"] == str(trial_dir)
 
 
+def test_an_autoguided_student_has_its_weak_teacher_trained_first_and_counts_its_passes(distilled, tmp_path, capsys):
+    """AYF-EMD autoguided by a planned weak teacher: `orch plan` lists it, the driver trains it (the teacher comes
+    from the cache), and the student's passes count both teachers."""
+    workdir, _ = distilled
+    raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
+    raw["name"], raw["grid"] = "autoguided", {"train.seed": [0]}
+    raw["base"]["method"] = {"name": "ayf_emd", "teacher": {"steps": 80, "batch_size": 256},
+                             "autoguide": {"steps": 20, "weight": 2.0}}  # fmt: skip
+    study = tmp_path / "autoguided.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(study)]) == 0
+    assert "20 steps, the weak teacher that autoguides 1 trial(s)" in capsys.readouterr().out
+    assert main(["submit", str(study), "--workdir", str(workdir), "--backend", "local"]) == 0
+    (weak,) = teacher_runs(workdir / "autoguided")  # the strong teacher came from the cache
+    assert weak.data.params["train.steps"] == "20" and weak.data.tags["orch.status"] == "completed"
+    (student,) = trial_runs(workdir / "autoguided", "autoguided")
+    assert student.data.tags["orch.guide"].endswith(f"{weak.data.tags['orch.trial_id']}/{TEACHER_FILE}")
+    assert student.data.metrics["cost/fwd_per_sample"] == pytest.approx(3.0)  # student, teacher, weak teacher
+    assert student.data.metrics["cost/jvp_per_sample"] == pytest.approx(1.0)
+
+
 def test_a_missing_or_corrupt_teacher_is_a_clear_error(tmp_path, capsys):
     raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
     raw["base"]["method"]["teacher"] = {"path": str(tmp_path / "nowhere.pt")}

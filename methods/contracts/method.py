@@ -157,6 +157,7 @@ class Setting:
         steps: train.steps, for a method whose options are schedules over training (α-Flow's curriculum).
         ema_copy: the counted EMA copy of the student at a decay the method chooses (TVM's 0.99 teacher),
             made by the trainer on first request when train.ema does not have it.
+        guide: the frozen weak teacher of autoguidance (method.autoguide), counted like the teacher.
     """
 
     interpolant: LinearInterpolant
@@ -167,6 +168,7 @@ class Setting:
     num_classes: int | None = None
     steps: int | None = None
     ema_copy: Callable[[float], nn.Module] | None = None
+    guide: nn.Module | None = None
 
 
 class Method:

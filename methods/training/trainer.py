@@ -241,14 +241,11 @@ class Trainer:
         self.scaler = grad_scaler(self.precision, device)
         self.amp_skipped_steps = 0
         self.ema = EMA(self.net.net, cfg.ema)
-        teacher = setting.teacher
-        if teacher is not None:
-            teacher = self.placed(teacher).requires_grad_(False).eval()
-            teacher = CountingNet(compiled(teacher, cfg.compile), self.counts, self.condition, jvp=cfg.jvp)
+        teacher, guide = self.frozen(setting.teacher), self.frozen(setting.guide)
         self.ema_targets: list[CountingNet] = []
         ema_target = self.counted_ema_copy(cfg.ema[0])
         compiled(self.net.net, cfg.compile)
-        setting = replace(setting, teacher=teacher, ema_target=ema_target, ema_copy=self.counted_ema_copy)
+        setting = replace(setting, teacher=teacher, guide=guide, ema_target=ema_target, ema_copy=self.counted_ema_copy)
         self.method = make_method(setting)
         # the student and its EMA copies embed the guidance scale under online CFG; the teacher never does
         for net in [self.net, *self.ema_targets]:
@@ -261,6 +258,14 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.train_seconds = 0.0
+
+    def frozen(self, net: nn.Module | None) -> CountingNet | None:
+        """A teacher (or autoguidance's weak teacher) on the trainer's device, without gradients, in eval mode,
+        behind the shared counter and condition."""
+        if net is None:
+            return None
+        net = self.placed(net).requires_grad_(False).eval()
+        return CountingNet(compiled(net, self.cfg.compile), self.counts, self.condition, jvp=self.cfg.jvp)
 
     def counted_ema_copy(self, decay: float) -> CountingNet:
         """The EMA copy of `decay` behind the shared counter and condition (added when train.ema lacks it: it is

@@ -51,6 +51,8 @@ class SearchCell:
     generation: str
     teacher: str | None
     """The planned teacher trial every sample of the cell distils (search spaces cannot change it)."""
+    guide: str | None
+    """The planned weak teacher trial that autoguides it (likewise)."""
     teachers: dict
     """Teacher trial id → its trained checkpoint file."""
 
@@ -77,7 +79,7 @@ def sampled_trial(cell: SearchCell, params: dict) -> Trial:
         raise ValueError(f"sampled an invalid trial {params}: {'; '.join(map(str, problems))}")
     client = MlflowClient(cell.tracking_uri)
     levels = cell.levels | {k: (None, level_label(v)) for k, v in params.items()}  # a sample is its own group
-    spec = TrialSpec(trial_id(resolved), resolved, {**cell.factors, **params}, levels, cell.teacher)
+    spec = TrialSpec(trial_id(resolved), resolved, {**cell.factors, **params}, levels, cell.teacher, cell.guide)
     trial, _ = open_trial(
         client,
         cell.experiment_id,
@@ -232,6 +234,7 @@ def run_search(
                 search.metric,
                 study.generation,
                 spec.teacher,
+                spec.guide,
                 teachers,
             )
             trainable = tune.with_resources(

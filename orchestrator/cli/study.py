@@ -56,8 +56,9 @@ def print_plan(study) -> None:
         print(f"{len(study.teachers)} teacher trial(s), trained first (once per work directory):")
         for teacher in study.teachers:
             students = sum(t.teacher == teacher.id for t in study.trials)
-            train = teacher.config["train"]
-            print(f"  {teacher.id.ljust(14)}flow matching, {train['steps']} steps, for {students} trial(s)")
+            guided = sum(t.guide == teacher.id for t in study.trials)
+            role = f"for {students} trial(s)" if students else f"the weak teacher that autoguides {guided} trial(s)"
+            print(f"  {teacher.id.ljust(14)}flow matching, {teacher.config['train']['steps']} steps, {role}")
 
 
 def cmd_plan(args) -> int:

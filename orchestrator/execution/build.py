@@ -74,9 +74,14 @@ def read_weights(path: str | Path) -> dict:
     return saved
 
 
-def build_trainer(config: TrialConfig, device: torch.device, teacher: torch.nn.Module | None = None) -> Trainer:
-    """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher,
-    and its student starts from the teacher's weights when the method says so."""
+def build_trainer(
+    config: TrialConfig,
+    device: torch.device,
+    teacher: torch.nn.Module | None = None,
+    guide: torch.nn.Module | None = None,
+) -> Trainer:
+    """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher
+    (and autoguidance's weak teacher), and its student starts from the teacher's weights when the method says so."""
     dataset = config.build("dataset")
     net = build_network(config, dataset)
     if (path := config.raw["model"].get("init_from")) is not None:  # a network with this option can load it
@@ -93,9 +98,8 @@ def build_trainer(config: TrialConfig, device: torch.device, teacher: torch.nn.M
     interpolant = LinearInterpolant(dataset.std)
     sigma_data = float(dataset.std.float().mean())
     time_sampler = config.build("time_sampler", sigma_data)
-    setting = Setting(
-        interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes_of(dataset), steps=config.train.steps
-    )
+    num_classes, steps = num_classes_of(dataset), config.train.steps
+    setting = Setting(interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes, steps=steps, guide=guide)
     return Trainer(net, lambda s: config.build("method", s), setting, dataset, config.train, device)
 
 
@@ -125,9 +129,10 @@ def file_problems(config: dict) -> list[Problem]:
     from orch.methods.evaluation.fid import read_statistics
 
     problems = []
-    teacher = config["method"].get("teacher")
-    if teacher and teacher["path"] is not None and not Path(teacher["path"]).exists():
-        problems.append(Problem("method.teacher.path", f"no such file or directory: {teacher['path']}"))
+    for key in ("teacher", "autoguide"):
+        named = config["method"].get(key)
+        if named and named["path"] is not None and not Path(named["path"]).exists():
+            problems.append(Problem(f"method.{key}.path", f"no such file or directory: {named['path']}"))
     if (init := config["model"].get("init_from")) is not None and not Path(init).is_file():
         problems.append(Problem("model.init_from", f"no such file: {init}"))
     if (statistics := config["eval"].get("fid_statistics")) is not None:

@@ -1,4 +1,5 @@
-"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd): named by the study, or planned.
+"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd, fmm, ayf) and autoguidance's weak
+teachers: named by the study, or planned.
 
 A teacher the study does not name is a flow-matching model of the trial's dataset and network, trained with the
 budget of `method.teacher`. It is a trial of its own, planned with the study (its id is the hash of its config,
@@ -31,10 +32,11 @@ class TeacherError(Exception):
     """A teacher that cannot be loaded or trained; names the path and what is wrong."""
 
 
-def teacher_config(config: dict) -> dict:
+def teacher_config(config: dict, steps: int | None = None) -> dict:
     """The flow-matching trial that trains the default teacher of `config`: same dataset and network, the budget
-    of method.teacher, evaluated once at the end with the student's metrics."""
-    spec = config["method"]["teacher"]
+    of method.teacher (for `steps` instead when given: autoguidance's weak teacher), evaluated once at the end
+    with the student's metrics."""
+    spec = config["method"]["teacher"] | ({} if steps is None else {"steps": steps})
     train = {k: spec[k] for k in ("steps", "batch_size", "lr", "lr_decay_steps", "seed")}
     train |= {"ema": [spec["ema"]], "checkpoint_every": max(1, spec["steps"] // 4)}
     train["label_dropout"] = config["train"]["label_dropout"]  # a conditional teacher learns the null class too
@@ -98,6 +100,14 @@ def planned_teacher(config: dict) -> dict | None:
     if not needs_teacher(method) or method["teacher"]["path"] is not None:
         return None
     return teacher_config(config)
+
+
+def planned_guide(config: dict) -> dict | None:
+    """The config of autoguidance's weak teacher trial when `config` asks for one and names no file, else None."""
+    autoguide = config["method"].get("autoguide")
+    if not needs_teacher(config["method"]) or autoguide is None or autoguide["path"] is not None:
+        return None
+    return teacher_config(config, autoguide["steps"])
 
 
 def write_teacher_file(trial_dir: Path, config: dict) -> Path:

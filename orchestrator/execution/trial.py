@@ -49,6 +49,8 @@ class Trial:
     """The teacher it distils: a planned teacher's file, or the file or trial directory the study names."""
     teacher_name: str | None = None
     """How its run names that teacher (tag orch.teacher): the planned teacher's id, or the named path."""
+    guide: str | None = None
+    """The weak teacher that autoguides its teacher: a planned one's file, or the file or directory named."""
 
     @cached_property
     def parsed(self) -> TrialConfig:
@@ -111,9 +113,12 @@ def open_trial(
         missing = log_unlogged(client, run_id, trial_dir, state)
         say(f"trial {spec.id}: {missing} metric row(s) of its metrics log had not reached MLflow; logged now")
     log_batch(client, run_id, tags={FACTORS: json.dumps(spec.levels), GENERATION: generation})
-    named = spec.config["method"].get("teacher", {}).get("path") if isinstance(spec.config["method"], dict) else None
+    method = spec.config["method"]
+    named = (method.get("teacher") or {}).get("path")
     planned = (teachers or {}).get(spec.teacher) if spec.teacher is not None else None
     teacher, teacher_name = (str(planned), spec.teacher) if planned else (named, named)
+    planned_guide = (teachers or {}).get(spec.guide) if spec.guide is not None else None
+    guide = str(planned_guide) if planned_guide else (method.get("autoguide") or {}).get("path")
     trial = Trial(
         spec.id,
         study,
@@ -126,6 +131,7 @@ def open_trial(
         generation,
         teacher,
         teacher_name,
+        guide,
     )
     trial.save()
     return trial, state

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from orch.backends.search_space import Search
-from orch.execution.teachers import planned_teacher
+from orch.execution.teachers import planned_guide, planned_teacher
 from orch.problems import Problem, did_you_mean
 from orch.study.schema import MAX_TRIALS
 from orch.tracking.schema import eval_key
@@ -88,7 +88,7 @@ def expand(study: dict) -> tuple[list[TrialSpec], list[Problem]]:
             problems.setdefault(f"{p.path}: {p.message.split('; in the combination')[0]}", p)
         if not found:
             levels = {a: (axes[a].index(v), level_label(v)) for a, v in factors.items()}
-            spec = TrialSpec(trial_id(resolved), resolved, factors, levels, teacher_of(resolved))
+            spec = TrialSpec(trial_id(resolved), resolved, factors, levels, teacher_of(resolved), guide_of(resolved))
             if (same := trials.setdefault(spec.id, spec)) is not spec and same.config != spec.config:
                 differ = [a for a in axes if a.split(".")[0] == "eval" or a in ("train", "eval")]
                 problems.setdefault(
@@ -110,12 +110,20 @@ def teacher_of(config: dict) -> str | None:
     return trial_id(teacher) if teacher is not None else None
 
 
+def guide_of(config: dict) -> str | None:
+    """The id of the weak teacher trial that autoguides a trial's teacher, if one is planned."""
+    guide = planned_guide(config)
+    return trial_id(guide) if guide is not None else None
+
+
 def plan_teachers(trials: list[TrialSpec]) -> list[TrialSpec]:
-    """The teacher trials the study's trials distil, once each: trials of their own, run first."""
+    """The teacher trials (and autoguidance's weak teachers) the study's trials distil, once each: trials of their
+    own, run first."""
     planned: dict[str, TrialSpec] = {}
     for spec in trials:
-        if spec.teacher is not None and spec.teacher not in planned:
-            planned[spec.teacher] = TrialSpec(spec.teacher, planned_teacher(spec.config), {"teacher": "fm"})
+        for planned_id, config in ((spec.teacher, planned_teacher), (spec.guide, planned_guide)):
+            if planned_id is not None and planned_id not in planned:
+                planned[planned_id] = TrialSpec(planned_id, config(spec.config), {"teacher": "fm"})
     return list(planned.values())
 
 
@@ -179,7 +187,7 @@ def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:
                     problems.setdefault(
                         f"{key}: {p.message}", Problem(f"search.space.{key}", f"{value!r}: {p.message}")
                     )
-                if not found and teacher_of(resolved) != cell.teacher:  # its teacher is planned with the study
+                if not found and (teacher_of(resolved), guide_of(resolved)) != (cell.teacher, cell.guide):
                     message = "changes the teacher a distillation method trains first: make it a grid axis"
                     problems.setdefault(f"{key}: teacher", Problem(f"search.space.{key}", message))
         if search.metric not in logged_metrics(cell.config):

@@ -275,6 +275,7 @@ INERT = {
     ("method", "cfg_kappa"): 0.0,
     ("method", "cfg_interval"): None,
     ("method", "teacher_guidance"): 1.0,
+    ("method", "autoguide"): None,
     ("train", "precision"): "auto",
     ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
     ("model", "attention"): "sdpa",

@@ -16,6 +16,8 @@ class TrialSpec:
     """Each factor as (index of its level on the axis, label): what the dashboard groups by and orders with."""
     teacher: str | None = None
     """The id of the planned teacher trial this trial distils (None: no teacher, or one the study names)."""
+    guide: str | None = None
+    """The id of the planned weak teacher trial that autoguides its teacher (None: none, or one the study names)."""
 
     @property
     def label(self) -> str:
