@@ -194,8 +194,9 @@ def test_autoguidance_options_are_checked_before_anything_runs(tmp_path, capsys)
     }
     path = tmp_path / "autoguided.yaml"
     path.write_text(yaml.safe_dump(study))
-    assert main(["validate", str(path)]) == 2
-    assert "set one of them" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", str(path)])
+    assert exited.value.code == 2 and "set one of them" in capsys.readouterr().err
     study["base"]["method"] = {"name": "ayf_emd", "autoguide": {"path": str(tmp_path / "weak.pt")}}
     path.write_text(yaml.safe_dump(study))
     assert main(["submit", str(path), "--workdir", str(tmp_path / "runs")]) == 2
