@@ -9,7 +9,8 @@ asked for, the diagonal regresses v(I_τ; τ, τ) onto b̂(I_τ, τ).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -43,8 +44,16 @@ FMM = """N. M. Boffi, M. S. Albergo, E. Vanden-Eijnden, "Flow Map Matching", TML
 
 
 class TeacherResidual(DistilsTeacher):
-    """What FMM's two residuals share: the diagonal against the teacher and the teacher's passes in the
-    accounting."""
+    """What FMM's two residuals share: the self-distillation residual (`residual`, named `term_name`) against the
+    teacher's velocity, the diagonal against the teacher and the teacher's passes in the accounting."""
+
+    term_name: ClassVar[str]
+    residual: ClassVar[Callable[..., Term]]
+
+    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
+        term = self.residual(net, x_a, a, b, self.params.stopgrad, self.teacher())
+        term.name = self.term_name
+        return term
 
     def diagonal_count(self, batch: int) -> int:
         """⌊η·batch⌋ diagonal rows, possibly none."""
@@ -72,12 +81,7 @@ class FMMLMD(TeacherResidual, LSD):
     {FMM}
     """
 
-    Params = FMMLMDParams
-
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
-        term = lsd_term(net, x_a, a, b, self.params.stopgrad, self.teacher())
-        term.name = "fmm_lmd"
-        return term
+    Params, term_name, residual = FMMLMDParams, "fmm_lmd", staticmethod(lsd_term)
 
 
 @register_method("fmm_emd")
@@ -88,9 +92,4 @@ class FMMEMD(TeacherResidual, ESD):
     {FMM}
     """
 
-    Params = FMMEMDParams
-
-    def offdiagonal(self, net: CountingNet, x_a: Tensor, a: Tensor, b: Tensor, gen: Gen) -> Term:
-        term = esd_term(net, x_a, a, b, self.params.stopgrad, self.teacher())
-        term.name = "fmm_emd"
-        return term
+    Params, term_name, residual = FMMEMDParams, "fmm_emd", staticmethod(esd_term)
