@@ -10,11 +10,14 @@ import yaml
 from torch import Tensor, nn
 
 from orch.cli import main
+from orch.methods.contracts.conventions import canonical_to_edm, edm_to_canonical
 from orch.methods.contracts.counting import CountingNet
+from orch.methods.contracts.flow_map import jump
 from orch.methods.contracts.interpolants import LinearInterpolant, expand_time
 from orch.methods.contracts.method import Setting
 from orch.methods.contracts.teacher import AutoguideSpec
 from orch.methods.losses.ayf import AYFEMD, AYFEMDParams, TangentNorm, ayf_emd_term, ayf_lmd_term
+from orch.methods.losses.ect import ECT, ECTParams, ect_sigma_r
 from orch.methods.losses.self_distillation import esd_term, lsd_term
 from tests.gaussian import ExactGaussianFlowMap, gaussian_2d
 from tests.test_methods_2026 import marginal_points
@@ -202,3 +205,54 @@ def test_autoguidance_options_are_checked_before_anything_runs(tmp_path, capsys)
     assert main(["submit", str(path), "--workdir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "method.autoguide.path" in err and "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_ect_shrinks_delta_sigma_by_q_per_stage_and_ends_at_the_data():
+    """σ_r = max(0, σ_t(1 − q^{−(k+1)}(1 + κ·sigmoid(−βσ_t)))): with κ = 0, Δσ/σ_t = q^{−(k+1)} at every σ; with
+    ECT's κ = 8 the first stage regresses small σ onto the data itself (σ_r = 0)."""
+    sigma = torch.logspace(-2, 2, 50, dtype=D)
+    for stage in range(4):
+        shrink = (sigma - ect_sigma_r(sigma, stage, 4.0, 0.0, 1.0)) / sigma
+        torch.testing.assert_close(shrink, torch.full_like(sigma, 4.0 ** -(stage + 1)))
+    first = ect_sigma_r(sigma, 0, 2.0, 8.0, 1.0)
+    assert (first[sigma < 1.9] == 0).all() and (first[sigma > 2.0] > 0).all()
+    expected = sigma * (1 - 0.25 * (1 + 8 * torch.sigmoid(-sigma)))  # stage 1, q = 2, written out
+    torch.testing.assert_close(ect_sigma_r(sigma, 1, 2.0, 8.0, 1.0), expected.clamp(min=0))
+
+
+def ect_residual(student, stage: int, independent_noise: bool = False) -> tuple[float, float]:
+    """Mean |f(σ_t) − f(σ_r)| of ECT's term for a Gaussian-family student at this stage (q = 2, κ = 0), and the
+    norm of the gradient of the mean squared residual; or both with fresh noise for the target pass (control)."""
+    exact = gaussian_2d()
+    method = ECT(ECTParams(q=2.0, kappa=0.0, stage_steps=1), Setting(LinearInterpolant(exact.sigma0), None, 1.0))
+    x1 = exact.mean + exact.std * torch.randn(1 << 16, 2, generator=torch.Generator().manual_seed(5), dtype=D)
+    gen = torch.Generator().manual_seed(6)
+    (term,) = method.terms(CountingNet(student), x1, stage, gen)
+    target = term.target
+    if independent_noise:
+        x0 = torch.randn(x1.shape, generator=gen, dtype=D) * exact.sigma0
+        sigma_r = ect_sigma_r(canonical_to_edm(term.a, 1.0), stage, 2.0, 0.0, 1.0)
+        tau_r = edm_to_canonical(sigma_r, 1.0)
+        target = jump(CountingNet(student), (1 - tau_r[:, None]) * x0 + tau_r[:, None] * x1, tau_r, term.b).detach()
+    grads = torch.autograd.grad(((term.pred - target) ** 2).sum(1).mean(), list(student.parameters()))
+    return (term.pred - target).abs().mean().item(), torch.cat([g.flatten() for g in grads]).norm().item()
+
+
+def test_ect_pairs_share_their_noise_so_the_residual_shrinks_with_delta_sigma():
+    """At the exact consistency function, ECT's residual shrinks with Δσ/σ = 2^{−(k+1)} (slope 1 on log-log: the
+    pairs lie on one noising line with the same ε) and its gradient faster, while a student 20% off in s keeps a
+    gradient; with fresh noise for the target (control) nothing shrinks. The data end is exact: where σ_r = 0 the
+    target is x1."""
+    exact = gaussian_2d()
+    residuals = [ect_residual(GaussianFamily(exact), stage) for stage in (3, 7)]
+    assert residuals[0][0] / residuals[1][0] == pytest.approx(16, rel=0.1)  # Δσ 16× smaller
+    assert residuals[0][1] / residuals[1][1] > 8
+    assert ect_residual(GaussianFamily(exact, 1.2), 7)[1] > 10 * residuals[1][1]  # off θ*, the gradient stays
+    controls = [ect_residual(GaussianFamily(exact), stage, independent_noise=True) for stage in (3, 7)]
+    assert controls[1][0] > 0.5 * controls[0][0] > 10 * residuals[1][0]
+    method = ECT(ECTParams(), Setting(LinearInterpolant(exact.sigma0), None, 1.0))
+    x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(7), dtype=D)
+    (term,) = method.terms(CountingNet(exact), x1, 0, torch.Generator().manual_seed(8))
+    at_data = ect_sigma_r(canonical_to_edm(term.a, 1.0), 0, 2.0, 8.0, 1.0) == 0
+    assert 0.2 < at_data.double().mean() < 0.9
+    torch.testing.assert_close(term.target[at_data], x1[at_data])

@@ -36,19 +36,10 @@ from orch.methods.contracts.method import (
 )
 from orch.methods.contracts.time_samplers import TimeSampler, TimeSamplerParams, Uniform
 from orch.methods.losses.flow_matching import diagonal_term
+from orch.methods.runtime.dropout import dropout_rewind
 from orch.methods.runtime.parallel import Gen, rand
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-def dropout_rewind(device: torch.device):
-    """A function that rewinds the RNG that dropout draws from to this point, so that a later pass draws the
-    same masks as an earlier one (paper B reuses the RNG state between the student and estimator passes)."""
-    if device.type == "cuda":
-        state = torch.cuda.get_rng_state(device)
-        return lambda: torch.cuda.set_rng_state(state, device)
-    state = torch.get_rng_state()
-    return lambda: torch.set_rng_state(state)
 
 
 def secant_jumps(

@@ -20,7 +20,7 @@ from orch.methods.contracts.guidance import rows_of
 from orch.methods.contracts.interpolants import expand_time
 from orch.methods.contracts.method import DimReduction, Distance, Setting, Term, register_method
 from orch.methods.losses.meanflow import MeanFlow, MeanFlowParams
-from orch.methods.losses.secant import dropout_rewind
+from orch.methods.runtime.dropout import dropout_rewind
 from orch.methods.runtime.parallel import Gen, split_count
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
