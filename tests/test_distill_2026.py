@@ -17,8 +17,10 @@ from orch.methods.contracts.interpolants import LinearInterpolant, expand_time
 from orch.methods.contracts.method import Setting
 from orch.methods.contracts.teacher import AutoguideSpec
 from orch.methods.losses.ayf import AYFEMD, AYFEMDParams, TangentNorm, ayf_emd_term, ayf_lmd_term
+from orch.methods.losses.dmf import DMF, DMFParams
 from orch.methods.losses.ect import ECT, ECTParams, ect_sigma_r
 from orch.methods.losses.self_distillation import esd_term, lsd_term
+from orch.methods.networks.mlp import FlowMapMLP
 from tests.gaussian import ExactGaussianFlowMap, gaussian_2d
 from tests.test_methods_2026 import marginal_points
 
@@ -256,3 +258,20 @@ def test_ect_pairs_share_their_noise_so_the_residual_shrinks_with_delta_sigma():
     at_data = ect_sigma_r(canonical_to_edm(term.a, 1.0), 0, 2.0, 8.0, 1.0) == 0
     assert 0.2 < at_data.double().mean() < 0.9
     torch.testing.assert_close(term.target[at_data], x1[at_data])
+
+
+def test_dmf_trains_flow_matching_and_the_meanflow_target_on_every_sample_with_its_time_laws():
+    """Two terms of the whole batch: flow matching at logit-normal(0) times on the diagonal, MeanFlow's target on
+    jumps a ≤ b whose ends come from logit-normal(0.4) and (−1.2) draws (MeanFlow's time: the noisier end is
+    the max), each with the adaptive weight; 2 forwards and 1 JVP per sample."""
+    method = DMF(DMFParams(), Setting(LinearInterpolant(torch.ones(2)), None, 1.0))
+    net, n = CountingNet(FlowMapMLP(2, 16, 2, torch.ones(2))), 1 << 16
+    x1 = torch.randn(n, 2, generator=torch.Generator().manual_seed(9))
+    fm, mf = method.terms(net, x1, 0, torch.Generator().manual_seed(10))
+    logit = lambda tau: torch.log((1 - tau) / tau)  # noqa: E731 — MeanFlow's t = 1 − τ before the sigmoid
+    assert torch.equal(fm.a, fm.b) and logit(fm.a).mean().item() == pytest.approx(0.0, abs=0.02)
+    assert (mf.a <= mf.b).all() and (mf.a < mf.b).float().mean() > 0.99
+    assert (logit(mf.a) + logit(mf.b)).mean().item() == pytest.approx(0.4 - 1.2, abs=0.03)  # max + min = sum
+    assert logit(mf.a).mean().item() > 0.4 and logit(mf.b).mean().item() < -1.2  # the max above both, min below
+    assert fm.distance.kind == mf.distance.kind == "adaptive"
+    assert net.forwards == 2 * n and net.jvps == n

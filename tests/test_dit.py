@@ -92,12 +92,34 @@ def test_the_two_time_embeddings_condition_on_what_their_papers_embed():
     secant, meanflow = tiny(time_embedding="secant"), tiny(time_embedding="meanflow")
     a, b = torch.tensor([0.2, 0.5]), torch.tensor([0.7, 0.5])
     t_e, s_e = secant.t_embedder, secant.s_embedder
-    torch.testing.assert_close(secant.condition(a, b), (t_e(a) + s_e(b)) / 2)
+    torch.testing.assert_close(secant.condition(a, b)[0], (t_e(a) + s_e(b)) / 2)
     # MeanFlow's time runs the other way (1 = noise): t = 1 − a, and h = t − r = b − a
     t_m, h_m = meanflow.t_embedder, meanflow.h_embedder
-    torch.testing.assert_close(meanflow.condition(a, b), t_m(1 - a) + h_m(b - a))
+    torch.testing.assert_close(meanflow.condition(a, b)[0], t_m(1 - a) + h_m(b - a))
     s_e.load_state_dict(t_e.state_dict())  # paper B's transfer: the end-time embedder a copy of the start's
-    torch.testing.assert_close(secant.condition(a, a), t_e(a))
+    torch.testing.assert_close(secant.condition(a, a)[0], t_e(a))
+
+
+def test_decoupled_time_is_the_flow_model_on_the_diagonal_and_splits_the_blocks_by_time():
+    """DMF's conversion: at a = b a decoupled DiT is exactly the flow model with the same weights (here a secant
+    DiT whose end-time embedder is a copy of the start's); the start blocks see a only, the rest and the output b."""
+    torch.manual_seed(0)
+    decoupled = tiny(time_embedding="decoupled", depth=3, decoupled_blocks=2).double()
+    randomise_zero_layers(decoupled)
+    flow = tiny(time_embedding="secant", depth=3).double()
+    state = decoupled.state_dict()
+    flow.load_state_dict(state | {"s" + k[1:]: v for k, v in state.items() if k.startswith("t_embedder.")})
+    x, tau = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    assert torch.equal(decoupled(x, tau, tau), flow(x, tau, tau))
+    seen = []
+    decoupled.blocks[2].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    later, other_start = torch.clamp(tau + 0.3, max=1.0), tau * 0.5
+    outputs = [decoupled(x, a, b) for a, b in ((tau, tau), (tau, later), (other_start, tau))]
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])  # block 2's input: a only
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3  # b reaches the output
+    assert tiny(time_embedding="decoupled", depth=7).start_blocks == 5  # ⌊5/7⌋ of the depth, DMF's 20 of 28
+    with pytest.raises(ValueError, match="more than the depth"):
+        DiTParams(depth=2, time_embedding="decoupled", decoupled_blocks=3)
 
 
 def test_bad_shapes_and_widths_are_refused_naming_the_problem():
@@ -200,6 +222,21 @@ def test_official_checkpoints_load_as_teacher_and_init_and_the_diagonal_starts_a
         assert student.cfg_embedder is not None and teacher.cfg_embedder is None
         shared = {k: v for k, v in student.state_dict().items() if not k.startswith("cfg_embedder.")}
         assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in shared.items())
+
+
+def test_an_official_checkpoint_converted_to_decoupled_time_is_the_flow_model_at_step_0():
+    """DMF's conversion of a SiT checkpoint: the decoupled network loads it as it is (one time embedder) and at
+    a = b gives exactly what the checkpoint's flow model gives (here loaded as a secant network)."""
+    official = official_layout(depth=2, hidden=32, patch=4, channels=1, side=28, classes=10)
+    shape, conditioning = (1, 28, 28), ClassConditioning(10)
+    decoupled = tiny(4, shape, conditioning, time_embedding="decoupled", decoupled_blocks=1)
+    flow = tiny(4, shape, conditioning)
+    decoupled.load_pretrained(official, "SiT-tiny.pt")
+    flow.load_pretrained(official, "SiT-tiny.pt")
+    x, t, labels = torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        assert torch.equal(decoupled(x, t, t, labels), flow(x, t, t, labels))
+        assert not torch.equal(decoupled(x, t, t.clamp(min=0.5) + 0.1, labels), flow(x, t, t, labels))
 
 
 def test_a_learned_variance_half_is_dropped_and_the_mean_lands_on_its_pixels(tmp_path):

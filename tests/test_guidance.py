@@ -228,6 +228,7 @@ GUIDED_COSTS = [  # (method, options that guide in training) → (forward, JVP) 
     ("fmm_emd", {"teacher_guidance": 2.0}, 2.0, 2.0),  # the guided b̂, the JVPs along a and along b̂
     ("ayf_emd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the guided b̂, the no-grad JVP
     ("ayf_lmd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the no-grad JVP, the guided b̂ there
+    ("dmf", {"cfg_kappa": 0.6, "cfg_interval": [0.3, 1.0]}, 6.0, 1.0),  # + each branch's cond/null diagonal
     ("ayf_emd", {"autoguide": {"weight": 2.0}}, 3.0, 1.0),  # the student, the teacher and its weak guide, the JVP
 ]
 """The papers' accounting of guided training, checked against the counter and against each method's own."""

@@ -121,6 +121,7 @@ def one_step_cost(method: str, stopgrad: str | None) -> dict[str, float]:
         ("fmm_emd", "full", 1.0, 2.0),  # the teacher's b̂, the JVPs along a and along b̂
         ("ayf_emd", None, 2.0, 1.0),  # the student, b̂, the no-grad JVP along the teacher's flow
         ("ayf_lmd", None, 2.0, 1.0),  # the student, the no-grad JVP along b, b̂ at the landing point
+        ("dmf", None, 2.0, 1.0),  # the flow-matching forward, the jump's forward and its no-grad JVP
         ("ect", None, 2.0, 0.0),  # the student at σ_t, the no-grad target at σ_r (the teacher only initialises)
     ],
 )

@@ -54,9 +54,12 @@ class DiTParams(AttentionParams):
     """Attention heads, overriding the size's."""
     mlp_ratio: float = Field(4.0, gt=0.0)
     """Width of each block's MLP relative to the width."""
-    time_embedding: Literal["secant", "meanflow"] = "secant"
+    time_embedding: Literal["secant", "meanflow", "decoupled"] = "secant"
     """`secant`: c = (E_t(a) + E_s(b)) / 2 (paper B); `meanflow`: c = E_t(1 − a) + E_h(b − a) (MeanFlow's t and
-    t − r)."""
+    t − r); `decoupled`: one embedder, the first `decoupled_blocks` blocks see E_t(a) and the rest and the final
+    layer E_t(b) (DMF), so that at a = b the network is the flow model it was converted from."""
+    decoupled_blocks: PositiveInt | None = None
+    """Under `decoupled`, the blocks that see the start time a; null: ⌊5/7⌋ of the depth (DMF's 20 of 28)."""
     time_scale: float = Field(1.0, gt=0.0)
     """Times are multiplied by this before their sinusoidal features; 1 is SiT's (and paper B's) raw τ ∈ [0, 1]."""
     init_from: str | None = None
@@ -70,7 +73,16 @@ class DiTParams(AttentionParams):
         depth, hidden, heads = self.shape()
         if hidden % heads or hidden % 4:
             raise ValueError(f"width {hidden} must be a multiple of 4 and of the {heads} heads")
+        if self.decoupled_blocks is not None and self.decoupled_blocks > depth:
+            raise ValueError(f"decoupled_blocks {self.decoupled_blocks} is more than the depth {depth}")
         return self
+
+    def start_blocks(self) -> int:
+        """The blocks conditioned on the start time a: all but under `decoupled` time."""
+        depth = self.shape()[0]
+        if self.time_embedding != "decoupled":
+            return depth
+        return self.decoupled_blocks if self.decoupled_blocks is not None else depth * 5 // 7
 
     def shape(self) -> tuple[int, int, int]:
         """(depth, hidden, heads): the size's, with the overrides applied."""
@@ -230,13 +242,13 @@ class FlowMapDiT(nn.Module):
         channels, side = shape[0], shape[1]
         depth, hidden, heads = params.shape()
         self.patch, self.channels, self.time_scale = params.patch, channels, params.time_scale
-        self.meanflow = params.time_embedding == "meanflow"
+        self.time_embedding, self.start_blocks = params.time_embedding, params.start_blocks()
         self.x_embedder = PatchEmbed(channels, hidden, params.patch)
         self.register_buffer("pos_embed", sincos_2d(hidden, side // params.patch)[None])
         self.t_embedder = TimestepEmbedder(hidden, params.time_precision)
-        if self.meanflow:
+        if self.time_embedding == "meanflow":
             self.h_embedder = TimestepEmbedder(hidden, params.time_precision)
-        else:
+        elif self.time_embedding == "secant":
             self.s_embedder = TimestepEmbedder(hidden, params.time_precision)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, heads, params.mlp_ratio, params.attention, params.qk_norm) for _ in range(depth)
@@ -258,6 +270,18 @@ class FlowMapDiT(nn.Module):
         """Take the weights of a DiT/SiT repository checkpoint (model.init_from, or a teacher's file)."""
         load_official(self, saved, source)
 
+    def times(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """The time conditioning (n, hidden) of the start blocks and of the other blocks with the final layer:
+        one vector for both except under decoupled time."""
+        a, b = a * self.time_scale, b * self.time_scale
+        if self.time_embedding == "meanflow":
+            c = self.t_embedder(self.time_scale - a) + self.h_embedder(b - a)
+        elif self.time_embedding == "secant":
+            c = (self.t_embedder(a) + self.s_embedder(b)) / 2
+        else:
+            return self.t_embedder(a), self.t_embedder(b)
+        return c, c
+
     def condition(
         self,
         a: Tensor,
@@ -265,25 +289,22 @@ class FlowMapDiT(nn.Module):
         labels: Tensor | None = None,
         omega: Tensor | None = None,
         interval: Tensor | None = None,
-    ) -> Tensor:
-        """The conditioning vector c (n, hidden) of the jump a → b, the class and the guidance inputs."""
-        a, b = a * self.time_scale, b * self.time_scale
-        if self.meanflow:
-            c = self.t_embedder(self.time_scale - a) + self.h_embedder(b - a)
-        else:
-            c = (self.t_embedder(a) + self.s_embedder(b)) / 2
+    ) -> tuple[Tensor, Tensor]:
+        """The conditioning vectors c (n, hidden) of the start blocks and of the rest: the jump a → b, the class
+        and the guidance inputs."""
+        start, end = self.times(a, b)
         if self.y_embedder is None:
             unconditional(labels, omega, interval)
-            return c
+            return start, end
         if labels is None:
             raise ValueError("a class-conditional network needs labels (the null class for unconditional)")
-        c = c + self.y_embedder(labels)
+        c = self.y_embedder(labels)
         if self.cfg_embedder is not None:
             c = c + self.cfg_embedder(guidance_input(omega, "omega"))
         if self.interval_embedders is not None:
-            for embed, end in zip(self.interval_embedders, guidance_input(interval, "interval").unbind(1)):
-                c = c + embed(end)
-        return c
+            for embed, end_time in zip(self.interval_embedders, guidance_input(interval, "interval").unbind(1)):
+                c = c + embed(end_time)
+        return start + c, end + c
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """(n, L, p²·C) → (n, C, H, W)."""
@@ -302,11 +323,11 @@ class FlowMapDiT(nn.Module):
         interval: Tensor | None = None,
     ) -> Tensor:
         """x (n, C, H, W), times a, b (n,), labels (n,), omega (n,), interval (n, 2) → average velocity (n, C, H, W)."""
-        c = self.condition(a, b, labels, omega, interval)
+        start, end = self.condition(a, b, labels, omega, interval)
         h = self.x_embedder(x) + self.pos_embed
-        for block in self.blocks:
-            h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+        for i, block in enumerate(self.blocks):
+            h = block(h, start if i < self.start_blocks else end)
+        return self.unpatchify(self.final_layer(h, end))
 
 
 OFFICIAL_CONTAINERS = ("ema", "model")
@@ -324,7 +345,7 @@ def official_state(saved: dict, net: FlowMapDiT) -> dict[str, Tensor]:
     for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
         if name in state and state[name].shape[0] == 2 * rows:
             state[name] = state[name][means]
-    if not net.meanflow and not any(k.startswith("s_embedder.") for k in state):
+    if net.time_embedding == "secant" and not any(k.startswith("s_embedder.") for k in state):
         state |= {"s_embedder." + k[len("t_embedder.") :]: v for k, v in state.items() if k.startswith("t_embedder.")}
     return state
 
