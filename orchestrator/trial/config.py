@@ -281,6 +281,7 @@ INERT = {
     ("model", "attention"): "sdpa",
     ("model", "qk_norm"): False,
     ("model", "time_precision"): "fp32",
+    ("model", "decoupled_blocks"): None,
     ("eval", "precision"): "fp32",
     ("eval", "fid_statistics"): None,
     ("eval", "metric_options"): {},
