@@ -274,6 +274,7 @@ INERT = {
     ("method", "cfg_omega"): 1.0,
     ("method", "cfg_kappa"): 0.0,
     ("method", "cfg_interval"): None,
+    ("method", "online_interval"): False,
     ("method", "teacher_guidance"): 1.0,
     ("method", "autoguide"): None,
     ("train", "precision"): "auto",
