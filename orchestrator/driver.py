@@ -175,15 +175,35 @@ def open_trials(
 
 
 def run_teachers(study: Study, workdir: Path, uri: str, backend: Backend, say) -> dict[str, Path]:
-    """Train the teachers the study's trials distil, first, on the study's backend (once per workdir: a teacher
-    another study trained is found done and never opened again; one that another driver is training is waited
-    for, by this driver, not by a worker). Returns teacher id → teacher file, for the completed ones."""
+    """Train the teachers and prior stages the study's trials need, first, on the study's backend, in rounds: each
+    once the trials it needs itself have completed (a stage after its teacher). Once per workdir: one another
+    study trained is found done and never opened again; one that another driver is training is waited for, by
+    this driver, not by a worker. Returns trial id → teacher file, for the completed ones."""
     teachers_dir = workdir / "teachers"
+    files: dict[str, Path] = {}
+    tried: set[str] = set()
+    while True:
+        for spec in study.teachers:
+            trial_dir = teachers_dir / "trials" / spec.id
+            if spec.id not in files and TrialState.load(trial_dir).status == COMPLETED:
+                teacher_file = trial_dir / TEACHER_FILE
+                files[spec.id] = teacher_file if teacher_file.exists() else write_teacher_file(trial_dir, spec.config)
+        untried = [s for s in study.teachers if s.id not in files and s.id not in tried]
+        if not (ready := [s for s in untried if all(p in files for p in s.priors)]):
+            return files  # what is left needs a trial that did not complete: its students fail, naming it
+        tried |= {s.id for s in ready}
+        train_teachers(ready, teachers_dir, uri, backend, files, say)
+
+
+def train_teachers(
+    specs: list[TrialSpec], teachers_dir: Path, uri: str, backend: Backend, files: dict[str, Path], say
+) -> None:
+    """Train the unfinished ones of `specs` (whose own teachers are in `files`) under their locks."""
 
     def unfinished(specs: list[TrialSpec]) -> list[TrialSpec]:
         return [s for s in specs if TrialState.load(teachers_dir / "trials" / s.id).status not in FINISHED_STATES]
 
-    if todo := sorted(unfinished(study.teachers), key=lambda spec: spec.id):
+    if todo := sorted(unfinished(specs), key=lambda spec: spec.id):
         with contextlib.ExitStack() as locks:
             for spec in todo:  # in id order: two drivers never wait on each other's locks
                 (teachers_dir / "trials" / spec.id).mkdir(parents=True, exist_ok=True)
@@ -192,16 +212,11 @@ def run_teachers(study: Study, workdir: Path, uri: str, backend: Backend, say) -
                 client = MlflowClient(uri)
                 experiment_id = ensure_experiment(client, EXPERIMENT, teachers_dir / "artifacts")
                 store = (client, experiment_id, ensure_parent_run(client, experiment_id, EXPERIMENT, {}))
-                trials = [t for t, _ in open_trials(todo, store, EXPERIMENT, teachers_dir, lambda spec: spec.id, say)]
-                say(f"{len(trials)} teacher(s) to train first: {', '.join(t.id for t in trials)}")
+                opened = open_trials(todo, store, EXPERIMENT, teachers_dir, lambda spec: spec.id, say, files)
+                trials = [t for t, _ in opened]
+                kinds = "stage(s)" if all(s.factors.get("stage") for s in todo) else "teacher(s)"
+                say(f"{len(trials)} {kinds} to train first: {', '.join(t.id for t in trials)}")
                 backend.run(trials, teachers_dir, EXPERIMENT, progress_of(trials), say)
-    files = {}
-    for spec in study.teachers:
-        trial_dir = teachers_dir / "trials" / spec.id
-        if TrialState.load(trial_dir).status == COMPLETED:
-            teacher_file = trial_dir / TEACHER_FILE
-            files[spec.id] = teacher_file if teacher_file.exists() else write_teacher_file(trial_dir, spec.config)
-    return files
 
 
 def progress_of(trials: list[Trial]) -> Progress:
@@ -221,9 +236,10 @@ def prepare_trials(
     todo, finished, remeasured = [], 0, []
     opened = open_trials(study.trials, store, study.name, study_dir, lambda s: study.generation, say, teachers)
     for (trial, state), spec in zip(opened, study.trials):
-        missing = [t for t in (spec.teacher, spec.guide) if t is not None and t not in teachers]
+        missing = [t for t in spec.priors if t not in teachers]
         if missing and state.status not in FINISHED_STATES:
-            finish_unrun(trial, state, f"its teacher {missing[0]} did not complete; see orch status of its trial")
+            role = "prior stage" if missing[0] == spec.stage else "teacher"
+            finish_unrun(trial, state, f"its {role} {missing[0]} did not complete; see orch status of its trial")
         elif state.status not in FINISHED_STATES or missing_evaluations(spec.config, state):
             todo.append(trial)
         finished += state.status in FINISHED_STATES

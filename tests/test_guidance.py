@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from orch.execution.build import build_network, build_section, build_trainer, needs_teacher
-from orch.execution.teachers import teacher_config
+from orch.execution.teachers import planned_stage, teacher_config
 from orch.methods.catalog import METHODS
 from orch.methods.contracts.counting import CountingNet, Counts
 from orch.methods.contracts.guidance import Condition, cfg_velocity
@@ -192,7 +192,8 @@ def trainer_for(method: dict, batch: int = 64, dataset: dict | None = None, **tr
     assert not problems, problems
     teacher = build_network(TrialConfig.parse(teacher_config(config))) if needs_teacher(config["method"]) else None
     guide = build_network(TrialConfig.parse(teacher_config(config))) if config["method"].get("autoguide") else None
-    return build_trainer(TrialConfig.parse(config), CPU, teacher, guide)
+    stage = build_network(TrialConfig.parse(stage)) if (stage := planned_stage(config)) else None
+    return build_trainer(TrialConfig.parse(config), CPU, teacher, guide, stage)
 
 
 def test_label_dropout_rate_and_online_cfg_keeps_every_label():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from orch.execution.build import build_network, build_trainer, needs_teacher
+from orch.execution.build import build_network, build_trainer, needs_teacher, prior_stage
 from orch.methods.catalog import METHODS
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.losses.self_distillation import esd_term, lsd_term, psd_term
@@ -77,13 +77,15 @@ def test_stopgrad_detaches_exactly_the_specified_parts(name, stopgrad, target_he
 
 
 def one_step_trainer(method: dict, batch: int = 1024):
-    """A trainer of `method` after one step on the checkerboard (a small MLP; any frozen network as teacher)."""
+    """A trainer of `method` after one step on the checkerboard (a small MLP; any frozen network as teacher and as
+    prior stage)."""
     config, problems = resolve_trial_config(
         {"method": method, "model": {"width": 16, "depth": 2}, "train": {"batch_size": batch, "device": "cpu"}}
     )
     assert not problems
     teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
-    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
+    stage = build_network(TrialConfig.parse(config)) if prior_stage(config["method"]) else None
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher, stage=stage)
     trainer.train_step()
     return trainer
 
@@ -137,8 +139,9 @@ def test_measured_network_evaluations_per_sample(method, stopgrad, fwd, jvp):
 def test_every_method_declares_the_passes_its_counter_measures(method, batch):
     """Each registered method's own accounting (Method.expected_passes) is what the counter measures, at a batch
     that splits evenly and one that does not (for a method that trains in groups, IMM, the largest batch below it
-    that its groups divide)."""
-    group = METHODS.get(method).params().model_dump().get("group_size", 1)
+    that its groups divide; CMT's trajectories of `nfe` points likewise)."""
+    defaults = METHODS.get(method).params().model_dump()
+    group = defaults.get("group_size") or defaults.get("nfe") or 1
     batch -= batch % group
     trainer = one_step_trainer({"name": method}, batch)
     expected = trainer.method.expected_passes(batch)

@@ -60,19 +60,24 @@ def sample_heun(net: nn.Module, x0: Tensor, nfe: int) -> Tensor:
 
 @torch.no_grad()
 def sample_consistency(net: nn.Module, x0: Tensor, n_steps: int, tau_min: float, base_std: Tensor, gen: Gen) -> Tensor:
-    """Multistep consistency sampling (sCT, sCD, iCT) with the flow map to data, f(I_τ) = X_{τ,1}(I_τ).
-
-    Starts at the largest noise level τ_min with I = (1 − τ_min)·x0 (the data part is negligible there), jumps
-    to data, and re-noises to the next time of the uniform grid from τ_min to 1 with fresh base noise drawn
-    from `gen` (the evaluation's generator, so that every chunk of samples gets its own noise and a seeded
-    evaluation is reproducible). NFE = N. Shapes: x0 (n, *data_shape).
+    """Multistep consistency sampling (sCT, sCD, iCT) with the flow map to data, f(I_τ) = X_{τ,1}(I_τ), on the
+    uniform grid of N times from τ_min (the largest noise level) towards 1. NFE = N. Shapes: x0 (n, *data_shape).
     """
-    taus = tau_min + (1 - tau_min) * uniform_grid(n_steps, x0.shape[0], x0.device)
+    taus = tau_min + (1 - tau_min) * torch.arange(n_steps, dtype=torch.float64) / n_steps
+    return sample_consistency_at(net, x0, taus.tolist(), base_std, gen)
+
+
+@torch.no_grad()
+def sample_consistency_at(net: nn.Module, x0: Tensor, taus: list[float], base_std: Tensor, gen: Gen) -> Tensor:
+    """Consistency sampling through the increasing times `taus`: starts at taus[0] with I = (1 − τ)·x0 (the data
+    part is negligible there), jumps to data, and re-noises to the next time with fresh base noise drawn from
+    `gen` (the evaluation's generator, so that every chunk of samples gets its own noise and a seeded evaluation
+    is reproducible). NFE = len(taus). Shapes: x0 (n, *data_shape)."""
     ones = torch.ones(x0.shape[0], device=x0.device)
-    x = (1 - tau_min) * x0
-    for k in range(n_steps):
-        data = jump(net, x, taus[k], ones)
-        if k + 1 < n_steps:
+    x = (1 - taus[0]) * x0
+    for k, tau in enumerate(taus):
+        data = jump(net, x, tau * ones, ones)
+        if k + 1 < len(taus):
             noise = randn(gen, len(x0), *x0.shape[1:], device=x0.device) * base_std.to(x0.device)
-            x = (1 - expand_time(taus[k + 1], x)) * noise + expand_time(taus[k + 1], x) * data
+            x = (1 - taus[k + 1]) * noise + taus[k + 1] * data
     return data

@@ -140,6 +140,20 @@ class TeacherSpec(Params):
     """Its seed."""
 
 
+class StageSpec(Params):
+    """A prior stage a trial starts from: a trial of another method, trained first (TCM's stage 1, CMT's
+    mid-training before ECT). The student loads its weights, and a method that needs it keeps it frozen
+    (Setting.stage)."""
+
+    path: str | None = None
+    """A trained stage: an orch teacher file or a trial directory of the stage's method. null: orch plans the stage
+    trial — the trial's dataset, network, teacher and train section, with the stage's method and `steps` — and
+    trains it first, once per work directory, under <workdir>/teachers/trials/<id> (`orch plan` lists the
+    chain)."""
+    steps: Steps = 2000
+    """Training steps of the stage orch trains."""
+
+
 @dataclass
 class Setting:
     """What every method is built with besides its own options.
@@ -158,6 +172,8 @@ class Setting:
         ema_copy: the counted EMA copy of the student at a decay the method chooses (TVM's 0.99 teacher),
             made by the trainer on first request when train.ema does not have it.
         guide: the frozen weak teacher of autoguidance (method.autoguide), counted like the teacher.
+        stage: the frozen network of the prior stage the trial started from (Method.stage_key), counted like
+            the teacher, for a method whose loss uses it (TCM's stage-1 model below its transition time).
     """
 
     interpolant: LinearInterpolant
@@ -169,6 +185,7 @@ class Setting:
     steps: int | None = None
     ema_copy: Callable[[float], nn.Module] | None = None
     guide: nn.Module | None = None
+    stage: nn.Module | None = None
 
 
 class Method:
@@ -181,11 +198,20 @@ class Method:
         needs_ema_target: its targets come from the EMA weights (Setting.ema_target).
         needs_teacher(params): it distils a frozen teacher (Setting.teacher), for these options.
         backpropagates_jvp(params): its loss back-propagates through a JVP's tangent, for these options.
+        stage_key, stage_method(params): the option (a StageSpec) naming the prior stage the trial starts from,
+            and that stage's method section.
     """
 
     Params: ClassVar[type[MethodParams]] = MethodParams
     own_times: ClassVar[bool] = False
     needs_ema_target: ClassVar[bool] = False
+    stage_key: ClassVar[str | None] = None
+
+    @classmethod
+    def stage_method(cls, params: MethodParams) -> dict:
+        """The method section (registry names and options: data) of the prior stage's trial, for these options;
+        asked only when the option `stage_key` is set."""
+        raise NotImplementedError
 
     def __init__(self, params: MethodParams, setting: Setting):
         self.params, self.setting = params, setting

@@ -8,7 +8,7 @@ where k = ⌊step / stage_steps⌋ is the stage, so Δσ/σ_t shrinks by q every
 data itself (σ_r = 0), late ones approach the continuous-time limit. f_θ is orch's canonical consistency function,
 the flow map to data f(I_τ) = X_{τ,1}(I_τ), which meets the boundary f = id at σ = 0 by construction (no c_skip,
 c_out). The student starts from a flow-matching teacher's weights, whose flow map to data at step 0 is the
-teacher's one-step jump.
+teacher's one-step jump, or from a CMT mid-training stage trained from that teacher (`mid_training`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from orch.methods.contracts.conventions import edm_to_canonical, sigma_max_time
@@ -27,12 +27,20 @@ from orch.methods.contracts.method import (
     Method,
     MethodParams,
     Setting,
+    StageSpec,
     TeacherSpec,
     Term,
     register_method,
 )
 from orch.methods.runtime.dropout import dropout_rewind
 from orch.methods.runtime.parallel import Gen, randn
+
+
+class MidTraining(StageSpec):
+    """CMT's mid-training stage before ECT: a `cmt` trial from the same teacher, whose weights ECT starts from."""
+
+    nfe: Annotated[int, Field(ge=2, le=64)] = 16
+    """Teacher-solver steps per trajectory of the stage (CMT's CIFAR-10 recipe: 16)."""
 
 
 class ECTParams(MethodParams):
@@ -60,16 +68,29 @@ class ECTParams(MethodParams):
     """Per-sample weight: 1/(σ_t − σ_r) (CIFAR-10), or (σ_t² + σ_d²)/(σ_t·σ_d)² (ECT's ImageNet-64 branch)."""
     sigma_max: PositiveFloat = 80.0
     """Largest noise level: where the sampler starts."""
+    mid_training: MidTraining | None = None
+    """Start from a CMT mid-training stage (method cmt, initialised from the teacher) instead of the teacher
+    itself: CMT's post-training, usually with a fixed small Δσ (a large q, stage_steps past train.steps). null:
+    from the teacher."""
+
+    @model_validator(mode="after")
+    def mid_training_from_teacher(self):
+        if self.mid_training is not None and not self.init_from_teacher:
+            raise ValueError("mid_training starts from the teacher: it needs init_from_teacher true")
+        return self
 
 
 ECT = """Z. Geng, A. Pokle, W. Luo, J. Lin, J. Z. Kolter, "Consistency Models Made Easy", ICLR 2025,
     arXiv:2406.14548."""
 
 
-def ect_sigma_r(sigma_t: Tensor, stage: int, q: float, kappa: float, beta: float) -> Tensor:
-    """σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·(1 + κ·sigmoid(−β·σ_t)))). Shape of sigma_t."""
-    shrink = q ** -(stage + 1) * (1 + kappa * torch.sigmoid(-beta * sigma_t))
-    return (sigma_t * (1 - shrink)).clamp(min=0)
+def ect_sigma_r(
+    sigma_t: Tensor, stage: int, q: float, kappa: float, beta: float, ratio_limit: float = 1.0, floor: float = 0.0
+) -> Tensor:
+    """σ_r = max(floor, σ_t·(1 − q^{−(stage+1)}·(1 + κ·sigmoid(−β·σ_t)))), with q^{−(stage+1)} kept at least
+    1 − ratio_limit (TCM's clip; 1: none). Shape of sigma_t."""
+    shrink = max(q ** -(stage + 1), 1 - ratio_limit) * (1 + kappa * torch.sigmoid(-beta * sigma_t))
+    return (sigma_t * (1 - shrink)).clamp(min=floor)
 
 
 @register_method("ect")
@@ -80,7 +101,7 @@ class ECT(Method):
     {ECT}
     """
 
-    Params, own_times = ECTParams, True
+    Params, own_times, stage_key = ECTParams, True, "mid_training"
 
     def __init__(self, params: ECTParams, setting: Setting):
         super().__init__(params, setting)
@@ -88,7 +109,12 @@ class ECT(Method):
 
     @classmethod
     def needs_teacher(cls, params: ECTParams) -> bool:
-        return params.init_from_teacher
+        return params.init_from_teacher and params.mid_training is None  # else the stage distils it
+
+    @classmethod
+    def stage_method(cls, params: ECTParams) -> dict:
+        stage = params.mid_training
+        return {"name": "cmt", "teacher": params.teacher.model_dump(), "nfe": stage.nfe, "sigma_max": params.sigma_max}
 
     def expected_passes(self, batch: int) -> tuple[float, float]:
         return 2.0, 0.0  # the student at σ_t, the no-grad target at σ_r

@@ -241,11 +241,13 @@ class Trainer:
         self.scaler = grad_scaler(self.precision, device)
         self.amp_skipped_steps = 0
         self.ema = EMA(self.net.net, cfg.ema)
-        teacher, guide = self.frozen(setting.teacher), self.frozen(setting.guide)
+        teacher, guide, stage = (self.frozen(n) for n in (setting.teacher, setting.guide, setting.stage))
         self.ema_targets: list[CountingNet] = []
         ema_target = self.counted_ema_copy(cfg.ema[0])
         compiled(self.net.net, cfg.compile)
-        setting = replace(setting, teacher=teacher, guide=guide, ema_target=ema_target, ema_copy=self.counted_ema_copy)
+        setting = replace(
+            setting, teacher=teacher, guide=guide, stage=stage, ema_target=ema_target, ema_copy=self.counted_ema_copy
+        )
         self.method = make_method(setting)
         # the student and its EMA copies embed the guidance scale under online CFG; the teacher never does
         for net in [self.net, *self.ema_targets]:
@@ -260,8 +262,8 @@ class Trainer:
         self.train_seconds = 0.0
 
     def frozen(self, net: nn.Module | None) -> CountingNet | None:
-        """A teacher (or autoguidance's weak teacher) on the trainer's device, without gradients, in eval mode,
-        behind the shared counter and condition."""
+        """A teacher (autoguidance's weak teacher, a prior stage) on the trainer's device, without gradients, in
+        eval mode, behind the shared counter and condition."""
         if net is None:
             return None
         net = self.placed(net).requires_grad_(False).eval()

@@ -53,6 +53,8 @@ class SearchCell:
     """The planned teacher trial every sample of the cell distils (search spaces cannot change it)."""
     guide: str | None
     """The planned weak teacher trial that autoguides it (likewise)."""
+    stage: str | None
+    """The planned prior stage trial it starts from (likewise)."""
     teachers: dict
     """Teacher trial id → its trained checkpoint file."""
 
@@ -79,7 +81,9 @@ def sampled_trial(cell: SearchCell, params: dict) -> Trial:
         raise ValueError(f"sampled an invalid trial {params}: {'; '.join(map(str, problems))}")
     client = MlflowClient(cell.tracking_uri)
     levels = cell.levels | {k: (None, level_label(v)) for k, v in params.items()}  # a sample is its own group
-    spec = TrialSpec(trial_id(resolved), resolved, {**cell.factors, **params}, levels, cell.teacher, cell.guide)
+    spec = TrialSpec(
+        trial_id(resolved), resolved, {**cell.factors, **params}, levels, cell.teacher, cell.guide, cell.stage
+    )
     trial, _ = open_trial(
         client,
         cell.experiment_id,
@@ -235,6 +239,7 @@ def run_search(
                 study.generation,
                 spec.teacher,
                 spec.guide,
+                spec.stage,
                 teachers,
             )
             trainable = tune.with_resources(

@@ -53,12 +53,23 @@ def print_plan(study) -> None:
     for t, row in zip(study.trials, rows):
         print("  " + t.id.ljust(14) + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
     if study.teachers:
-        print(f"{len(study.teachers)} teacher trial(s), trained first (once per work directory):")
-        for teacher in study.teachers:
-            students = sum(t.teacher == teacher.id for t in study.trials)
-            guided = sum(t.guide == teacher.id for t in study.trials)
-            role = f"for {students} trial(s)" if students else f"the weak teacher that autoguides {guided} trial(s)"
-            print(f"  {teacher.id.ljust(14)}flow matching, {teacher.config['train']['steps']} steps, {role}")
+        staged = any("stage" in prior.factors for prior in study.teachers)
+        kinds = "teacher and prior-stage trial(s)" if staged else "teacher trial(s)"
+        print(f"{len(study.teachers)} {kinds}, trained first (once per work directory):")
+        everyone = [*study.teachers, *study.trials]
+        for prior in study.teachers:
+            method = prior.config["method"]["name"]
+            students = sum(t.teacher == prior.id for t in everyone)
+            guided = sum(t.guide == prior.id for t in everyone)
+            started = sum(t.stage == prior.id for t in everyone)
+            if started:
+                role = f"the prior stage of {started} trial(s), after {', '.join(prior.priors) or 'nothing'}"
+            elif students:
+                role = f"for {students} trial(s)"
+            else:
+                role = f"the weak teacher that autoguides {guided} trial(s)"
+            kind = "flow matching" if method == "fm" else method
+            print(f"  {prior.id.ljust(14)}{kind}, {prior.config['train']['steps']} steps, {role}")
 
 
 def cmd_plan(args) -> int:

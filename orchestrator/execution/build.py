@@ -50,12 +50,24 @@ def build_network(config: TrialConfig, dataset=None) -> torch.nn.Module:
     return config.build("model", dataset.shape, dataset.std, condition)
 
 
+def method_of(method_config: dict):
+    """The method class and its parsed options of a (resolved) method section."""
+    entry = METHODS.get(method_config["name"])
+    return entry.build, entry.params.model_validate({k: v for k, v in method_config.items() if k != "name"})
+
+
 def needs_teacher(method_config: dict) -> bool:
     """Whether the method of this (resolved) method section distils a teacher, with these options."""
-    entry = METHODS.get(method_config["name"])
-    return entry.build.needs_teacher(
-        entry.params.model_validate({k: v for k, v in method_config.items() if k != "name"})
-    )
+    method, params = method_of(method_config)
+    return method.needs_teacher(params)
+
+
+def prior_stage(method_config: dict) -> tuple[str, dict, dict] | None:
+    """(option key, its StageSpec as a mapping, the stage's method section) when the method of this (resolved)
+    method section starts from a prior stage (Method.stage_key), else None."""
+    method, params = method_of(method_config)
+    spec = getattr(params, method.stage_key) if method.stage_key is not None else None
+    return None if spec is None else (method.stage_key, spec.model_dump(), method.stage_method(params))
 
 
 GUIDANCE_EMBEDDERS = ("classes.omega.", "classes.interval.", "cfg_embedder.", "interval_embedders.")
@@ -79,28 +91,38 @@ def build_trainer(
     device: torch.device,
     teacher: torch.nn.Module | None = None,
     guide: torch.nn.Module | None = None,
+    stage: torch.nn.Module | None = None,
 ) -> Trainer:
     """Dataset, network, time sampler and method from their registries. A distillation method gets the teacher
-    (and autoguidance's weak teacher), and its student starts from the teacher's weights when the method says so."""
+    (and autoguidance's weak teacher), and its student starts from the teacher's weights when the method says so;
+    a trial with a prior stage starts from the stage's weights and keeps the stage frozen for its method."""
     dataset = config.build("dataset")
     net = build_network(config, dataset)
     if (path := config.raw["model"].get("init_from")) is not None:  # a network with this option can load it
         net.load_pretrained(read_weights(path), path)
-    if teacher is not None and config.raw["method"].get("init_from_teacher"):
-        # strict, except that a student with online CFG keeps its own guidance embedder (the teacher has none)
-        missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
-        missing = [k for k in missing if not k.startswith(GUIDANCE_EMBEDDERS)]
-        if missing or unexpected:
-            raise ValueError(
-                "method.init_from_teacher: the teacher's network differs from model: "
-                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
-            )
+    if stage is not None:
+        start_from(net, stage, "the prior stage")
+    elif teacher is not None and config.raw["method"].get("init_from_teacher"):
+        start_from(net, teacher, "method.init_from_teacher: the teacher")
     interpolant = LinearInterpolant(dataset.std)
     sigma_data = float(dataset.std.float().mean())
     time_sampler = config.build("time_sampler", sigma_data)
     num_classes, steps = num_classes_of(dataset), config.train.steps
-    setting = Setting(interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes, steps=steps, guide=guide)
+    setting = Setting(
+        interpolant, time_sampler, sigma_data, teacher, num_classes=num_classes, steps=steps, guide=guide, stage=stage
+    )
     return Trainer(net, lambda s: config.build("method", s), setting, dataset, config.train, device)
+
+
+def start_from(net: torch.nn.Module, source: torch.nn.Module, what: str) -> None:
+    """Load `source`'s weights into `net`: strict, except that a student with online CFG keeps its own guidance
+    embedders (a teacher has none). Raises ValueError naming what differs."""
+    missing, unexpected = net.load_state_dict(source.state_dict(), strict=False)
+    missing = [k for k in missing if not k.startswith(GUIDANCE_EMBEDDERS)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}'s network differs from model: missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+        )
 
 
 def check_data(configs: list[dict]) -> list[Problem]:

@@ -21,7 +21,7 @@ from orch.methods.contracts.guidance import num_classes_of
 from orch.methods.runtime.parallel import world_of
 from orch.methods.runtime.storage import exclusive
 from orch.methods.training.trainer import Diverged, Trainer, reset_peak_memory, resolve_device
-from orch.tracking.schema import CLASSES, GUIDE, PRECISION, TEACHER, TRIAL_DIR, eval_key
+from orch.tracking.schema import CLASSES, GUIDE, PRECISION, STAGE, TEACHER, TRIAL_DIR, eval_key
 from orch.tracking.store import environment_tags, log_batch, mark_running, measure_tags
 from orch.trial.config import metric_fingerprint
 from orch.trial.state import WRITER_LOCK, TrialState, load_latest_checkpoint
@@ -47,14 +47,17 @@ def prepare_trainer(trial: Trial, device: torch.device) -> tuple[Trainer, dict[s
     """The trial's trainer (with its teacher when the method distils), restored from the newest checkpoint; the
     run's tags; and the wall time already spent before that checkpoint."""
     tags = environment_tags(device_name(device)) | {TRIAL_DIR: trial.dir}
-    teacher = guide = None
+    teacher = guide = stage = None
     if trial.teacher is not None:  # planned and trained first by the driver, or named by the study
         teacher, _ = load_teacher(trial.teacher, trial.config)
         tags[TEACHER] = trial.teacher_name
     if trial.guide is not None:  # autoguidance's weak teacher, likewise
         guide, _ = load_teacher(trial.guide, trial.config)
         tags[GUIDE] = trial.guide
-    trainer = build_trainer(trial.parsed, device, teacher, guide)
+    if trial.stage is not None:  # the prior stage it starts from, likewise
+        stage, _ = load_teacher(trial.stage)
+        tags[STAGE] = trial.stage
+    trainer = build_trainer(trial.parsed, device, teacher, guide, stage)
     tags[PRECISION] = trainer.precision + ("+compile" if trainer.cfg.compile else "")
     if (classes := getattr(trainer.dataset, "classes", None)) is not None:  # the class list of the run's labels
         tags[CLASSES] = json.dumps(classes)

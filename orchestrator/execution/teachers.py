@@ -1,5 +1,5 @@
-"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd, fmm, ayf) and autoguidance's weak
-teachers: named by the study, or planned.
+"""Teachers of distillation methods (sdei, sdee, stei with a teacher, scd, fmm, ayf), autoguidance's weak
+teachers and prior stages (TCM's stage 1, CMT's mid-training): named by the study, or planned.
 
 A teacher the study does not name is a flow-matching model of the trial's dataset and network, trained with the
 budget of `method.teacher`. It is a trial of its own, planned with the study (its id is the hash of its config,
@@ -8,6 +8,10 @@ study that needs it finds it trained, or waits for the driver training it), trac
 `orch-teachers`, and then loaded by every trial that asks for the same one:
 
     <workdir>/teachers/trials/<hash>/   state.json, checkpoints/, teacher.pt (config + EMA weights)
+
+A prior stage is planned the same way: a trial of the stage's method (itself distilling the planned teacher, so
+the chain teacher → stage → student is trained in that order, each step once and resumable), whose teacher file
+the student starts from.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orch.execution.build import build_network, needs_teacher, read_weights
+from orch.execution.build import build_network, needs_teacher, prior_stage, read_weights
 from orch.trial.config import resolve_trial_config
 from orch.trial.state import atomic_write_bytes, load_latest_checkpoint
 from orch.trial.typed import TrialConfig
@@ -108,6 +112,31 @@ def planned_guide(config: dict) -> dict | None:
     if not needs_teacher(config["method"]) or autoguide is None or autoguide["path"] is not None:
         return None
     return teacher_config(config, autoguide["steps"])
+
+
+def planned_stage(config: dict) -> dict | None:
+    """The config of the prior stage trial that `config` starts from when it names no trained stage, else None:
+    the trial's dataset, network and train section with the stage's method, trained for the stage's steps and
+    evaluated once at the end with the trial's metrics."""
+    stage = prior_stage(config["method"])
+    if stage is None or stage[1]["path"] is not None:
+        return None
+    key, spec, method = stage
+    steps = spec["steps"]
+    train = config["train"] | {"steps": steps, "ema": [config["train"]["ema"][0]]}
+    train["checkpoint_every"] = max(1, steps // 4)
+    raw = {
+        "dataset": config["dataset"],
+        "model": config["model"],
+        "method": method,
+        "time_sampler": {"name": "auto"},
+        "train": train,
+        "eval": config["eval"] | {"every": steps, "ema": None},
+    }
+    resolved, problems = resolve_trial_config(raw)
+    if problems:
+        raise TeacherError(f"cannot build the config of method.{key}: " + "; ".join(map(str, problems)))
+    return resolved
 
 
 def write_teacher_file(trial_dir: Path, config: dict) -> Path:

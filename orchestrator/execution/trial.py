@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from orch.execution.build import prior_stage
 from orch.tracking.schema import FACTORS, GENERATION, REASON, STATUS, STOPPED_STEP, TRIAL_ID, is_eval_key
 from orch.tracking.store import ensure_trial_run, find_runs, log_batch, not_yet_logged, rebased_uri, replay_run
 from orch.trial.spec import TrialSpec
@@ -51,6 +52,8 @@ class Trial:
     """How its run names that teacher (tag orch.teacher): the planned teacher's id, or the named path."""
     guide: str | None = None
     """The weak teacher that autoguides its teacher: a planned one's file, or the file or directory named."""
+    stage: str | None = None
+    """The prior stage it starts from: a planned stage's file, or the file or directory named."""
 
     @cached_property
     def parsed(self) -> TrialConfig:
@@ -115,10 +118,10 @@ def open_trial(
     log_batch(client, run_id, tags={FACTORS: json.dumps(spec.levels), GENERATION: generation})
     method = spec.config["method"]
     named = (method.get("teacher") or {}).get("path")
-    planned = (teachers or {}).get(spec.teacher) if spec.teacher is not None else None
-    teacher, teacher_name = (str(planned), spec.teacher) if planned else (named, named)
-    planned_guide = (teachers or {}).get(spec.guide) if spec.guide is not None else None
-    guide = str(planned_guide) if planned_guide else (method.get("autoguide") or {}).get("path")
+    planned = trained(teachers, spec.teacher)
+    teacher, teacher_name = (planned, spec.teacher) if planned else (named, named)
+    guide = trained(teachers, spec.guide) or (method.get("autoguide") or {}).get("path")
+    stage = trained(teachers, spec.stage) or named_stage(method)
     trial = Trial(
         spec.id,
         study,
@@ -132,9 +135,22 @@ def open_trial(
         teacher,
         teacher_name,
         guide,
+        stage,
     )
     trial.save()
     return trial, state
+
+
+def trained(teachers: dict[str, Path] | None, planned: str | None) -> str | None:
+    """The file of a planned teacher, weak teacher or stage, once trained."""
+    file = (teachers or {}).get(planned) if planned is not None else None
+    return str(file) if file else None
+
+
+def named_stage(method: dict) -> str | None:
+    """The trained prior stage the trial's method section names, if any."""
+    stage = prior_stage(method)
+    return stage[1]["path"] if stage is not None else None
 
 
 def log_unlogged(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> int:

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from orch.backends.search_space import Search
-from orch.execution.teachers import planned_guide, planned_teacher
+from orch.execution.teachers import planned_guide, planned_stage, planned_teacher
 from orch.problems import Problem, did_you_mean
 from orch.study.schema import MAX_TRIALS
 from orch.tracking.schema import eval_key
@@ -88,7 +88,7 @@ def expand(study: dict) -> tuple[list[TrialSpec], list[Problem]]:
             problems.setdefault(f"{p.path}: {p.message.split('; in the combination')[0]}", p)
         if not found:
             levels = {a: (axes[a].index(v), level_label(v)) for a, v in factors.items()}
-            spec = TrialSpec(trial_id(resolved), resolved, factors, levels, teacher_of(resolved), guide_of(resolved))
+            spec = TrialSpec(trial_id(resolved), resolved, factors, levels, *priors_of(resolved))
             if (same := trials.setdefault(spec.id, spec)) is not spec and same.config != spec.config:
                 differ = [a for a in axes if a.split(".")[0] == "eval" or a in ("train", "eval")]
                 problems.setdefault(
@@ -104,26 +104,33 @@ def expand(study: dict) -> tuple[list[TrialSpec], list[Problem]]:
     return list(trials.values()), list(problems.values())
 
 
-def teacher_of(config: dict) -> str | None:
-    """The id of the teacher trial a trial's config needs planned, if any."""
-    teacher = planned_teacher(config)
-    return trial_id(teacher) if teacher is not None else None
+def planned_id(config: dict | None) -> str | None:
+    return trial_id(config) if config is not None else None
 
 
-def guide_of(config: dict) -> str | None:
-    """The id of the weak teacher trial that autoguides a trial's teacher, if one is planned."""
-    guide = planned_guide(config)
-    return trial_id(guide) if guide is not None else None
+def priors_of(config: dict) -> tuple[str | None, str | None, str | None]:
+    """The ids of the planned trials a trial's config needs trained first: its teacher, autoguidance's weak
+    teacher, its prior stage (None where there is none, or the study names a file)."""
+    return planned_id(planned_teacher(config)), planned_id(planned_guide(config)), planned_id(planned_stage(config))
 
 
 def plan_teachers(trials: list[TrialSpec]) -> list[TrialSpec]:
-    """The teacher trials (and autoguidance's weak teachers) the study's trials distil, once each: trials of their
-    own, run first."""
+    """The teacher trials, autoguidance's weak teachers and prior stages the study's trials need, once each, each
+    after the trials it needs itself (a stage distils the teacher): trials of their own, run first."""
     planned: dict[str, TrialSpec] = {}
+
+    def plan(spec: TrialSpec) -> None:
+        priors = ((spec.teacher, planned_teacher), (spec.guide, planned_guide), (spec.stage, planned_stage))
+        for prior, config_of in priors:
+            if prior is not None and prior not in planned:
+                config = config_of(spec.config)
+                role = "stage" if config_of is planned_stage else "teacher"
+                needed = TrialSpec(prior, config, {role: config["method"]["name"]}, {}, *priors_of(config))
+                plan(needed)
+                planned[prior] = needed
+
     for spec in trials:
-        for planned_id, config in ((spec.teacher, planned_teacher), (spec.guide, planned_guide)):
-            if planned_id is not None and planned_id not in planned:
-                planned[planned_id] = TrialSpec(planned_id, config(spec.config), {"teacher": "fm"})
+        plan(spec)
     return list(planned.values())
 
 
@@ -187,7 +194,7 @@ def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:
                     problems.setdefault(
                         f"{key}: {p.message}", Problem(f"search.space.{key}", f"{value!r}: {p.message}")
                     )
-                if not found and (teacher_of(resolved), guide_of(resolved)) != (cell.teacher, cell.guide):
+                if not found and priors_of(resolved) != (cell.teacher, cell.guide, cell.stage):
                     message = "changes the teacher a distillation method trains first: make it a grid axis"
                     problems.setdefault(f"{key}: teacher", Problem(f"search.space.{key}", message))
         if search.metric not in logged_metrics(cell.config):

@@ -277,6 +277,7 @@ INERT = {
     ("method", "online_interval"): False,
     ("method", "teacher_guidance"): 1.0,
     ("method", "autoguide"): None,
+    ("method", "mid_training"): None,
     ("train", "precision"): "auto",
     ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
     ("model", "attention"): "sdpa",

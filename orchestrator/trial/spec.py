@@ -18,6 +18,13 @@ class TrialSpec:
     """The id of the planned teacher trial this trial distils (None: no teacher, or one the study names)."""
     guide: str | None = None
     """The id of the planned weak teacher trial that autoguides its teacher (None: none, or one the study names)."""
+    stage: str | None = None
+    """The id of the planned prior stage trial it starts from (None: none, or one the study names)."""
+
+    @property
+    def priors(self) -> list[str]:
+        """The planned trials it needs trained first: teacher, weak teacher, prior stage."""
+        return [p for p in (self.teacher, self.guide, self.stage) if p is not None]
 
     @property
     def label(self) -> str:
