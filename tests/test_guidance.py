@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from orch.execution.build import build_network, build_section, build_trainer, needs_teacher
-from orch.execution.teachers import planned_stage, teacher_config
+from orch.execution.build import build_network, build_section, build_trainer
 from orch.methods.catalog import METHODS
 from orch.methods.contracts.counting import CountingNet, Counts
 from orch.methods.contracts.guidance import Condition, cfg_velocity
@@ -23,6 +22,7 @@ from orch.methods.evaluation.metric import metric
 from orch.trial.config import resolve_trial_config, trial_id
 from orch.trial.typed import TrialConfig
 from tests.gaussian import ExactMixtureVelocity
+from tests.trainers import frozen_priors
 
 CPU = torch.device("cpu")
 
@@ -190,10 +190,7 @@ def trainer_for(method: dict, batch: int = 64, dataset: dict | None = None, **tr
         }
     )
     assert not problems, problems
-    teacher = build_network(TrialConfig.parse(teacher_config(config))) if needs_teacher(config["method"]) else None
-    guide = build_network(TrialConfig.parse(teacher_config(config))) if config["method"].get("autoguide") else None
-    stage = build_network(TrialConfig.parse(stage)) if (stage := planned_stage(config)) else None
-    return build_trainer(TrialConfig.parse(config), CPU, teacher, guide, stage)
+    return build_trainer(TrialConfig.parse(config), CPU, **frozen_priors(config))
 
 
 def test_label_dropout_rate_and_online_cfg_keeps_every_label():

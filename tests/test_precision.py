@@ -7,12 +7,13 @@ import io
 import pytest
 import torch
 
-from orch.execution.build import build_network, build_trainer, needs_teacher
+from orch.execution.build import build_trainer
 from orch.methods.catalog import METHODS
 from orch.methods.runtime.attention import attention, tangent_attention
 from orch.methods.training.trainer import EvalConfig
 from orch.trial.config import resolve_trial_config, trial_id
 from orch.trial.typed import TrialConfig
+from tests.trainers import frozen_priors
 
 
 def trainer_for(method: str, width: int = 32, depth: int = 2, **train):
@@ -25,8 +26,7 @@ def trainer_for(method: str, width: int = 32, depth: int = 2, **train):
     )
     assert not problems, problems
     parsed = TrialConfig.parse(config)
-    teacher = build_network(parsed) if needs_teacher(config["method"]) else None  # any frozen network will do
-    return build_trainer(parsed, torch.device("cpu"), teacher)
+    return build_trainer(parsed, torch.device("cpu"), **frozen_priors(config))
 
 
 @pytest.mark.parametrize("method", METHODS.names())
@@ -62,8 +62,7 @@ def unet_trainer_for(method: str, precision: str):
     )
     assert not problems, problems
     parsed = TrialConfig.parse(config)
-    teacher = build_network(parsed) if needs_teacher(config["method"]) else None
-    return build_trainer(parsed, torch.device("cpu"), teacher)
+    return build_trainer(parsed, torch.device("cpu"), **frozen_priors(config))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from orch.execution.build import build_network, build_trainer, needs_teacher, prior_stage
+from orch.execution.build import build_trainer
 from orch.methods.catalog import METHODS
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.losses.self_distillation import esd_term, lsd_term, psd_term
 from orch.trial.config import resolve_trial_config
 from orch.trial.typed import TrialConfig
+from tests.trainers import frozen_priors
 
 
 class TwoHeads(nn.Module):
@@ -83,9 +84,7 @@ def one_step_trainer(method: dict, batch: int = 1024):
         {"method": method, "model": {"width": 16, "depth": 2}, "train": {"batch_size": batch, "device": "cpu"}}
     )
     assert not problems
-    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
-    stage = build_network(TrialConfig.parse(config)) if prior_stage(config["method"]) else None
-    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher, stage=stage)
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), **frozen_priors(config))
     trainer.train_step()
     return trainer
 
@@ -156,8 +155,7 @@ def test_every_method_declares_the_passes_its_counter_measures(method, batch):
 def test_every_target_of_the_other_methods_is_detached(method):
     """Paper B, MeanFlow, sCM, iCT and shortcut models detach everything but the student evaluation."""
     config, _ = resolve_trial_config({"method": {"name": method}, "model": {"width": 16, "depth": 2}})
-    teacher = build_network(TrialConfig.parse(config)) if needs_teacher(config["method"]) else None
-    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), teacher)
+    trainer = build_trainer(TrialConfig.parse(config), torch.device("cpu"), **frozen_priors(config))
     terms = trainer.method.terms(trainer.net, trainer.dataset.sample(256, trainer.gen), 10, trainer.gen)
     for term in terms:
         assert term.pred.requires_grad and not term.target.requires_grad, term.name

@@ -1,6 +1,12 @@
 """Teachers of distillation methods: trained once per (dataset, network, budget) and reused, also by trials
 running at the same time on Ray and by other studies; a named teacher is used as given."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from orch.cli import main
 from orch.execution.teachers import EXPERIMENT, TEACHER_FILE
+from orch.trial.state import TrialState
 from tests.conftest import STUDIES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # starts services or trains beyond a few steps (docs/development.md)
 
@@ -119,3 +128,61 @@ def test_a_missing_or_corrupt_teacher_is_a_clear_error(tmp_path, capsys):
         assert run.data.tags["orch.status"] == "failed" and run.info.status == "FAILED"
         traceback = client.download_artifacts(run.info.run_id, "failure/traceback.txt", str(tmp_path))
         assert "TeacherError" in Path(traceback).read_text()  # the whole traceback, as an artifact
+
+
+def stage_past_checkpoint(trial_dir: Path) -> bool:
+    """Whether this trial of the teachers' directory is a stage (not the teacher), running past a checkpoint."""
+    state = TrialState.load(trial_dir)
+    if not (state.status == "running" and 100 <= state.step < 300 and (trial_dir / "trial.json").exists()):
+        return False
+    return json.loads((trial_dir / "trial.json").read_text())["config"]["method"]["name"] != "fm"
+
+
+def test_a_chain_killed_during_its_stage_resumes_there_and_trains_nothing_twice(tmp_path):
+    """Teacher → CMT mid-training → ECT, and teacher → ECT stage 1 → TCM, on the local backend: the whole process
+    group is killed (SIGKILL) while a stage trains past its first checkpoint; the resubmission trains no teacher
+    again, continues that stage from its checkpoint (no step logged twice), and the students start from the
+    stages, each tagged with its stage's file."""
+    raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
+    raw["name"], raw["backend"] = "chain", {"name": "local"}
+    raw["base"]["train"] |= {"steps": 20, "checkpoint_every": 10}
+    teacher = {"steps": 60, "batch_size": 256}
+    raw["grid"] = {
+        "method": [
+            {"name": "ect", "teacher": teacher, "mid_training": {"steps": 400, "nfe": 4}},
+            {"name": "tcm", "teacher": teacher, "stage1": {"steps": 400}},
+        ]
+    }
+    raw["base"]["method"] = {"name": "ect"}
+    study = tmp_path / "chain.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "orch.cli", "submit", str(study), "--workdir", str(tmp_path / "runs")]
+    driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+    stages = tmp_path / "runs" / "teachers" / "trials"
+    deadline = time.time() + 300
+    while not any(stage_past_checkpoint(d) for d in (stages.iterdir() if stages.exists() else [])):
+        assert driver.poll() is None and time.time() < deadline, "the chain ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {d.name: TrialState.load(d) for d in stages.iterdir()}
+    assert sum(s.status == "completed" for s in before.values()) == 1  # the teacher, and no stage yet
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "teacher(s) to train first" not in resumed.stdout and "stage(s) to train first" in resumed.stdout
+    runs = teacher_runs(tmp_path / "runs" / "chain")
+    assert sorted(r.data.params["method.name"] for r in runs) == ["cmt", "ect", "fm"]  # each trained by one run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'chain' / 'mlflow.db'}")
+    for run in runs:
+        assert run.data.tags["orch.status"] == "completed"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert len(steps) == len(set(steps)), f"{run.data.params['method.name']}: a step logged twice"
+        every, total = int(run.data.params["train.log_every"]), int(run.data.params["train.steps"])
+        assert sorted(steps) == sorted(set(range(every, total + 1, every)) | {total})  # none lost either
+    students = trial_runs(tmp_path / "runs" / "chain", "chain")
+    stage_files = {r.data.params["method.name"]: f"{r.data.tags['orch.trial_id']}/{TEACHER_FILE}" for r in runs}
+    for run in students:
+        assert run.data.tags["orch.status"] == "completed" and "orch.teacher" not in run.data.tags
+        expected = stage_files["cmt" if run.data.params["method.name"] == "ect" else "ect"]
+        assert run.data.tags["orch.stage"].endswith(expected)

@@ -134,11 +134,16 @@ def run_submission(study, params, workdir: Path, tracking_uri: str | None) -> in
     from orch.dashboards.report import build_dashboard
     from orch.driver import submit_study
     from orch.execution.build import check_data
+    from orch.execution.teachers import named_file_problems
     from orch.lock import StudyBusy
     from orch.problems import StudyError
     from orch.tracking.store import TRACKING_ERRORS
 
-    if problems := check_data([t.config for t in study.trials]):
+    configs = [t.config for t in study.trials]
+    problems = check_data(configs)
+    for config in {repr([c["dataset"], c["model"], c["method"]]): c for c in configs}.values():
+        problems += [p for p in named_file_problems(config) if p not in problems]
+    if problems:
         print(StudyError(study.name, problems).report(), file=sys.stderr)
         return EXIT_INVALID
     signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM (what Slurm and `orch cancel` send) as Ctrl-C

@@ -145,16 +145,12 @@ def check_data(configs: list[dict]) -> list[Problem]:
 
 
 def file_problems(config: dict) -> list[Problem]:
-    """The files a trial reads besides its data, when missing or unreadable: a named teacher, a checkpoint to
-    start from, FID reference statistics. Checked on the machine that submits, not at validation: a study for
-    a cluster validates and plans anywhere."""
+    """The files a trial reads besides its data and its teachers (execution/teachers.py), when missing or
+    unreadable: a checkpoint to start from, FID reference statistics. Checked on the machine that submits, not at
+    validation: a study for a cluster validates and plans anywhere."""
     from orch.methods.evaluation.fid import read_statistics
 
     problems = []
-    for key in ("teacher", "autoguide"):
-        named = config["method"].get(key)
-        if named and named["path"] is not None and not Path(named["path"]).exists():
-            problems.append(Problem(f"method.{key}.path", f"no such file or directory: {named['path']}"))
     if (init := config["model"].get("init_from")) is not None and not Path(init).is_file():
         problems.append(Problem("model.init_from", f"no such file: {init}"))
     if (statistics := config["eval"].get("fid_statistics")) is not None:

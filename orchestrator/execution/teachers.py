@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orch.execution.build import build_network, needs_teacher, prior_stage, read_weights
+from orch.execution.build import GUIDANCE_EMBEDDERS, build_network, needs_teacher, prior_stage, read_weights
+from orch.problems import Problem
 from orch.trial.config import resolve_trial_config
 from orch.trial.state import atomic_write_bytes, load_latest_checkpoint
 from orch.trial.typed import TrialConfig
@@ -147,3 +148,67 @@ def write_teacher_file(trial_dir: Path, config: dict) -> Path:
     torch.save({"config": config, "net": weights}, buffer)
     atomic_write_bytes(trial_dir / TEACHER_FILE, buffer.getvalue())
     return trial_dir / TEACHER_FILE
+
+
+def named_file_problems(config: dict) -> list[Problem]:
+    """The teacher, weak teacher and prior stage files a trial's study names, when missing or not what the trial
+    needs: another dataset, another method for a stage, or, for a file the trial starts from, another network.
+    Checked where the study is submitted, before anything runs (a study for a cluster validates anywhere)."""
+    method, named = config["method"], []
+    for key in ("teacher", "autoguide"):
+        if (spec := method.get(key)) and spec["path"] is not None:
+            named.append((f"method.{key}.path", spec["path"], None, key == "teacher" and method["init_from_teacher"]))
+    if (stage := prior_stage(method)) is not None and stage[1]["path"] is not None:
+        named.append((f"method.{stage[0]}.path", stage[1]["path"], stage[2]["name"], True))
+    problems = []
+    for where, path, method_name, starts_from in named:
+        try:
+            mismatch = named_file_mismatch(Path(path), config, method_name, starts_from)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            mismatch = f"{path}: cannot read ({type(e).__name__}: {str(e).strip()[:200]})"
+        if mismatch is not None:
+            problems.append(Problem(where, mismatch))
+    return problems
+
+
+def named_file_mismatch(path: Path, config: dict, method_name: str | None, starts_from: bool) -> str | None:
+    """What makes the teacher file or trial directory `path` unfit for the trial of `config`, else None."""
+    if not path.exists():
+        return f"no such file or directory: {path}"
+    if path.is_dir():
+        saved = json.loads((path / "trial.json").read_text())["config"]
+        checkpoint = load_latest_checkpoint(path)
+        if checkpoint is None:
+            return f"{path}: no readable checkpoint in {path / 'checkpoints'}"
+        weights = checkpoint["trainer"]["ema"][str(saved["train"]["ema"][0])]
+    else:
+        file = read_weights(path)
+        if "config" not in file:  # another code base's checkpoint: its network loads it, or the trial fails
+            return None
+        saved, weights = file["config"], file["net"]
+    if method_name is not None and saved["method"]["name"] != method_name:
+        return f"{path} holds a {saved['method']['name']!r} trial; this stage must be a {method_name!r} one"
+    theirs, ours = saved["dataset"], config["dataset"]
+    if theirs["name"] != ours["name"] or theirs.get("conditional", False) != ours.get("conditional", False):
+        return f"{path} was trained on dataset {show_dataset(theirs)}, this trial's is {show_dataset(ours)}"
+    if starts_from:
+        parsed = TrialConfig.parse(config)
+        dataset = parsed.build("dataset")
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            shapes = {k: tuple(v.shape) for k, v in build_network(parsed, dataset).state_dict().items()}
+        differ = [k for k in sorted(set(shapes) | set(weights)) if shapes.get(k) != shape_of(weights.get(k))]
+        differ = [k for k in differ if not (k.startswith(GUIDANCE_EMBEDDERS) and k not in weights)]
+        if differ:
+            first = differ[0]
+            detail = f"{first}: {shape_of(weights.get(first)) or 'absent'} in the file, "
+            detail += f"{shapes.get(first) or 'absent'} in this trial's model"
+            return f"{path}: the trial starts from it but its network differs ({len(differ)} tensor(s); {detail})"
+    return None
+
+
+def shape_of(tensor) -> tuple | None:
+    return None if tensor is None else tuple(tensor.shape)
+
+
+def show_dataset(section: dict) -> str:
+    return repr(section["name"]) + (" (class-conditional)" if section.get("conditional") else "")
