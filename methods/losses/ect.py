@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from orch.methods.contracts.conventions import edm_to_canonical, sigma_max_time
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.flow_map import jump, sample_consistency
+from orch.methods.contracts.interpolants import LinearInterpolant
 from orch.methods.contracts.method import (
     Distance,
     Method,
@@ -93,6 +94,26 @@ def ect_sigma_r(
     return (sigma_t * (1 - shrink)).clamp(min=floor)
 
 
+def consistency_pair(
+    interpolant: LinearInterpolant,
+    net: nn.Module,
+    x1: Tensor,
+    sigma_t: Tensor,
+    sigma_r: Tensor,
+    sigma_data: float,
+    gen: Gen,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ECT's pair on one noising line: the student's flow map to data at I_{τ(σ_t)} (with its graph), the point
+    I_{τ(σ_r)} with the same base noise for the target, and τ_t, τ_r. Dropout is rewound after the student's pass,
+    so the target pass that follows draws the same masks. Shapes: x1 (n, ...); sigma_t, sigma_r (n,) float64."""
+    tau_t, tau_r = (edm_to_canonical(s, sigma_data).to(x1.dtype) for s in (sigma_t, sigma_r))
+    x0 = interpolant.sample_base(len(x1), x1.shape[1:], gen)
+    rewind = dropout_rewind(x1.device)
+    pred = jump(net, interpolant.interpolate(x0, x1, tau_t), tau_t, torch.ones_like(tau_t))
+    rewind()
+    return pred, interpolant.interpolate(x0, x1, tau_r), tau_t, tau_r
+
+
 @register_method("ect")
 class ECT(Method):
     __doc__ = f"""Easy consistency tuning: discrete consistency training from a flow model with Δσ shrinking by q
@@ -123,13 +144,10 @@ class ECT(Method):
         p, n, sigma_data = self.params, x1.shape[0], self.sigma_data
         sigma_t = (p.p_mean + p.p_std * randn(gen, n, device=x1.device).double()).exp()
         sigma_r = ect_sigma_r(sigma_t, step // p.stage_steps, p.q, p.kappa, p.beta)
-        tau_t, tau_r = (edm_to_canonical(s, sigma_data).to(x1.dtype) for s in (sigma_t, sigma_r))
-        x0, ones = self.interpolant.sample_base(n, x1.shape[1:], gen), torch.ones_like(tau_t)
-        rewind = dropout_rewind(x1.device)
-        pred = jump(net, self.interpolant.interpolate(x0, x1, tau_t), tau_t, ones)
-        rewind()  # the same dropout masks in the target pass
+        pred, x_r, tau_t, tau_r = consistency_pair(self.interpolant, net, x1, sigma_t, sigma_r, sigma_data, gen)
+        ones = torch.ones_like(tau_t)
         with torch.no_grad():
-            target = jump(net, self.interpolant.interpolate(x0, x1, tau_r), tau_r, ones)  # x1 where σ_r = 0
+            target = jump(net, x_r, tau_r, ones)  # x1 where σ_r = 0
         if p.weighting == "delta":
             weight = 1 / (sigma_t - sigma_r)
         else:

@@ -32,8 +32,7 @@ from orch.methods.contracts.method import (
     Term,
     register_method,
 )
-from orch.methods.losses.ect import ect_sigma_r
-from orch.methods.runtime.dropout import dropout_rewind
+from orch.methods.losses.ect import consistency_pair, ect_sigma_r
 from orch.methods.runtime.parallel import Gen, rand
 
 TCM = """S. Lee, Y. Xu, T. Geffner, G. Fanti, K. Kreis, A. Vahdat, W. Nie, "Truncated Consistency Models",
@@ -117,13 +116,9 @@ class TCMMethod(Method):
         sigma_t = torch.where(boundary, p.sigma_prime + 1e-8, sigma_t)
         stage = (p.stage1.steps + step) // p.stage_steps  # the Δσ schedule goes on from stage 1
         sigma_r = ect_sigma_r(sigma_t, stage, p.q, p.kappa, p.beta, p.ratio_limit, floor=1e-6)
-        tau_t, tau_r = (edm_to_canonical(s, self.sigma_data).to(x1.dtype) for s in (sigma_t, sigma_r))
-        x0, ones = self.interpolant.sample_base(n, x1.shape[1:], gen), torch.ones_like(tau_t)
-        rewind = dropout_rewind(x1.device)
-        pred = jump(net, self.interpolant.interpolate(x0, x1, tau_t), tau_t, ones)
-        rewind()  # the same dropout masks in the target pass
+        pred, x_r, tau_t, tau_r = consistency_pair(self.interpolant, net, x1, sigma_t, sigma_r, self.sigma_data, gen)
+        ones = torch.ones_like(tau_t)
         with torch.no_grad():
-            x_r = self.interpolant.interpolate(x0, x1, tau_r)
             student, frozen = (jump(f, x_r, tau_r, ones) for f in (net, self.setting.stage))
             target = torch.where(expand_time(sigma_r < p.sigma_prime, x_r), frozen, student)
         n_b = int(boundary.sum())
