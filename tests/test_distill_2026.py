@@ -476,3 +476,21 @@ def test_a_chain_plans_the_teacher_then_its_stage_and_the_student_starts_from_th
         assert stage.config["dataset"] == student.config["dataset"] and stage.config["model"] == student.config["model"]
         assert f"{stage.id}  {stage.config['method']['name']}, {stage.config['train']['steps']} steps" in out
     assert f"the prior stage of 1 trial(s), after {teacher.id}" in out and "for 2 trial(s)" in out
+
+
+def test_stage_options_that_cannot_train_are_refused_at_validation(tmp_path, capsys):
+    """A CMT stage whose trajectory length does not divide the batch, and mid-training without starting from the
+    teacher, exit 2 naming the option; the same stage with a batch it divides is valid (the control)."""
+    cases = [
+        ({"name": "ect", "mid_training": {"steps": 10}}, 100, "method.mid_training.nfe", "does not divide"),
+        ({"name": "ect", "mid_training": {"steps": 10}, "init_from_teacher": False}, 64, "method", "needs"),
+    ]
+    path = tmp_path / "stage.yaml"
+    for method, batch, where, message in cases:
+        path.write_text(yaml.safe_dump({"name": "stage", "base": {"method": method, "train": {"batch_size": batch}}}))
+        with pytest.raises(SystemExit) as exited:
+            main(["validate", str(path)])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and where in err and message in err, err
+    path.write_text(yaml.safe_dump({"name": "stage", "base": {"method": cases[0][0], "train": {"batch_size": 64}}}))
+    assert main(["validate", str(path)]) == 0

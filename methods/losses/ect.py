@@ -133,6 +133,14 @@ class ECT(Method):
         return params.init_from_teacher and params.mid_training is None  # else the stage distils it
 
     @classmethod
+    def train_problems(cls, params: ECTParams, train: dict) -> list[tuple[str, str]]:
+        rows = train["batch_size"] // train["micro_batches"]
+        if params.mid_training is not None and rows % params.mid_training.nfe:
+            message = f"{params.mid_training.nfe} does not divide the micro-batch of {rows} rows of the CMT stage"
+            return [("method.mid_training.nfe", message)]
+        return []
+
+    @classmethod
     def stage_method(cls, params: ECTParams) -> dict:
         stage = params.mid_training
         return {"name": "cmt", "teacher": params.teacher.model_dump(), "nfe": stage.nfe, "sigma_max": params.sigma_max}

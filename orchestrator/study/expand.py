@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from orch.backends.search_space import Search
-from orch.execution.teachers import planned_guide, planned_stage, planned_teacher
+from orch.execution.teachers import TeacherError, planned_guide, planned_stage, planned_teacher
 from orch.problems import Problem, did_you_mean
 from orch.study.schema import MAX_TRIALS
 from orch.tracking.schema import eval_key
@@ -87,8 +87,14 @@ def expand(study: dict) -> tuple[list[TrialSpec], list[Problem]]:
                 p = Problem(f"grid.{p.path}", f"{p.message}; in the combination {factors} — drop it with `exclude`")
             problems.setdefault(f"{p.path}: {p.message.split('; in the combination')[0]}", p)
         if not found:
+            try:
+                priors = priors_of(resolved)
+            except TeacherError as e:  # e.g. a stage whose options do not fit the train section
+                where = "grid.method" if any(a.split(".")[0] == "method" for a in axes) else "base.method"
+                problems.setdefault(str(e), Problem(where, str(e)))
+                continue
             levels = {a: (axes[a].index(v), level_label(v)) for a, v in factors.items()}
-            spec = TrialSpec(trial_id(resolved), resolved, factors, levels, *priors_of(resolved))
+            spec = TrialSpec(trial_id(resolved), resolved, factors, levels, *priors)
             if (same := trials.setdefault(spec.id, spec)) is not spec and same.config != spec.config:
                 differ = [a for a in axes if a.split(".")[0] == "eval" or a in ("train", "eval")]
                 problems.setdefault(
@@ -167,6 +173,16 @@ def logged_metrics(config: dict) -> list[str]:
     return [eval_key(m, n, w) for m in evaluation["metrics"] for w in evaluation["guidance"] for n in evaluation["nfe"]]
 
 
+def changed_priors(config: dict, cell: TrialSpec) -> str | None:
+    """Why a sampled config cannot share its grid cell's planned trials (teacher, weak teacher, stage), else None."""
+    try:
+        if priors_of(config) == (cell.teacher, cell.guide, cell.stage):
+            return None
+    except TeacherError as e:
+        return str(e)
+    return "changes what the trial trains first (its teacher or stage): make it a grid axis"
+
+
 def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:
     """Every edge of every searched distribution must give a valid trial in every grid cell, and the searched
     metric must be one the trials log."""
@@ -194,9 +210,8 @@ def check_search(search: Search, cells: list[TrialSpec]) -> list[Problem]:
                     problems.setdefault(
                         f"{key}: {p.message}", Problem(f"search.space.{key}", f"{value!r}: {p.message}")
                     )
-                if not found and priors_of(resolved) != (cell.teacher, cell.guide, cell.stage):
-                    message = "changes the teacher a distillation method trains first: make it a grid axis"
-                    problems.setdefault(f"{key}: teacher", Problem(f"search.space.{key}", message))
+                if not found and (changed := changed_priors(resolved, cell)):
+                    problems.setdefault(f"{key}: teacher", Problem(f"search.space.{key}", f"{value!r}: {changed}"))
         if search.metric not in logged_metrics(cell.config):
             known = ", ".join(logged_metrics(cell.config))
             problems.setdefault(
