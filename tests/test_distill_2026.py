@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from orch.cli import main
 from orch.execution.build import build_network
-from orch.execution.teachers import named_file_problems
+from orch.execution.teachers import named_file_problems, planned_guide, teacher_config
 from orch.methods.contracts.conventions import canonical_to_edm, edm_to_canonical
 from orch.methods.contracts.counting import CountingNet
 from orch.methods.contracts.flow_map import jump
@@ -35,6 +35,7 @@ from orch.trial.typed import TrialConfig
 from tests.conftest import STUDIES
 from tests.gaussian import ExactGaussianFlowMap, gaussian_2d
 from tests.test_methods_2026 import marginal_points
+from tests.trainers import trainer_for
 
 D = torch.float64
 
@@ -494,3 +495,21 @@ def test_stage_options_that_cannot_train_are_refused_at_validation(tmp_path, cap
         assert exited.value.code == 2 and where in err and message in err, err
     path.write_text(yaml.safe_dump({"name": "stage", "base": {"method": cases[0][0], "train": {"batch_size": 64}}}))
     assert main(["validate", str(path)]) == 0
+
+
+def test_a_planned_weak_teacher_may_be_a_smaller_network():
+    """autoguide.model changes the planned weak teacher's network only: a width-8 guide of a width-32 teacher is
+    planned as its own trial and guides a training step (the trainer's guide has the smaller layers)."""
+    sections = {
+        "dataset": {"name": "gmm", "conditional": True},
+        "model": {"width": 32, "depth": 2},
+        "method": {"name": "ayf_emd", "autoguide": {"weight": 2.0, "model": {"width": 8}}},
+        "train": {"batch_size": 64},
+    }
+    config, problems = resolve_trial_config(sections)
+    assert not problems
+    assert planned_guide(config)["model"]["width"] == 8 and teacher_config(config)["model"]["width"] == 32
+    trainer = trainer_for(sections)
+    widths = {p.shape[0] for n, p in trainer.method.setting.guide.named_parameters() if n.endswith("layers.0.weight")}
+    assert widths == {8}
+    assert math.isfinite(trainer.train_step(with_stats=True)["train/loss"])

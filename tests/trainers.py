@@ -3,7 +3,7 @@
 import torch
 
 from orch.execution.build import build_network, build_trainer, needs_teacher
-from orch.execution.teachers import planned_stage, teacher_config
+from orch.execution.teachers import planned_guide, planned_stage, teacher_config
 from orch.methods.training.trainer import Trainer
 from orch.trial.config import resolve_trial_config
 from orch.trial.typed import TrialConfig
@@ -14,7 +14,7 @@ def frozen_priors(config: dict) -> dict[str, torch.nn.Module | None]:
     the teacher's (or the stage's) kind for each one its method needs (any frozen network will do)."""
     method = config["method"]
     teacher = build_network(TrialConfig.parse(teacher_config(config))) if needs_teacher(method) else None
-    guide = build_network(TrialConfig.parse(teacher_config(config))) if method.get("autoguide") else None
+    guide = build_network(TrialConfig.parse(guide)) if (guide := planned_guide(config)) else None
     stage = build_network(TrialConfig.parse(stage)) if (stage := planned_stage(config)) else None
     return {"teacher": teacher, "guide": guide, "stage": stage}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -30,6 +30,9 @@ class AutoguideSpec(Params):
     directory with the teacher (`orch plan` lists both)."""
     steps: Steps = 300
     """Training steps of the weak teacher orch plans (a tenth of the default teacher's)."""
+    model: dict[str, Any] | None = None
+    """Options of the planned weak teacher's network that differ from the teacher's, e.g. {width: 32} for a
+    smaller one (Karras et al. guide with a smaller, shorter-trained model); null: the teacher's network."""
 
 
 class DistillationParams(MethodParams):

@@ -37,10 +37,10 @@ class TeacherError(Exception):
     """A teacher that cannot be loaded or trained; names the path and what is wrong."""
 
 
-def teacher_config(config: dict, steps: int | None = None) -> dict:
+def teacher_config(config: dict, steps: int | None = None, model: dict | None = None) -> dict:
     """The flow-matching trial that trains the default teacher of `config`: same dataset and network, the budget
-    of method.teacher (for `steps` instead when given: autoguidance's weak teacher), evaluated once at the end
-    with the student's metrics."""
+    of method.teacher (for `steps` instead and with the network options `model` changed when given: autoguidance's
+    weak teacher), evaluated once at the end with the student's metrics."""
     spec = config["method"]["teacher"] | ({} if steps is None else {"steps": steps})
     train = {k: spec[k] for k in ("steps", "batch_size", "lr", "lr_decay_steps", "seed")}
     train |= {"ema": [spec["ema"]], "checkpoint_every": max(1, spec["steps"] // 4)}
@@ -49,7 +49,7 @@ def teacher_config(config: dict, steps: int | None = None) -> dict:
     evaluation = config["eval"] | {"every": spec["steps"], "ema": None, "guidance": [1.0], "guidance_interval": None}
     raw = {
         "dataset": config["dataset"],
-        "model": config["model"],
+        "model": config["model"] | (model or {}),
         "method": {"name": "fm"},
         "time_sampler": {"name": "uniform"},
         "train": train,
@@ -57,7 +57,8 @@ def teacher_config(config: dict, steps: int | None = None) -> dict:
     }
     resolved, problems = resolve_trial_config(raw)
     if problems:
-        raise TeacherError("cannot build the teacher's config: " + "; ".join(map(str, problems)))
+        whose = "the teacher's" if steps is None else "autoguidance's weak teacher's (method.autoguide)"
+        raise TeacherError(f"cannot build {whose} config: " + "; ".join(map(str, problems)))
     return resolved
 
 
@@ -112,7 +113,7 @@ def planned_guide(config: dict) -> dict | None:
     autoguide = config["method"].get("autoguide")
     if not needs_teacher(config["method"]) or autoguide is None or autoguide["path"] is not None:
         return None
-    return teacher_config(config, autoguide["steps"])
+    return teacher_config(config, autoguide["steps"], autoguide.get("model"))
 
 
 def planned_stage(config: dict) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -278,6 +279,7 @@ INERT = {
     ("method", "teacher_guidance"): 1.0,
     ("method", "autoguide"): None,
     ("method", "mid_training"): None,
+    ("method", "autoguide", "model"): None,
     ("train", "precision"): "auto",
     ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
     ("model", "attention"): "sdpa",
@@ -295,18 +297,19 @@ left out of identities and fingerprints, so that every earlier trial keeps its i
 def without_inert(config: dict) -> dict:
     """`config` without the INERT options at their inert values, without train.label_dropout when the data
     is not conditional and without train.jvp.eps in exact mode (they are then unused)."""
-    config = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
-    jvp = config.get("train", {}).get("jvp")
+    out = copy.deepcopy(config)
+    jvp = out.get("train", {}).get("jvp")
     if isinstance(jvp, dict) and jvp.get("mode") == "exact":
-        config["train"]["jvp"] = {k: v for k, v in jvp.items() if k != "eps"}
-    out = {
-        section: {k: v for k, v in value.items() if (section, k) not in INERT or v != INERT[section, k]}
-        if isinstance(value, dict)
-        else value
-        for section, value in config.items()
-    }
-    if not config.get("dataset", {}).get("conditional") and "train" in out:
-        out["train"] = {k: v for k, v in out["train"].items() if k != "label_dropout"}
+        jvp.pop("eps", None)
+    for path, inert in INERT.items():
+        *parents, leaf = path
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == inert:
+            del node[leaf]
+    if not out.get("dataset", {}).get("conditional") and "train" in out:
+        out["train"].pop("label_dropout", None)
     return out
 
 
