@@ -513,3 +513,25 @@ def test_a_planned_weak_teacher_may_be_a_smaller_network():
     widths = {p.shape[0] for n, p in trainer.method.setting.guide.named_parameters() if n.endswith("layers.0.weight")}
     assert widths == {8}
     assert math.isfinite(trainer.train_step(with_stats=True)["train/loss"])
+
+
+def test_dmf_distill_target_has_the_exact_map_as_fixed_point_and_the_conditional_velocity_does_not():
+    """With target distill and the exact teacher b*, both of DMF's residuals vanish at the exact flow map (to the
+    float32 rounding of the times DMF draws: ≤ 1e-5) and the loss's gradient with them; the default target x1 − x0
+    (control) leaves per-sample residuals of order 1 and a gradient 10⁴× larger; distill costs one teacher forward
+    per branch (4 forwards and 1 JVP per sample)."""
+    exact = gaussian_2d()
+    x1 = exact.mean + exact.std * torch.randn(4096, 2, generator=torch.Generator().manual_seed(11), dtype=D)
+    for target, fixed_point in (("distill", True), ("velocity", False)):
+        teacher = CountingNet(exact)
+        method = DMF(DMFParams(target=target), Setting(LinearInterpolant(exact.sigma0), None, 1.0, teacher))
+        student = CountingNet(GaussianFamily(exact))
+        terms = method.terms(student, x1, 0, torch.Generator().manual_seed(12))
+        for term in terms:
+            residual, gradient = residual_and_gradient(term, list(student.net.parameters()))
+            assert (residual < 1e-5 and gradient < 1e-3) if fixed_point else (residual > 0.5 and gradient > 10.0)
+        assert (teacher.forwards, student.forwards, student.jvps) == ((2 * 4096, 2 * 4096, 4096) if fixed_point
+                                                                      else (0, 2 * 4096, 4096))  # fmt: skip
+    assert method.expected_passes(4096) == (2.0, 1.0)
+    distill = DMF(DMFParams(target="distill"), Setting(LinearInterpolant(exact.sigma0), None, 1.0, teacher))
+    assert distill.expected_passes(4096) == (4.0, 1.0)

@@ -227,6 +227,7 @@ GUIDED_COSTS = [  # (method, options that guide in training) → (forward, JVP) 
     ("ayf_emd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the guided b̂, the no-grad JVP
     ("ayf_lmd", {"teacher_guidance": 2.0}, 3.0, 1.0),  # the student, the no-grad JVP, the guided b̂ there
     ("dmf", {"cfg_kappa": 0.6, "cfg_interval": [0.3, 1.0]}, 6.0, 1.0),  # + each branch's cond/null diagonal
+    ("dmf", {"target": "distill", "teacher_guidance": 2.0}, 6.0, 1.0),  # + each branch's guided teacher (2 F)
     ("ayf_emd", {"autoguide": {"weight": 2.0}}, 3.0, 1.0),  # the student, the teacher and its weak guide, the JVP
     ("ayf_emd", {"autoguide": {"weight": 2.0, "model": {"width": 8}}}, 3.0, 1.0),  # a smaller weak teacher
 ]

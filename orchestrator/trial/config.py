@@ -279,6 +279,7 @@ INERT = {
     ("method", "teacher_guidance"): 1.0,
     ("method", "autoguide"): None,
     ("method", "mid_training"): None,
+    ("method", "target"): "velocity",  # DMF's; the other methods' targets have other names
     ("method", "autoguide", "model"): None,
     ("train", "precision"): "auto",
     ("train", "jvp"): {"mode": "exact", "precision": "auto"},  # eps: unused in exact mode
