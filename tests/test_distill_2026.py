@@ -4,6 +4,7 @@ With the exact teacher velocity b* the exact flow map is a fixed point: every re
 loss vanish there, for each stop-gradient placement. Each check has a control that must fail it by a wide margin.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ import yaml
 from torch import Tensor, nn
 
 from orch.cli import main
-from orch.execution.build import build_network
+from orch.execution.build import build_network, build_trainer
 from orch.execution.teachers import named_file_problems, planned_guide, teacher_config
 from orch.methods.contracts.conventions import canonical_to_edm, edm_to_canonical
 from orch.methods.contracts.counting import CountingNet
@@ -535,3 +536,24 @@ def test_dmf_distill_target_has_the_exact_map_as_fixed_point_and_the_conditional
     assert method.expected_passes(4096) == (2.0, 1.0)
     distill = DMF(DMFParams(target="distill"), Setting(LinearInterpolant(exact.sigma0), None, 1.0, teacher))
     assert distill.expected_passes(4096) == (4.0, 1.0)
+
+
+def test_a_checkpoint_is_not_resumed_with_a_teacher_of_other_weights():
+    """A checkpoint records the digest of its frozen networks' weights: resuming with the same teacher (another
+    copy) or without one (evaluation) works; with a teacher whose weights changed (a replaced file) it is refused,
+    naming the teacher and the step."""
+    config, problems = resolve_trial_config({"method": {"name": "scd"}, "model": {"width": 16, "depth": 2}})
+    assert not problems
+    parsed, cpu = TrialConfig.parse(config), torch.device("cpu")
+    teacher = build_network(TrialConfig.parse(teacher_config(config)))
+    trainer = build_trainer(parsed, cpu, copy.deepcopy(teacher))
+    trainer.train_step()
+    state = trainer.state_dict()
+    resumed = build_trainer(parsed, cpu, copy.deepcopy(teacher))
+    resumed.load_state_dict(state)
+    assert resumed.step == 1
+    build_trainer(parsed, cpu).load_state_dict(state)  # sampling needs no teacher
+    with torch.no_grad():
+        next(teacher.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="the teacher has other weights than when this trial's checkpoint at step 1"):
+        build_trainer(parsed, cpu, teacher).load_state_dict(state)

@@ -5,6 +5,7 @@ Methods only produce terms (methods/contracts/method.py); everything else about 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -209,6 +210,15 @@ def compiled(net: nn.Module, enabled: bool) -> nn.Module:
     return net
 
 
+def weights_digest(net: nn.Module) -> str:
+    """sha256 of a network's named tensors: which weights a frozen network had, whatever file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 class Trainer:
     """The training step and its state: the network (behind the counting wrapper), the method, the optional
     learned weight, the optimiser, the EMA copies and the RNG.
@@ -241,6 +251,11 @@ class Trainer:
         self.scaler = grad_scaler(self.precision, device)
         self.amp_skipped_steps = 0
         self.ema = EMA(self.net.net, cfg.ema)
+        self.priors = {
+            role: weights_digest(net)
+            for role, net in (("teacher", setting.teacher), ("guide", setting.guide), ("stage", setting.stage))
+            if net is not None
+        }
         teacher, guide, stage = (self.frozen(n) for n in (setting.teacher, setting.guide, setting.stage))
         self.ema_targets: list[CountingNet] = []
         ema_target = self.counted_ema_copy(cfg.ema[0])
@@ -454,9 +469,19 @@ class Trainer:
             "unresolved": self.counts.unresolved,
             "scaler": self.scaler.state_dict(),
             "amp_skipped_steps": self.amp_skipped_steps,
+            "priors": self.priors,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint; raises ValueError when a frozen network it was trained with (teacher, weak teacher,
+        prior stage) has other weights now, e.g. a named teacher file replaced since the trial started."""
+        for role, digest in state.get("priors", {}).items():  # absent from checkpoints before stages existed
+            if role in self.priors and self.priors[role] != digest:
+                raise ValueError(
+                    f"the {role} has other weights than when this trial's checkpoint at step {state['step']} was "
+                    f"written (weights digest {digest[:12]}, now {self.priors[role][:12]}): its file was replaced; "
+                    "restore it, or name the new one in a new study"
+                )
         self.net.net.load_state_dict(state["net"])
         if self.weight is not None:
             self.weight.load_state_dict(state["weight"])
