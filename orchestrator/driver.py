@@ -22,7 +22,7 @@ from orch.execution.records import finish_unrun
 from orch.execution.runner import missing_evaluations
 from orch.execution.teachers import EXPERIMENT, TEACHER_FILE, write_teacher_file
 from orch.execution.trial import Trial, open_trial
-from orch.lock import alive, claim_study, live_driver, recorded_driver, release_study
+from orch.lock import alive, claim_study, live_driver, live_evaluators, recorded_driver, release_study
 from orch.methods.runtime.storage import exclusive
 from orch.problems import Problem, StudyError
 from orch.progress import Progress, TrialProgress, say_plain
@@ -456,20 +456,31 @@ def backend_of_submission(study_dir: Path) -> Backend | None:
     return backend_of(params) if params is not None else None
 
 
+def stop_process(pid: int, wait_seconds: float) -> None:
+    """SIGTERM (an orch process stops as on Ctrl-C, keeping its work) and wait up to `wait_seconds` for the end."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + wait_seconds
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def cancel_study(study_dir: Path, say=say_plain, wait_seconds: float = 60.0) -> int:
     """Stop a study's running trials and keep their checkpoints: signal its live driver (Ray or local runs stop
-    with it; it stops first, so that it does not end on its own seeing its jobs go), stop the work its backend
+    with it; it stops first, so that it does not end on its own seeing its jobs go) and its `orch eval` processes,
+    stop the work its backend
     runs outside the orch process (Slurm jobs), and mark every trial that had not finished `cancelled`. Returns
     how many trials that had not finished are cancelled (a job that completed meanwhile stays completed)."""
     unfinished = [
         d for d in sorted((study_dir / "trials").iterdir()) if TrialState.load(d).status in (PENDING, RUNNING)
     ]
     if pid := live_driver(recorded_driver(study_dir)):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + wait_seconds
-        while alive(pid) and time.time() < deadline:
-            time.sleep(0.2)
+        stop_process(pid, wait_seconds)
         say(f"stopped the orch process {pid} running the study")
+    for pid in live_evaluators(study_dir):
+        stop_process(pid, wait_seconds)
+        say(
+            f"stopped the `orch eval` process {pid} (its finished evaluations are kept; the same command does the rest)"
+        )
     if (backend := backend_of_submission(study_dir)) is not None:
         backend.cancel(unfinished, say)
     mark_cancelled(study_dir, (PENDING, RUNNING), "cancelled by `orch cancel`; `orch resume` continues it")

@@ -1,10 +1,12 @@
 """One live driver per study: the orch process running a study is recorded in <study>/driver.json (its PID and
 start time, and what its backend started); a second one is refused, `orch cancel` finds it, and a record left by
-a killed driver is recognised as such."""
+a killed driver is recognised as such. The `orch eval` processes of a study are recorded likewise (several may
+run), for `orch cancel`."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -72,3 +74,25 @@ def note_in_record(study_dir: Path, **extra) -> None:
 
 def release_study(study_dir: Path) -> None:
     (study_dir / DRIVER_RECORD).unlink(missing_ok=True)
+
+
+EVALUATORS = "evaluators"
+"""<study>/evaluators/<pid>.json: the `orch eval` processes working on the study (several may), for `orch cancel`."""
+
+
+@contextmanager
+def evaluating(study_dir: Path):
+    """Record this process as an `orch eval` of the study while the block runs."""
+    record = study_dir / EVALUATORS / f"{os.getpid()}.json"
+    record.parent.mkdir(exist_ok=True)
+    write_json(record, driver_record())
+    try:
+        yield
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def live_evaluators(study_dir: Path) -> list[int]:
+    """The PIDs of the `orch eval` processes recorded for the study that still run (each its very process)."""
+    records = sorted((study_dir / EVALUATORS).glob("*.json")) if (study_dir / EVALUATORS).is_dir() else []
+    return [pid for pid in (live_driver(read_json(r)) for r in records) if pid is not None]

@@ -130,6 +130,28 @@ def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_st
     )
 
 
+def test_cancel_stops_a_running_eval_which_keeps_its_finished_units(checker_study, tmp_path, capsys):
+    """`orch cancel` finds the study's running `orch eval` (in a copy of the workdir, so that the other tests keep
+    theirs) and stops it as Ctrl-C would: exit 130, the finished units kept, its record gone."""
+    workdir, study_dir = checker_study
+    shutil.copytree(workdir, tmp_path / "copy")
+    trial = trial_ids(study_dir)[2]
+    results = tmp_path / "copy" / "final_tiny" / "trials" / trial / "final.json"
+    results.unlink(missing_ok=True)  # evaluated by another test before the copy: evaluate it again
+    args = ["eval", "final_tiny", "--workdir", str(tmp_path / "copy"), *large_evaluation(study_dir)]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    worker = subprocess.Popen([sys.executable, "-m", "orch.cli", *args], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (results.exists() and json.loads(results.read_text())["units"]):
+        assert worker.poll() is None, "the evaluation ended before it could be cancelled"
+        time.sleep(0.2)
+    assert main(["cancel", "final_tiny", "--workdir", str(tmp_path / "copy")]) == 0
+    assert f"stopped the `orch eval` process {worker.pid}" in capsys.readouterr().out
+    assert worker.wait(60) == 130
+    assert 1 <= len(json.loads(results.read_text())["units"]) < 8
+    assert not list((tmp_path / "copy" / "final_tiny" / "evaluators").glob("*.json"))
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

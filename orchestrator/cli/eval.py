@@ -53,6 +53,7 @@ def cmd_eval(args) -> int:
     from orch.backends.base import BackendError
     from orch.eval import evaluate_dir, request_problems, select_trials
     from orch.execution.build import inception_problems
+    from orch.lock import evaluating
 
     study_dir = study_dir_of(args.study, args.workdir)
     request, where = eval_request(args), where_of(args.where)
@@ -74,7 +75,8 @@ def cmd_eval(args) -> int:
     here = backend.params.name == "local"  # in this process: its lines are printed as they come
     task = functools.partial(evaluate_dir, request=request, say=print if here else None)
     try:
-        results = backend.map(task, [t.dir for t in trials], study_dir, study_dir.name)
+        with evaluating(study_dir):  # `orch cancel` finds and stops it
+            results = backend.map(task, [t.dir for t in trials], study_dir, study_dir.name)
     except KeyboardInterrupt:
         print("interrupted: finished evaluations are kept; the same command finishes the rest", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -263,7 +263,7 @@ def cmd_cancel(args) -> int:
 
 
 def add_cancel(sub) -> None:
-    help_text = "stop a study's running trials (its orch process, its Slurm jobs)"
+    help_text = "stop a study's running trials and evaluations (its orch processes, its Slurm jobs)"
     add_submitted_command(sub, "cancel", help_text, cmd_cancel)
 
 
