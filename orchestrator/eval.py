@@ -38,14 +38,20 @@ from orch.tracking.schema import (
 )
 from orch.tracking.store import TRACKING_ERRORS, log_batch, not_yet_logged
 from orch.trial.config import digest, eval_ema, flatten, metric_description, metric_fingerprint, resolve_trial_config
-from orch.trial.state import TrialState, load_checkpoint_at, load_latest_checkpoint, read_json, write_json
+from orch.trial.state import (
+    FINAL_RESULTS,
+    TrialState,
+    load_checkpoint_at,
+    load_latest_checkpoint,
+    read_json,
+    write_json,
+)
 from orch.trial.status import COMPLETED, STOPPED
 from orch.trial.typed import TrialConfig
 
 SEED_RANGE = 10_000_019
 """Offset of train.seed between seed ranges: range 0 draws the noise and labels of the trial's own evaluations
 (so it reproduces them at the same sample count), range k those of train.seed + k·SEED_RANGE."""
-RESULTS = "final.json"
 EVALUABLE = (COMPLETED, STOPPED)
 """Trials whose weights are final: completed, or stopped early by a search scheduler."""
 
@@ -285,7 +291,8 @@ def evaluate_locked(trial: Trial, request: Request, say: Callable[[str], None]) 
             say(f"trial {trial.id}: {unit.key}: {why}")
         else:
             groups.setdefault((unit.nfe, unit.omega, unit.seed_range), []).append(unit)
-    done: dict[str, dict] = read_json(trial_dir / RESULTS).get("units", {})
+    results = read_json(trial_dir / FINAL_RESULTS)
+    done: dict[str, dict] = results.get("units", {})
     client, trainer, computed = MlflowClient(trial.tracking_uri), None, 0
     for group in groups.values():
         state, step = weights.load(group[0])  # one weights file per NFE and scale
@@ -297,14 +304,15 @@ def evaluate_locked(trial: Trial, request: Request, say: Callable[[str], None]) 
             trainer.ema_net(weights.ema).load_state_dict(state)
             for unit, value, seconds in score(trainer, evaluation, config, todo):
                 done[unit.key] = {"value": value, "fingerprint": fingerprints[unit], "step": step, "logged": False}
-                write_json(trial_dir / RESULTS, {"units": done})
+                write_json(trial_dir / FINAL_RESULTS, results | {"units": done})
                 computed += 1
                 say(
                     f"trial {trial.id} ({trial.label}): {unit.metric} {unit.suffix} seed range {unit.seed_range}: "
                     f"{value:.5g} ({evaluation.num_samples:,} samples, step {step}, {seconds:.0f} s)"
                 )
-        log_results(client, trial, units, done, request, config)
-        write_json(trial_dir / RESULTS, {"units": done})
+        rows, tags = log_results(client, trial, units, done, request, config)
+        results |= {"logged": results.get("logged", []) + rows, "tags": results.get("tags", {}) | tags}
+        write_json(trial_dir / FINAL_RESULTS, results | {"units": done})
     return computed, len(units) - sum(map(len, groups.values()))
 
 
@@ -324,9 +332,10 @@ def score(trainer, evaluation: EvalConfig, config: dict, todo: list[tuple[Unit, 
 
 def log_results(
     client: MlflowClient, trial: Trial, units: list[Unit], done: dict[str, dict], request: Request, config: dict
-) -> None:
+) -> tuple[list, dict[str, str]]:
     """Log the units not yet in MLflow, and the mean and spread over seed ranges of each complete (metric,
-    suffix) unless the run has them: a unit is marked logged only after MLflow took it."""
+    suffix) unless the run has them: a unit is marked logged only after MLflow took it. Returns the rows (key,
+    value, step) and tags MLflow took, which final.json keeps so that a rebuilt store gets them back."""
     rows = [
         (u.key, done[u.key]["value"], done[u.key]["step"])
         for u in units
@@ -354,3 +363,4 @@ def log_results(
     for u in units:
         if u.key in done:
             done[u.key]["logged"] = True
+    return [list(row) for row in rows], tags

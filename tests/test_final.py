@@ -152,6 +152,33 @@ def test_cancel_stops_a_running_eval_which_keeps_its_finished_units(checker_stud
     assert not list((tmp_path / "copy" / "final_tiny" / "evaluators").glob("*.json"))
 
 
+def test_a_rebuilt_store_gets_back_what_orch_eval_logged(checker_study, tmp_path):
+    """final.json keeps the rows and tags MLflow took: with mlflow.db lost, `orch resume` rebuilds each run from the
+    trial directory, the final metrics and their protocol tags included, and says how many rows it logged."""
+    workdir, study_dir = checker_study
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    trial = trial_ids(study_dir)[1]
+    args = ["--trials", trial, "--checkpoint", "last", "--num", "3000", "--seeds", "2", "--nfe", "1"]
+    assert orch_eval(copy, *args) == 0
+    client, runs = runs_by_trial(copy / "final_tiny")
+    before = runs[trial].data
+    final = {k: v for k, v in before.metrics.items() if k.startswith("final/")}
+    assert len(final) == 4  # two seed ranges, their mean and spread
+    (copy / "final_tiny" / "mlflow.db").rename(tmp_path / "lost.db")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "orch.cli", "resume", "final_tiny", "--workdir", str(copy)]
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)  # a new process: a new store
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"trial {trial}: its MLflow run" in resumed.stdout and "4 final metric row(s)" in resumed.stdout
+    _, rebuilt = runs_by_trial(copy / "final_tiny")
+    after = rebuilt[trial].data
+    assert {k: v for k, v in after.metrics.items() if k.startswith("final/")} == final
+    assert {k: v for k, v in after.tags.items() if k.startswith("orch.final.")} == {
+        k: v for k, v in before.tags.items() if k.startswith("orch.final.")
+    }
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

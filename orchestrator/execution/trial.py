@@ -107,9 +107,10 @@ def open_trial(
     run_id = ensure_trial_run(client, experiment_id, parent_id, spec.id, spec.label, spec.config, state.run_id)
     if state.run_id != run_id:
         if state.run_id is not None:
-            replay_run(client, run_id, trial_dir, state)
+            final = replay_run(client, run_id, trial_dir, state)
             state.unlogged = False
-            say(f"trial {spec.id}: its MLflow run {state.run_id} is not in the store; rebuilt from {trial_dir}")
+            extra = f", with {final} final metric row(s) of `orch eval`" if final else ""
+            say(f"trial {spec.id}: its MLflow run {state.run_id} is not in the store; rebuilt from {trial_dir}{extra}")
         state.run_id = run_id
         state.save(trial_dir)
     elif state.unlogged:

@@ -47,7 +47,7 @@ from orch.tracking.schema import (
     VERSION,
 )
 from orch.trial.config import flatten, metric_description, metric_fingerprint
-from orch.trial.state import TrialState, read_metrics
+from orch.trial.state import FINAL_RESULTS, TrialState, read_json, read_metrics
 from orch.trial.status import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUN_STATUS, RUNNING
 
 TRACKING_ERRORS = (MlflowException, SQLAlchemyError, OSError)
@@ -285,11 +285,16 @@ def not_yet_logged(
     return [(key, value, step) for key, value, step in rows if (step, value) not in history[key]]
 
 
-def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> None:
-    """Fill a new run with what the trial directory holds: every logged metric and the outcome."""
+def replay_run(client: MlflowClient, run_id: str, trial_dir: Path, state: TrialState) -> int:
+    """Fill a new run with what the trial directory holds: every logged metric, the outcome, and what `orch eval`
+    logged (final.json). Returns the number of final rows logged again."""
     log_batch(client, run_id, metrics=read_metrics(trial_dir))
     if state.status not in (PENDING, RUNNING):
         record_outcome(client, run_id, state, trial_dir)
+    final = read_json(trial_dir / FINAL_RESULTS)
+    rows = not_yet_logged(client, run_id, [tuple(row) for row in final.get("logged", [])])
+    log_batch(client, run_id, metrics=rows, tags=final.get("tags", {}))
+    return len(rows)
 
 
 def reconcile(client: MlflowClient, experiment_id: str, study_dir: Path) -> int:

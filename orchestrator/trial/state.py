@@ -78,6 +78,10 @@ class TrialState:
         write_json(trial_dir / "state.json", asdict(self))
 
 
+FINAL_RESULTS = "final.json"
+"""<trial>/final.json of `orch eval`: {"units": its results by key, "logged": the rows (key, value, step) MLflow
+took, "tags": the tags it took} — what rebuilds a lost store's final metrics."""
+
 CHECKPOINT = re.compile(r"^step_(\d{9})\.pt$")
 
 
