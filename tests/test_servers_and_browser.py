@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium from file:// (offline), `orch dashboard --serve` and `orch ui`
 (the real MLflow server) on 127.0.0.1, each stopped with Ctrl-C."""
 
+import base64
 import json
 import os
 import re
@@ -103,32 +104,54 @@ def test_dashboard_serve(tiny_study, sigint_ignored):
         stop_with_ctrl_c(process, url)
 
 
-def test_mlflow_ui_lists_the_study_runs_over_rest(tiny_study):
-    workdir, _, _ = tiny_study
+def api(url: str, path: str, auth: str | None = None, body: dict | None = None) -> dict:
+    """An MLflow REST call (GET, or POST with `body`) with an Authorization header when given."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": auth} if auth else {})
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}{path}", data, headers, method="POST" if body is not None else "GET")
+    return json.load(urllib.request.urlopen(request, timeout=30))
+
+
+def login(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_mlflow_ui_lists_the_study_runs_over_rest_to_its_users_only(tiny_study):
+    """`orch ui` serves MLflow's basic-auth app: without the study's credentials (0600, in a 0700 folder) every
+    API call is refused (401); the owner reads the runs; the read-only user reads them and may not write (403)."""
+    workdir, study_dir, _ = tiny_study
     process, url, line = start(["ui", "tiny", "--workdir", str(workdir)])
     try:
-        experiment = json.load(
-            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", timeout=30)
-        )["experiment"]
-        request = urllib.request.Request(
-            f"{url}/api/2.0/mlflow/runs/search",
-            method="POST",
-            headers={"Content-Type": "application/json"},
-            data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).encode(),
-        )
-        runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
+        credentials = study_dir / "ui" / "credentials.json"
+        passwords = json.loads(credentials.read_text())
+        assert credentials.stat().st_mode & 0o777 == 0o600 and (study_dir / "ui").stat().st_mode & 0o777 == 0o700
+        assert f"log in as 'orch', password {passwords['orch']}" in process.stdout.readline()  # printed once
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
+        assert refused.value.code == 401
+        owner, viewer = login("orch", passwords["orch"]), login("viewer", passwords["viewer"])
+        experiment = api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", owner)["experiment"]
+        search = {"experiment_ids": [experiment["experiment_id"]], "max_results": 100}
+        runs = api(url, "/api/2.0/mlflow/runs/search", owner, search)["runs"]
         # the printed link opens this experiment's runs in the "Model training" view, not the GenAI overview
         assert f"{url}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning" in line
         roles = sorted(t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "orch.role")
         assert roles == ["study", "trial", "trial", "trial", "trial"]
+        assert len(api(url, "/api/2.0/mlflow/runs/search", viewer, search)["runs"]) == len(runs)
+        with pytest.raises(urllib.error.HTTPError) as forbidden:
+            api(url, "/api/2.0/mlflow/runs/create", viewer, {"experiment_id": experiment["experiment_id"]})
+        assert forbidden.value.code == 403
     finally:
         stop_with_ctrl_c(process, url)
 
 
 def test_mlflow_ui_stops_its_server_on_sigterm(tiny_study):
-    workdir, _, _ = tiny_study
-    process, url, _ = start(["ui", "tiny", "--workdir", str(workdir)])
+    """Also: --read-only prints the login of the user who may only read, for sharing."""
+    workdir, study_dir, _ = tiny_study
+    process, url, _ = start(["ui", "tiny", "--workdir", str(workdir), "--read-only"])
     assert urllib.request.urlopen(f"{url}/health", timeout=30).status == 200
+    viewer = json.loads((study_dir / "ui" / "credentials.json").read_text())["viewer"]
+    assert f"log in as 'viewer', password {viewer} (may read, not change, the study)" in process.stdout.readline()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     with pytest.raises(urllib.error.URLError):  # the server went down with orch, not orphaned

@@ -112,7 +112,7 @@ def cmd_ui(args) -> int:
             return EXIT_INVALID
         args.study = studies[0]
     study_dir = study_dir_of(args.study, args.workdir)
-    return serve_mlflow_ui(tracking_uri_of(study_dir), args.study, args.port, study_dir / "mlflow-ui.log")
+    return serve_mlflow_ui(tracking_uri_of(study_dir), study_dir, args.port, args.read_only)
 
 
 def add_ui(sub) -> None:
@@ -120,4 +120,5 @@ def add_ui(sub) -> None:
     s.add_argument("study", nargs="?", help="study name (optional when the workdir holds one study)")
     s.add_argument("--workdir", default=default_workdir(), help=WORKDIR_HELP)
     s.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    s.add_argument("--read-only", action="store_true", help="print the login of a user who may only read (to share)")
     s.set_defaults(func=cmd_ui)

@@ -13,6 +13,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from orch.cli.ui_auth import OWNER, VIEWER, UiAuth, ensure_viewer, ui_auth
 from orch.trial.state import TrialState
 from orch.trial.status import FINISHED_STATES
 
@@ -98,18 +99,35 @@ def experiment_url(url: str, tracking_uri: str, experiment: str) -> str:
     return f"{url}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning" if found else url
 
 
-def serve_mlflow_ui(tracking_uri: str, experiment: str, port: int | None, log_path: Path) -> int:
-    """The MLflow UI over a local store on 127.0.0.1, its URL opening `experiment`; for a remote tracking server,
-    say where it is. The server's own output (a line per request) goes to `log_path`, not the terminal."""
+def login_line(auth: UiAuth, read_only: bool) -> str:
+    """How to log in: the read-only user's password (to share), or the owner's, printed when just generated."""
+    file = auth.folder / "credentials.json"
+    if read_only:
+        return f"log in as {VIEWER!r}, password {auth.passwords[VIEWER]} (may read, not change, the study)"
+    if auth.created:
+        return f"log in as {OWNER!r}, password {auth.passwords[OWNER]} (generated now; kept in {file}, mode 0600)"
+    return f"log in as {OWNER!r}, password in {file}; `orch ui --read-only` gives a user who may only read"
+
+
+def serve_mlflow_ui(tracking_uri: str, study_dir: Path, port: int | None, read_only: bool = False) -> int:
+    """The MLflow UI over a study's local store on 127.0.0.1, behind the study's credentials (ui_auth.py), its URL
+    opening the study's experiment; for a remote tracking server, say where it is. `read_only` prints the
+    credentials of the user who may only read. The server's own output (a line per request) goes to
+    <study>/mlflow-ui.log, not the terminal."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         print(f"this study tracks to a remote server: open {tracking_uri} in a browser")
         return 0
+    auth, log_path = ui_auth(study_dir), study_dir / "mlflow-ui.log"
     port = port or free_port()
     url = f"http://{HOST}:{port}"
-    env = os.environ | {
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # measured: /health in ~5 s, not 9–15 s
-        "PYTHONWARNINGS": "ignore::DeprecationWarning",  # the server's dependencies' warnings, not the user's
-    }
+    env = (
+        os.environ
+        | auth.environment
+        | {
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # measured: /health in ~5 s, not 9–15 s
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",  # the server's dependencies' warnings, not the user's
+        }
+    )
     command = [
         sys.executable,
         "-m",
@@ -123,6 +141,10 @@ def serve_mlflow_ui(tracking_uri: str, experiment: str, port: int | None, log_pa
         str(port),
         "--workers",
         "1",
+        "--app-name",
+        "basic-auth",
+        "--artifacts-destination",  # uploads through the server land in the study, never in the current folder
+        str((study_dir / "artifacts").resolve()),
     ]
     log = open(log_path, "ab")  # noqa: SIM115 — the server writes it until it stops
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -131,8 +153,10 @@ def serve_mlflow_ui(tracking_uri: str, experiment: str, port: int | None, log_pa
         if not wait_for_health(url, process):
             print(f"error: the MLflow UI did not start (exit code {process.poll()}); see {log_path}", file=sys.stderr)
             return 1
-        link = experiment_url(url, tracking_uri, experiment)
+        ensure_viewer(url, auth)
+        link = experiment_url(url, tracking_uri, study_dir.name)
         print(f"MLflow UI: {link}  (Ctrl-C to stop; the server's log: {log_path})", flush=True)
+        print(login_line(auth, read_only), flush=True)
         process.wait()
         return 0
     except KeyboardInterrupt:
