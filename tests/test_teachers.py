@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from orch.cli import main
 from orch.execution.teachers import EXPERIMENT, TEACHER_FILE
+from orch.trial.config import resolve_trial_config
 from orch.trial.state import TrialState
 from tests.conftest import STUDIES
 
@@ -106,7 +108,10 @@ def test_an_autoguided_student_has_its_weak_teacher_trained_first_and_counts_its
     assert student.data.metrics["cost/jvp_per_sample"] == pytest.approx(1.0)
 
 
-def test_a_missing_or_corrupt_teacher_is_a_clear_error(tmp_path, capsys):
+def test_a_missing_corrupt_or_unloadable_teacher_is_a_clear_error(tmp_path, capsys):
+    """A missing or unreadable teacher file is refused at submit (exit 2, naming the option, nothing created); one
+    that passes those checks but cannot be loaded into its own network (checked only when a trial starts from
+    it) fails the trials that distil it, each with the whole traceback as an artifact."""
     raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
     raw["base"]["method"]["teacher"] = {"path": str(tmp_path / "nowhere.pt")}
     study = tmp_path / "missing.yaml"
@@ -118,6 +123,14 @@ def test_a_missing_or_corrupt_teacher_is_a_clear_error(tmp_path, capsys):
     corrupt = tmp_path / "teacher.pt"
     corrupt.write_bytes(b"not a checkpoint")
     raw["base"]["method"]["teacher"] = {"path": str(corrupt)}
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["submit", str(study), "--workdir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "method.teacher.path" in err and f"{corrupt}: cannot read" in err and not (tmp_path / "runs").exists()
+
+    config, _ = resolve_trial_config({"method": {"name": "fm"}, "model": raw["base"]["model"]})
+    torch.save({"config": config, "net": {"layers.0.weight": torch.zeros(3)}}, corrupt)  # not this network's
+    raw["base"]["method"] |= {"init_from_teacher": False}  # the student does not start from it: loaded at run time
     raw["backend"] = {"name": "local"}
     study.write_text(yaml.safe_dump(raw))
     assert main(["submit", str(study), "--workdir", str(tmp_path / "runs")]) == 1
