@@ -50,11 +50,15 @@ TINY_UNET = {"name": "unet", "channels": 8, "channel_mult": [1, 2], "num_blocks"
              "time_scale": 1000.0}  # fmt: skip
 
 
+SMALL_BATCH = {"cmt": {"nfe": 4}}
+"""Options a method needs to train on a batch of 4 (CMT's batch holds whole trajectories of `nfe` points)."""
+
+
 def unet_trainer_for(method: str, precision: str):
     config, problems = resolve_trial_config(
         {
             "dataset": {"name": "mnist", "limit": 64},
-            "method": {"name": method},
+            "method": {"name": method, **SMALL_BATCH.get(method, {})},
             "model": TINY_UNET,
             "train": {"batch_size": 4, "device": "cpu", "precision": precision},
             "eval": {"metrics": ["fid"]},
