@@ -93,6 +93,13 @@ def evaluating(study_dir: Path):
 
 
 def live_evaluators(study_dir: Path) -> list[int]:
-    """The PIDs of the `orch eval` processes recorded for the study that still run (each its very process)."""
+    """The PIDs of the `orch eval` processes recorded for the study that still run (each its very process); the
+    record of one that ended without removing it (killed) is removed."""
     records = sorted((study_dir / EVALUATORS).glob("*.json")) if (study_dir / EVALUATORS).is_dir() else []
-    return [pid for pid in (live_driver(read_json(r)) for r in records) if pid is not None]
+    live = []
+    for record in records:
+        if (pid := live_driver(read_json(record))) is None:
+            record.unlink(missing_ok=True)
+        else:
+            live.append(pid)
+    return live

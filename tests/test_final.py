@@ -21,6 +21,7 @@ from orch.dashboards.published import not_comparable, published
 from orch.dashboards.report import dashboard_html
 from orch.execution.build import build_section
 from orch.execution.trial import Trial
+from orch.lock import live_evaluators
 from orch.methods.data.images import subset
 from orch.methods.evaluation import fid
 from orch.methods.evaluation.kl import histogram_kl
@@ -109,6 +110,8 @@ def test_a_second_run_does_nothing_and_a_killed_run_finishes_the_rest(checker_st
         time.sleep(0.2)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
+    assert (study_dir / "evaluators" / f"{worker.pid}.json").exists()  # killed: it could not remove its record
+    assert live_evaluators(study_dir) == [] and not (study_dir / "evaluators" / f"{worker.pid}.json").exists()
     kept = json.loads(results.read_text())["units"]
     assert 2 <= len(kept) < 8, "the kill came after the end: make the units slower"
     out = subprocess.run([sys.executable, "-m", "orch.cli", *args], env=env, capture_output=True, text=True)
