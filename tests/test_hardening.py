@@ -149,6 +149,28 @@ def test_bad_input_is_one_clear_error_with_nothing_created(case, tmp_path, capsy
 # ---- 8. Ctrl-C -----------------------------------------------------------------------------------------------
 
 
+GRPC_UNAUTHENTICATED = 16
+
+
+def gcs_port(pid: int) -> int:
+    """The port of the GCS server that the orch process `pid` started (its raylet is told it)."""
+    raylet = next(p for p in psutil.Process(pid).children(recursive=True) if p.name() == "raylet")
+    return int(next(a for a in raylet.cmdline() if a.startswith("--gcs-address=")).rsplit(":", 1)[1])
+
+
+def gcs_status(port: int, token: str | None, as_other: bool = False) -> int:
+    """The gRPC status of a request to list the keys of a GCS's key-value store (an empty message), sent with
+    `token` or without one, by this user or by a second one."""
+    authorization = ["-H", f"authorization: Bearer {token}"] if token else []
+    request = ["curl", "-sS", "--http2-prior-knowledge", "-X", "POST", "-H", "content-type: application/grpc",
+               "-H", "te: trailers", *authorization, "--data-binary", "@-", "-D", "-", "-o", "/dev/null",
+               f"http://127.0.0.1:{port}/ray.rpc.InternalKVGcsService/InternalKVKeys"]  # fmt: skip
+    request = other_user(*request) if as_other else request
+    answer = subprocess.run(request, input=b"\0" * 5, capture_output=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    return int(next(line for line in answer.stdout.decode().splitlines() if line.startswith("grpc-status:"))[12:])
+
+
 def drain(fd: int, seconds: float) -> bytes:
     """Read what a pseudo-terminal has for up to `seconds` (a full terminal buffer would block the child)."""
     out = b""
@@ -171,7 +193,8 @@ def drain(fd: int, seconds: float) -> bytes:
 def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     """Ctrl-C typed into a real (pseudo-)terminal: exit 130, the running trials `cancelled` in their directories
     and KILLED in MLflow (none left RUNNING), and `orch resume` finishes the study. While the study runs on the
-    embedded defaults, no process of its tree listens outside loopback."""
+    embedded defaults, no process of its tree listens outside loopback, and Ray's GCS answers only requests with
+    the study's token, which a second user can neither read nor do without."""
     from tests.test_fault_tolerance import states, trial_runs
 
     pid, fd = pty.fork()
@@ -190,6 +213,12 @@ def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     assert {"gcs_server", "raylet"} <= set(seen), f"Ray's servers were never seen listening: {seen}"
     exposed = {name: ips for name, ips in seen.items() if not all(is_loopback(ip) for ip in ips)}
     assert not exposed, f"listening outside loopback: {exposed}"
+    token, gcs = study_dir / "ray_token", gcs_port(pid)
+    assert gcs_status(gcs, token.read_text()) == 0  # the token the study's processes use opens its GCS
+    denied = as_other_user("cat", str(token))
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert gcs_status(gcs, None, as_other=True) == GRPC_UNAUTHENTICATED  # Ray's key-value store: code, on Ray
+    assert gcs_status(gcs, "0" * 64, as_other=True) == GRPC_UNAUTHENTICATED
     os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
     output = b""
     while True:
@@ -201,6 +230,7 @@ def test_ctrl_c_in_a_terminal_ends_a_ray_study_as_sigterm_does(tmp_path):
     output += drain(fd, 0.5)
     assert os.waitstatus_to_exitcode(status) == 130, output.decode(errors="replace")[-2000:]
     assert b"interrupted" in output and b"Traceback" not in output
+    assert not token.exists()  # removed with the embedded Ray
     after = states(study_dir)
     assert "running" not in {s.status for s in after.values()}
     assert "cancelled" in {s.status for s in after.values()}
@@ -503,11 +533,15 @@ def test_a_copied_workdir_writes_only_into_itself(tmp_path, capsys):
 OTHER_USER = "orch-test-other"
 
 
-def as_other_user(*command: str) -> subprocess.CompletedProcess:
-    """`command` run as a second local user (created once; tests run as root, as CI does)."""
+def other_user(*command: str) -> list[str]:
+    """`command` to run as a second local user (created once; tests run as root, as CI does)."""
     if subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
-    return subprocess.run(["runuser", "-u", OTHER_USER, "--", *command], capture_output=True, text=True)
+    return ["runuser", "-u", OTHER_USER, "--", *command]
+
+
+def as_other_user(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(other_user(*command), capture_output=True, text=True)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray._private import ray_constants
+from ray._raylet import AuthenticationTokenLoader, Config
 from ray.tune.logger import JsonLoggerCallback
 
 from orch.execution.distributed import TIMEOUT
@@ -139,28 +141,50 @@ LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch for a single-machine Ray (its default on macOS and Windows): with it off, the node's IP, to which
 the GCS, raylet, workers and the driver bind their servers, is 127.0.0.1 instead of the machine's address."""
 CLUSTERS = ray_constants.ENABLE_RAY_CLUSTER  # Ray's own setting on this platform
+RAY_TOKEN = "ray_token"
+"""<study>/ray_token: the embedded Ray's authentication token (0600), new at each start."""
 saved_environment: dict[str, str | None] = {}
+session: dict[str, str] = {}
+"""What the embedded Ray of this process left to remove when it stops: its temp dir and token file."""
 
 
-def embedded_environment(on: bool) -> None:
-    """Keep an embedded Ray on 127.0.0.1 (on), or let a connection to a cluster use the machine's address (off,
-    restoring the environment). The driver reads the switch from ray_constants, which Ray evaluates at import;
-    the processes Ray starts read the environment."""
-    if on:
-        saved_environment.setdefault(LOCAL_ONLY, os.environ.get(LOCAL_ONLY))
-        os.environ[LOCAL_ONLY] = "0"
-    else:
+def embedded_environment(token: Path | None) -> None:
+    """Keep an embedded Ray on 127.0.0.1 with token authentication, every process of it (servers, workers, this
+    driver) reading the token from the file `token`; or, with None, let a connection to a cluster use the
+    machine's address and the user's own authentication settings (restoring the environment). The driver reads
+    the address switch from ray_constants, which Ray evaluates at import, and the authentication mode from its
+    config, refreshed here; the processes Ray starts read the environment."""
+    embedded = {LOCAL_ONLY: "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)} if token else {}
+    for key, value in embedded.items():
+        saved_environment.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+    if token is None:
         for key, value in saved_environment.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
         saved_environment.clear()
-    ray_constants.ENABLE_RAY_CLUSTER = CLUSTERS and not on
+    ray_constants.ENABLE_RAY_CLUSTER = CLUSTERS and token is None
+    Config.initialize("")  # Ray's authentication mode, from the environment
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def new_token(study_dir: Path) -> Path:
+    """A fresh random token in <study>/ray_token, readable by this user only (even under `orch --share`)."""
+    path = study_dir / RAY_TOKEN
+    session["token"] = str(path)  # removed when Ray stops
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, secrets.token_hex(32).encode())
+    finally:
+        os.close(descriptor)
+    return path
 
 
 def init_ray(address: str | None, study_dir: Path) -> None:
-    embedded_environment(address is None)
+    embedded_environment(None if address else new_token(study_dir))
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
@@ -182,15 +206,13 @@ def init_ray(address: str | None, study_dir: Path) -> None:
     record_children(before)  # Ray's servers; its workers record themselves when they take work
 
 
-session: dict[str, str] = {}
-"""The embedded Ray this process started: its temp dir."""
-
-
 def stop_ray() -> None:
     """Shut Ray down and remove an embedded Ray's session files (its logs; trial errors are kept by Tune and
     orch in the study directory)."""
     ray.shutdown()
-    embedded_environment(False)
+    embedded_environment(None)
+    if token := session.pop("token", None):
+        Path(token).unlink(missing_ok=True)
     if temp_dir := session.pop("temp_dir", None):
         shutil.rmtree(temp_dir, ignore_errors=True)
 

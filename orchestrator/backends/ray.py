@@ -19,7 +19,7 @@ from orch.problems import Problem
 from orch.progress import Progress
 
 ENVIRONMENT = {
-    "RAY_AUTH_MODE": "disabled",  # the embedded Ray is loopback-only; a cluster sets its own
+    "RAY_AUTH_MODE": "disabled",  # to a cluster, as its users set it; the embedded Ray always has its own token
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # orch logs to MLflow itself...
     "RAY_AIR_NEW_OUTPUT": "0",  # ...and prints its own progress (verbose=0 then is silent)
