@@ -87,6 +87,11 @@ class Backend:
         a partial of one). Default: one after the other in this process."""
         return [fn(item) for item in items]
 
+    def job_scripts(self, configs: list[dict], study_dir: Path, study: str) -> list[str]:
+        """The scripts this backend would submit for trials of these resolved configs (`orch plan` shows them);
+        [] for a backend that submits none."""
+        return []
+
     def job_states(self, job_ids: list[str]) -> dict[str, str]:
         """Live states of this backend's jobs by id (for `orch status`); {} when it has none. Raises BackendError
         when they cannot be asked."""

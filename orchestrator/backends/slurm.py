@@ -10,16 +10,20 @@ outcome (up to backend.max_failures times), and stops watching on Ctrl-C while t
 from __future__ import annotations
 
 import functools
+import shlex
 import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import submitit
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from orch.backends.base import JOB_FILE, Backend, BackendError, BackendParams, register_backend
+from orch.backends.sbatch import Line, option_problem
 from orch.execution.distributed import process_group
 from orch.execution.runner import run_trial
 from orch.execution.trial import Trial, finish_detail
@@ -50,6 +54,30 @@ class SlurmParams(BackendParams):
     """Memory per job (null: the partition's default)."""
     array_parallelism: PositiveInt = 64
     """At most this many of the array's jobs run at once."""
+    account: Line | None = None
+    """The account the jobs are charged to (sbatch --account)."""
+    qos: Line | None = None
+    """The quality of service (sbatch --qos)."""
+    constraint: Line | None = None
+    """Node features the jobs need (sbatch --constraint, e.g. "a100|h100")."""
+    exclusive: bool = False
+    """Whole nodes, shared with no other job (sbatch --exclusive)."""
+    reservation: Line | None = None
+    """A reservation to run in (sbatch --reservation)."""
+    setup: list[Line] = []
+    """Shell lines each job runs before its trial, in order (e.g. "module load cuda/12.4", "source
+    ~/envs/orch/bin/activate"); they run as you on the cluster: `orch plan --backend slurm` shows them."""
+    additional_parameters: dict[str, Line | PositiveInt | Literal[True]] = {}
+    """Any other sbatch long option → its value (true for a flag), e.g. {mail-type: END, mail-user: me@lab.org}:
+    written into the job script as `#SBATCH --KEY=VALUE` (the value quoted), never through a shell. Options orch
+    sets itself are refused, naming the key to use instead."""
+
+    @field_validator("additional_parameters")
+    @classmethod
+    def sbatch_options(cls, parameters: dict) -> dict:
+        if problems := [problem for key in parameters if (problem := option_problem(key))]:
+            raise ValueError("; ".join(problems))
+        return parameters
 
     def workers(self) -> int:
         return self.nodes * self.tasks_per_node
@@ -117,29 +145,49 @@ def read_job(trial_dir: str | Path) -> dict | None:
     return read_json(Path(trial_dir) / JOB_FILE) or None
 
 
-def make_executor(study_dir: Path, study: str, backend: SlurmParams, workers: int) -> submitit.AutoExecutor:
-    """An executor of jobs for trials of `workers` data-parallel workers."""
-    # cluster named explicitly: AutoExecutor would otherwise pick Slurm or not by whether srun is on PATH
-    executor = submitit.AutoExecutor(folder=study_dir / "slurm" / "%j", cluster="slurm")
+def sbatch_parameters(study: str, backend: SlurmParams, workers: int) -> dict[str, Any]:
+    """submitit's Slurm parameters (its SlurmExecutor's names) of the jobs of trials of `workers` data-parallel
+    workers: what the job script says."""
     nodes, tasks_per_node = backend.job_shape(workers)
-    params = {
-        "name": f"orch-{study}",
-        "timeout_min": backend.timeout_min,
+    optional = {
+        "partition": backend.partition,
+        "mem": f"{round(backend.mem_gb * 1024)}MB" if backend.mem_gb is not None else None,
+        "account": backend.account,
+        "qos": backend.qos,
+        "constraint": backend.constraint,
+        "exclusive": backend.exclusive or None,
+        "setup": list(backend.setup) or None,
+    }
+    extra = ({"reservation": backend.reservation} if backend.reservation else {}) | backend.additional_parameters
+    return {
+        "job_name": f"orch-{study}",
+        "time": backend.timeout_min,
         "nodes": nodes,
-        "tasks_per_node": tasks_per_node,
+        "ntasks_per_node": tasks_per_node,
         "cpus_per_task": backend.cpus_per_task,
         "gpus_per_node": backend.gpus_per_node,
-        "slurm_array_parallelism": backend.array_parallelism,
+        "array_parallelism": backend.array_parallelism,
+        **{key: value for key, value in optional.items() if value is not None},
+        **({"additional_parameters": extra} if extra else {}),
     }
-    if backend.partition is not None:
-        params["slurm_partition"] = backend.partition
-    if backend.mem_gb is not None:
-        params["mem_gb"] = backend.mem_gb
-    executor.update_parameters(**params)
+
+
+def job_script(study_dir: Path, study: str, backend: SlurmParams, workers: int, jobs: int) -> str:
+    """The sbatch script of the job array of `jobs` trials of `workers` workers, as submitit writes it."""
+    folder = study_dir / "slurm" / "%j"
+    command = shlex.join([sys.executable, "-u", "-m", "submitit.core._submit", str(folder)])
+    parameters = sbatch_parameters(study, backend, workers)
+    return submitit.slurm.slurm._make_sbatch_string(command=command, folder=folder, map_count=jobs, **parameters)
+
+
+def make_executor(study_dir: Path, study: str, backend: SlurmParams, workers: int) -> submitit.SlurmExecutor:
+    """An executor of jobs for trials of `workers` data-parallel workers."""
+    executor = submitit.SlurmExecutor(folder=study_dir / "slurm" / "%j")
+    executor.update_parameters(**sbatch_parameters(study, backend, workers))
     return executor
 
 
-def submit_jobs(executors: Callable[[int], submitit.AutoExecutor], backend: SlurmParams, trials: list[Trial]) -> None:
+def submit_jobs(executors: Callable[[int], submitit.SlurmExecutor], backend: SlurmParams, trials: list[Trial]) -> None:
     """One job array for the trials of each worker count (`executors`: worker count → its executor); each trial
     directory records its job."""
     by_workers: dict[int, list[Trial]] = {}
@@ -246,6 +294,11 @@ class Slurm(Backend):
             return [job.result() for job in jobs]
         except submitit.core.utils.UncompletedJobError as e:
             raise SlurmError(f"a Slurm job ended without a result: {str(e).strip().splitlines()[0][:300]}") from None
+
+    def job_scripts(self, configs: list[dict], study_dir: Path, study: str) -> list[str]:
+        """One job array per worker count, as run_slurm submits them."""
+        counts = Counter(self.params.trial_workers(config) for config in configs)
+        return [job_script(study_dir, study, self.params, workers, jobs) for workers, jobs in counts.items()]
 
     def job_states(self, job_ids: list[str]) -> dict[str, str]:
         return queue_states() if job_ids else {}

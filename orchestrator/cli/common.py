@@ -27,12 +27,19 @@ def default_workdir() -> str:
 
 
 def load_or_exit(args):
-    """The study of a command's STUDY, --profile and KEY=VALUE overrides, or exit 2 listing every problem."""
+    """The study of a command's STUDY, --profile, KEY=VALUE overrides, --backend and --cluster, or exit 2 listing
+    every problem."""
     from orch.problems import StudyError
+    from orch.study.clusters import ClusterError, load_cluster
     from orch.study.load import load_study
 
     try:
-        return load_study(args.study, args.profile, parse_overrides(args.overrides))
+        cluster = load_cluster(args.cluster) if args.cluster else None
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+    try:
+        return load_study(args.study, args.profile, parse_overrides(args.overrides), args.backend, cluster)
     except StudyError as e:
         print(e.report(), file=sys.stderr)
         raise SystemExit(EXIT_INVALID) from None
@@ -160,6 +167,17 @@ def add_study_command(sub, name: str, help_text: str, handler) -> argparse.Argum
         "('method.name=[lsd,esd]') makes or replaces a grid axis; applied after --profile",
     )
     s.add_argument("--profile", help="a named override set from the study's `profiles`")
+    s.add_argument(
+        "--backend",
+        help="where trials run: ray, local, slurm or an installed one (default: the study's); replaces the "
+        "file's backend section with its `backends.NAME` section, and backend.* overrides apply to it",
+    )
+    s.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="a cluster profile from $ORCH_CLUSTERS or ~/.config/orch/clusters.yaml: backend options "
+        "written once (account, qos, partition, setup), under the study's own",
+    )
     s.set_defaults(func=handler)
     return s
 

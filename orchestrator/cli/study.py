@@ -72,13 +72,27 @@ def print_plan(study) -> None:
             print(f"  {prior.id.ljust(14)}{kind}, {prior.config['train']['steps']} steps, {role}")
 
 
+def print_job_scripts(study, workdir: Path) -> None:
+    """The scripts the study's backend would submit (Slurm: its sbatch scripts), with the teachers first."""
+    from orch.backends.catalog import backend_of
+
+    backend = backend_of(study.backend)
+    study_dir = workdir.resolve() / study.name
+    for trials, kind in ((study.teachers, "teacher and prior-stage trials"), (study.trials, "trials")):
+        for script in backend.job_scripts([t.config for t in trials], study_dir, study.name):
+            print(f"\n# the {study.backend.name} job script of the {kind} (for --workdir {workdir})\n{script}")
+
+
 def cmd_plan(args) -> int:
-    print_plan(load_or_exit(args))
+    study = load_or_exit(args)
+    print_plan(study)
+    print_job_scripts(study, Path(args.workdir))
     return EXIT_OK
 
 
 def add_plan(sub) -> None:
-    add_study_command(sub, "plan", "print the expanded trials; nothing runs", cmd_plan)
+    s = add_study_command(sub, "plan", "print the expanded trials and the jobs they make; nothing runs", cmd_plan)
+    s.add_argument("--workdir", default=default_workdir(), help=WORKDIR_HELP)
 
 
 RAY_OPTIONS = {"ray_address": "address", "max_concurrent": "max_concurrent"}
@@ -90,24 +104,16 @@ def given_options(args) -> list[str]:
 
 
 def submitted_backend(study, args):
-    """The backend options of a submission: the study's backend section, switched to --backend if given (the
-    file's options then apply only when they are that backend's), with --ray-address / --max-concurrent on top.
-    Returns (params, problems)."""
-    from orch.backends.catalog import backend_params, search_refused, workers_refused
+    """The backend options of a submission: the study's (--backend and --cluster applied when it was loaded),
+    with --ray-address / --max-concurrent on top. Returns (params, problems)."""
+    from orch.backends.catalog import backend_params
 
     raw = study.backend.model_dump()
-    if args.backend is not None and args.backend != raw["name"]:
-        raw = {"name": args.backend}
     given = {RAY_OPTIONS[option]: getattr(args, option) for option in given_options(args)}
     if given and raw["name"] != "ray":
         flags = ", ".join("--" + option.replace("_", "-") for option in given_options(args))
         return None, [Problem(flags, f"applies to the ray backend; this submission's backend is {raw['name']!r}")]
-    params, problems = backend_params(raw | given)
-    if params is not None and study.search is not None:
-        problems += search_refused(params, "--backend" if args.backend else "backend.name")
-    if params is not None:
-        problems += workers_refused(params, [t.config for t in [*study.teachers, *study.trials]], "train")
-    return params, problems
+    return backend_params(raw | given)
 
 
 def cmd_submit(args) -> int:
@@ -166,7 +172,6 @@ def run_submission(study, params, workdir: Path, tracking_uri: str | None) -> in
 
 def add_submit(sub) -> None:
     s = add_study_command(sub, "submit", "run every trial of a study (finished trials are skipped)", cmd_submit)
-    s.add_argument("--backend", help="where trials run: ray, local, slurm or an installed one (default: the study's)")
     s.add_argument("--workdir", default=default_workdir(), help=WORKDIR_HELP)
     s.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (default: embedded)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")

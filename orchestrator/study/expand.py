@@ -21,13 +21,14 @@ def apply_overrides(study: dict, overrides: dict[str, Any], axes_from_lists: boo
     """A study with a profile's (or the command line's) dotted keys applied: a key that is a grid axis replaces the
     axis (a scalar becomes a one-value axis); with `axes_from_lists` (the command line) a list makes or
     replaces an axis, except for an option that is itself a list (eval.nfe=[1,4] sets it; a list of lists
-    makes an axis of it); `backend.*` and `search.*` keys set the backend and the search; others set the base."""
+    makes an axis of it); `backend.*`, `backends.*` and `search.*` keys set the backend, its variants and the
+    search; others set the base."""
     study = copy.deepcopy(study)
     for key, value in overrides.items():
         makes_axis = axes_from_lists and isinstance(value, list) and not takes_a_list(study["base"], key)
         if key in study["grid"] or makes_axis:
             study["grid"][key] = value if isinstance(value, list) else [value]
-        elif key.startswith(("backend.", "search.")) and study.get(key.split(".")[0]) is not None:
+        elif key.startswith(("backend.", "backends.", "search.")) and study.get(key.split(".")[0]) is not None:
             section, rest = key.split(".", 1)
             set_dotted(study[section], rest, value)
         else:
@@ -49,7 +50,7 @@ def relocate(problem: Problem, origins: dict[str, str]) -> Problem:
         return problem
     bare = problem.path.split(".", 1)[1] if problem.path.startswith(("base.", "grid.")) else problem.path
     if where == COMMAND_LINE:
-        return Problem(bare, f"{problem.message} (set on the command line)")
+        return Problem(bare, f"{problem.message} (set on the command line)", line=0)  # at no line of the file
     return Problem(f"{where}.{bare}", problem.message)
 
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from orch.backends.base import BackendParams
+from orch.backends.base import DEFAULT_BACKEND, BackendParams
 from orch.backends.catalog import backend_params, search_refused, workers_refused
 from orch.backends.search_space import Search
 from orch.problems import Problem, StudyError, did_you_mean, pydantic_problems
+from orch.study.backend_choice import choose_backend
+from orch.study.clusters import Cluster
 from orch.study.expand import (
     COMMAND_LINE,
     apply_overrides,
@@ -25,7 +26,7 @@ from orch.study.expand import (
     relocate,
 )
 from orch.study.schema import StudyFile
-from orch.study.yaml_source import MAX_BYTES, YAMLLimit, check_limits, key_lines, parse, with_lines
+from orch.study.yaml_source import MAX_BYTES, read_raw, with_lines
 from orch.trial.config import digest, resolve_trial_config
 from orch.trial.spec import TrialSpec, set_dotted
 
@@ -50,12 +51,19 @@ class Study:
 
     @property
     def generation(self) -> str:
-        """This version of the study: a hash of what it plans (its backend and description aside)."""
-        return digest({k: v for k, v in self.resolved.items() if k not in ("backend", "description")})
+        """This version of the study: a hash of what it plans (where it runs and its description aside)."""
+        return digest({k: v for k, v in self.resolved.items() if k not in ("backend", "backends", "description")})
 
 
-def load_study(path: str | Path, profile: str | None = None, overrides: dict[str, Any] | None = None) -> Study:
-    """Read, validate and expand a study file. Raises StudyError listing every problem; touches no files."""
+def load_study(
+    path: str | Path,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    backend_name: str | None = None,
+    cluster: Cluster | None = None,
+) -> Study:
+    """Read, validate and expand a study file, switched to `backend_name` and `cluster` when given
+    (backend_choice.py). Raises StudyError listing every problem; touches no files."""
     source = str(path)
     try:
         with open(path, "rb") as f:
@@ -63,28 +71,7 @@ def load_study(path: str | Path, profile: str | None = None, overrides: dict[str
         text = data.decode()
     except (OSError, UnicodeDecodeError) as e:
         raise StudyError(source, [Problem("", f"cannot read the file: {e}")]) from None
-    return parse_study(text, source, profile, overrides)
-
-
-def read_raw(text: str, source: str) -> dict:
-    """The study file as data: within the limits, plain YAML, no duplicate keys, a mapping. Raises StudyError."""
-    try:
-        check_limits(text)
-        raw = parse(text)
-        _, duplicates = key_lines(text)
-    except YAMLLimit as e:
-        raise StudyError(source, [Problem("", str(e), e.line)]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        message = f"not valid YAML for a study: {getattr(e, 'problem', None) or e}"
-        if "constructor" in str(e) or "tag" in str(getattr(e, "problem", "")):
-            message = f"unsupported YAML tag: {getattr(e, 'problem', e)} (study files are plain data)"
-        raise StudyError(source, [Problem("", message, mark.line + 1 if mark else None)]) from None
-    if duplicates:
-        raise StudyError(source, [Problem(".".join(k), "duplicate key", line) for k, line in duplicates])
-    if not isinstance(raw, dict):
-        raise StudyError(source, [Problem("", f"a study is a mapping with name/base/grid…, got {type(raw).__name__}")])
-    return raw
+    return parse_study(text, source, profile, overrides, backend_name, cluster)
 
 
 def validate_file(raw: dict) -> tuple[dict, list[Problem]]:
@@ -102,9 +89,17 @@ def validate_file(raw: dict) -> tuple[dict, list[Problem]]:
         return {}, problems
 
 
-def parse_study(text: str, source: str, profile: str | None = None, overrides: dict[str, Any] | None = None) -> Study:
+def parse_study(
+    text: str,
+    source: str,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    backend_name: str | None = None,
+    cluster: Cluster | None = None,
+) -> Study:
     """Validate and expand a study's text, with a profile and command-line overrides (dotted key → value)
-    applied. Every problem is reported in one pass, at the line where it is written. Raises StudyError."""
+    applied and its backend chosen. Every problem is reported in one pass, at the line where it is written.
+    Raises StudyError."""
     study, problems = validate_file(read_raw(text, source))
     if not study:
         raise StudyError(source, with_lines(problems, text))
@@ -120,9 +115,12 @@ def parse_study(text: str, source: str, profile: str | None = None, overrides: d
         known = list(study["profiles"])
         message = f"no profile {profile!r}{did_you_mean(profile, known)}; known: {', '.join(known) or 'none'}"
         problems.append(Problem("profiles", message))
+    overrides = overrides or {}
+    on_backend = {key: value for key, value in overrides.items() if key.startswith("backend.")}
+    others = {key: value for key, value in overrides.items() if key not in on_backend}
     for name, values, from_cli in [
         *([(profile, study["profiles"][profile], False)] if profile in study["profiles"] else []),
-        *([(COMMAND_LINE, overrides, True)] if overrides else []),
+        *([(COMMAND_LINE, others, True)] if others else []),
     ]:
         where = COMMAND_LINE if from_cli else f"profiles.{name}"
         try:
@@ -130,10 +128,17 @@ def parse_study(text: str, source: str, profile: str | None = None, overrides: d
             origins |= dict.fromkeys(values, where)
         except KeyError as e:
             problems.append(Problem(where, f"cannot apply: {e.args[0]}"))
-    backend, found = backend_params(study["backend"])
-    problems += [relocate(p, origins) for p in found]
+    choice, found = choose_backend(study, backend_name, on_backend, cluster)
+    problems += found + unused_backend_problems(study, origins, choice.section["name"] if choice else None)
+    origins |= dict.fromkeys(on_backend, COMMAND_LINE)
+    backend = None
+    if choice is not None:
+        study["backend"] = choice.section
+        backend, found = backend_params(study["backend"])
+        problems += [choice.locate(p, origins) for p in found]
     if study["search"] is not None and backend is not None:
-        problems += [relocate(p, origins) for p in search_refused(backend, "backend.name")]
+        refused = search_refused(backend, "--backend" if backend_name else "backend.name")
+        problems += [Problem(p.path, p.message, 0) if backend_name else relocate(p, origins) for p in refused]
     too_big = check_size(study)
     problems += too_big
     trials, found = expand(study | {"exclude": valid_rules}) if not too_big else ([], [])
@@ -146,7 +151,7 @@ def parse_study(text: str, source: str, profile: str | None = None, overrides: d
         problems += [relocate(p, origins) for p in check_search(Search.model_validate(study["search"]), trials)]
     problems += check_other_profiles(study, profile, problems)
     if problems:
-        raise StudyError(source, with_lines([Problem(p.path.lstrip("."), p.message) for p in problems], text))
+        raise StudyError(source, with_lines([Problem(p.path.lstrip("."), p.message, p.line) for p in problems], text))
     del study["profiles"]
     return Study(
         name=study["name"],
@@ -158,6 +163,19 @@ def parse_study(text: str, source: str, profile: str | None = None, overrides: d
         search=Search.model_validate(study["search"]) if study["search"] is not None else None,
         teachers=teachers,
     )
+
+
+def unused_backend_problems(study: dict, origins: dict[str, str], chosen: str | None) -> list[Problem]:
+    """The study's backend sections it does not run with, each checked as its backend's options (a typo in the
+    Slurm variant is reported when the study runs on Ray): the file's `backend` when the study is switched to
+    another backend, and each `backends.NAME` but the chosen one."""
+    problems = []
+    if study["backend"].get("name", DEFAULT_BACKEND) != chosen:
+        problems += [relocate(p, origins) for p in backend_params(study["backend"])[1]]
+    for name, section in study["backends"].items():
+        if name != chosen:
+            problems += backend_params(section | {"name": name}, f"backends.{name}")[1]
+    return problems
 
 
 def check_other_profiles(study: dict, selected: str | None, found: list[Problem]) -> list[Problem]:

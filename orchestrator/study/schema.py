@@ -35,3 +35,6 @@ class StudyFile(Strict):
     """Sample trials instead of (or within each cell of) the grid."""
     backend: dict[str, Any] = {}
     """Where trials run: `name` (a registered backend, default ray) and that backend's options."""
+    backends: dict[str, dict[str, Any]] = {}
+    """The options of other backends, by name, for when the study is switched to one (`--backend NAME`), e.g.
+    `slurm: {partition: gpu, gpus_per_node: 1}`; each is checked whichever backend runs the study."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from orch.problems import Problem
+from orch.problems import Problem, StudyError
 
 MAX_BYTES = 1 << 20
 """Largest study file read (1 MiB; the shipped studies are a few KB)."""
@@ -98,13 +98,38 @@ def parse(text: str) -> Any:
 
 
 def with_lines(problems: list[Problem], text: str) -> list[Problem]:
-    """Attach the study file's line to each problem, from the longest key path that exists in the file."""
+    """Attach the study file's line to each problem that has none, from the longest key path that exists in the
+    file (line 0: a problem written outside the file, e.g. on the command line)."""
     lines, _ = key_lines(text)
     located = []
     for p in problems:
+        if p.line is not None:
+            located.append(p)
+            continue
         parts = tuple(p.path.split(".")) if p.path else ()
         # grid, exclude and search keys are dotted names themselves: try every way of joining the parts
         candidates = [(*parts[:i], ".".join(parts[i:j])) for j in range(len(parts), 0, -1) for i in range(j)]
         line = next((lines[c] for c in candidates if c in lines), None)
         located.append(Problem(p.path, p.message, line))
     return located
+
+
+def read_raw(text: str, source: str) -> dict:
+    """The study file as data: within the limits, plain YAML, no duplicate keys, a mapping. Raises StudyError."""
+    try:
+        check_limits(text)
+        raw = parse(text)
+        _, duplicates = key_lines(text)
+    except YAMLLimit as e:
+        raise StudyError(source, [Problem("", str(e), e.line)]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        message = f"not valid YAML for a study: {getattr(e, 'problem', None) or e}"
+        if "constructor" in str(e) or "tag" in str(getattr(e, "problem", "")):
+            message = f"unsupported YAML tag: {getattr(e, 'problem', e)} (study files are plain data)"
+        raise StudyError(source, [Problem("", message, mark.line + 1 if mark else None)]) from None
+    if duplicates:
+        raise StudyError(source, [Problem(".".join(k), "duplicate key", line) for k, line in duplicates])
+    if not isinstance(raw, dict):
+        raise StudyError(source, [Problem("", f"a study is a mapping with name/base/grid…, got {type(raw).__name__}")])
+    return raw
