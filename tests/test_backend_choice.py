@@ -127,3 +127,17 @@ def test_gpu_check_on_slurm_asks_one_gpu_per_trial_and_eight_on_the_full_recipe(
     full = capsys.readouterr().out
     assert "#SBATCH --gpus-per-node=8\n" in full and "#SBATCH --ntasks-per-node=8\n" in full
     assert len(yaml.safe_load(Path(study).read_text())["backends"]) == 1
+
+
+def test_a_dry_run_makes_every_check_a_submission_makes_and_creates_nothing(tmp_path, capsys):
+    """The preflights of a real submission: input files, the work directory, the backend's surroundings."""
+    tiny, workdir = str(ROOT / "tests" / "studies" / "tiny.yaml"), tmp_path / "work"
+    assert main(["submit", tiny, "--dry-run", "--workdir", str(workdir)]) == 0
+    assert "(dry run: every check a submission makes passed; backend ray" in capsys.readouterr().out
+    missing = tmp_path / "cifar10.npz"
+    assert main(["submit", tiny, f"eval.fid_statistics={missing}", "--dry-run", "--workdir", str(workdir)]) == 2
+    assert f"eval.fid_statistics: no such file: {missing}" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["submit", tiny, "--dry-run", "--workdir", str(tmp_path / "afile" / "w")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

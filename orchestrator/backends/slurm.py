@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from orch.backends.sbatch import Line, option_problem
 from orch.execution.distributed import process_group
 from orch.execution.runner import run_trial
 from orch.execution.trial import Trial, finish_detail
+from orch.problems import Problem
 from orch.progress import Progress
 from orch.trial.state import TrialState, read_json, write_json
 from orch.trial.status import CANCELLED, FAILED, OUTCOMES, RUNNING
@@ -281,6 +283,16 @@ class Slurm(Backend):
     Params = SlurmParams
     jobs_outlive_driver = True
     live_job_states = frozenset(ACTIVE)
+
+    def preflight(self, from_cli: bool) -> list[Problem]:
+        """Slurm's commands must be here and slurmctld must answer."""
+        if shutil.which("sbatch") is None:
+            return [Problem("backend.name", "slurm: sbatch is not on PATH; run orch where Slurm's commands are")]
+        try:
+            slurm_command("squeue", "--noheader", "--me")
+        except SlurmError as e:
+            return [Problem("backend.name", f"slurm does not answer: {e}")]
+        return []
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
         run_slurm(trials, study_dir, study, self.params, progress, say)

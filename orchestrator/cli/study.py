@@ -123,35 +123,41 @@ def cmd_submit(args) -> int:
     params, problems = submitted_backend(study, args)
     if problems:
         return refuse(args.study, problems)
-    if args.dry_run:
-        print_plan(study)
-        print(f"(dry run: backend {params.name}, nothing started)")
-        return EXIT_OK
     workdir = Path(args.workdir)
     problems = workdir_problems(workdir) + tracking_problems(args.tracking_uri)
     problems += backend_of(params).preflight(from_cli=args.ray_address is not None)
     if problems:
         return refuse(args.study, problems)
+    if problems := input_file_problems(study):
+        return refuse(study.name, problems)
+    if args.dry_run:
+        print_plan(study)
+        print_job_scripts(study, workdir)
+        print(f"(dry run: every check a submission makes passed; backend {params.name}; nothing started or created)")
+        return EXIT_OK
     return run_submission(study, params, workdir, args.tracking_uri)
+
+
+def input_file_problems(study) -> list[Problem]:
+    """The files the study's trials read (datasets, latents, checkpoints, teachers, reference statistics) must
+    be there and be what they claim, before anything is created."""
+    from orch.execution.build import check_data
+    from orch.execution.teachers import named_file_problems
+
+    configs = [t.config for t in study.trials]
+    problems = check_data(configs)
+    for config in {repr([c["dataset"], c["model"], c["method"]]): c for c in configs}.values():
+        problems += [p for p in named_file_problems(config) if p not in problems]
+    return problems
 
 
 def run_submission(study, params, workdir: Path, tracking_uri: str | None) -> int:
     """Submit with the CLI's signal handling and exit codes (shared by submit and resume)."""
     from orch.dashboards.report import build_dashboard
     from orch.driver import submit_study
-    from orch.execution.build import check_data
-    from orch.execution.teachers import named_file_problems
     from orch.lock import StudyBusy
-    from orch.problems import StudyError
     from orch.tracking.store import TRACKING_ERRORS
 
-    configs = [t.config for t in study.trials]
-    problems = check_data(configs)
-    for config in {repr([c["dataset"], c["model"], c["method"]]): c for c in configs}.values():
-        problems += [p for p in named_file_problems(config) if p not in problems]
-    if problems:
-        print(StudyError(study.name, problems).report(), file=sys.stderr)
-        return EXIT_INVALID
     signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM (what Slurm and `orch cancel` send) as Ctrl-C
     try:
         return submit_study(study, params, workdir, tracking_uri, report=build_dashboard)
@@ -176,7 +182,8 @@ def add_submit(sub) -> None:
     s.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (default: embedded)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")
     s.add_argument("--max-concurrent", type=int, help="trials at once on Ray (default: the study's backend)")
-    s.add_argument("--dry-run", action="store_true", help="validate and print the plan only; nothing is created")
+    dry_run = "make every check a submission makes and print the plan; nothing is created"
+    s.add_argument("--dry-run", action="store_true", help=dry_run)
 
 
 def job_states(backend, rows: list[dict]) -> dict[str, str]:
@@ -248,6 +255,8 @@ def cmd_resume(args) -> int:
         return EXIT_INVALID
     if problems := tracking_problems(uri) + backend_of(params).preflight(from_cli=False):
         return refuse(str(study_dir / "study.yaml"), problems)
+    if problems := input_file_problems(study):
+        return refuse(study.name, problems)
     profile = f"profile {study.profile}" if study.profile else "the default profile"
     print(f"resuming study {study.name!r} as last submitted (backend {params.name}, {profile})")
     return run_submission(study, params, study_dir.parent, uri)
