@@ -20,6 +20,8 @@ from orch.methods.runtime.storage import atomic_write_bytes
 from orch.tracking.schema import (
     AXES,
     BEST,
+    EVAL,
+    FINAL,
     GENERATION,
     GIT_COMMIT,
     HOST,
@@ -260,11 +262,14 @@ def render_html(
 
 
 def current_version(runs: pd.DataFrame, generation: str | None) -> tuple[pd.DataFrame, int]:
-    """The trials the study's last submitted version planned, and how many others (earlier versions) there are."""
+    """The trials the study's last submitted version planned, and how many others (earlier versions) there are.
+    Factors and evaluations that only earlier versions' trials have (a step count, an axis) go with them."""
     if generation is None or "generation" not in runs or not len(runs):
         return runs, 0
     current = runs["generation"] == generation
-    return runs[current].reset_index(drop=True), int((~current).sum())
+    kept = runs[current].reset_index(drop=True)
+    theirs = [c for c in kept.columns if c.startswith((FACTOR, f"{EVAL}/", f"{FINAL}/")) and kept[c].isna().all()]
+    return kept.drop(columns=theirs), int((~current).sum())
 
 
 def factor_groups(runs: pd.DataFrame, axes: list[str]) -> tuple[list[str], dict[str, list[str]]]:

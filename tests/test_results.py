@@ -2,6 +2,7 @@
 identity that an evaluation change leaves alone, and a resubmission that evaluates what is missing."""
 
 import json
+import warnings
 from pathlib import Path
 
 import yaml
@@ -175,7 +176,12 @@ def test_version_and_a_default_workdir_from_the_environment(tmp_path, monkeypatc
 def test_status_shows_the_current_study_by_default_and_prune_archives_earlier_trials(tmp_path, capsys):
     workdir = ["--workdir", str(tmp_path), "--backend", "local"]
     assert run(["submit", str(STUDIES / "tiny.yaml"), "train.steps=10", *workdir]) == 0
-    assert run(["submit", str(STUDIES / "tiny.yaml"), "train.steps=10", "method.name=[lsd]", *workdir]) == 0
+    capsys.readouterr()
+    fewer = ["submit", str(STUDIES / "tiny.yaml"), "train.steps=10", "method.name=[lsd]", *workdir]
+    assert run(fewer) == 2  # another grid under the same name: refused, naming the difference
+    err = capsys.readouterr().err
+    assert "grid.method.name: ['lsd', 'psd_mid'] → ['lsd']: 2 trial(s), 2 of them among the 4" in err, err
+    assert run([*fewer, "--new-version"]) == 0
     capsys.readouterr()
     assert run(["status", "tiny", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -189,6 +195,29 @@ def test_status_shows_the_current_study_by_default_and_prune_archives_earlier_tr
     assert len(list((tmp_path / "tiny" / "archive").iterdir())) == 2
     assert run(["status", "tiny", "--workdir", str(tmp_path), "--all"]) == 0
     assert "2 completed" in capsys.readouterr().out
+
+
+def test_a_new_version_shows_only_its_own_step_counts_and_the_original_again_its_own_names(tmp_path, capsys):
+    """v1 (two methods, NFE 1 and 2), then v2 (another method, NFE 1 only), then v1 again: each version's
+    dashboard and table show its own methods and step counts, with no empty column and no warning."""
+    tiny, workdir = str(STUDIES / "tiny.yaml"), ["--workdir", str(tmp_path), "--backend", "local"]
+    table = ["table", "tiny", "--workdir", str(tmp_path)]
+    assert run(["submit", tiny, "train.steps=10", *workdir]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "Mean of empty slice" of a column no trial has
+        assert run(["submit", tiny, "train.steps=10", "method.name=[meanflow]", "eval.nfe=[1]", "--new-version",
+                    *workdir]) == 0  # fmt: skip
+        capsys.readouterr()
+        assert run(table) == 0
+        assert capsys.readouterr().out.splitlines()[0] == "| method | KL @1 | sec/kimg | fwd/sample | JVP/sample |"
+        page = (tmp_path / "tiny" / "dashboard.html").read_text()
+        assert "kl @ 1 step" in page and "kl @ 2 steps" not in page
+        assert run(["submit", tiny, "train.steps=10", "--new-version", *workdir]) == 0
+        capsys.readouterr()
+        for fmt in ("markdown", "latex"):
+            assert run([*table, "--format", fmt]) == 0
+            rows = capsys.readouterr().out
+            assert "lsd" in rows and "psd" in rows and "meanflow" not in rows and "–" not in rows and "@2" in rows
 
 
 def test_status_tells_a_dead_driver_from_a_live_one(tmp_path, capsys):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orch.backends.slurm import queue_states
+from orch.backends.slurm import queue_states, slurm_command
 from orch.cli import main
 from orch.trial.state import TrialState
 from tests.conftest import STUDIES
@@ -125,6 +125,21 @@ def test_a_study_runs_as_a_job_array(slurm, tmp_path, capsys):
         assert {k: u["value"] for k, u in units.items()} == {
             f"final/kl/nfe_{n}/seed_0": result[f"eval/kl/nfe_{n}"] for n in (1, 2)
         }
+
+
+def test_a_ray_study_sent_to_slurm_from_the_command_line_runs_with_what_the_cluster_asks_for(slurm, tmp_path):
+    """`--backend slurm` on a Ray study with an account, a QOS, a setup line and an sbatch option of its own: the
+    options reach sbatch (slurmctld records them) and the setup line runs in the job before its trial."""
+    mark = tmp_path / "setup_ran"
+    args = ["submit", str(STUDIES / "tiny.yaml"), "method.name=[lsd]", "train.seed=[0]", "--backend", "slurm",
+            "backend.account=lab", "backend.qos=normal", f"backend.setup=['touch {mark}']",
+            "backend.additional_parameters={comment: orch-test}", "--workdir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (trial,) = (tmp_path / "tiny" / "trials").iterdir()
+    assert TrialState.load(trial).status == "completed" and mark.exists()
+    job = json.loads((trial / "job.json").read_text())["job_id"]
+    shown = slurm_command("scontrol", "show", "job", job)  # completed jobs are kept for MinJobAge (300 s)
+    assert "Account=lab" in shown and "QOS=normal" in shown and "Comment=orch-test" in shown
 
 
 def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):

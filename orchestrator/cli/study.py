@@ -118,6 +118,7 @@ def submitted_backend(study, args):
 
 def cmd_submit(args) -> int:
     from orch.backends.catalog import backend_of
+    from orch.study.versions import changed_plan
 
     study = load_or_exit(args)
     params, problems = submitted_backend(study, args)
@@ -130,6 +131,13 @@ def cmd_submit(args) -> int:
         return refuse(args.study, problems)
     if problems := input_file_problems(study):
         return refuse(study.name, problems)
+    if not args.new_version and (change := changed_plan(workdir / study.name, study)):
+        message = (
+            f"study {study.name!r} in {workdir} was last submitted with other trials ({change}); --new-version "
+            "runs this version next to the earlier one (`orch status --all` lists both, `orch prune` archives "
+            "the earlier trials), or give this study another name"
+        )
+        return refuse(args.study, [Problem("--new-version", message)])
     if args.dry_run:
         print_plan(study)
         print_job_scripts(study, workdir)
@@ -182,6 +190,11 @@ def add_submit(sub) -> None:
     s.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (default: embedded)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/<study>/mlflow.db)")
     s.add_argument("--max-concurrent", type=int, help="trials at once on Ray (default: the study's backend)")
+    s.add_argument(
+        "--new-version",
+        action="store_true",
+        help="run this study although it plans other trials than the one last submitted under its name",
+    )
     dry_run = "make every check a submission makes and print the plan; nothing is created"
     s.add_argument("--dry-run", action="store_true", help=dry_run)
 
