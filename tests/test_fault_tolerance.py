@@ -201,7 +201,7 @@ def test_a_stale_driver_record_naming_a_reused_pid_is_neither_refused_nor_signal
         stranger.wait()
 
 
-def worker_of(trial_dir: Path, other_than: int | None = None, seconds: float = 120) -> int:
+def worker_of(trial_dir: Path, other_than: int | None = None, seconds: float = 300) -> int:
     """The PID of the process recording the trial (its writer lock names it), once it is not `other_than`."""
     deadline = time.time() + seconds
     while time.time() < deadline:

@@ -148,3 +148,30 @@ def test_a_section_valued_level_does_not_take_a_later_axis_of_the_same_section(t
     assert [t.factors["method"] for t in trials] == [{"name": "sdei", "teacher": {"steps": 10}}] * 2 + [
         {"name": "stee"}
     ] * 2  # the levels as written: no num_steps carried in from the next axis
+
+
+def test_a_count_as_a_power_of_ten_and_one_step_count_are_what_they_mean_on_the_command_line():
+    from orch.cli.common import parse_overrides
+
+    overrides = parse_overrides(["train.steps=1e3", "eval.nfe=4", "train.lr=1e-3", "train.max_loss=5E+2"])
+    study = load_study(ROOT / "tests" / "studies" / "tiny.yaml", overrides=overrides)
+    assert {t.config["train"]["steps"] for t in study.trials} == {1000}
+    assert {tuple(t.config["eval"]["nfe"]) for t in study.trials} == {(4,)}
+    assert study.trials[0].config["train"]["lr"] == 1e-3 and study.trials[0].config["train"]["max_loss"] == 500
+    with pytest.raises(StudyError) as refused:  # not a whole number: still refused
+        load_study(ROOT / "tests" / "studies" / "tiny.yaml", overrides=parse_overrides(["train.steps=1.5e3"]))
+    assert "valid integer (got 1500.0)" in str(refused.value.problems[0])
+
+
+def test_a_missing_study_file_and_a_misspelt_study_name_are_one_line_each(tmp_path, capsys):
+    from tests.test_hardening import run_cli
+
+    assert run_cli(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: cannot read the study file {tmp_path / 'missing.yaml'}: No such file or directory\n"
+    )
+    (tmp_path / "tiny" / "trials").mkdir(parents=True)
+    assert run_cli(["status", "tinny", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no submitted study 'tinny'" in err and "(did you mean 'tiny'?)" in err

@@ -34,6 +34,11 @@ def load_or_exit(args):
     from orch.study.load import load_study
 
     try:
+        Path(args.study).open("rb").close()
+    except OSError as e:
+        print(f"error: cannot read the study file {args.study}: {e.strerror}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+    try:
         cluster = load_cluster(args.cluster) if args.cluster else None
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -43,6 +48,10 @@ def load_or_exit(args):
     except StudyError as e:
         print(e.report(), file=sys.stderr)
         raise SystemExit(EXIT_INVALID) from None
+
+
+WHOLE_IN_E_NOTATION = r"[-+]?[0-9]+[eE]\+?[0-9]{1,3}"
+"""1e3, 5E+4: a count written as a power of ten (YAML reads it as a float); an option that is a float takes it too."""
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -59,7 +68,7 @@ def parse_overrides(pairs: list[str]) -> dict:
             continue
         try:
             check_limits(text)
-            overrides[key] = parse(text)
+            overrides[key] = int(float(text)) if re.fullmatch(WHOLE_IN_E_NOTATION, text) else parse(text)
         except (YAMLLimit, yaml.YAMLError) as e:
             problems.append(Problem(pair, f"the value is not YAML ({type(e).__name__})"))
     if problems:
@@ -83,7 +92,7 @@ def study_dir_of(target: str, workdir: str) -> Path:
     """A submitted study given by its file (its `name`) or by name; a name obeys the study files' rule, so that
     it never leaves the work directory."""
     from orch.driver import follow_move, moved_with_its_store
-    from orch.problems import StudyError
+    from orch.problems import StudyError, did_you_mean
     from orch.study.load import load_study
     from orch.study.schema import STUDY_NAME
 
@@ -102,7 +111,8 @@ def study_dir_of(target: str, workdir: str) -> Path:
         where = f"{Path(workdir).resolve()}/" + (
             f" (${WORKDIR_ENV})" if os.environ.get(WORKDIR_ENV) == workdir else " (--workdir; default ./runs)"
         )
-        print(f"error: no submitted study {name!r} under {where}", file=sys.stderr)
+        known = sorted(p.parent.name for p in Path(workdir).glob("*/trials") if p.is_dir())
+        print(f"error: no submitted study {name!r} under {where}{did_you_mean(name, known)}", file=sys.stderr)
         raise SystemExit(EXIT_INVALID)
     if why := moved_with_its_store(path):
         print(f"error: {why}", file=sys.stderr)

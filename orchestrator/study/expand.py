@@ -25,6 +25,8 @@ def apply_overrides(study: dict, overrides: dict[str, Any], axes_from_lists: boo
     search; others set the base."""
     study = copy.deepcopy(study)
     for key, value in overrides.items():
+        if axes_from_lists and not isinstance(value, list) and takes_a_list(study["base"], key):
+            value = [value]  # eval.nfe=4 on the command line means [4]
         makes_axis = axes_from_lists and isinstance(value, list) and not takes_a_list(study["base"], key)
         if key in study["grid"] or makes_axis:
             study["grid"][key] = value if isinstance(value, list) else [value]
