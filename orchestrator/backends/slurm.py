@@ -179,6 +179,7 @@ def job_script(study_dir: Path, study: str, backend: SlurmParams, workers: int, 
     folder = study_dir / "slurm" / "%j"
     command = shlex.join([sys.executable, "-u", "-m", "submitit.core._submit", str(folder)])
     parameters = sbatch_parameters(study, backend, workers)
+    # submitit's own writer of the script it submits (private: the pin in pyproject.toml keeps its signature)
     return submitit.slurm.slurm._make_sbatch_string(command=command, folder=folder, map_count=jobs, **parameters)
 
 
