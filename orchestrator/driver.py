@@ -319,19 +319,8 @@ def run_study(
     client, experiment_id, parent_id = store = prepare_store(study, study_dir, uri)
     started = time.time()
     try:
-        teachers = run_teachers(study, study_dir.parent, uri, backend, say)
-        if study.search is not None:
-            search_errors = backend.search(study, study_dir, uri, experiment_id, parent_id, teachers, say)
-            rows = study_status(study_dir, generation=study.generation)
-        else:
-            search_errors = 0
-            todo, finished = prepare_trials(study, study_dir, store, teachers, say)
-            evaluate = sum(TrialState.load(Path(t.dir)).status in FINISHED_STATES for t in todo)
-            extra = f" ({evaluate} of them finished, to evaluate at new metrics or step counts)" if evaluate else ""
-            say(f"{finished} already finished, {len(todo) - evaluate} to run{extra} on backend {backend.params.name!r}")
-            if todo:
-                backend.run(todo, study_dir, study.name, progress_of(todo), say)
-            rows = study_status(study_dir, [t.id for t in study.trials])
+        with backend.session(study_dir):
+            rows, search_errors = run_everything(study, backend, study_dir, uri, store, say)
     except KeyboardInterrupt:
         settle_interrupted(study_dir, backend, client, experiment_id, parent_id, say)
         raise
@@ -355,6 +344,23 @@ def run_study(
         return EXIT_FAILED
     say(f"MLflow:    {uri}   (browse: orch ui {study.name} --workdir {study_dir.parent})")
     return EXIT_FAILED if failed or search_errors else EXIT_OK
+
+
+def run_everything(study: Study, backend: Backend, study_dir: Path, uri: str, store, say) -> tuple[list[dict], int]:
+    """The teachers and stages, then the trials or the search: (the trials' status rows, the search samples the
+    backend could not run)."""
+    _, experiment_id, parent_id = store
+    teachers = run_teachers(study, study_dir.parent, uri, backend, say)
+    if study.search is not None:
+        search_errors = backend.search(study, study_dir, uri, experiment_id, parent_id, teachers, say)
+        return study_status(study_dir, generation=study.generation), search_errors
+    todo, finished = prepare_trials(study, study_dir, store, teachers, say)
+    evaluate = sum(TrialState.load(Path(t.dir)).status in FINISHED_STATES for t in todo)
+    extra = f" ({evaluate} of them finished, to evaluate at new metrics or step counts)" if evaluate else ""
+    say(f"{finished} already finished, {len(todo) - evaluate} to run{extra} on backend {backend.params.name!r}")
+    if todo:
+        backend.run(todo, study_dir, study.name, progress_of(todo), say)
+    return study_status(study_dir, [t.id for t in study.trials]), 0
 
 
 def last_line(text: str) -> str:

@@ -211,8 +211,10 @@ def test_a_backend_registered_from_one_file_runs_a_study_and_reports_its_jobs(tm
     search["name"] = "search_elsewhere"
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
     submit = ["submit", str(tmp_path / "search.yaml"), "--workdir", str(workdir), "--backend", "test_processes"]
-    assert main(submit) == 2
-    assert "backend 'test_processes' cannot run a search (ray can)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(submit)
+    assert refused.value.code == 2
+    assert "--backend: backend 'test_processes' cannot run a search (ray can)" in capsys.readouterr().err
     assert not (workdir / "search_elsewhere").exists()
 
 

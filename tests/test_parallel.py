@@ -279,7 +279,8 @@ def test_a_search_of_data_parallel_trials_is_scheduled_and_stopped_early_by_asha
 @pytest.mark.slow
 def test_local_data_parallel_trials_complete_and_warn_of_a_split_they_cannot_share(tmp_path, capsys):
     # 36 rows: MeanFlow shares them 18 + 18; LSD's diagonal share 27 cannot be halved: it trains on 26, saying so
-    study = ["submit", str(STUDIES / "parallel.yaml"), "train.batch_size=36", "backend.name=local"]
+    study = ["submit", str(STUDIES / "parallel.yaml"), "train.batch_size=36", "--backend", "local",
+             "backend.workers_per_trial=2"]  # fmt: skip
     assert main([*study, "--workdir", str(tmp_path)]) == 0
     shown = capsys.readouterr().out  # rank 0's progress, forwarded from its process to the progress view
     assert "name=meanflow: step 30/60 kl/nfe_1=" in shown and "name=lsd: step 60/60 kl/nfe_1=" in shown
@@ -312,8 +313,9 @@ def test_worker_counts_a_backend_cannot_place_or_a_search_would_vary_are_refused
 def test_a_stop_at_a_log_tick_that_also_evaluates_ends_every_rank(tmp_path):
     """Rank 0 sees a stop request while logging (as a search scheduler's arrives); when that tick also evaluates,
     the other ranks must not enter the evaluation's collectives without it."""
-    command = [sys.executable, "-m", "orch.cli", "submit", str(STUDIES / "parallel.yaml"), "backend.name=local",
-               "train.log_every=10", "eval.every=10", "--workdir", str(tmp_path)]  # fmt: skip
+    command = [sys.executable, "-m", "orch.cli", "submit", str(STUDIES / "parallel.yaml"), "--backend", "local",
+               "backend.workers_per_trial=2", "train.log_every=10", "eval.every=10",
+               "--workdir", str(tmp_path)]  # fmt: skip
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials, asked, deadline = tmp_path / "parallel" / "trials", set(), time.time() + 120
     while driver.poll() is None and time.time() < deadline:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -42,13 +43,23 @@ def trial_runs(study_dir: Path, name: str) -> list:
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
+    """The study submitted by `orch` in its own process, watched: (work directory, exit code, the PIDs of the GCS
+    servers of every Ray it started)."""
     workdir = tmp_path_factory.mktemp("runs")
-    code = main(["submit", str(STUDIES / "distill.yaml"), "--workdir", str(workdir)])
-    return workdir, code
+    command = [sys.executable, "-m", "orch.cli", "submit", str(STUDIES / "distill.yaml"), "--workdir", str(workdir)]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    servers = set()
+    while driver.poll() is None:
+        try:
+            servers |= {p.pid for p in psutil.Process(driver.pid).children(recursive=True) if p.name() == "gcs_server"}
+        except psutil.Error:  # the driver or a child ended while being looked at
+            pass
+        time.sleep(0.2)
+    return workdir, driver.returncode, servers
 
 
 def test_two_concurrent_trials_share_one_teacher_training(distilled):
-    workdir, code = distilled
+    workdir, code, _ = distilled
     assert code == 0
     teachers = list((workdir / "teachers" / "trials").iterdir())
     assert len(teachers) == 1 and (teachers[0] / TEACHER_FILE).exists()
@@ -64,8 +75,13 @@ def test_two_concurrent_trials_share_one_teacher_training(distilled):
         assert run.data.metrics["cost/fwd_per_sample"] == pytest.approx(3.0)  # teacher forwards counted
 
 
+def test_the_teacher_and_its_students_run_on_one_ray_start(distilled):
+    _, code, servers = distilled
+    assert code == 0 and len(servers) == 1, servers
+
+
 def test_another_study_reuses_the_cached_teacher_and_a_named_one_is_used_as_given(distilled, tmp_path):
-    workdir, _ = distilled
+    workdir, _, _ = distilled
     raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
     raw["name"] = "distill_again"
     raw["grid"] = {"method.name": ["scd"]}
@@ -90,7 +106,7 @@ def test_another_study_reuses_the_cached_teacher_and_a_named_one_is_used_as_give
 def test_an_autoguided_student_has_its_weak_teacher_trained_first_and_counts_its_passes(distilled, tmp_path, capsys):
     """AYF-EMD autoguided by a planned weak teacher: `orch plan` lists it, the driver trains it (the teacher comes
     from the cache), and the student's passes count both teachers."""
-    workdir, _ = distilled
+    workdir, _, _ = distilled
     raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())
     raw["name"], raw["grid"] = "autoguided", {"train.seed": [0]}
     raw["base"]["method"] = {"name": "ayf_emd", "teacher": {"steps": 80, "batch_size": 256},

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,38 @@ def train_data_parallel(trial: Trial, workers: int, gpu: float, cpu: float) -> N
     ).fit()
 
 
+held: dict[str, Any] = {}
+"""While a driver holds Ray for a whole submission (hold_ray): the study directory it is for, and whether it runs."""
+
+
+@contextmanager
+def hold_ray(study_dir: Path):
+    """One Ray for everything a submission runs (teachers, stages, trials, a search): the first start_ray in the
+    block starts it, with the study's records; start_ray and stop_ray in the block then leave it as it is; it stops
+    when the block ends."""
+    held.update(study_dir=study_dir, running=False)
+    try:
+        yield
+    finally:
+        running = held.get("running")
+        held.clear()
+        if running:
+            stop_ray()
+
+
 def start_ray(address: str | None, study_dir: Path) -> None:
-    """Connect to a Ray cluster, or start an embedded one whose processes are recorded with the study.
+    """Connect to a Ray cluster, or start an embedded one whose processes are recorded with the study (with the
+    held study's, under hold_ray, which may have started it already).
 
     ray.init replaces the driver's SIGTERM handler with one that exits with status 15; orch's own handler (an
     interrupt, as Ctrl-C) is put back, so that SIGTERM and `orch cancel` stop a study cleanly with exit 130."""
+    if held.get("running"):
+        return
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        init_ray(address, study_dir)
+        init_ray(address, held.get("study_dir", study_dir))
+        if held:
+            held["running"] = True
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
@@ -208,7 +233,9 @@ def init_ray(address: str | None, study_dir: Path) -> None:
 
 def stop_ray() -> None:
     """Shut Ray down and remove an embedded Ray's session files (its logs; trial errors are kept by Tune and
-    orch in the study directory)."""
+    orch in the study directory); under hold_ray, nothing until the block ends."""
+    if held.get("running"):
+        return
     ray.shutdown()
     embedded_environment(None)
     if token := session.pop("token", None):

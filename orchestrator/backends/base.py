@@ -5,6 +5,7 @@ it, and clean up after a driver that was killed. run_trial is the same function 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,6 +66,11 @@ class Backend:
 
     def __init__(self, params: BackendParams):
         self.params = params
+
+    def session(self, study_dir: Path) -> AbstractContextManager:
+        """What a submission holds while it runs teachers, stages and trials (one Ray for all of them); nothing
+        by default."""
+        return nullcontext()
 
     def preflight(self, from_cli: bool) -> list[Problem]:
         """Problems with the surroundings (a cluster that does not answer), checked before anything is created."""

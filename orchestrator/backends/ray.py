@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -81,6 +82,13 @@ class Ray(Backend):
         if target is not None and (why := reachable(*target)):
             return [Problem(where, f"no Ray cluster answers at {address} within {CONNECT_SECONDS:.0f} s ({why})")]
         return []
+
+    def session(self, study_dir: Path) -> AbstractContextManager:
+        """One Ray start for the submission's teachers, stages and trials."""
+        ray_environment()
+        from orch.backends._ray_tune import hold_ray
+
+        return hold_ray(study_dir)
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
         ray_environment()
