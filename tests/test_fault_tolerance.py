@@ -218,7 +218,8 @@ def worker_of(trial_dir: Path, other_than: int | None = None, seconds: float = 3
 def test_a_trial_whose_worker_dies_more_than_max_failures_times_is_failed_with_its_reason(tmp_path):
     """Tune retries a trial whose worker died (max_failures: 1) and gives up on the second death: the trial is
     `failed` with the reason, its MLflow run ended FAILED (not RUNNING forever), and `orch resume` finishes it."""
-    submit = ["submit", str(STUDIES / "long.yaml"), "--backend", "ray", "backend.max_failures=1"]
+    # a third of the study's steps: the two deaths come early, and resume trains the rest
+    submit = ["submit", str(STUDIES / "long.yaml"), "--backend", "ray", "backend.max_failures=1", "train.steps=1000"]
     driver = subprocess.Popen([sys.executable, "-m", "orch.cli", *submit, "--workdir", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     trials = tmp_path / "long" / "trials"

@@ -172,7 +172,7 @@ def test_two_workers_score_fid_as_one_worker_does(tmp_path):
             "model": {"name": "unet", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "time_scale": 1000.0},
             "method": {"name": "fm"},
             "train": {"batch_size": 8, "device": "cpu", "ema": [0.9]},
-            "eval": {"nfe": [1], "metrics": ["fid", "kid"], "num_samples": 20, "batch_size": 10, "fid_reference": 40},
+            "eval": {"nfe": [1], "metrics": ["fid", "kid"], "num_samples": 20, "batch_size": 10, "fid_reference": 20},
         }
     )
     assert not problems, problems

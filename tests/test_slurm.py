@@ -41,9 +41,11 @@ def orch(*args: str) -> subprocess.Popen:
 
 
 def job_processes(job_id: str) -> list[int]:
-    """PIDs of the Python processes a Slurm array task runs (found by the job ids in their environment)."""
-    array_id, task = job_id.split("_")
-    marks = [f"SLURM_ARRAY_JOB_ID={array_id}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()]
+    """PIDs of the Python processes a Slurm job (or array task, `<array>_<task>`) runs (found by the job ids in
+    their environment)."""
+    array_id, _, task = job_id.partition("_")
+    ids = {"SLURM_ARRAY_JOB_ID": array_id, "SLURM_ARRAY_TASK_ID": task} if task else {"SLURM_JOB_ID": job_id}
+    marks = [f"{key}={value}".encode() for key, value in ids.items()]
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -70,9 +72,11 @@ def history(study_dir: Path, run_id: str, key: str = "train/loss") -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def long_study(tmp_path: Path, name: str, steps: int) -> Path:
+def long_study(tmp_path: Path, name: str, steps: int, seeds: int = 2) -> Path:
+    """slurm_tiny with `steps` steps, checkpointed every 100, and `seeds` trials."""
     raw = yaml.safe_load((STUDIES / "slurm_tiny.yaml").read_text())
     raw["name"] = name
+    raw["grid"]["train.seed"] = list(range(seeds))
     raw["base"]["train"] |= {"steps": steps, "checkpoint_every": 100, "log_every": 20}
     raw["base"]["eval"]["every"] = steps
     path = tmp_path / f"{name}.yaml"
@@ -145,7 +149,7 @@ def test_a_ray_study_sent_to_slurm_from_the_command_line_runs_with_what_the_clus
 
 
 def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
-    study = long_study(tmp_path, "slurm_requeue", 1500)
+    study = long_study(tmp_path, "slurm_requeue", 1500, seeds=1)
     study_dir = tmp_path / "slurm_requeue"
     driver = orch("submit", str(study), "--workdir", str(tmp_path))
     trial_dir = first_checkpointed(study_dir, 200)
@@ -195,7 +199,7 @@ def test_cancel_then_resume_finishes_from_the_checkpoints(slurm, tmp_path, capsy
 def test_a_job_that_dies_without_an_outcome_is_retried(slurm, tmp_path):
     """backend.max_failures covers infrastructure failures: SIGKILL the job's Python process (as the OOM killer or a
     node failure would) and the driver resubmits the trial, which resumes from its checkpoint."""
-    study = long_study(tmp_path, "slurm_retry", 1500)
+    study = long_study(tmp_path, "slurm_retry", 1500, seeds=1)
     study_dir = tmp_path / "slurm_retry"
     driver = orch("submit", str(study), "--workdir", str(tmp_path))
     trial_dir = first_checkpointed(study_dir, 200)

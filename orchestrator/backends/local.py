@@ -6,20 +6,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import PositiveInt
-from torch.multiprocessing.spawn import ProcessException
 
 from orch.backends.base import Backend, BackendParams, register_backend
-from orch.execution.distributed import run_local_ranks
-from orch.execution.ranks import ProgressReader, reset_channel, run_rank
-from orch.execution.records import finish_unrun
-from orch.execution.runner import run_trial
-from orch.execution.trial import Trial, finish_detail
 from orch.progress import Progress
 from orch.trial.state import TrialState
 from orch.trial.status import OUTCOMES
+
+if TYPE_CHECKING:
+    from orch.execution.trial import Trial
 
 
 class LocalParams(BackendParams):
@@ -34,6 +31,12 @@ def run_ranks(trial: Trial, workers: int, progress: Callable[[int, dict], None])
     """The trial in `workers` processes, rank 0's progress forwarded to `progress`. A rank that raised ends them
     all: rank 0 has recorded the trial's own failure by then, and one it could not record (a rank that died) is
     recorded here."""
+    from torch.multiprocessing.spawn import ProcessException
+
+    from orch.execution.distributed import run_local_ranks
+    from orch.execution.ranks import ProgressReader, reset_channel, run_rank
+    from orch.execution.records import finish_unrun
+
     reset_channel(trial.dir)
     forward = ProgressReader(trial.dir, progress)
     try:
@@ -52,6 +55,9 @@ class Local(Backend):
     Params = LocalParams
 
     def run(self, trials: list[Trial], study_dir: Path, study: str, progress: Progress, say: Callable) -> None:
+        from orch.execution.runner import run_trial
+        from orch.execution.trial import finish_detail
+
         for trial in trials:
             progress.started(trial.id, TrialState.load(Path(trial.dir)).step)
             update = functools.partial(progress.update, trial.id)

@@ -8,16 +8,18 @@ import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from orch.backends.base import Backend, BackendParams, register_backend
-from orch.execution.trial import Trial
 from orch.methods.contracts.registry import Params
 from orch.preflight import CONNECT_SECONDS, parse_address, reachable
 from orch.problems import Problem
 from orch.progress import Progress
+
+if TYPE_CHECKING:
+    from orch.execution.trial import Trial
 
 ENVIRONMENT = {
     "RAY_AUTH_MODE": "disabled",  # to a cluster, as its users set it; the embedded Ray always has its own token

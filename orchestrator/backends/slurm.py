@@ -18,20 +18,20 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import submitit
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from orch.backends.base import JOB_FILE, Backend, BackendError, BackendParams, register_backend
 from orch.backends.sbatch import Line, option_problem
-from orch.execution.distributed import process_group
-from orch.execution.runner import run_trial
-from orch.execution.trial import Trial, finish_detail
 from orch.problems import Problem
 from orch.progress import Progress
 from orch.trial.state import TrialState, read_json, write_json
 from orch.trial.status import CANCELLED, FAILED, OUTCOMES, RUNNING
+
+if TYPE_CHECKING:
+    from orch.execution.trial import Trial
 
 
 class SlurmParams(BackendParams):
@@ -108,6 +108,9 @@ class SlurmTrial(submitit.helpers.Checkpointable):
     and requeues the job; run_trial then resumes from the directory's newest checkpoint."""
 
     def __call__(self, trial_dir: str) -> str:
+        from orch.execution.runner import run_trial
+        from orch.execution.trial import Trial
+
         if submitit.JobEnvironment().num_tasks == 1:
             return run_trial(Trial.load(trial_dir))  # a failed trial is a result, not an infrastructure error
         return run_task_rank(trial_dir)
@@ -117,6 +120,10 @@ def run_task_rank(trial_dir: str) -> str:
     """One task of a data-parallel job: it joins the trial's process group from the Slurm environment (through
     submitit's torch.distributed helper: rank 0's node is the rendezvous, on loopback when the job has one node;
     each task sees only its own GPU) and runs the trial as that rank."""
+    from orch.execution.distributed import process_group
+    from orch.execution.runner import run_trial
+    from orch.execution.trial import Trial
+
     environment = submitit.helpers.TorchDistributedEnvironment()
     if submitit.JobEnvironment().num_nodes == 1:
         environment.master_addr = "127.0.0.1"
@@ -227,6 +234,8 @@ def run_slurm(trials: list[Trial], study_dir: Path, study: str, backend: SlurmPa
 
 
 def watch(trials: list[Trial], executors, backend: SlurmParams, progress: Progress, say) -> None:
+    from orch.execution.trial import finish_detail
+
     waiting = {t.id: t for t in trials}
     steps: dict[str, int] = {}
     while waiting:

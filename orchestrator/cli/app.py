@@ -42,7 +42,7 @@ def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
 
-    from orch.tracking.store import git_commit
+    from orch.tracking.source import git_commit
 
     try:
         number = package_version("orch")
@@ -52,8 +52,8 @@ def version() -> str:
 
 
 class ShowVersion(argparse.Action):
-    """--version, worked out only when asked: finding the commit imports the tracking store (MLflow), which
-    every other command would otherwise pay for at start."""
+    """--version, worked out only when asked: finding the commit runs git twice, which every other command
+    would otherwise pay for at start."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     from orch.progress import set_quiet
-    from orch.tracking.store import SOURCE
+    from orch.tracking.source import SOURCE
 
     set_quiet(args.quiet)
     SOURCE["name"] = " ".join(["orch", args.command, getattr(args, "study", None) or ""]).strip()

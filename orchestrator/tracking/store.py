@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import getpass
 import hashlib
 import json
 import logging
 import platform
 import sqlite3
-import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -36,16 +34,13 @@ from orch.tracking.schema import (
     REASON,
     ROLE,
     RUN_NAME,
-    SOURCE_COMMIT,
-    SOURCE_NAME,
-    SOURCE_TYPE,
     STATUS,
     STOPPED_STEP,
     TRAINING,
     TRIAL_ID,
-    USER,
     VERSION,
 )
+from orch.tracking.source import git_commit, source_tags
 from orch.trial.config import flatten, metric_description, metric_fingerprint
 from orch.trial.state import FINAL_RESULTS, TrialState, read_json, read_metrics
 from orch.trial.status import CANCELLED, FAILED, FINISHED_STATES, PENDING, RUN_STATUS, RUNNING
@@ -91,25 +86,6 @@ def rebased_uri(uri: str, recorded_study_dir: Path, study_dir: Path) -> str:
 
 
 @functools.cache
-def git_commit() -> str:
-    """HEAD of the checkout orch runs from, with "-dirty" when tracked files differ from it."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=here,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def environment_tags(device: str | None = None) -> dict[str, str]:
     """What a result depends on besides its config: code version, packages, host and device."""
     tags = {GIT_COMMIT: git_commit(), PYTHON: platform.python_version(), HOST: platform.node()}
@@ -194,20 +170,6 @@ def dataset_input(dataset: dict) -> DatasetInput:
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     entity = Dataset(name=dataset["name"], digest=digest, source_type="orch", source=source)
     return DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])
-
-
-SOURCE = {"name": "orch"}
-"""The command that runs, for MLflow's Source column (set by the CLI: e.g. "orch submit studies/x.yaml")."""
-
-
-def source_tags() -> dict[str, str]:
-    """MLflow's own source columns: the command, the user, the code's commit."""
-    tags = {SOURCE_NAME: SOURCE["name"], SOURCE_TYPE: "LOCAL"}
-    with contextlib.suppress(KeyError, OSError):
-        tags[USER] = getpass.getuser()
-    if (commit := git_commit()) != "unknown":
-        tags[SOURCE_COMMIT] = commit.removesuffix("-dirty")
-    return tags
 
 
 def measure_tags(config: dict, metrics: list[str]) -> dict[str, str]:
