@@ -146,7 +146,7 @@ search:
   num_samples: 2
   metric: eval/kl/nfe_1
   space: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}
-backend: {name: ray, max_concurrent: 2}
+backend: {name: ray, max_concurrent: 1}
 """
     )
     assert main(["submit", str(study), "--workdir", str(tmp_path)]) == 0

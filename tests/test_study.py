@@ -11,6 +11,7 @@ import yaml
 from orch.cli import main
 from orch.problems import StudyError
 from orch.study.load import load_study, parse_study
+from orch.trial.spec import level_label, show_factor
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_STUDY = ROOT / "studies" / "ablation_stopgrad.yaml"
@@ -132,7 +133,17 @@ def test_every_shipped_study_and_profile_validates_and_plans(study, profile, cap
     """Studies for GPU clusters included: each plans here (validation, NFE reachability, teachers)."""
     args = ["plan", str(ROOT / "studies" / study)] + (["--profile", profile] if profile else [])
     assert main(args) == 0, capsys.readouterr().err
-    assert "trial(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trial(s)" in out
+    assert "{'" not in out, out  # a nested section of a level shows dotted keys, never a Python dict
+
+
+def test_a_level_with_nested_sections_is_labelled_with_dotted_keys():
+    level = {"name": "sdei", "teacher": {"steps": 400, "lr": 0.001}, "num_steps": None}
+    assert level_label(level) == "sdei teacher.steps=400 teacher.lr=0.001 num_steps=None"
+    assert show_factor(level) == "name=sdei teacher.steps=400 teacher.lr=0.001 num_steps=None"
+    assert level_label({"name": "meanflow", "adaptive_p": 0.0}) == "meanflow adaptive_p=0.0"  # values as written
+    assert show_factor(0.00123456, "lr") == "lr=0.001235" and level_label(0.00123456) == "0.001235"
 
 
 def test_a_section_valued_level_does_not_take_a_later_axis_of_the_same_section(tmp_path):

@@ -35,18 +35,34 @@ class TrialSpec:
 
 def level_label(value: Any) -> str:
     """A grid level as a group label: a value as written ("lsd", "0.001"), a section by its name and options
-    ("meanflow adaptive_p=0.0"); two different levels never share a label."""
+    ("meanflow adaptive_p=0.0", nested ones dotted: "sdei teacher.steps=400"); two different levels never share
+    a label."""
     if isinstance(value, dict):
-        rest = " ".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        rest = " ".join(f"{k}={v}" for k, v in dotted_items(value) if k != "name")  # values as written
         return f"{value.get('name', '')} {rest}".strip()
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return shown_value(value)
 
 
 def show_factor(value: Any, key: str | None = None) -> str:
     """A grid value as "key=value", or a section-valued one as its "k=v" pairs ("name=fm sampler=heun")."""
-    items = value.items() if isinstance(value, dict) else [(key, value)]
-    shown = ((k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in items)
-    return " ".join(f"{k}={v}" if k else str(v) for k, v in shown)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={shown_value(v)}" for k, v in dotted_items(value))
+    return f"{key}={shown_value(value)}" if key else shown_value(value)
+
+
+def dotted_items(section: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """A section's options as (dotted key, value), nested sections flattened (shown, never a Python dict repr)."""
+    items = []
+    for key, value in section.items():
+        if isinstance(value, dict):
+            items += dotted_items(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def shown_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def set_dotted(config: dict, key: str, value: Any) -> None:
