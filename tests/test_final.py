@@ -371,14 +371,14 @@ def test_orch_sample_npz_is_adm_layout_and_torch_fidelity_gives_orch_evals_fid(t
 
     workdir, study_dir = mnist_study
     trial = trial_ids(study_dir)[0]
-    common = ["--workdir", str(workdir), "--nfe", "1", "--num", "32"]
+    common = ["--workdir", str(workdir), "--nfe", "1", "--num", "16"]
     assert main(["eval", "mnist_final", *common, "--metrics", "fid,kid,prc"]) == 0
     out = tmp_path / "s.npz"
     assert main(["sample", "mnist_final", *common, "--trial", trial, "--out", str(out)]) == 0
     with zipfile.ZipFile(out) as archive:
         assert archive.namelist() == ["arr_0.npy"]  # unconditional: no labels
     images = np.load(out)["arr_0"]
-    assert images.shape == (32, 28, 28, 3) and images.dtype == np.uint8
+    assert images.shape == (16, 28, 28, 3) and images.dtype == np.uint8
     assert (images[..., 0] == images[..., 2]).all()  # grey repeated to RGB, as ADM's evaluator reads it
 
     class Images(torch.utils.data.Dataset):

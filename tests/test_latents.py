@@ -179,12 +179,12 @@ def test_a_submission_encodes_its_source_then_a_dit_trial_is_evaluated_on_decode
     study.write_text(
         "name: latent\n"
         "base:\n"
-        f"  dataset: {{name: latents, root: {latents}, source: 'mnist:test', vae: {grey_vae}, resolution: 32,"
+        f"  dataset: {{name: latents, root: {latents}, source: 'mnist:test', vae: {grey_vae}, resolution: 16,"
         " limit: 512}\n"
         "  model: {name: dit, patch: 2, depth: 2, hidden: 64, heads: 2}\n"
         "  method: {name: meanflow}\n"
         "  train: {steps: 10, batch_size: 16, ema: [0.9], log_every: 5, checkpoint_every: 10, device: cpu}\n"
-        "  eval: {every: 10, nfe: [1, 2], metrics: [fid], num_samples: 32, fid_reference: 32, batch_size: 16,"
+        "  eval: {every: 10, nfe: [1, 2], metrics: [fid], num_samples: 16, fid_reference: 16, batch_size: 16,"
         " grid: 10}\n"
         "backend: {name: local}\n"
     )
@@ -199,4 +199,4 @@ def test_a_submission_encodes_its_source_then_a_dit_trial_is_evaluated_on_decode
     grids = [a.path for a in client.list_artifacts(run.info.run_id, "samples/nfe_1")]
     assert grids == ["samples/nfe_1/step_00000010.png"]
     png = client.download_artifacts(run.info.run_id, grids[0], str(tmp_path))
-    assert Image.open(png).size == (32 + 2 * 2, 10 * 32 + 11 * 2)  # decoded 32 × 32 images, one row per class
+    assert Image.open(png).size == (16 + 2 * 2, 10 * 16 + 11 * 2)  # decoded 16 × 16 images, one row per class
