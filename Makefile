@@ -42,13 +42,15 @@ run: install
 	$(VENV)/bin/orch submit studies/ablation_stopgrad.yaml
 
 # The whole suite (what CI runs): two workers, each test file on one of them (a file's fixtures, such as its
-# Slurm cluster, stay in one process).
+# Slurm cluster, stay in one process), in the order tests/conftest.py gives (xdist would otherwise put the files
+# with fewest tests, some of them long, last, to run alone at the end).
+PYTEST := $(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 test: install $(CHROMIUM) $(SLURMCTLD) $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(PYTEST)
 
 # The fast tier: wiring and mathematics, no training beyond a few steps and no services (under 3 minutes).
 test-fast: install $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(VENV)/bin/python bench/orchestration.py

@@ -36,9 +36,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(items):
-    """The files with the most slow tests first (each keeps its own order): `--dist loadfile` hands files to the
-    workers in this order, so the long ones start early and the short ones fill in at the end, instead of one
-    long file running alone at the end of the suite."""
+    """The files with the most slow tests first (each keeps its own order): `--dist loadfile
+    --no-loadscope-reorder` hands files to the workers in this order, so the long ones start early and the short
+    ones fill in at the end, instead of one long file running alone at the end of the suite."""
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
     items.sort(key=lambda item: (-slow[item.path], order[item.path]))
