@@ -312,6 +312,7 @@ def run_study(
     )
     uri = tracking_uri or default_tracking_uri(study_dir)
     submission = {"tracking_uri": uri, "study_dir": str(study_dir), "profile": study.profile}
+    submission["priors"] = [spec.id for spec in study.teachers]  # for `orch status` while they train
     submission["backend"] = backend.params.model_dump()
     write_json(study_dir / "submission.json", submission | {"generation": study.generation, "submitted": time.time()})
     kind = f"search over {len(study.trials)} grid cell(s)" if study.search else f"{len(study.trials)} trial(s)"

@@ -80,6 +80,17 @@ def test_the_teacher_and_its_students_run_on_one_ray_start(distilled):
     assert code == 0 and len(servers) == 1, servers
 
 
+def test_status_lists_the_teacher_the_study_trains_first(distilled, capsys):
+    workdir, code, _ = distilled
+    assert code == 0
+    (teacher,) = (workdir / "teachers" / "trials").iterdir()
+    assert main(["status", "distill", "--workdir", str(workdir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "teachers and prior stages (trained first, shared by the work directory):"
+    assert lines[1].split()[:4] == [teacher.name, "completed", "step", "80"], lines
+    assert lines[-1] == "2 completed"  # the study's own trials, counted apart
+
+
 def test_another_study_reuses_the_cached_teacher_and_a_named_one_is_used_as_given(distilled, tmp_path):
     workdir, _, _ = distilled
     raw = yaml.safe_load((STUDIES / "distill.yaml").read_text())

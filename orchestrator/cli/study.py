@@ -220,7 +220,13 @@ def cmd_status(args) -> int:
     from orch.trial.status import RUNNING
 
     study_dir = study_dir_of(args.study, args.workdir)
-    current = read_json(study_dir / "submission.json").get("generation")
+    submission = read_json(study_dir / "submission.json")
+    current = submission.get("generation")
+    teachers_dir = study_dir.parent / "teachers"
+    if priors := [i for i in submission.get("priors", []) if (teachers_dir / "trials" / i).is_dir()]:
+        print("teachers and prior stages (trained first, shared by the work directory):")
+        for row in study_status(teachers_dir, priors):
+            print(f"  {row['id']}  {row['status']:<10} step {row['step']:>7}  {row['label']}")
     rows = study_status(study_dir)
     shown = [r for r in rows if args.all or current is None or r["generation"] in (current, "")]  # "": unknown
     backend = backend_of_submission(study_dir)
@@ -241,7 +247,7 @@ def cmd_status(args) -> int:
     counts = {}
     for row in shown:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials")
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials" + (" yet" if priors else ""))
     if hidden := len(rows) - len(shown):
         print(
             f"{hidden} trial(s) of earlier versions of the study not shown: `orch status {study_dir.name} --all` lists "
